@@ -1,0 +1,231 @@
+"""Data specs -> a re-iterable source of batches.
+
+A spec is a tensor file (``inputs``/``targets``, aliases ``x``/``y``), a callable
+(``pkg.mod:fn`` or ``file.py:fn``) returning an iterable of batches, or
+``random:SHAPE[,n=N][,seed=S]``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fitcli.errors import InputError, UsageError
+
+
+@dataclass
+class Batch:
+    """One batch: positional model inputs, keyword inputs, optional targets."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    targets: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        for v in (*self.args, *self.kwargs.values()):
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return int(v.shape[0])
+        return 1
+
+    def to(self, device: torch.device | str) -> Batch:
+        def mv(v: Any) -> Any:
+            return v.to(device) if isinstance(v, torch.Tensor) else v
+
+        return Batch(
+            tuple(mv(a) for a in self.args),
+            {k: mv(v) for k, v in self.kwargs.items()},
+            mv(self.targets) if self.targets is not None else None,
+        )
+
+    def describe(self) -> str:
+        parts = [f"[{', '.join(map(str, a.shape))}]" for a in self.args if isinstance(a, torch.Tensor)]
+        parts += [f"{k}=[{', '.join(map(str, v.shape))}]" for k, v in self.kwargs.items() if isinstance(v, torch.Tensor)]
+        return ", ".join(parts) or "no tensors"
+
+
+def as_batch(item: Any, where: str = "data") -> Batch:
+    """Normalise one item of a user iterable to a Batch."""
+    if isinstance(item, Batch):
+        return item
+    if isinstance(item, torch.Tensor):
+        return Batch((item,))
+    if isinstance(item, dict):
+        kw = dict(item)
+        targets = kw.pop("labels", None)
+        if targets is None:
+            targets = kw.pop("targets", None)
+        if not kw:
+            raise InputError(f"{where}: a dict batch has no model inputs besides labels/targets")
+        return Batch((), kw, targets)
+    if isinstance(item, (tuple, list)):
+        if len(item) == 2 and isinstance(item[0], torch.Tensor) and (item[1] is None or isinstance(item[1], torch.Tensor)):
+            return Batch((item[0],), {}, item[1])
+        if len(item) == 1 and isinstance(item[0], torch.Tensor):
+            return Batch((item[0],))
+        raise InputError(f"{where}: a batch tuple must be (inputs, targets) of tensors, got {len(item)} items")
+    raise InputError(f"{where}: a batch must be a tensor, an (inputs, targets) tuple or a dict, got {type(item).__name__}")
+
+
+class DataSource:
+    """Re-iterable batches (entropy needs two passes). ``samples``/``batches`` fill in as we go."""
+
+    def __init__(self, spec: str, factory, max_batches: int | None, has_targets: bool | None = None):
+        self.spec = spec
+        self._factory = factory
+        self.max_batches = max_batches
+        self.has_targets = has_targets
+
+    def __iter__(self) -> Iterator[Batch]:
+        try:
+            it = iter(self._factory())
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f"--data {self.spec}: producing batches raised {type(e).__name__}: {e}") from e
+        n = 0
+        while self.max_batches is None or n < self.max_batches:
+            try:
+                item = next(it)
+            except StopIteration:
+                break
+            except InputError:
+                raise
+            except Exception as e:
+                raise InputError(f"--data {self.spec}: batch {n} raised {type(e).__name__}: {e}") from e
+            batch = as_batch(item, f"--data {self.spec} batch {n}")
+            if batch.size == 0:
+                continue
+            n += 1
+            yield batch
+
+
+def _tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputError(f"data file not found: {path}")
+    if path.stat().st_size == 0:
+        raise InputError(f"data file is empty: {path}")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
+            raise InputError(f"{path}: not a readable safetensors data file ({str(e).splitlines()[0][:200]})") from e
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(
+            f"{path}: not a readable tensor file (loaded with weights_only=True: {str(e).splitlines()[0][:160]})"
+        ) from e
+    if isinstance(obj, torch.Tensor):
+        return {"inputs": obj}
+    if isinstance(obj, (tuple, list)) and len(obj) in (1, 2) and all(isinstance(t, torch.Tensor) for t in obj):
+        return {"inputs": obj[0], **({"targets": obj[1]} if len(obj) == 2 else {})}
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a dict with 'inputs' (and 'targets'), got {type(obj).__name__}")
+    return obj
+
+
+def _tensor_source(path: Path, batch_size: int) -> tuple[Any, int, bool]:
+    tensors = _tensor_file(path)
+    inputs = tensors.get("inputs", tensors.get("x"))
+    targets = tensors.get("targets", tensors.get("y"))
+    if not isinstance(inputs, torch.Tensor):
+        raise InputError(f"{path}: no 'inputs' (or 'x') tensor; found: {', '.join(sorted(map(str, tensors))) or 'nothing'}")
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise InputError(f"{path}: 'inputs' holds no samples (shape {tuple(inputs.shape)})")
+    if targets is not None:
+        if not isinstance(targets, torch.Tensor):
+            raise InputError(f"{path}: 'targets' is not a tensor")
+        if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
+            raise InputError(
+                f"{path}: 'targets' has {tuple(targets.shape)} but 'inputs' has {inputs.shape[0]} samples"
+            )
+    if inputs.is_floating_point() is False and inputs.dtype not in (torch.int64, torch.int32):
+        inputs = inputs.float()
+
+    def factory() -> Iterable[Batch]:
+        for i in range(0, inputs.shape[0], batch_size):
+            yield Batch((inputs[i : i + batch_size],), {}, None if targets is None else targets[i : i + batch_size])
+
+    return factory, int(inputs.shape[0]), targets is not None
+
+
+_RANDOM = re.compile(r"^random:(?P<shape>\d+(?:x\d+)*)(?P<rest>(?:,[a-z]+=[^,]+)*)$")
+
+
+def parse_random(spec: str) -> tuple[tuple[int, ...], int, int | None]:
+    m = _RANDOM.match(spec.strip())
+    if not m:
+        raise UsageError(f"--data {spec!r}: expected random:SHAPE[,n=N][,seed=S], e.g. random:1x28x28,n=256,seed=0")
+    shape = tuple(int(s) for s in m.group("shape").split("x"))
+    if any(s <= 0 for s in shape) or len(shape) > 6:
+        raise UsageError(f"--data {spec!r}: every dimension of SHAPE must be positive (at most 6 dimensions)")
+    n, seed = 256, None
+    for kv in filter(None, m.group("rest").split(",")):
+        k, _, v = kv.partition("=")
+        if k not in ("n", "seed"):
+            raise UsageError(f"--data {spec!r}: unknown option {k!r} (allowed: n, seed)")
+        try:
+            val = int(v)
+        except ValueError as e:
+            raise UsageError(f"--data {spec!r}: {k} must be an integer, got {v!r}") from e
+        if k == "n":
+            n = val
+        else:
+            seed = val
+    if n <= 0:
+        raise UsageError(f"--data {spec!r}: n must be positive")
+    numel = n
+    for s in shape:
+        numel *= s
+    if numel > 2**31:
+        raise UsageError(f"--data {spec!r}: {numel} values is too large for synthetic data")
+    return shape, n, seed
+
+
+def load_data(
+    spec: str,
+    batch_size: int = 64,
+    max_batches: int | None = None,
+    seed: int = 0,
+) -> DataSource:
+    """Resolve a data spec into a DataSource. Errors are InputError/UsageError."""
+    if batch_size <= 0:
+        raise UsageError("--batch-size must be positive")
+    if max_batches is not None and max_batches <= 0:
+        raise UsageError("--max-batches must be positive")
+    if spec.startswith("random:"):
+        shape, n, s = parse_random(spec)
+        s = seed if s is None else s
+
+        def factory() -> Iterable[Batch]:
+            g = torch.Generator().manual_seed(s)
+            for i in range(0, n, batch_size):
+                yield Batch((torch.randn((min(batch_size, n - i), *shape), generator=g),))
+
+        return DataSource(spec, factory, max_batches, has_targets=False)
+    path = Path(spec)
+    if path.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin") or path.is_file():
+        factory, _, has_t = _tensor_source(path, batch_size)
+        return DataSource(spec, factory, max_batches, has_targets=has_t)
+    if ":" in spec:
+        from fitcli.loading import resolve_callable
+
+        fn = resolve_callable(spec, "--data")
+
+        def factory() -> Iterable[Any]:
+            return fn()
+
+        return DataSource(spec, factory, max_batches)
+    raise InputError(
+        f"--data {spec!r}: not a file, a 'module:callable' or a 'random:SHAPE' spec",
+        hint="e.g. --data data.safetensors or --data random:1x28x28,n=256",
+    )

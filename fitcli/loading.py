@@ -1,0 +1,339 @@
+"""Checkpoint formats -> a model (or a bare state dict), safely.
+
+Every format in ``spec/cli.md`` is handled here. Nothing is unpickled beyond tensors unless the
+caller passes ``trust_checkpoint=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fitcli.errors import InputError, UnsafeCheckpointError, UsageError
+
+
+@dataclass
+class LoadedModel:
+    """What a checkpoint gave us.
+
+    ``module`` is None for a bare state dict without ``--arch`` (weight metrics only).
+    ``exported`` holds the torch.export program for ``.pt2`` files.
+    """
+
+    path: str
+    format: str
+    sha256: str
+    state_dict: dict[str, torch.Tensor]
+    module: nn.Module | None = None
+    arch: str | None = None
+    exported: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def runnable(self) -> bool:
+        return self.module is not None
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                h.update(p.relative_to(path).as_posix().encode())
+                h.update(p.read_bytes())
+        return h.hexdigest()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# --arch / callable specs
+
+
+def resolve_callable(spec: str, what: str = "--arch") -> Any:
+    """``package.module:callable`` or ``path/to/file.py:callable`` -> the callable object."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise UsageError(
+            f"{what} {spec!r} is not of the form 'package.module:callable' or 'file.py:callable'"
+        )
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr or not all(part.isidentifier() for part in attr.split(".")):
+        raise UsageError(
+            f"{what} {spec!r} is not of the form 'package.module:callable' or 'file.py:callable'"
+        )
+    try:
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            path = Path(target)
+            if not path.is_file():
+                raise InputError(f"{what}: file not found: {target}")
+            mod_name = "fitcli_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+            if mod_name in sys.modules:
+                module = sys.modules[mod_name]
+            else:
+                spec_obj = importlib.util.spec_from_file_location(mod_name, path)
+                if spec_obj is None or spec_obj.loader is None:
+                    raise InputError(f"{what}: cannot import {target}")
+                module = importlib.util.module_from_spec(spec_obj)
+                sys.modules[mod_name] = module
+                try:
+                    spec_obj.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[mod_name]
+                    raise
+        else:
+            if not all(p.isidentifier() for p in target.split(".")):
+                raise UsageError(f"{what} {spec!r}: {target!r} is not a module path")
+            module = importlib.import_module(target)
+    except (InputError, UsageError):
+        raise
+    except ImportError as e:
+        raise InputError(f"{what} {spec!r}: cannot import {target!r}: {e}") from e
+    except Exception as e:  # user code failed while importing
+        raise InputError(f"{what} {spec!r}: importing {target!r} raised {type(e).__name__}: {e}") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(module) if not n.startswith("_")]
+            from fitcli.errors import close_matches
+
+            raise InputError(f"{what} {spec!r}: {target!r} has no attribute {part!r}" + close_matches(part, names))
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InputError(f"{what} {spec!r}: {attr!r} is not callable")
+    return obj
+
+
+def build_arch(spec: str, kwargs_json: str | None = None) -> nn.Module:
+    kwargs: dict[str, Any] = {}
+    if kwargs_json:
+        try:
+            kwargs = json.loads(kwargs_json)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--arch-kwargs is not valid JSON: {e}") from e
+        if not isinstance(kwargs, dict):
+            raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"hidden\": 64}'")
+    factory = resolve_callable(spec, "--arch")
+    try:
+        model = factory(**kwargs)
+    except Exception as e:
+        raise InputError(f"--arch {spec!r} raised {type(e).__name__} when called: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--arch {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# state dicts
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    if _is_state_dict(obj):
+        return dict(obj)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "module", "weights"):
+            if key in obj and _is_state_dict(obj[key]):
+                return dict(obj[key])
+    raise InputError(
+        f"{path}: holds a {type(obj).__name__}, not a state dict of tensors",
+        hint="save with torch.save(model.state_dict(), path) or safetensors",
+    )
+
+
+def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: str, arch: str) -> None:
+    """Fill ``model`` from ``sd``; any mismatch is an InputError naming keys and shapes."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(sd))
+        if tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append("missing keys: " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append("unexpected keys: " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+        if shapes:
+            parts.append("shape differences: " + "; ".join(shapes[:6]) + (" ..." if len(shapes) > 6 else ""))
+        raise InputError(
+            f"{path} does not match --arch {arch}: " + " | ".join(parts),
+            hint="check --arch and --arch-kwargs (e.g. layer sizes)",
+        )
+    try:
+        model.load_state_dict(sd, strict=True)
+    except Exception as e:  # dtype or other incompatibility
+        raise InputError(f"{path} does not load into --arch {arch}: {str(e).splitlines()[0]}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# formats
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from e
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+def _load_torch(path: Path, trust: bool) -> tuple[Any, str]:
+    """torch.load with weights_only=True; whole-module pickles only with trust."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True), "state_dict"
+    except pickle.UnpicklingError as e:
+        if not trust:
+            raise UnsafeCheckpointError(
+                f"{path} holds a pickled object that is not plain tensors (likely a whole nn.Module); "
+                "unpickling it can run arbitrary code, so fitcli refused to load it",
+                hint="re-save it with torch.save(model.state_dict()) and pass --arch, "
+                "or pass --trust-checkpoint if you trust where the file came from",
+            ) from e
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
+            IndexError, TypeError, AttributeError, OverflowError, MemoryError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from e
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False), "pickled_module"
+    except Exception as e:
+        raise InputError(f"{path}: trusted unpickling failed: {type(e).__name__}: {str(e)[:200]}") from e
+
+
+def load_model(
+    path: str | Path,
+    arch: str | None = None,
+    arch_kwargs: str | None = None,
+    trust_checkpoint: bool = False,
+) -> LoadedModel:
+    """Load any supported checkpoint. Raises InputError/UsageError with a one-line message."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"checkpoint not found: {path}")
+    if p.is_dir():
+        return _load_hf_dir(p, arch)
+    if p.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty")
+    digest = sha256_of(p)
+    suffix = p.suffix.lower()
+    notes: list[str] = []
+
+    if suffix == ".safetensors":
+        sd = _load_safetensors(p)
+        fmt = "safetensors"
+    elif suffix == ".pt2":
+        return _load_export(p, digest)
+    elif _is_torchscript(p):
+        try:
+            scripted = torch.jit.load(str(p), map_location="cpu")
+        except Exception as e:
+            raise InputError(f"{path}: not a readable TorchScript archive ({str(e).splitlines()[0][:200]})") from e
+        sd = {k: v.detach().clone() for k, v in scripted.state_dict().items()}
+        fmt = "torchscript"
+        notes.append(
+            "TorchScript archive: its weights are read (weight metrics); activations need --arch "
+            "with the Python model, since compiled TorchScript graphs cannot be hooked"
+        )
+    else:
+        obj, kind = _load_torch(p, trust_checkpoint)
+        if kind == "pickled_module":
+            if isinstance(obj, nn.Module):
+                model = obj
+                model.eval()
+                return LoadedModel(
+                    path=str(path), format="pickled_module", sha256=digest,
+                    state_dict=model.state_dict(), module=model, arch=type(model).__name__,
+                    notes=["whole pickled module loaded because --trust-checkpoint was given"],
+                )
+            sd = _extract_state_dict(obj, str(path))
+            fmt = "pt"
+        else:
+            sd = _extract_state_dict(obj, str(path))
+            fmt = "pt"
+
+    if fmt == "torchscript" and arch is None:
+        return LoadedModel(path=str(path), format=fmt, sha256=digest, state_dict=sd, notes=notes)
+    if arch is None:
+        notes.append("bare state dict without --arch: only weight metrics can run")
+        return LoadedModel(path=str(path), format=fmt, sha256=digest, state_dict=sd, notes=notes)
+    model = build_arch(arch, arch_kwargs)
+    load_strict(model, sd, str(path), arch)
+    model.eval()
+    return LoadedModel(
+        path=str(path), format=fmt, sha256=digest, state_dict=model.state_dict(), module=model,
+        arch=arch, notes=notes,
+    )
+
+
+def _load_export(p: Path, digest: str) -> LoadedModel:
+    try:
+        ep = torch.export.load(str(p))
+    except Exception as e:
+        raise InputError(f"{p}: not a readable torch.export archive ({str(e).splitlines()[0][:200]})") from e
+    try:
+        gm = ep.module()
+    except Exception as e:
+        raise InputError(f"{p}: torch.export program cannot be turned into a module: {e}") from e
+    sd = {k: v.detach() for k, v in ep.state_dict.items()}
+    return LoadedModel(
+        path=str(p), format="export", sha256=digest, state_dict=sd, module=gm, arch=None,
+        exported=ep,
+        notes=["torch.export program: layers are found in its aten graph; input shapes are fixed "
+               "to those it was exported with unless it was exported with dynamic shapes"],
+    )
+
+
+def _load_hf_dir(p: Path, arch: str | None) -> LoadedModel:
+    if not (p / "config.json").is_file():
+        raise InputError(f"{p} is a directory without config.json (expected a Hugging Face model folder)")
+    weights = p / "model.safetensors"
+    if not weights.is_file():
+        raise InputError(f"{p}: no model.safetensors in the folder")
+    sd = _load_safetensors(weights)
+    digest = sha256_of(weights)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return LoadedModel(
+            path=str(p), format="hf", sha256=digest, state_dict=sd,
+            notes=["Hugging Face folder read as a bare state dict: install the 'hf' extra "
+                   "(pip install 'fitcli[hf]') for activation metrics"],
+        )
+    from transformers import AutoModel  # pragma: no cover - optional extra
+
+    try:  # pragma: no cover - optional extra
+        model = AutoModel.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # pragma: no cover
+        raise InputError(f"{p}: transformers could not load it: {e}") from e
+    model.eval()  # pragma: no cover
+    return LoadedModel(path=str(p), format="hf", sha256=digest, state_dict=model.state_dict(),  # pragma: no cover
+                       module=model, arch="transformers.AutoModel")
