@@ -1,0 +1,33 @@
+"""Exact ablation: the loss change when a unit is masked at its activation point.
+
+The numbers come from the batched ablation engine (``fitcli.ablation``); this class only holds
+the mergeable state so ablation joins reports, merges and the conformance check like any metric.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fitcli.metrics.base import Metric, UnitBatch, safe_div, zeros
+
+
+class Ablation(Metric):
+    name = "ablation"
+    needs = frozenset({"activations", "gradients", "ablation"})
+    cost = "1 forward per unit (batched; prefix once)"
+    description = "exact L(h_i := 0) − L (zero mode) or L(h_i := E[h_i]) − L (mean mode), mean loss over the data"
+
+    def setup(self) -> None:
+        self.add_state("n", torch.zeros((), dtype=torch.float64), "sum")
+        self.add_state("delta_sum", zeros(self.units), "sum")
+
+    def update(self, batch: UnitBatch) -> None:
+        """``batch.extra['ablation_delta_sum']``: Σ over the batch's samples of L_x(ablated) − L_x."""
+        d = batch.extra.get("ablation_delta_sum")
+        if d is None:
+            return
+        self.n = self.n + batch.extra["ablation_samples"]
+        self.delta_sum = self.delta_sum + d.to(self.delta_sum.device, torch.float64)
+
+    def compute(self) -> torch.Tensor:
+        return safe_div(self.delta_sum, self.n.expand(self.units))

@@ -1,0 +1,128 @@
+"""Metric base: mergeable per-unit state (after torchmetrics' ``Metric``).
+
+A metric declares tensor states with a merge rule (``sum``, ``max`` or ``min`` only: associative
+and commutative, so batches, shards and ranks combine in any order), updates them per batch from a
+``UnitBatch``, and ``compute()`` gives one float per unit.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+REDUCTIONS = ("sum", "max", "min")
+
+# what a metric may need; the engine only provides what the run can give
+NEEDS = {
+    "weights": "the layer's weights",
+    "graph": "the layers that consume each unit (from the traced graph)",
+    "baseline": "a second checkpoint (--baseline)",
+    "activations": "a runnable model (--arch) and --data",
+    "gradients": "a loss: targets in --data or --loss",
+    "labels": "integer class targets in --data",
+    "ablation": "an exact ablation pass (opt-in: --metric ablation)",
+}
+
+
+@dataclass
+class UnitBatch:
+    """Everything one batch offers one layer. Tensors are float64 on the audit device.
+
+    ``act``/``grad``: ``[batch, units, positions]`` at the activation point; ``grad`` is the
+    gradient of each sample's own loss. ``weight_grad``: gradient of the batch-mean loss w.r.t.
+    the weight (``[units, ...]``). ``correct``: ``[batch]`` bool, prediction == label.
+    """
+
+    weight: torch.Tensor
+    act: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+    weight_grad: torch.Tensor | None = None
+    baseline_weight: torch.Tensor | None = None
+    consumer_weights: list[torch.Tensor] | None = None
+    correct: torch.Tensor | None = None
+    pass_index: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Metric:
+    """Subclass, set the class attributes, declare states in ``setup`` and implement update/compute."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    cost: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    passes: ClassVar[int] = 1
+    # True when the definition itself depends on how the data is split into batches (grad_norm)
+    batch_dependent: ClassVar[bool] = False
+
+    def __init__(self, units: int):
+        self.units = int(units)
+        self._states: dict[str, tuple[torch.Tensor, str]] = {}
+        self.setup()
+
+    # ---- state -------------------------------------------------------------------------------
+    def setup(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def add_state(self, name: str, default: torch.Tensor, reduce: str) -> None:
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"state {name!r}: reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        self._states[name] = (default.detach().clone(), reduce)
+        setattr(self, name, default.detach().clone())
+
+    def reset(self) -> None:
+        for name, (default, _) in self._states.items():
+            setattr(self, name, default.clone())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._states}
+
+    def merge(self, other: Metric) -> Metric:
+        """Combine ``other``'s state into this one (in place); returns self."""
+        if type(other) is not type(self) or other.units != self.units:
+            raise ValueError(f"cannot merge {type(other).__name__}({other.units}) into {type(self).__name__}({self.units})")
+        for name, (_, reduce) in self._states.items():
+            a, b = getattr(self, name), getattr(other, name).to(getattr(self, name).device)
+            if reduce == "sum":
+                setattr(self, name, a + b)
+            elif reduce == "max":
+                setattr(self, name, torch.maximum(a, b))
+            else:
+                setattr(self, name, torch.minimum(a, b))
+        return self
+
+    def clone(self) -> Metric:
+        return copy.deepcopy(self)
+
+    def to(self, device: torch.device | str) -> Metric:
+        for name in self._states:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    # ---- behaviour -----------------------------------------------------------------------------
+    def update(self, batch: UnitBatch) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compute(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        """Extra facts for the report (e.g. which composite components were used)."""
+        return {}
+
+
+def zeros(units: int) -> torch.Tensor:
+    return torch.zeros(units, dtype=torch.float64)
+
+
+def rownorm(w: torch.Tensor) -> torch.Tensor:
+    """ℓ2 norm of each unit's slice ``w[i, ...]`` (float64)."""
+    return w.detach().to(torch.float64).reshape(w.shape[0], -1).norm(dim=1)
+
+
+def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b, NaN where b == 0 (flagged as non-finite by the report)."""
+    return torch.where(b != 0, a / torch.where(b != 0, b, torch.ones_like(b)), torch.full_like(a, float("nan")))

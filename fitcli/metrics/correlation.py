@@ -1,0 +1,33 @@
+"""Output correlation: does the unit fire more on correctly classified samples?"""
+
+from __future__ import annotations
+
+import torch
+
+from fitcli.metrics.base import Metric, UnitBatch, safe_div, zeros
+
+
+class OutputCorr(Metric):
+    name = "output_corr"
+    needs = frozenset({"activations", "labels"})
+    cost = "1 forward"
+    description = "E[h̄ | correct] − E[h̄ | wrong], h̄ the sample's mean over positions; NaN when a group is empty"
+
+    def setup(self) -> None:
+        self.add_state("n_right", torch.zeros((), dtype=torch.float64), "sum")
+        self.add_state("n_wrong", torch.zeros((), dtype=torch.float64), "sum")
+        self.add_state("s_right", zeros(self.units), "sum")
+        self.add_state("s_wrong", zeros(self.units), "sum")
+
+    def update(self, batch: UnitBatch) -> None:
+        if batch.act is None or batch.correct is None:
+            return
+        hbar = batch.act.mean(dim=2)  # [batch, units]
+        c = batch.correct.to(hbar.device)
+        self.n_right = self.n_right + c.sum()
+        self.n_wrong = self.n_wrong + (~c).sum()
+        self.s_right = self.s_right + hbar[c].sum(dim=0)
+        self.s_wrong = self.s_wrong + hbar[~c].sum(dim=0)
+
+    def compute(self) -> torch.Tensor:
+        return safe_div(self.s_right, self.n_right.expand(self.units)) - safe_div(self.s_wrong, self.n_wrong.expand(self.units))

@@ -1,0 +1,46 @@
+"""First-order Taylor importance (Molchanov et al. 2017) from per-sample-loss gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from fitcli.metrics.base import Metric, UnitBatch, safe_div, zeros
+
+
+def per_sample_hg(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Σ_p h(x,p)·g(x,p): ``[batch, units]``."""
+    return (act * grad).sum(dim=2)
+
+
+class Taylor(Metric):
+    name = "taylor"
+    needs = frozenset({"activations", "gradients"})
+    cost = "1 forward + backward"
+    description = "mean_x |Σ_p h·∂L_x/∂h|: first-order Taylor importance (per-sample loss)"
+
+    def setup(self) -> None:
+        self.add_state("n", torch.zeros((), dtype=torch.float64), "sum")
+        self.add_state("total", zeros(self.units), "sum")
+
+    def update(self, batch: UnitBatch) -> None:
+        if batch.act is None or batch.grad is None:
+            return
+        self.n = self.n + batch.act.shape[0]
+        self.total = self.total + per_sample_hg(batch.act, batch.grad).abs().sum(dim=0)
+
+    def compute(self) -> torch.Tensor:
+        return safe_div(self.total, self.n.expand(self.units))
+
+
+class TaylorDelta(Taylor):
+    name = "taylor_delta"
+    description = "−mean_x Σ_p h·∂L_x/∂h: signed first-order estimate of the zero-ablation loss change"
+
+    def update(self, batch: UnitBatch) -> None:
+        if batch.act is None or batch.grad is None:
+            return
+        self.n = self.n + batch.act.shape[0]
+        self.total = self.total + per_sample_hg(batch.act, batch.grad).sum(dim=0)
+
+    def compute(self) -> torch.Tensor:
+        return -safe_div(self.total, self.n.expand(self.units))

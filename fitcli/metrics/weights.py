@@ -1,0 +1,76 @@
+"""Weight metrics: incoming norm, outgoing norm, change against a baseline checkpoint."""
+
+from __future__ import annotations
+
+import torch
+
+from fitcli.metrics.base import Metric, UnitBatch, rownorm, safe_div, zeros
+
+
+class _Idempotent(Metric):
+    """State is a per-unit value that every batch sets to the same thing: merged by max."""
+
+    def setup(self) -> None:
+        self.add_state("value", torch.full((self.units,), float("-inf"), dtype=torch.float64), "max")
+
+    def _set(self, v: torch.Tensor) -> None:
+        self.value = torch.maximum(self.value, v.to(self.value.device))
+
+    def compute(self) -> torch.Tensor:
+        v = self.value.clone()
+        return torch.where(torch.isneginf(v), torch.full_like(v, float("nan")), v)
+
+
+class WeightNorm(_Idempotent):
+    name = "weight_norm"
+    needs = frozenset({"weights"})
+    cost = "weights only"
+    description = "‖W[i, ...]‖₂: ℓ2 norm of unit i's incoming weights (bias excluded)"
+
+    def update(self, batch: UnitBatch) -> None:
+        self._set(rownorm(batch.weight))
+
+
+class WeightNormOut(_Idempotent):
+    name = "weight_norm_out"
+    needs = frozenset({"weights", "graph"})
+    cost = "weights only"
+    description = "‖W_next[:, i, ...]‖₂ over the layer(s) that consume unit i directly (through elementwise ops)"
+
+    def update(self, batch: UnitBatch) -> None:
+        if not batch.consumer_weights:
+            return
+        sq = zeros(self.units).to(batch.weight.device)
+        for w in batch.consumer_weights:
+            w = w.detach().to(torch.float64).transpose(0, 1).reshape(w.shape[1], -1)  # [in, out*k]
+            if w.shape[0] != self.units:
+                return  # grouped/ reshaped consumer: not unit-aligned
+            sq = sq + (w**2).sum(dim=1)
+        self._set(sq.sqrt())
+
+
+class WeightChange(_Idempotent):
+    name = "weight_change"
+    needs = frozenset({"weights", "baseline"})
+    cost = "weights only"
+    description = "‖W[i] − W_base[i]‖₂ against the --baseline checkpoint"
+
+    def update(self, batch: UnitBatch) -> None:
+        if batch.baseline_weight is None:
+            return
+        d = batch.weight.detach().to(torch.float64) - batch.baseline_weight.to(batch.weight.device, torch.float64)
+        self._set(rownorm(d))
+
+
+class WeightChangeRel(_Idempotent):
+    name = "weight_change_rel"
+    needs = frozenset({"weights", "baseline"})
+    cost = "weights only"
+    description = "‖W[i] − W_base[i]‖₂ / ‖W_base[i]‖₂ against the --baseline checkpoint"
+
+    def update(self, batch: UnitBatch) -> None:
+        if batch.baseline_weight is None:
+            return
+        base = batch.baseline_weight.to(batch.weight.device, torch.float64)
+        d = batch.weight.detach().to(torch.float64) - base
+        self._set(safe_div(rownorm(d), rownorm(base)))
