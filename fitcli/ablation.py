@@ -1,0 +1,448 @@
+"""Exact batched ablation. The model's weights are never touched: a unit is masked at its
+activation point, in a copy of the activation.
+
+Per data batch and layer:
+
+1. the whole graph runs once (``torch.fx.Interpreter``, values kept): the prefix, the unit
+   activations ``h`` and the base per-sample losses;
+2. for a chunk of K units, ``h`` is expanded to K copies along the batch, copy k with unit k
+   masked (zero, or its mean over the data), and only the *suffix* of the graph (the nodes that
+   depend on ``h``) runs on the K·B batch; values the suffix reads from the prefix (e.g. a
+   residual stream) are repeated K times;
+3. when ``h`` feeds a Linear directly, that Linear's output for copy k is its base output minus
+   ``(h_k − v) · W[:, k]``: a rank-1 update instead of a K·B matmul.
+
+Models that do not trace fall back to expanding the *input* K times (the whole forward runs on
+K·B, one hook masks each copy); the report says which method ran. K comes from free memory
+(CUDA free memory or available RAM), halves on out-of-memory, or ``--chunk-size``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fitcli.data import Batch, DataSource
+from fitcli.errors import InputError, RuntimeAuditError
+from fitcli.losses import LossFn, primary_output
+from fitcli.metrics.ablation import Ablation
+from fitcli.units import Layer, ModelGraph, getattr_path
+
+_UNSET = object()
+
+
+@dataclass
+class AblationResult:
+    metrics: dict[str, Ablation]
+    accuracy: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    layer_delta: dict[str, float | None] = field(default_factory=dict)
+    layer_accuracy: dict[str, float | None] = field(default_factory=dict)
+    samples: int = 0
+    batches: int = 0
+    method: dict[str, str] = field(default_factory=dict)
+    chunk_sizes: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 << 30
+
+
+def _tensors_nbytes(values: Any) -> int:
+    if isinstance(values, torch.Tensor):
+        return values.numel() * values.element_size()
+    if isinstance(values, (tuple, list)):
+        return sum(_tensors_nbytes(v) for v in values)
+    if isinstance(values, dict):
+        return sum(_tensors_nbytes(v) for v in values.values())
+    return 0
+
+
+def unit_mask(units: list[int], total: int, shape: tuple[int, ...], unit_dim: int, device) -> torch.Tensor:
+    """[K, 1.., U, 1..] one-hot masks broadcastable against ``h[None]`` (``h`` of ``shape``)."""
+    k = len(units)
+    m = torch.zeros(k, total, device=device)
+    m[torch.arange(k, device=device), torch.tensor(units, device=device)] = 1.0
+    nd = len(shape)
+    ud = unit_dim % nd
+    view = [k] + [1] * nd
+    view[1 + ud] = total
+    return m.reshape(view)
+
+
+def masked_copies(h: torch.Tensor, mask: torch.Tensor, value: torch.Tensor | None, unit_dim: int) -> torch.Tensor:
+    """K copies of ``h`` (``[K*B, ...]``), copy k with its masked unit set to 0 or ``value``."""
+    hk = h.unsqueeze(0) * (1 - mask).to(h.dtype)
+    if value is not None:
+        nd = h.dim()
+        view = [1] * (nd + 1)
+        view[1 + unit_dim % nd] = value.numel()
+        hk = hk + mask.to(h.dtype) * value.to(h.dtype).reshape(view)
+    return hk.reshape(-1, *h.shape[1:])
+
+
+# --------------------------------------------------------------------------------------------
+# graph (fx / export) plan
+
+
+class _Interp(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+
+
+@dataclass
+class _Plan:
+    gm: fx.GraphModule
+    probe: fx.Node
+    start: fx.Node  # node whose value we replace with the expanded one
+    dep: set[fx.Node]
+    frontier: list[fx.Node]
+    batch_nodes: set[fx.Node]  # nodes whose values carry the batch in dim 0
+    linear_weight: torch.Tensor | None  # rank-1 shortcut when start is a Linear reading h
+
+
+def _descendants(nodes: list[fx.Node], root: fx.Node) -> set[fx.Node]:
+    dep = {root}
+    for n in nodes:
+        if n in dep:
+            continue
+        if any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+def make_plan(graph: ModelGraph, layer: Layer) -> _Plan | None:
+    gm = graph.runner
+    if graph.method not in ("fx", "export") or not isinstance(gm, fx.GraphModule):
+        return None
+    probe_mod = graph._probes[layer.name]
+    nodes = list(gm.graph.nodes)
+    probe = next((n for n in nodes if n.op == "call_module" and gm.get_submodule(str(n.target)) is probe_mod), None)
+    if probe is None:
+        return None
+    # nodes derived from the inputs carry the batch dimension
+    batch_nodes: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "placeholder" or any(a in batch_nodes for a in n.all_input_nodes):
+            batch_nodes.add(n)
+    start, weight = probe, None
+    users = list(probe.users)
+    if len(users) == 1 and users[0].args and users[0].args[0] is probe and layer.unit_dim == -1:
+        u = users[0]
+        if u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), nn.Linear):
+            start, weight = u, gm.get_submodule(str(u.target)).weight
+        elif (u.op == "call_function" and getattr(getattr(u.target, "_schema", None), "name", "") == "aten::linear"
+              and len(u.args) > 1 and isinstance(u.args[1], fx.Node) and u.args[1].op == "get_attr"):
+            start, weight = u, getattr_path(gm, str(u.args[1].target))
+    dep = _descendants(nodes, start)
+    frontier = [n for n in nodes if n not in dep and any(u in dep for u in n.users)]
+    return _Plan(gm, probe, start, dep, frontier, batch_nodes, weight)
+
+
+def _expand(v: Any, k: int, batch: int) -> Any:
+    if isinstance(v, torch.Tensor):
+        if v.dim() == 0 or v.shape[0] != batch:
+            raise _NotBatchFirst()
+        return v.repeat(k, *([1] * (v.dim() - 1)))
+    if isinstance(v, (tuple, list)):
+        return type(v)(_expand(x, k, batch) for x in v)
+    return v
+
+
+class _NotBatchFirst(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
+
+
+def _losses_correct(outputs: Any, targets: torch.Tensor | None, loss_fn: LossFn, accuracy: bool):
+    losses = loss_fn(outputs, targets).detach().to(torch.float64)
+    correct = None
+    if accuracy and targets is not None:
+        out = primary_output(outputs)
+        correct = (out.argmax(dim=-1) == targets.to(out.device)).to(torch.float64)
+    return losses, correct
+
+
+def unit_means(graph: ModelGraph, names: list[str], layers: dict[str, Layer], data: DataSource,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """E[h_i] over every observation of the data, per layer (a streamed sum + count)."""
+    from fitcli.units import unit_view
+
+    sums = {n: torch.zeros(layers[n].units, dtype=torch.float64, device=device) for n in names}
+    counts = dict.fromkeys(names, 0)
+
+    def grab(n):
+        def fn(t):
+            v = unit_view(t.detach(), layers[n].unit_dim).to(torch.float64)  # [B, U, P]
+            sums[n] += v.sum(dim=(0, 2))
+            counts[n] += v.shape[0] * v.shape[2]
+            return t
+        return fn
+
+    with torch.no_grad(), graph.tap({n: grab(n) for n in names}):
+        for b in data:
+            graph(b.to(device))
+    return {n: (sums[n] / max(counts[n], 1)) for n in names}
+
+
+def ablate_layers(
+    graph: ModelGraph,
+    names: list[str],
+    data: DataSource,
+    loss_fn: LossFn,
+    mode: str = "zero",
+    device: torch.device | str = "cpu",
+    chunk_size: int | None = None,
+    progress: bool = False,
+    units: dict[str, list[int] | None] | None = None,
+    whole_layer: bool = False,
+    accuracy: bool = False,
+) -> AblationResult:
+    """Exact ablation of every (selected) unit of each named layer over all of ``data``."""
+    from fitcli.engine import Progress
+
+    dev = torch.device(device)
+    layers = {lay.name: lay for lay in graph.layers}
+    units = units or {}
+    sel = {n: (units.get(n) if units.get(n) is not None else list(range(layers[n].units))) for n in names}
+    means = unit_means(graph, names, layers, data, dev) if mode == "mean" else {}
+    res = AblationResult(metrics={n: Ablation(layers[n].units).to(dev) for n in names})
+    acc_sum = {n: torch.zeros(layers[n].units, dtype=torch.float64, device=dev) for n in names}
+    whole_sum = dict.fromkeys(names, 0.0)
+    whole_acc = dict.fromkeys(names, 0.0)
+    plans = {n: make_plan(graph, layers[n]) for n in names}
+    fallback_noted: set[str] = set()
+    nsamp = 0
+    with torch.no_grad(), Progress(progress, "ablating", None) as bar:
+        for bi, cpu_batch in enumerate(data):
+            batch = cpu_batch.to(dev)
+            bsz = batch.size
+            for n in names:
+                lay = layers[n]
+                plan = plans[n]
+                value = means.get(n)
+                if plan is not None:
+                    try:
+                        base = _graph_base(plan, batch)
+                    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                        raise InputError(f"data batch of shape {batch.describe()} does not fit the model "
+                                         f"({str(e).splitlines()[0][:200]})") from e
+                    try:
+                        _check_batch_first(plan, base, bsz)
+                    except _NotBatchFirst:
+                        plans[n] = plan = None
+                if plan is not None:
+                    env, h = base
+                    base_out = env[_output_node(plan.gm)]
+                    run = lambda us, env=env, h=h, plan=plan, lay=lay, value=value: _graph_chunk(  # noqa: E731
+                        plan, env, h, us, lay, value, bsz)
+                    res.method[n] = "graph-suffix" + ("+rank1" if plan.linear_weight is not None else "")
+                else:
+                    if n not in fallback_noted:
+                        fallback_noted.add(n)
+                        res.notes.append(f"ablation of {n}: the model's graph could not be split at the unit, "
+                                         "so the whole input is expanded per chunk (slower, same result)")
+                    h_holder: dict[str, torch.Tensor] = {}
+                    with graph.tap({n: lambda t, h_holder=h_holder: h_holder.setdefault("h", t.detach())}):
+                        base_out = graph(batch)
+                    h = h_holder["h"]
+                    run = lambda us, batch=batch, lay=lay, value=value, h=h: _input_chunk(  # noqa: E731
+                        graph, batch, us, lay, value, h)
+                    res.method[n] = "input-expansion"
+                base_losses, base_correct = _losses_correct(base_out, batch.targets, loss_fn, accuracy)
+                todo = list(sel[n])
+                k = chunk_size or res.chunk_sizes.get(n) or _auto_chunk(h, plan, base if plan is not None else None,
+                                                                        len(todo), dev, graph)
+                i = 0
+                while i < len(todo):
+                    us = todo[i : i + k]
+                    try:
+                        outs = run(us)
+                        losses, correct = _losses_correct(outs, _rep(batch.targets, len(us)), loss_fn, accuracy)
+                    except Exception as e:
+                        if _is_oom(e) and k > 1:
+                            if dev.type == "cuda":
+                                torch.cuda.empty_cache()
+                            k = max(1, k // 2)
+                            continue
+                        if isinstance(e, (InputError, RuntimeAuditError)):
+                            raise
+                        raise RuntimeAuditError(f"ablation of {n} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+                    d = (losses.reshape(len(us), bsz) - base_losses.unsqueeze(0)).sum(dim=1)
+                    full = torch.zeros(lay.units, dtype=torch.float64, device=dev)
+                    full[torch.tensor(us, device=dev)] = d
+                    res.metrics[n].update(_ub(full, bsz if i == 0 else 0))
+                    if correct is not None:
+                        dc = (correct.reshape(len(us), bsz) - base_correct.unsqueeze(0)).sum(dim=1)
+                        acc_sum[n][torch.tensor(us, device=dev)] += dc
+                    i += len(us)
+                    bar.advance()
+                if not todo:
+                    res.metrics[n].update(_ub(torch.zeros(lay.units, dtype=torch.float64, device=dev), bsz))
+                res.chunk_sizes[n] = k
+                if whole_layer:
+                    outs = _whole(graph, plan, base if plan is not None else None, batch, lay, value, sel[n], h)
+                    wl, wc = _losses_correct(outs, batch.targets, loss_fn, accuracy)
+                    whole_sum[n] += float((wl - base_losses).sum())
+                    if wc is not None:
+                        whole_acc[n] += float((wc - base_correct).sum())
+            nsamp += bsz
+            res.batches += 1
+    if res.batches == 0:
+        raise InputError(f"--data {data.spec}: yields no batches (empty data)")
+    res.samples = nsamp
+    for n in names:
+        if accuracy:
+            res.accuracy[n] = (acc_sum[n] / nsamp).cpu()
+        if whole_layer:
+            res.layer_delta[n] = whole_sum[n] / nsamp
+            res.layer_accuracy[n] = whole_acc[n] / nsamp if accuracy else None
+    return res
+
+
+def _ub(delta_sum: torch.Tensor, samples: int):
+    from fitcli.metrics.base import UnitBatch
+
+    return UnitBatch(weight=delta_sum, extra={"ablation_delta_sum": delta_sum, "ablation_samples": samples})
+
+
+def _rep(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    return None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))
+
+
+def _output_node(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+
+
+def _graph_base(plan: _Plan, batch: Batch):
+    interp = _Interp(plan.gm)
+    out = interp.run(*batch.args, **batch.kwargs) if not batch.kwargs else _run_kwargs(interp, plan.gm, batch)
+    env = dict(interp.env)
+    env[_output_node(plan.gm)] = out
+    return env, env[plan.probe]
+
+
+def _run_kwargs(interp: _Interp, gm: fx.GraphModule, batch: Batch):
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    args = list(batch.args) + [batch.kwargs.get(str(nm).lstrip("*"), None) for nm in names[len(batch.args):]]
+    return interp.run(*args)
+
+
+def _check_batch_first(plan: _Plan, base, bsz: int) -> None:
+    env, h = base
+    if not isinstance(h, torch.Tensor) or h.dim() == 0 or h.shape[0] != bsz:
+        raise _NotBatchFirst()
+    for n in plan.frontier:
+        if n in plan.batch_nodes:
+            v = env[n]
+            if isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != bsz):
+                raise _NotBatchFirst()
+
+
+def _graph_chunk(plan: _Plan, env: dict, h: torch.Tensor, us: list[int], lay: Layer, value, bsz: int,
+                 mask: torch.Tensor | None = None):
+    k = len(us) if mask is None else mask.shape[0]
+    if mask is None:
+        mask = unit_mask(us, lay.units, tuple(h.shape), lay.unit_dim, h.device)
+    if plan.linear_weight is not None:
+        z = env[plan.start]  # [B, ..., out]
+        w = plan.linear_weight.detach()
+        idx = torch.tensor(us, device=h.device) if us else None
+        if idx is not None and mask.shape[0] == len(us):
+            hv = h.index_select(-1, idx)  # [B, ..., K]
+            target = value.index_select(0, idx).to(h.dtype) if value is not None else torch.zeros(len(us), dtype=h.dtype, device=h.device)
+            dh = (hv - target).movedim(-1, 0)  # [K, B, ...]
+            wc = w.index_select(1, idx).t().to(z.dtype)  # [K, out]
+            zk = z.unsqueeze(0) - dh.unsqueeze(-1) * wc.reshape(len(us), *([1] * (z.dim() - 1)), -1)
+            start_val = zk.reshape(-1, *z.shape[1:])
+        else:  # a multi-unit mask (whole layer): recompute the Linear on masked h
+            hk = masked_copies(h, mask, value, lay.unit_dim)
+            start_val = plan.gm.get_submodule(str(plan.start.target))(hk) if plan.start.op == "call_module" else \
+                torch.nn.functional.linear(hk, w, getattr_path(plan.gm, str(plan.start.args[2].target)) if len(plan.start.args) > 2 and plan.start.args[2] is not None else None)
+    else:
+        start_val = masked_copies(h, mask, value, lay.unit_dim)
+    init = {}
+    for n, v in env.items():
+        if n in plan.dep:
+            continue
+        init[n] = _expand(v, k, bsz) if (n in plan.frontier and n in plan.batch_nodes) else v
+    init[plan.start] = start_val
+    interp = fx.Interpreter(plan.gm)
+    placeholders = [n for n in plan.gm.graph.nodes if n.op == "placeholder"]
+    return interp.run(*[init.get(p) for p in placeholders], initial_env=init)
+
+
+def _input_chunk(graph: ModelGraph, batch: Batch, us: list[int], lay: Layer, value, h: torch.Tensor,
+                 mask: torch.Tensor | None = None):
+    k = len(us) if mask is None else mask.shape[0]
+    if mask is None:
+        mask = unit_mask(us, lay.units, tuple(h.shape), lay.unit_dim, h.device)
+    bsz = batch.size
+
+    def ab(t: torch.Tensor) -> torch.Tensor:
+        shaped = t.reshape(k, bsz, *t.shape[1:])
+        out = shaped * (1 - mask).to(t.dtype)
+        if value is not None:
+            nd = t.dim()
+            view = [1] * (nd + 1)
+            view[1 + lay.unit_dim % nd] = value.numel()
+            out = out + mask.to(t.dtype) * value.to(t.dtype).reshape(view)
+        return out.reshape(t.shape)
+
+    big = Batch(tuple(_rep(a, k) if isinstance(a, torch.Tensor) else a for a in batch.args),
+                {kk: (_rep(v, k) if isinstance(v, torch.Tensor) else v) for kk, v in batch.kwargs.items()})
+    with graph.tap({lay.name: ab}):
+        return graph(big)
+
+
+def _whole(graph, plan, base, batch, lay, value, units, h):
+    mask = torch.zeros(lay.units, device=h.device)
+    mask[torch.tensor(units, device=h.device, dtype=torch.long)] = 1.0
+    nd = h.dim()
+    view = [1] + [1] * nd
+    view[1 + lay.unit_dim % nd] = lay.units
+    mask = mask.reshape(view)
+    if plan is not None:
+        env, hh = base
+        return _graph_chunk(plan, env, hh, [], lay, value, batch.size, mask=mask)
+    return _input_chunk(graph, batch, [], lay, value, h, mask=mask)
+
+
+def _auto_chunk(h: torch.Tensor, plan: _Plan | None, base, n_units: int, dev: torch.device, graph: ModelGraph) -> int:
+    """Units per pass from free memory: each copy costs about the suffix's activations."""
+    if n_units <= 1:
+        return 1
+    if plan is not None and base is not None:
+        env = base[0]
+        per_copy = sum(_tensors_nbytes(env[n]) for n in plan.dep if n in env) + sum(
+            _tensors_nbytes(env[n]) for n in plan.frontier if n in plan.batch_nodes)
+    else:
+        per_copy = 8 * _tensors_nbytes(h)
+    per_copy = max(per_copy * 3, 1)  # temporaries during the suffix
+    budget = free_bytes(dev) * 0.4
+    k = int(budget // per_copy)
+    return max(1, min(n_units, k, 4096))
+
+
+__all__ = ["ablate_layers", "AblationResult", "unit_means", "make_plan", "math"]

@@ -1,0 +1,88 @@
+"""Configuration: ``[tool.fitcli]`` in the nearest pyproject.toml, a ``fitcli.toml``, or --config.
+
+Keys are the long option names with underscores (``max_dead``, ``arch``, ``metrics``...).
+Command-line flags win over the file; the file wins over built-in defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from fitcli.errors import InputError, UsageError, close_matches
+
+KEYS: dict[str, type | tuple[type, ...]] = {
+    "arch": str, "arch_kwargs": (str, dict), "trust_checkpoint": bool, "data": str, "batch_size": int,
+    "max_batches": int, "loss": str, "layers": list, "layer": list, "metrics": list, "metric": list,
+    "device": str, "seed": int, "tau": (int, float), "top": int, "rank_by": str, "format": str,
+    "output": str, "baseline": str, "quiet": bool, "verbose": bool, "max_dead": (int, float),
+    "max_dead_layer": (int, float), "mode": str, "chunk_size": int, "units": str, "whole_layer": bool,
+    "validate": bool, "validate_units": int,
+}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise InputError(f"config file not found: {path}") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: invalid TOML ({e})") from e
+    except OSError as e:
+        raise InputError(f"{path}: cannot read config ({e})") from e
+
+
+def find_config(start: Path | None = None) -> tuple[dict[str, Any], str | None]:
+    """The nearest ``fitcli.toml`` or ``pyproject.toml`` with ``[tool.fitcli]``, walking up."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        f = folder / "fitcli.toml"
+        if f.is_file():
+            data = _read_toml(f)
+            return dict(data.get("tool", {}).get("fitcli", data)), str(f)
+        p = folder / "pyproject.toml"
+        if p.is_file():
+            data = _read_toml(p)
+            section = data.get("tool", {}).get("fitcli")
+            if isinstance(section, dict):
+                return dict(section), str(p)
+    return {}, None
+
+
+def load_config(path: str | None = None) -> tuple[dict[str, Any], str | None]:
+    if path:
+        p = Path(path)
+        data = _read_toml(p)
+        section = data.get("tool", {}).get("fitcli", data) if isinstance(data.get("tool"), dict) else data
+        cfg, where = dict(section), str(p)
+    else:
+        cfg, where = find_config()
+    return check(cfg, where or "config"), where
+
+
+def check(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        k = key.replace("-", "_")
+        if k not in KEYS:
+            raise UsageError(f"{where}: unknown key {key!r}" + close_matches(k, KEYS))
+        typ = KEYS[k]
+        if typ is list:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UsageError(f"{where}: {key} must be a string or a list of strings")
+        elif not isinstance(value, typ) or (isinstance(value, bool) and typ in (int, (int, float))):
+            raise UsageError(f"{where}: {key} has the wrong type ({type(value).__name__})")
+        if k == "layer":
+            k = "layers"
+        if k == "metric":
+            k = "metrics"
+        out[k] = value
+    return out

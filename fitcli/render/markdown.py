@@ -1,0 +1,39 @@
+"""Markdown: a summary line, the per-layer table and the ranked table (CI job summaries)."""
+
+from __future__ import annotations
+
+from fitcli.render._common import fmt, key_metrics, pct
+
+
+def render_markdown(report: dict) -> str:
+    s = report["summary"]
+    keys = key_metrics(report)
+    lines = [
+        f"## fitcli {report.get('command', 'score')}: `{report['model']['path']}`",
+        "",
+        f"**{s['dead']} of {s['units']} units dead ({pct(s['dead_fraction'])})** across {s['layers']} layers "
+        f"(τ = {report['settings']['tau']:g}, final layer excluded); data `{report['data']['spec']}`, "
+        f"{report['data']['samples']} samples.",
+    ]
+    g = report.get("gate")
+    if g:
+        lines.append("")
+        lines.append("Gate: **passed**" if g["passed"] else "Gate: **FAILED** — " + "; ".join(g["failures"]))
+    lines += ["", "| layer | type | units | dead | dead % | activation point | " + " | ".join(f"{k} (mean)" for k in keys) + " |",
+              "|---|---|---:|---:|---:|---|" + "---:|" * len(keys)]
+    for lay in report["layers"]:
+        aggs = [fmt(lay["aggregate"].get(k, {}).get("mean")) if k in lay["aggregate"] else "" for k in keys]
+        dead = "final" if lay.get("final") else str(len(lay["dead"]))
+        lines.append(f"| {lay['name']} | {lay['type']} | {lay['units']} | {dead} | "
+                     f"{'' if lay.get('final') else pct(lay['dead_fraction'])} | {lay['activation_point']} | "
+                     + " | ".join(aggs) + " |")
+    ranked = report.get("ranked") or []
+    if ranked:
+        rb = report["settings"].get("rank_by")
+        lines += ["", f"Least-fit units by `{rb}` (per-layer ℓ2-normalised):", "",
+                  "| # | layer | unit | value | normalised | dead |", "|---:|---|---:|---:|---:|---|"]
+        for i, r in enumerate(ranked, 1):
+            lines.append(f"| {i} | {r['layer']} | {r['unit']} | {fmt(r['value'])} | {fmt(r['normalized'])} | {'yes' if r.get('dead') else ''} |")
+    if report.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"`{x['metric']}` ({x['reason']})" for x in report["skipped"])]
+    return "\n".join(lines) + "\n"

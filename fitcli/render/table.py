@@ -1,0 +1,106 @@
+"""The terminal view (Rich): summary, per-layer table, ranked least-fit units."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from fitcli.render._common import fmt, key_metrics, pct
+
+
+def render_report(report: dict) -> Group:
+    s = report["summary"]
+    parts = []
+    head = Text()
+    head.append(f"fitcli {report.get('command', 'score')} ", style="bold")
+    head.append(f"{report['model']['path']} ({report['model']['format']}")
+    head.append(f", arch {report['model']['arch']})" if report["model"].get("arch") else ")")
+    head.append(f"\ndata {report['data']['spec']}: {report['data']['samples']} samples in {report['data']['batches']} batches; "
+                f"device {report['settings']['device']}; points by {report.get('discovery', {}).get('method', '?')}\n")
+    if s.get("dead_known", True):
+        style = "bold red" if s["dead"] else "bold green"
+        head.append(f"{s['dead']} of {s['units']} units dead ({pct(s['dead_fraction'])})", style=style)
+        head.append(f" across {s['layers']} layers, τ = {report['settings']['tau']:g}, final layer excluded")
+    else:
+        head.append("dead units unknown: needs activations (pass --arch and --data)", style="yellow")
+    parts.append(head)
+
+    keys = key_metrics(report)
+    t = Table(title="Layers", title_justify="left", show_edge=False)
+    for col, just in (("layer", "left"), ("type", "left"), ("units", "right"), ("dead", "right"),
+                      ("dead %", "right"), ("activation point", "left")):
+        t.add_column(col, justify=just)
+    for k in keys:
+        t.add_column(f"{k} mean", justify="right")
+        t.add_column(f"{k} min", justify="right")
+    for lay in report["layers"]:
+        cells = []
+        for k in keys:
+            agg = lay["aggregate"].get(k)
+            cells += [fmt(agg["mean"]), fmt(agg["min"])] if agg else ["", ""]
+        dead = "final" if lay.get("final") else str(len(lay["dead"]))
+        style = "red" if lay["dead"] else None
+        nf = f" [{len(lay['nonfinite'])} non-finite]" if lay["nonfinite"] else ""
+        t.add_row(Text(lay["name"]), Text(lay["type"]), str(lay["units"]), dead + nf,
+                  "" if lay.get("final") else pct(lay["dead_fraction"]), Text(lay["activation_point"]), *cells, style=style)
+    parts.append(t)
+
+    ranked = report.get("ranked") or []
+    if ranked:
+        rt = Table(title=f"Least-fit units by {report['settings'].get('rank_by')} (per-layer ℓ2-normalised)",
+                   title_justify="left", show_edge=False)
+        for col in ("#", "layer", "unit", "value", "normalised", ""):
+            rt.add_column(col, justify="right" if col in ("#", "unit", "value", "normalised") else "left")
+        for i, r in enumerate(ranked, 1):
+            rt.add_row(str(i), Text(r["layer"]), str(r["unit"]), fmt(r["value"]), fmt(r["normalized"]),
+                       "dead" if r.get("dead") else "", style="red" if r.get("dead") else None)
+        parts.append(rt)
+    extra = report.get("ablation_table")
+    if extra:
+        parts.append(extra)
+    nonfinite = [(lay["name"], lay["nonfinite"]) for lay in report["layers"] if lay["nonfinite"]]
+    if nonfinite:
+        parts.append(Text("non-finite values (not ranked): " + "; ".join(
+            f"{n} units {', '.join(map(str, u[:10]))}{' ...' if len(u) > 10 else ''}" for n, u in nonfinite), style="yellow"))
+    if report.get("skipped"):
+        parts.append(Text("skipped: " + "; ".join(f"{x['metric']} ({x['reason']})" for x in report["skipped"]), style="dim"))
+    if report.get("unsupported"):
+        parts.append(Text("not hooked: " + "; ".join(f"{x['name']} ({x['reason']})" for x in report["unsupported"]), style="dim"))
+    g = report.get("gate")
+    if g:
+        parts.append(Text("gate passed" if g["passed"] else "gate FAILED: " + "; ".join(g["failures"]),
+                          style="bold green" if g["passed"] else "bold red"))
+    return Group(*parts)
+
+
+def render_inspect(info: dict) -> Group:
+    head = Text()
+    head.append(f"{info['model']['path']}", style="bold")
+    head.append(f"  format {info['model']['format']}, arch {info['model'].get('arch') or '-'}, "
+                f"points found by {info['discovery']['method']}")
+    t = Table(show_edge=False)
+    for col, just in (("layer", "left"), ("type", "left"), ("units", "right"), ("activation point", "left"),
+                      ("parameters", "right"), ("final", "center")):
+        t.add_column(col, justify=just)
+    for lay in info["layers"]:
+        t.add_row(Text(lay["name"]), Text(lay["type"]), str(lay["units"]), Text(lay["activation_point"]), f"{lay['parameters']:,}",
+                  "✓" if lay["final"] else "")
+    parts = [head, t]
+    for n in info["discovery"].get("notes", []):
+        parts.append(Text("note: " + n, style="dim"))
+    for u in info.get("unsupported", []):
+        parts.append(Text(f"not hooked: {u['name']} ({u['reason']})", style="yellow"))
+    return Group(*parts)
+
+
+def render_metrics(rows: list[dict]) -> Table:
+    t = Table(show_edge=False)
+    for col in ("name", "needs", "cost", "description"):
+        t.add_column(col)
+    for r in rows:
+        if r.get("error"):
+            t.add_row(Text(r["name"]), "", "", Text(f"failed to load: {r['error']}", style="red"))
+        else:
+            t.add_row(Text(r["name"]), Text(", ".join(r["needs"])), Text(r["cost"]), Text(r["description"]))
+    return t
