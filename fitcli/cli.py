@@ -29,7 +29,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-out = Console(soft_wrap=False, highlight=False)
+out = Console(highlight=False)
+if not out.is_terminal:  # piped or redirected: do not squeeze tables into 80 columns
+    out = Console(highlight=False, width=140)
 err = Console(stderr=True, highlight=False)
 
 

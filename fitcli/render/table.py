@@ -33,12 +33,11 @@ def render_report(report: dict) -> Group:
         t.add_column(col, justify=just)
     for k in keys:
         t.add_column(f"{k} mean", justify="right")
-        t.add_column(f"{k} min", justify="right")
     for lay in report["layers"]:
         cells = []
         for k in keys:
             agg = lay["aggregate"].get(k)
-            cells += [fmt(agg["mean"]), fmt(agg["min"])] if agg else ["", ""]
+            cells.append(fmt(agg["mean"]) if agg else "")
         dead = "final" if lay.get("final") else str(len(lay["dead"]))
         style = "red" if lay["dead"] else None
         nf = f" [{len(lay['nonfinite'])} non-finite]" if lay["nonfinite"] else ""
