@@ -18,6 +18,13 @@ Planted units (enforced at init and re-set after every optimizer step):
   * dead units: incoming weights 0 and bias 0 -> activation exactly 0;
   * one constant unit per model: incoming weights 0 and bias c -> activation
     exactly act(c) on every input.
+
+Training knobs chosen so every verification passes with margin (see SPECS):
+10% label noise (keeps the loss away from 0 so ablations are measurable), a
+small positive bias init on some ReLU layers (no naturally dead units), and
+the constant unit's outgoing weights scaled up at init (the model genuinely
+relies on it, so zero-ablating it hurts while mean-replacing it is a no-op).
+The *_init.safetensors baseline is saved after these tweaks and planting.
 """
 
 import json
@@ -32,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # keep sample_models/ free of __pycache__
 
 import models  # noqa: E402
 
