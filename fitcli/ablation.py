@@ -32,7 +32,7 @@ from fitcli.losses import LossFn, primary_output
 from fitcli.metrics.ablation import Ablation
 from fitcli.units import Layer, ModelGraph, getattr_path
 
-_UNSET = object()
+CPU_CHUNK_BYTES = 192 << 20
 
 
 @dataclass
@@ -153,7 +153,8 @@ def make_plan(graph: ModelGraph, layer: Layer) -> _Plan | None:
               and len(u.args) > 1 and isinstance(u.args[1], fx.Node) and u.args[1].op == "get_attr"):
             start, weight = u, getattr_path(gm, str(u.args[1].target))
     dep = _descendants(nodes, start)
-    frontier = [n for n in nodes if n not in dep and any(u in dep for u in n.users)]
+    # values the suffix reads from the prefix; start's own inputs are not read (its value is given)
+    frontier = [n for n in nodes if n not in dep and any(u in dep and u is not start for u in n.users)]
     return _Plan(gm, probe, start, dep, frontier, batch_nodes, weight)
 
 
@@ -441,6 +442,10 @@ def _auto_chunk(h: torch.Tensor, plan: _Plan | None, base, n_units: int, dev: to
         per_copy = 8 * _tensors_nbytes(h)
     per_copy = max(per_copy * 3, 1)  # temporaries during the suffix
     budget = free_bytes(dev) * 0.4
+    if dev.type == "cpu":
+        # on a CPU, chunks beyond a few dozen MB only add cache misses: matmuls are already
+        # efficient at that size, and elementwise passes over huge tensors are memory-bound
+        budget = min(budget, CPU_CHUNK_BYTES)
     k = int(budget // per_copy)
     return max(1, min(n_units, k, 4096))
 

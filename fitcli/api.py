@@ -89,11 +89,11 @@ def score(
     base = load_model(baseline, arch=None) if baseline else None
     ds = _data(data, batch_size, max_batches, seed)
     want = list(metrics) if metrics else None
-    if validate and want is not None and "ablation" not in want:
-        want.append("ablation")
     result = audit(loaded, ds, metrics=want, layers=layers, loss=loss, baseline=base, device=device,
                    progress=progress, ablation_mode=ablation_mode, chunk_size=chunk_size)
     settings = {"tau": float(tau), "seed": int(seed), "ablation_mode": ablation_mode}
+    if rank_by == "auto" and not validate:
+        raise UsageError("--rank-by auto picks the best-validated metric: it needs --validate")
     report = rep.build(result, loaded, ds, settings, rank_by=None if rank_by == "auto" else rank_by, top=top)
     if rank_by and rank_by != "auto" and rank_by not in report["settings"]["metrics"]:
         raise UsageError(f"--rank-by {rank_by!r} was not computed in this run"
@@ -102,8 +102,9 @@ def score(
     if validate:
         from fitcli.validate import validate_report
 
-        validate_report(report, units=validate_units, seed=seed, graph=result.graph, data=ds,
-                        result=result, rank_auto=rank_by == "auto", top=top)
+        validate_report(report, graph=result.graph, data=ds, loss=loss, units=validate_units, seed=seed,
+                        device=result.device, chunk_size=chunk_size, rank_auto=rank_by == "auto", top=top,
+                        progress=progress)
     if max_dead is not None or max_dead_layer is not None:
         rep.gate(report, max_dead, max_dead_layer)
     return report

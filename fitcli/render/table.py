@@ -55,9 +55,8 @@ def render_report(report: dict) -> Group:
             rt.add_row(str(i), Text(r["layer"]), str(r["unit"]), fmt(r["value"]), fmt(r["normalized"]),
                        "dead" if r.get("dead") else "", style="red" if r.get("dead") else None)
         parts.append(rt)
-    extra = report.get("ablation_table")
-    if extra:
-        parts.append(extra)
+    if report.get("validation"):
+        parts.append(render_validation(report["validation"]))
     nonfinite = [(lay["name"], lay["nonfinite"]) for lay in report["layers"] if lay["nonfinite"]]
     if nonfinite:
         parts.append(Text("non-finite values (not ranked): " + "; ".join(
@@ -103,3 +102,28 @@ def render_metrics(rows: list[dict]) -> Table:
         else:
             t.add_row(Text(r["name"]), Text(", ".join(r["needs"])), Text(r["cost"]), Text(r["description"]))
     return t
+
+
+def render_validation(v: dict) -> Group:
+    """Metric x layer Spearman with exact ablation; best per layer in bold."""
+    layers = list(v["layers"])
+    metrics = sorted(v["across_layers"])
+    t = Table(title=f"Validation: Spearman with {v['oracle']}", title_justify="left", show_edge=False)
+    t.add_column("metric")
+    for name in layers:
+        t.add_column(Text(name), justify="right")
+    t.add_column("across layers", justify="right")
+    for m in metrics:
+        cells = []
+        for name in layers:
+            c = v["layers"][name]["metrics"].get(m)
+            txt = fmt_corr(c["spearman"] if c else None)
+            cells.append(Text(txt, style="bold green") if v["layers"][name].get("best") == m else Text(txt))
+        a = v["across_layers"][m]["spearman"]
+        cells.append(Text(fmt_corr(a), style="bold green" if v.get("best") == m else ""))
+        t.add_row(Text(m), *cells)
+    return Group(t, Text(v["recommendation"], style="bold"))
+
+
+def fmt_corr(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"

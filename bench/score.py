@@ -1,0 +1,121 @@
+"""Score benchmark.
+
+1. Time: ``fitcli.api.score`` with every default metric, divided by a plain forward+backward
+   loop over the same data in the same process (goal: at most 2.0x).
+2. Memory: peak RSS of a score run over 10x the batches, divided by the same run over 1x
+   (goal: within 5%), each measured in a fresh subprocess.
+
+Usage: python bench/score.py [--batches 20] [--batch-size 256] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fitcli.data import Batch, DataSource  # noqa: E402
+from fitcli.loading import LoadedModel  # noqa: E402
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64 * 8 * 8, 256)
+        self.fc2 = nn.Linear(256, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+def make(batches: int, batch_size: int):
+    torch.manual_seed(0)
+    model = CNN().eval()
+
+    def gen():
+        g = torch.Generator().manual_seed(1)
+        for _ in range(batches):
+            yield Batch((torch.randn(batch_size, 3, 32, 32, generator=g),), {},
+                        torch.randint(0, 10, (batch_size,), generator=g))
+
+    return model, DataSource("bench", gen, None)
+
+
+def plain_loop(model, data) -> float:
+    t0 = time.perf_counter()
+    for b in data:
+        x = b.args[0]
+        loss = F.cross_entropy(model(x), b.targets)
+        torch.autograd.grad(loss, [p for p in model.parameters()])
+    return time.perf_counter() - t0
+
+
+def score_run(model, data) -> float:
+    from fitcli import api
+
+    t0 = time.perf_counter()
+    api.score(LoadedModel("bench", "memory", "-", model.state_dict(), module=model), data=data, device="cpu")
+    return time.perf_counter() - t0
+
+
+def child(batches: int, batch_size: int) -> None:
+    model, data = make(batches, batch_size)
+    score_run(model, data)
+    print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.child:
+        child(args.batches, args.batch_size)
+        return
+    model, data = make(args.batches, args.batch_size)
+    plain_loop(model, data)  # warm-up
+    score_run(model, data)
+    t_plain = min(plain_loop(model, data) for _ in range(args.repeat))
+    t_score = min(score_run(model, data) for _ in range(args.repeat))
+    ratio = t_score / t_plain
+    print(f"plain forward+backward: {t_plain:.2f} s; fitcli score (all default metrics): {t_score:.2f} s; "
+          f"ratio {ratio:.2f}x (goal <= 2.0x)")
+
+    def rss(n: int) -> int:
+        out = subprocess.run([sys.executable, __file__, "--child", "--batches", str(n), "--batch-size",
+                              str(args.batch_size)], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"]
+
+    small = rss(args.batches // 4 or 1)
+    big = rss(10 * (args.batches // 4 or 1))
+    growth = big / small - 1
+    print(f"peak RSS: {small / 1024:.0f} MiB over {args.batches // 4 or 1} batches, {big / 1024:.0f} MiB over "
+          f"{10 * (args.batches // 4 or 1)} batches: {100 * growth:+.1f}% (goal within 5%)")
+    figures = {"plain_s": t_plain, "score_s": t_score, "ratio": ratio, "rss_1x_kb": small, "rss_10x_kb": big,
+               "rss_growth": growth, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    print(json.dumps(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

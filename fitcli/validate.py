@@ -1,0 +1,186 @@
+"""``score --validate``: how well does each cheap metric rank units, for *this* model?
+
+For every audited non-final layer, exact ablation (the ablate engine) on all units or on a
+seeded stratified sample of K units, then Spearman and Kendall rank correlation of each computed
+metric with the oracle ``|Δloss|`` (Molchanov et al. 2017), per layer and across layers (metric
+values ℓ2-normalised per layer), plus the overlap of the bottom 10% by metric and by oracle.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+EXCLUDE = {"ablation", "ablation_accuracy"}
+
+
+def rankdata(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
+    x = x.to(torch.float64)
+    n = x.numel()
+    order = torch.argsort(x, stable=True)
+    xs = x[order]
+    ranks = torch.empty(n, dtype=torch.float64)
+    i = 0
+    vals = xs.tolist()
+    while i < n:
+        j = i
+        while j + 1 < n and vals[j + 1] == vals[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return None if den == 0 else float((a * b).sum()) / den
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    if a.numel() < 2:
+        return None
+    return pearson(rankdata(a), rankdata(b))
+
+
+def kendall(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Kendall's tau-b (ties in either variable accounted for)."""
+    n = a.numel()
+    if n < 2:
+        return None
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    conc = disc = ties_a = ties_b = 0.0
+    step = max(1, 2_000_000 // max(n, 1))
+    for s in range(0, n, step):
+        da = torch.sign(a[s : s + step, None] - a[None, :])
+        db = torch.sign(b[s : s + step, None] - b[None, :])
+        prod = da * db
+        conc += float((prod > 0).sum())
+        disc += float((prod < 0).sum())
+        ties_a += float(((da == 0) & (db != 0)).sum())
+        ties_b += float(((db == 0) & (da != 0)).sum())
+    # every unordered pair was counted twice (i<j and j>i)
+    conc, disc, ties_a, ties_b = conc / 2, disc / 2, ties_a / 2, ties_b / 2
+    den = math.sqrt((conc + disc + ties_a) * (conc + disc + ties_b))
+    return None if den == 0 else (conc - disc) / den
+
+
+def bottom_overlap(metric: torch.Tensor, oracle: torch.Tensor, frac: float = 0.1) -> float | None:
+    """|bottom-10% by metric ∩ bottom-10% by oracle| / size of that set."""
+    n = metric.numel()
+    k = max(1, int(round(frac * n)))
+    if n < 2:
+        return None
+    a = set(torch.argsort(metric.to(torch.float64), stable=True)[:k].tolist())
+    b = set(torch.argsort(oracle.to(torch.float64), stable=True)[:k].tolist())
+    return len(a & b) / k
+
+
+def stratified_units(values: list[float | None], k: int, seed: int) -> list[int]:
+    """k units spread over the range of ``values``: sort, cut into k strata, one seeded pick each."""
+    n = len(values)
+    if k >= n:
+        return list(range(n))
+    key = [(v if v is not None and math.isfinite(v) else math.inf, i) for i, v in enumerate(values)]
+    order = [i for _, i in sorted(key)]
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for s in range(k):
+        lo, hi = (s * n) // k, ((s + 1) * n) // k
+        picks.append(order[lo + int(torch.randint(0, hi - lo, (1,), generator=g))])
+    return sorted(picks)
+
+
+def _corr(metric: torch.Tensor, oracle: torch.Tensor) -> dict[str, Any]:
+    ok = torch.isfinite(metric) & torch.isfinite(oracle)
+    m, o = metric[ok], oracle[ok]
+    return {"spearman": spearman(m, o), "kendall": kendall(m, o), "bottom10_overlap": bottom_overlap(m, o),
+            "units": int(ok.sum())}
+
+
+def correlations(layers: dict[str, dict[str, torch.Tensor]], oracle: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per layer and across layers. ``layers[name][metric]`` and ``oracle[name]`` on the same units."""
+    per_layer: dict[str, Any] = {}
+    metrics = sorted({m for d in layers.values() for m in d})
+    for name, d in layers.items():
+        per_layer[name] = {"metrics": {m: _corr(v, oracle[name]) for m, v in sorted(d.items())}}
+        scored = [(c["spearman"], m) for m, c in per_layer[name]["metrics"].items() if c["spearman"] is not None]
+        per_layer[name]["best"] = max(scored)[1] if scored else None
+    across: dict[str, Any] = {}
+    for m in metrics:
+        xs, os_ = [], []
+        for name, d in layers.items():
+            if m not in d:
+                continue
+            v = d[m].to(torch.float64)
+            ok = torch.isfinite(v) & torch.isfinite(oracle[name])
+            norm = float(v[ok].norm()) if ok.any() else 0.0
+            xs.append(torch.where(ok, v / norm if norm > 0 else v * 0, torch.full_like(v, float("nan"))))
+            os_.append(oracle[name].to(torch.float64))
+        if xs:
+            across[m] = _corr(torch.cat(xs), torch.cat(os_))
+    scored = [(c["spearman"], m) for m, c in across.items() if c["spearman"] is not None]
+    best = max(scored)[1] if scored else None
+    return {"layers": per_layer, "across_layers": across, "best": best}
+
+
+def validate_report(report: dict, *, graph, data, loss: str | None, units: int | None, seed: int,
+                    device: str, chunk_size: int | None, rank_auto: bool, top: int, progress: bool = False) -> dict:
+    """Add ``report['validation']`` (and re-rank when ``--rank-by auto``)."""
+    from fitcli.ablation import ablate_layers
+    from fitcli.engine import peek
+    from fitcli.errors import InputError
+    from fitcli.losses import resolve_loss
+    from fitcli.report import rank_units
+
+    example = peek(data) if data is not None else None
+    if example is None or graph.runner is None:
+        raise InputError("--validate needs a runnable model (--arch) and --data")
+    loss_fn, _, why = resolve_loss(loss, example.targets)
+    if loss_fn is None:
+        raise InputError(f"--validate needs a loss: {why}")
+    rank_metric = report["settings"].get("rank_by")
+    sel: dict[str, list[int] | None] = {}
+    names = []
+    for lay in report["layers"]:
+        if lay.get("final"):
+            continue
+        names.append(lay["name"])
+        basis = lay["metrics"].get(rank_metric) or next(iter(lay["metrics"].values()), [0.0] * lay["units"])
+        sel[lay["name"]] = stratified_units(basis, units, seed) if units else None
+    if not names:
+        raise InputError("--validate: no non-final layer to validate")
+    ab = ablate_layers(graph, names, data, loss_fn, mode=report["settings"].get("ablation_mode", "zero"),
+                       device=device, chunk_size=chunk_size, progress=progress, units=sel)
+    per_metric: dict[str, dict[str, torch.Tensor]] = {}
+    oracle: dict[str, torch.Tensor] = {}
+    chosen: dict[str, list[int]] = {}
+    for lay in report["layers"]:
+        if lay["name"] not in names:
+            continue
+        idx = sel[lay["name"]] if sel[lay["name"]] is not None else list(range(lay["units"]))
+        chosen[lay["name"]] = idx
+        full = ab.metrics[lay["name"]].compute()
+        oracle[lay["name"]] = full[idx].abs()
+        per_metric[lay["name"]] = {
+            m: torch.tensor([float("nan") if vals[i] is None else vals[i] for i in idx], dtype=torch.float64)
+            for m, vals in lay["metrics"].items() if m not in EXCLUDE
+        }
+    v = correlations(per_metric, oracle)
+    for name in v["layers"]:
+        v["layers"][name]["units"] = chosen[name]
+    best = v["best"]
+    rho = v["across_layers"].get(best, {}).get("spearman") if best else None
+    v["oracle"] = "|ablation| (" + report["settings"].get("ablation_mode", "zero") + " mode, exact)"
+    v["seed"] = int(seed)
+    v["recommendation"] = (f"for this model, rank by {best}: Spearman {rho:.2f} with exact ablation across layers"
+                           if best and rho is not None else "no metric could be validated (too few units?)")
+    report["validation"] = v
+    if rank_auto and best:
+        report["settings"]["rank_by"] = best
+        report["ranked"] = rank_units(report["layers"], best, top)
+    return v
