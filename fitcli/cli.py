@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
             raise Interrupted(2) from e
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    except FitcliError as e:
+    except (FitcliError, Interrupted) as e:
         if verbose:
             import traceback
 

@@ -69,7 +69,7 @@ def peek(data: Iterable[Batch]) -> Batch | None:
     return None
 
 
-def forward_error(e: BaseException, batch: Batch, graph: ModelGraph) -> InputError:
+def forward_error(e: BaseException, batch: Batch, graph: ModelGraph, index: int = 0) -> InputError:
     """A data/model mismatch as an InputError naming both shapes."""
     first = graph.layers[0] if graph.layers else None
     expect = ""
@@ -78,7 +78,9 @@ def forward_error(e: BaseException, batch: Batch, graph: ModelGraph) -> InputErr
         expect = (f"; its first layer {first.name} ({first.type}) expects "
                   + (f"[..., {w.shape[1]}]" if first.type == "Linear" else f"[batch, {w.shape[1]}, ...]"))
     msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return InputError(f"data batch of shape {batch.describe()} does not fit the model ({msg}){expect}")
+    which = "data batch" if index == 0 else f"data batch {index}"
+    return InputError(f"{which} of shape {batch.describe()} does not fit the model "
+                      f"({type(e).__name__}: {msg}){expect}")
 
 
 @contextmanager
@@ -287,10 +289,8 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                             losses, grads, wgrads = None, {}, {}
                 except (InputError, RuntimeAuditError):
                     raise
-                except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                    if bi == 0 and p == 0:
-                        raise forward_error(e, batch, graph) from e
-                    raise RuntimeAuditError(f"batch {bi}: the forward pass raised {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+                except Exception as e:  # the model or the data: an input problem, with both shapes
+                    raise forward_error(e, batch, graph, bi) from e
                 if p == 0:
                     result.batches += 1
                     result.samples += batch.size

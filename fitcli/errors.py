@@ -51,13 +51,19 @@ class RuntimeAuditError(FitcliError):
     exit_code = 4
 
 
-class Interrupted(FitcliError):
-    """Ctrl-C (exit 130) or SIGTERM (exit 143)."""
+class Interrupted(BaseException):
+    """Ctrl-C (exit 130) or SIGTERM (exit 143).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way out (in
+    fitcli or in user code it calls) can turn an interrupt into an ordinary error.
+    """
 
     def __init__(self, signum: int = 2):
         name = "SIGTERM" if signum == 15 else "SIGINT"
-        super().__init__(f"interrupted by {name}; no report was written")
+        self.message = f"interrupted by {name}; no report was written"
+        self.hint = None
         self.exit_code = 128 + signum
+        super().__init__(self.message)
 
 
 def close_matches(word: str, choices: Iterable[str]) -> str:
