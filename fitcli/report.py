@@ -112,6 +112,13 @@ def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by
         if extra:
             entry.update(extra)
         layers.append(entry)
+    notes = list(result.notes)
+    for e in layers:
+        oc = e["metrics"].get("output_corr")
+        if oc is not None and oc and all(v is None for v in oc):
+            notes.append(f"output_corr is null for {e['name']}: every prediction was correct, or every one wrong, "
+                         "so one of the two groups it compares is empty")
+            break
     counted = [e for e in layers if not e["final"]]
     units = sum(e["units"] for e in counted)
     dead = sum(len(e["dead"]) for e in counted)
@@ -128,7 +135,7 @@ def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by
         "data": {"spec": data.spec if data is not None else None, "samples": result.samples, "batches": result.batches},
         "settings": {**settings, "metrics": sorted({m for e in layers for m in e["metrics"]}),
                      "rank_by": rank_by, "loss": result.loss_name, "device": result.device},
-        "discovery": {"method": result.graph.method, "notes": result.notes},
+        "discovery": {"method": result.graph.method, "notes": notes},
         "layers": layers,
         "summary": {"layers": len(layers), "units": units, "dead": dead,
                     "dead_fraction": dead / units if units else 0.0, "dead_known": have_dead,

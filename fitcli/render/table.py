@@ -18,7 +18,11 @@ def render_report(report: dict) -> Group:
     head.append(f", arch {report['model']['arch']})" if report["model"].get("arch") else ")")
     head.append(f"\ndata {report['data']['spec']}: {report['data']['samples']} samples in {report['data']['batches']} batches; "
                 f"device {report['settings']['device']}; points by {report.get('discovery', {}).get('method', '?')}\n")
-    if s.get("dead_known", True):
+    if report.get("command") == "ablate":
+        rem = sum(len(lay.get("removable", [])) for lay in report["layers"])
+        tot = sum(sum(v is not None for v in lay["metrics"].get("ablation", [])) for lay in report["layers"])
+        head.append(f"{rem} of {tot} ablated units removable (|Δloss| ≤ 1e-6)", style="bold")
+    elif s.get("dead_known", True):
         style = "bold red" if s["dead"] else "bold green"
         head.append(f"{s['dead']} of {s['units']} units dead ({pct(s['dead_fraction'])})", style=style)
         head.append(f" across {s['layers']} layers, τ = {report['settings']['tau']:g}, final layer excluded")
@@ -27,7 +31,8 @@ def render_report(report: dict) -> Group:
     parts.append(head)
 
     keys = key_metrics(report)
-    t = Table(title="Layers", title_justify="left", show_edge=False)
+    parts.append(Text("Layers", style="bold"))
+    t = Table(show_edge=False)
     for col, just in (("layer", "left"), ("type", "left"), ("units", "right"), ("dead", "right"),
                       ("dead %", "right"), ("activation point", "left")):
         t.add_column(col, justify=just)
@@ -38,17 +43,40 @@ def render_report(report: dict) -> Group:
         for k in keys:
             agg = lay["aggregate"].get(k)
             cells.append(fmt(agg["mean"]) if agg else "")
-        dead = "final" if lay.get("final") else str(len(lay["dead"]))
+        dead = "final" if lay.get("final") else (str(len(lay["dead"])) if s.get("dead_known", True) else "-")
         style = "red" if lay["dead"] else None
         nf = f" [{len(lay['nonfinite'])} non-finite]" if lay["nonfinite"] else ""
         t.add_row(Text(lay["name"]), Text(lay["type"]), str(lay["units"]), dead + nf,
-                  "" if lay.get("final") else pct(lay["dead_fraction"]), Text(lay["activation_point"]), *cells, style=style)
+                  "" if lay.get("final") or not s.get("dead_known", True) else pct(lay["dead_fraction"]),
+                  Text(lay["activation_point"]), *cells, style=style)
     parts.append(t)
 
     ranked = report.get("ranked") or []
-    if ranked:
-        rt = Table(title=f"Least-fit units by {report['settings'].get('rank_by')} (per-layer ℓ2-normalised)",
-                   title_justify="left", show_edge=False)
+    if ranked and report.get("command") == "ablate":
+        mode = report["settings"].get("ablation_mode", "zero")
+        parts.append(Text(f"Units by exact loss change when ablated ({mode} mode), largest first", style="bold"))
+        rt = Table(show_edge=False)
+        has_acc = any("accuracy_change" in r for r in ranked)
+        for col in ("#", "layer", "unit", "Δloss") + (("Δaccuracy",) if has_acc else ()):
+            rt.add_column(col, justify="left" if col == "layer" else "right")
+        for i, r in enumerate(ranked, 1):
+            cells = [str(i), Text(r["layer"]), str(r["unit"]), fmt(r["value"])]
+            if has_acc:
+                cells.append(fmt(r.get("accuracy_change")) if r.get("accuracy_change") is not None else "")
+            rt.add_row(*cells)
+        parts.append(rt)
+        for lay in report["layers"]:
+            if lay.get("layer_ablation") is not None:
+                acc = lay.get("layer_ablation_accuracy")
+                parts.append(Text(f"whole layer {lay['name']} ablated: Δloss {fmt(lay['layer_ablation'])}"
+                                  + (f", Δaccuracy {fmt(acc)}" if acc is not None else "")))
+            if lay.get("removable"):
+                parts.append(Text(f"{lay['name']}: {len(lay['removable'])} removable units (|Δloss| ≤ 1e-6): "
+                                  + ", ".join(map(str, lay["removable"][:20])) + (" ..." if len(lay["removable"]) > 20 else "")))
+    elif ranked:
+        parts.append(Text(f"Least-fit units by {report['settings'].get('rank_by')} (per-layer ℓ2-normalised; "
+                          "final layer excluded)", style="bold"))
+        rt = Table(show_edge=False)
         for col in ("#", "layer", "unit", "value", "normalised", ""):
             rt.add_column(col, justify="right" if col in ("#", "unit", "value", "normalised") else "left")
         for i, r in enumerate(ranked, 1):
@@ -108,7 +136,7 @@ def render_validation(v: dict) -> Group:
     """Metric x layer Spearman with exact ablation; best per layer in bold."""
     layers = list(v["layers"])
     metrics = sorted(v["across_layers"])
-    t = Table(title=f"Validation: Spearman with {v['oracle']}", title_justify="left", show_edge=False)
+    t = Table(show_edge=False)
     t.add_column("metric")
     for name in layers:
         t.add_column(Text(name), justify="right")
@@ -122,7 +150,8 @@ def render_validation(v: dict) -> Group:
         a = v["across_layers"][m]["spearman"]
         cells.append(Text(fmt_corr(a), style="bold green" if v.get("best") == m else ""))
         t.add_row(Text(m), *cells)
-    return Group(t, Text(v["recommendation"], style="bold"))
+    return Group(Text(f"Validation: Spearman rank correlation with {v['oracle']}", style="bold"), t,
+                 Text(v["recommendation"], style="bold"))
 
 
 def fmt_corr(x: float | None) -> str:
