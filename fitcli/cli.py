@@ -32,7 +32,7 @@ app = typer.Typer(
 out = Console(highlight=False)
 if not out.is_terminal:  # piped or redirected: do not squeeze tables into 80 columns
     out = Console(highlight=False, width=140)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one line, never re-wrapped
 
 
 class Fmt(str, Enum):

@@ -308,8 +308,8 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                     g = grads.get(lay.name)
                     ub = UnitBatch(
                         weight=lay.weight.detach(),
-                        act=unit_view(a.detach(), lay.unit_dim).to(torch.float64),
-                        grad=unit_view(g, lay.unit_dim).to(torch.float64) if g is not None else None,
+                        act=unit_view(a.detach(), lay.unit_dim),
+                        grad=unit_view(g, lay.unit_dim) if g is not None else None,
                         weight_grad=wgrads.get(lay.name),
                         correct=correct, pass_index=p,
                     )

@@ -344,7 +344,12 @@ def _runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
             if name:
                 handles.append(mod.register_forward_pre_hook(on_pre(name)))
         with torch.no_grad(), _DiscoverMode(outputs, first):
-            model(*example.args, **example.kwargs)
+            try:
+                model(*example.args, **example.kwargs)
+            except Exception as e:
+                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise InputError(f"data batch of shape {example.describe()} does not fit the model "
+                                 f"({type(e).__name__}: {msg})") from e
     finally:
         for h in handles:
             h.remove()

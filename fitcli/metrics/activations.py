@@ -11,11 +11,6 @@ from fitcli.metrics.base import Metric, UnitBatch, safe_div, zeros
 BINS = 20
 
 
-def _obs(act: torch.Tensor) -> torch.Tensor:
-    """[batch, units, positions] -> [units, observations]."""
-    return act.transpose(0, 1).reshape(act.shape[1], -1)
-
-
 class _Stats(Metric):
     needs = frozenset({"activations"})
     cost = "1 forward"
@@ -24,9 +19,9 @@ class _Stats(Metric):
         self.add_state("n", torch.zeros((), dtype=torch.float64), "sum")
         self.add_state("abs_sum", zeros(self.units), "sum")
 
-    def _count(self, h: torch.Tensor) -> None:
-        self.n = self.n + h.shape[1]
-        self.abs_sum = self.abs_sum + h.abs().sum(dim=1)
+    def _count(self, batch: UnitBatch) -> None:
+        self.n = self.n + batch.observations()
+        self.abs_sum = self.abs_sum + batch.abs_sum().to(self.abs_sum.device)
 
     def _mean_abs(self) -> torch.Tensor:
         return safe_div(self.abs_sum, self.n.expand(self.units))
@@ -38,7 +33,7 @@ class ActMean(_Stats):
 
     def update(self, batch: UnitBatch) -> None:
         if batch.act is not None:
-            self._count(_obs(batch.act))
+            self._count(batch)
 
     def compute(self) -> torch.Tensor:
         return self._mean_abs()
@@ -50,17 +45,21 @@ class Dormant(_Stats):
 
     def update(self, batch: UnitBatch) -> None:
         if batch.act is not None:
-            self._count(_obs(batch.act))
+            self._count(batch)
 
     def compute(self) -> torch.Tensor:
         return dormancy(self._mean_abs())
 
 
 def dormancy(mean_abs: torch.Tensor) -> torch.Tensor:
-    """s_i = m_i / mean(m); all zeros (a fully dead layer) -> all zeros."""
-    layer_mean = mean_abs.mean()
+    """s_i = m_i / mean(m); all zeros (a fully dead layer) -> all zeros. The layer mean is taken
+    over finite units, so one non-finite unit is flagged on its own instead of hiding the layer."""
+    finite = torch.isfinite(mean_abs)
+    if not bool(finite.any()):
+        return mean_abs.clone()
+    layer_mean = mean_abs[finite].mean()
     if layer_mean == 0:
-        return torch.zeros_like(mean_abs)
+        return torch.where(finite, torch.zeros_like(mean_abs), mean_abs)
     return mean_abs / layer_mean
 
 
@@ -78,10 +77,9 @@ class ActVar(Metric):
     def update(self, batch: UnitBatch) -> None:
         if batch.act is None:
             return
-        h = _obs(batch.act)
-        self.n = self.n + h.shape[1]
-        self.s1 = self.s1 + h.sum(dim=1)
-        self.s2 = self.s2 + (h * h).sum(dim=1)
+        self.n = self.n + batch.observations()
+        self.s1 = self.s1 + batch.value_sum().to(self.s1.device)
+        self.s2 = self.s2 + batch.square_sum().to(self.s2.device)
 
     def compute(self) -> torch.Tensor:
         n = self.n.expand(self.units)
@@ -102,9 +100,8 @@ class APoZ(Metric):
     def update(self, batch: UnitBatch) -> None:
         if batch.act is None:
             return
-        h = _obs(batch.act)
-        self.n = self.n + h.shape[1]
-        self.zeros = self.zeros + (h == 0).sum(dim=1).to(torch.float64)
+        self.n = self.n + batch.observations()
+        self.zeros = self.zeros + batch.zero_count().to(self.zeros.device)
 
     def compute(self) -> torch.Tensor:
         return safe_div(self.zeros, self.n.expand(self.units))
@@ -118,11 +115,24 @@ def entropy_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return terms.sum(dim=1)
 
 
-def bin_index(h: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int = BINS) -> torch.Tensor:
-    """Bin of each value in ``bins`` equal-width bins over [lo, hi] per unit (last bin closed)."""
-    width = (hi - lo).unsqueeze(1)
-    scaled = torch.where(width > 0, (h - lo.unsqueeze(1)) / torch.where(width > 0, width, torch.ones_like(width)), torch.zeros_like(h))
-    return (scaled * bins).floor().clamp(0, bins - 1).to(torch.int64)
+def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int = BINS) -> torch.Tensor:
+    """Counts ``[units, bins]`` of ``act`` ([batch, units, positions]) in ``bins`` equal-width bins
+    over each unit's [lo, hi]; the maximum falls in the last bin and a constant unit's values all
+    in bin 0. Computed as ``torch.histc`` does: ``floor((h - lo) / (hi - lo) * bins)`` in the
+    activation's precision. Non-finite values are not counted (the unit is flagged instead)."""
+    units = act.shape[1]
+    dt = act.dtype if act.dtype in (torch.float32, torch.float64) else torch.float32
+    h = act.to(dt)
+    lo_ = lo.to(act.device, dt).reshape(1, units, 1)
+    width = (hi - lo).to(act.device, dt).reshape(1, units, 1)
+    safe = torch.where(width > 0, width, torch.ones_like(width))
+    pos = torch.where(width > 0, (h - lo_) / safe * bins, torch.zeros_like(h))
+    ok = torch.isfinite(pos)
+    idx = torch.where(ok, pos, torch.zeros_like(pos)).floor_().clamp_(0, bins - 1).to(torch.int64)
+    idx += (torch.arange(units, device=act.device) * bins).reshape(1, units, 1)
+    counts = torch.bincount(idx.flatten(), weights=None if bool(ok.all()) else ok.flatten().to(torch.float64),
+                            minlength=units * bins)
+    return counts.reshape(units, bins).to(torch.float64).to(lo.device)
 
 
 class ActEntropy(Metric):
@@ -140,13 +150,14 @@ class ActEntropy(Metric):
     def update(self, batch: UnitBatch) -> None:
         if batch.act is None:
             return
-        h = _obs(batch.act)
+        h = batch.act  # [batch, units, positions]
         if batch.pass_index == 0:
-            self.lo = torch.minimum(self.lo, h.min(dim=1).values)
-            self.hi = torch.maximum(self.hi, h.max(dim=1).values)
+            self.lo = torch.minimum(self.lo, h.amin(dim=2).amin(dim=0).to(torch.float64))
+            self.hi = torch.maximum(self.hi, h.amax(dim=2).amax(dim=0).to(torch.float64))
         else:
-            idx = bin_index(h, self.lo, self.hi)
-            self.counts = self.counts.scatter_add(1, idx, torch.ones_like(h))
+            self.counts = self.counts + histogram(h, self.lo, self.hi)
 
     def compute(self) -> torch.Tensor:
-        return entropy_from_counts(self.counts)
+        e = entropy_from_counts(self.counts)
+        ok = torch.isfinite(self.lo) & torch.isfinite(self.hi)
+        return torch.where(ok, e, torch.full_like(e, float("nan")))

@@ -45,6 +45,41 @@ class UnitBatch:
     correct: torch.Tensor | None = None
     pass_index: int = 0
     extra: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # Per-batch statistics shared by several metrics, computed once per batch and layer.
+    # Elementwise work stays in the activation's dtype; every reduction accumulates in float64.
+    def _get(self, key: str, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def observations(self) -> int:
+        """Observations per unit in this batch: samples x positions."""
+        assert self.act is not None
+        return int(self.act.shape[0] * self.act.shape[2])
+
+    def abs_sum(self) -> torch.Tensor:
+        """Σ |h| per unit over the batch's observations. ``[units]``"""
+        return self._get("abs_sum", lambda: _f64_total(self.act.abs()))
+
+    def value_sum(self) -> torch.Tensor:
+        return self._get("sum", lambda: _f64_total(self.act))
+
+    def square_sum(self) -> torch.Tensor:
+        return self._get("sumsq", lambda: _f64_total(self.act.square()))
+
+    def zero_count(self) -> torch.Tensor:
+        return self._get("zeros", lambda: (self.act == 0).sum(dim=2).sum(dim=0).to(torch.float64))
+
+    def hg(self) -> torch.Tensor:
+        """Σ_p h(x,p)·g(x,p) per sample and unit. ``[batch, units]``"""
+        assert self.grad is not None
+        return self._get("hg", lambda: (self.act * self.grad).sum(dim=2).to(torch.float64))
+
+    def hbar(self) -> torch.Tensor:
+        """Each sample's mean activation over positions. ``[batch, units]``"""
+        return self._get("hbar", lambda: self.act.sum(dim=2).to(torch.float64) / self.act.shape[2])
 
 
 class Metric:
@@ -112,6 +147,12 @@ class Metric:
     def info(self) -> dict:
         """Extra facts for the report (e.g. which composite components were used)."""
         return {}
+
+
+def _f64_total(x: torch.Tensor) -> torch.Tensor:
+    """Per-unit total of ``x`` ([batch, units, positions]): positions summed in the tensor's own
+    dtype (a short, contiguous reduction), then samples accumulated in float64."""
+    return x.sum(dim=2).to(torch.float64).sum(dim=0)
 
 
 def zeros(units: int) -> torch.Tensor:

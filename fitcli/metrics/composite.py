@@ -47,24 +47,24 @@ class Composite(Metric):
         self._sync_out()
 
     def used(self) -> list[str]:
+        """Components with at least one finite value (one never fed, e.g. no gradients, is dropped)."""
         self._sync_in()
-        out = []
-        for k, part in self.parts.items():
-            v = part.compute()
-            if torch.isfinite(v).all():
-                out.append(k)
-        return out
+        return [k for k, part in self.parts.items() if bool(torch.isfinite(part.compute()).any())]
 
     def compute(self) -> torch.Tensor:
         self._sync_in()
         used = self.used()
+        if not used:
+            return torch.full((self.units,), float("nan"), dtype=torch.float64)
         total_w = sum(COMPONENTS[k][1] for k in used)
         out = torch.zeros(self.units, dtype=torch.float64)
         for k in used:
             m = self.parts[k].compute().to(out.device)
-            mean = m.mean()
+            mean = m[torch.isfinite(m)].mean()  # a non-finite unit makes only itself NaN
             if mean != 0:
                 out = out + (COMPONENTS[k][1] / total_w) * m / mean
+            else:
+                out = out + torch.where(torch.isfinite(m), torch.zeros_like(m), m)
         return out
 
     def info(self) -> dict:

@@ -22,7 +22,7 @@ class OutputCorr(Metric):
     def update(self, batch: UnitBatch) -> None:
         if batch.act is None or batch.correct is None:
             return
-        hbar = batch.act.mean(dim=2)  # [batch, units]
+        hbar = batch.hbar()  # [batch, units]
         c = batch.correct.to(hbar.device)
         self.n_right = self.n_right + c.sum()
         self.n_wrong = self.n_wrong + (~c).sum()

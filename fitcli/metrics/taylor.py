@@ -7,11 +7,6 @@ import torch
 from fitcli.metrics.base import Metric, UnitBatch, safe_div, zeros
 
 
-def per_sample_hg(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Σ_p h(x,p)·g(x,p): ``[batch, units]``."""
-    return (act * grad).sum(dim=2)
-
-
 class Taylor(Metric):
     name = "taylor"
     needs = frozenset({"activations", "gradients"})
@@ -26,7 +21,7 @@ class Taylor(Metric):
         if batch.act is None or batch.grad is None:
             return
         self.n = self.n + batch.act.shape[0]
-        self.total = self.total + per_sample_hg(batch.act, batch.grad).abs().sum(dim=0)
+        self.total = self.total + batch.hg().abs().sum(dim=0).to(self.total.device)
 
     def compute(self) -> torch.Tensor:
         return safe_div(self.total, self.n.expand(self.units))
@@ -40,7 +35,7 @@ class TaylorDelta(Taylor):
         if batch.act is None or batch.grad is None:
             return
         self.n = self.n + batch.act.shape[0]
-        self.total = self.total + per_sample_hg(batch.act, batch.grad).sum(dim=0)
+        self.total = self.total + batch.hg().sum(dim=0).to(self.total.device)
 
     def compute(self) -> torch.Tensor:
         return -safe_div(self.total, self.n.expand(self.units))
