@@ -25,11 +25,14 @@ def random_batches(units: int = 5, batches: int = 4, batch: int = 6, positions: 
                    fan_in: int = 7) -> list[UnitBatch]:
     """Plausible random inputs for any metric: activations with exact zeros, gradients, labels..."""
     g = torch.Generator().manual_seed(seed)
+    base_size = batch
     weight = torch.randn(units, fan_in, generator=g, dtype=torch.float64)
     base = weight + 0.1 * torch.randn(units, fan_in, generator=g, dtype=torch.float64)
     consumer = torch.randn(3, units, generator=g, dtype=torch.float64)
     out = []
     for i in range(batches):
+        # unequal batch sizes, so a mean of per-batch means cannot pass for a mean
+        batch = max(2, base_size + (3 * i) % 5 - 2)
         act = torch.randn(batch, units, positions, generator=g, dtype=torch.float64).clamp_min(-0.5)
         act = torch.where(act < 0, torch.zeros_like(act), act)  # ReLU-like: exact zeros
         grad = torch.randn(batch, units, positions, generator=g, dtype=torch.float64)

@@ -115,6 +115,13 @@ def entropy_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return terms.sum(dim=1)
 
 
+def varies(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Does the unit's range exceed float32 rounding? A unit whose values differ only in the last
+    bits (the same constant computed by differently vectorised kernels) counts as constant."""
+    scale = torch.maximum(lo.abs(), hi.abs())
+    return (hi - lo) > 1e-6 * scale
+
+
 def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int = BINS) -> torch.Tensor:
     """Counts ``[units, bins]`` of ``act`` ([batch, units, positions]) in ``bins`` equal-width bins
     over each unit's [lo, hi]; the maximum falls in the last bin and a constant unit's values all
@@ -122,16 +129,20 @@ def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int =
     activation's precision. Non-finite values are not counted (the unit is flagged instead)."""
     units = act.shape[1]
     dt = act.dtype if act.dtype in (torch.float32, torch.float64) else torch.float32
-    h = act.to(dt)
     lo_ = lo.to(act.device, dt).reshape(1, units, 1)
     width = (hi - lo).to(act.device, dt).reshape(1, units, 1)
-    safe = torch.where(width > 0, width, torch.ones_like(width))
-    pos = torch.where(width > 0, (h - lo_) / safe * bins, torch.zeros_like(h))
-    ok = torch.isfinite(pos)
-    idx = torch.where(ok, pos, torch.zeros_like(pos)).floor_().clamp_(0, bins - 1).to(torch.int64)
-    idx += (torch.arange(units, device=act.device) * bins).reshape(1, units, 1)
-    counts = torch.bincount(idx.flatten(), weights=None if bool(ok.all()) else ok.flatten().to(torch.float64),
-                            minlength=units * bins)
+    spread = varies(lo, hi).to(act.device).reshape(1, units, 1)
+    safe = torch.where(spread, width, torch.ones_like(width))
+    pos = act.to(dt) - lo_
+    pos.div_(safe).mul_(bins).mul_(spread)  # a constant unit: everything in bin 0
+    offsets = (torch.arange(units, device=act.device) * bins).reshape(1, units, 1)
+    weights = None
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        ok = torch.isfinite(pos)
+        pos = torch.where(ok, pos, torch.zeros_like(pos))
+        weights = ok.flatten().to(torch.float64)
+    idx = pos.floor_().clamp_(0, bins - 1).to(torch.int64).add_(offsets)
+    counts = torch.bincount(idx.flatten(), weights=weights, minlength=units * bins)
     return counts.reshape(units, bins).to(torch.float64).to(lo.device)
 
 

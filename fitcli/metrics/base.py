@@ -67,7 +67,16 @@ class UnitBatch:
         return self._get("sum", lambda: _f64_total(self.act))
 
     def square_sum(self) -> torch.Tensor:
-        return self._get("sumsq", lambda: _f64_total(self.act.square()))
+        """Σ h² per unit, as Σ (h − m_b)² + n_b·m_b² with m_b the batch mean: the squares of
+        centred values keep float32 accurate (no cancellation against a large mean)."""
+        def fn():
+            n = self.observations()
+            shift = (self.value_sum() / n).to(self.act.dtype)  # the batch mean, in the act's dtype
+            centred = self.act - shift.reshape(1, -1, 1)
+            m = shift.to(torch.float64)
+            # h² = c² + 2·m·c + m², summed: exact algebra, only the small c² rounded in float32
+            return _f64_total(centred.square()) + 2 * m * _f64_total(centred) + n * m.square()
+        return self._get("sumsq", fn)
 
     def zero_count(self) -> torch.Tensor:
         return self._get("zeros", lambda: (self.act == 0).sum(dim=2).sum(dim=0).to(torch.float64))
