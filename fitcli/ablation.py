@@ -202,8 +202,9 @@ def unit_means(graph: ModelGraph, names: list[str], layers: dict[str, Layer], da
         return fn
 
     with torch.no_grad(), graph.tap({n: grab(n) for n in names}):
-        for b in data:
-            graph(b.to(device))
+        for i, b in enumerate(data):
+            b = b.to(device)
+            guarded(lambda b=b: graph(b), b, graph, i)
     return {n: (sums[n] / max(counts[n], 1)) for n in names}
 
 
@@ -244,11 +245,7 @@ def ablate_layers(
                 plan = plans[n]
                 value = means.get(n)
                 if plan is not None:
-                    try:
-                        base = _graph_base(plan, batch)
-                    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                        raise InputError(f"data batch of shape {batch.describe()} does not fit the model "
-                                         f"({str(e).splitlines()[0][:200]})") from e
+                    base = guarded(lambda plan=plan: _graph_base(plan, batch), batch, graph, bi)
                     try:
                         _check_batch_first(plan, base, bsz)
                     except _NotBatchFirst:
@@ -256,8 +253,8 @@ def ablate_layers(
                 if plan is not None:
                     env, h = base
                     base_out = env[_output_node(plan.gm)]
-                    run = lambda us, env=env, h=h, plan=plan, lay=lay, value=value: _graph_chunk(  # noqa: E731
-                        plan, env, h, us, lay, value, bsz)
+                    run = lambda rb, ru, env=env, h=h, plan=plan, lay=lay, value=value: _graph_rows(  # noqa: E731
+                        plan, env, h, rb, ru, lay, value)
                     res.method[n] = "graph-suffix" + ("+rank1" if plan.linear_weight is not None else "")
                 else:
                     if n not in fallback_noted:
@@ -266,10 +263,10 @@ def ablate_layers(
                                          "so the whole input is expanded per chunk (slower, same result)")
                     h_holder: dict[str, torch.Tensor] = {}
                     with graph.tap({n: lambda t, h_holder=h_holder: h_holder.setdefault("h", t.detach())}):
-                        base_out = graph(batch)
+                        base_out = guarded(lambda: graph(batch), batch, graph, bi)
                     h = h_holder["h"]
-                    run = lambda us, batch=batch, lay=lay, value=value, h=h: _input_chunk(  # noqa: E731
-                        graph, batch, us, lay, value, h)
+                    run = lambda rb, ru, batch=batch, lay=lay, value=value: _input_rows(  # noqa: E731
+                        graph, batch, rb, ru, lay, value)
                     res.method[n] = "input-expansion"
                 base_losses, base_correct = _losses_correct(base_out, batch.targets, loss_fn, accuracy)
                 todo = list(sel[n])
@@ -278,9 +275,15 @@ def ablate_layers(
                 i = 0
                 while i < len(todo):
                     us = todo[i : i + k]
+                    row_k, row_b = changed_rows(h, us, lay, value)
+                    us_t = torch.tensor(us, device=dev, dtype=torch.long)
                     try:
-                        outs = run(us)
-                        losses, correct = _losses_correct(outs, _rep(batch.targets, len(us)), loss_fn, accuracy)
+                        if row_b.numel():
+                            outs = run(row_b, us_t[row_k])
+                            targets = batch.targets[row_b] if batch.targets is not None else None
+                            losses, correct = _losses_correct(outs, targets, loss_fn, accuracy)
+                        else:
+                            losses, correct = torch.zeros(0, dtype=torch.float64, device=dev), None
                     except Exception as e:
                         if _is_oom(e) and k > 1:
                             if dev.type == "cuda":
@@ -290,20 +293,25 @@ def ablate_layers(
                         if isinstance(e, (InputError, RuntimeAuditError)):
                             raise
                         raise RuntimeAuditError(f"ablation of {n} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-                    d = (losses.reshape(len(us), bsz) - base_losses.unsqueeze(0)).sum(dim=1)
+                    # a row is (unit, sample); samples where the unit already had the ablated
+                    # value everywhere are unchanged by the ablation: their loss change is exactly 0
+                    d = torch.zeros(len(us), dtype=torch.float64, device=dev)
+                    d.index_add_(0, row_k, losses - base_losses[row_b])
                     full = torch.zeros(lay.units, dtype=torch.float64, device=dev)
-                    full[torch.tensor(us, device=dev)] = d
+                    full[us_t] = d
                     res.metrics[n].update(_ub(full, bsz if i == 0 else 0))
                     if correct is not None:
-                        dc = (correct.reshape(len(us), bsz) - base_correct.unsqueeze(0)).sum(dim=1)
-                        acc_sum[n][torch.tensor(us, device=dev)] += dc
+                        dc = torch.zeros(len(us), dtype=torch.float64, device=dev)
+                        dc.index_add_(0, row_k, correct - base_correct[row_b])
+                        acc_sum[n][us_t] += dc
                     i += len(us)
                     bar.advance()
                 if not todo:
                     res.metrics[n].update(_ub(torch.zeros(lay.units, dtype=torch.float64, device=dev), bsz))
                 res.chunk_sizes[n] = k
                 if whole_layer:
-                    outs = _whole(graph, plan, base if plan is not None else None, batch, lay, value, sel[n], h)
+                    outs = guarded(lambda: _whole(graph, plan, base if plan is not None else None, batch, lay,
+                                                  value, sel[n], h), batch, graph, bi)
                     wl, wc = _losses_correct(outs, batch.targets, loss_fn, accuracy)
                     whole_sum[n] += float((wl - base_losses).sum())
                     if wc is not None:
@@ -320,6 +328,100 @@ def ablate_layers(
             res.layer_delta[n] = whole_sum[n] / nsamp
             res.layer_accuracy[n] = whole_acc[n] / nsamp if accuracy else None
     return res
+
+
+def guarded(fn, batch: Batch, graph: ModelGraph, index: int):
+    """Run a forward; the model or data failing is an InputError naming the shapes."""
+    from fitcli.engine import forward_error
+
+    try:
+        return fn()
+    except (InputError, RuntimeAuditError):
+        raise
+    except Exception as e:
+        if _is_oom(e):
+            raise RuntimeAuditError(f"out of memory on a single batch of {batch.size} samples",
+                                    hint="lower --batch-size") from e
+        raise forward_error(e, batch, graph, index) from e
+
+
+def changed_rows(h: torch.Tensor, us: list[int], lay: Layer, value: torch.Tensor | None):
+    """(unit-in-chunk, sample) pairs whose activation differs from the ablation value somewhere.
+
+    Only those rows need the suffix: elsewhere the ablated and the original activations are the
+    same tensor values, so the loss change is exactly zero (a ReLU unit that is off for a sample).
+    """
+    idx = torch.tensor(us, device=h.device, dtype=torch.long)
+    hu = h.movedim(lay.unit_dim, 1).index_select(1, idx)  # [B, K, ...positions]
+    hu = hu.reshape(hu.shape[0], hu.shape[1], -1)
+    if value is None:
+        changed = (hu != 0).any(dim=2)
+    else:
+        changed = (hu != value.to(hu.dtype).index_select(0, idx).reshape(1, -1, 1)).any(dim=2)
+    rows = changed.t().nonzero()  # [R, 2]: (k, b), grouped by unit
+    return rows[:, 0], rows[:, 1]
+
+
+def _targets_for(value: torch.Tensor | None, row_unit: torch.Tensor, dtype) -> torch.Tensor:
+    if value is None:
+        return torch.zeros(row_unit.numel(), dtype=dtype, device=row_unit.device)
+    return value.to(row_unit.device, dtype).index_select(0, row_unit)
+
+
+def _set_units(h_rows: torch.Tensor, row_unit: torch.Tensor, value, unit_dim: int) -> torch.Tensor:
+    """Copy of ``h_rows`` ([R, ...]) with row r's unit ``row_unit[r]`` set to its ablation value."""
+    out = h_rows.clone()
+    view = out.movedim(unit_dim, 1)  # [R, U, ...positions], a view of out
+    tgt = _targets_for(value, row_unit, out.dtype)
+    r = torch.arange(out.shape[0], device=out.device)
+    view[r, row_unit] = tgt.reshape(-1, *([1] * (view.dim() - 2))).expand_as(view[r, row_unit])
+    return out
+
+
+def _index_rows(v: Any, rows: torch.Tensor, batch: int) -> Any:
+    if isinstance(v, torch.Tensor):
+        if v.dim() == 0 or v.shape[0] != batch:
+            raise _NotBatchFirst()
+        return v.index_select(0, rows)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_index_rows(x, rows, batch) for x in v)
+    return v
+
+
+def _graph_rows(plan: _Plan, env: dict, h: torch.Tensor, row_b: torch.Tensor, row_unit: torch.Tensor,
+                lay: Layer, value):
+    """Run the suffix on one row per (unit, sample) pair, each with its unit ablated."""
+    bsz = h.shape[0]
+    if plan.linear_weight is not None:
+        z = env[plan.start]  # [B, ..., out]
+        hu = h.movedim(lay.unit_dim, 1)[row_b, row_unit]  # [R, ...middle]
+        dh = hu - _targets_for(value, row_unit, hu.dtype).reshape(-1, *([1] * (hu.dim() - 1)))
+        wc = plan.linear_weight.detach().index_select(1, row_unit).t().to(z.dtype)  # [R, out]
+        start_val = torch.addcmul(z.index_select(0, row_b), dh.unsqueeze(-1),
+                                  wc.reshape(wc.shape[0], *([1] * (z.dim() - 2)), -1), value=-1)
+    else:
+        start_val = _set_units(h.index_select(0, row_b), row_unit, value, lay.unit_dim)
+    init = {}
+    for n, v in env.items():
+        if n in plan.dep:
+            continue
+        init[n] = _index_rows(v, row_b, bsz) if (n in plan.frontier and n in plan.batch_nodes) else v
+    init[plan.start] = start_val
+    interp = fx.Interpreter(plan.gm)
+    placeholders = [n for n in plan.gm.graph.nodes if n.op == "placeholder"]
+    return interp.run(*[init.get(p) for p in placeholders], initial_env=init)
+
+
+def _input_rows(graph: ModelGraph, batch: Batch, row_b: torch.Tensor, row_unit: torch.Tensor, lay: Layer, value):
+    """Fallback: run the whole model on the rows' samples, each row with its unit ablated."""
+    bsz = batch.size
+
+    def pick(v: Any) -> Any:
+        return v.index_select(0, row_b) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == bsz else v
+
+    big = Batch(tuple(pick(a) for a in batch.args), {k: pick(v) for k, v in batch.kwargs.items()})
+    with graph.tap({lay.name: lambda t: _set_units(t, row_unit, value, lay.unit_dim)}):
+        return graph(big)
 
 
 def _ub(delta_sum: torch.Tensor, samples: int):

@@ -77,9 +77,10 @@ STATS: dict = {
     "crashes": 0,
     "hangs": 0,
     "pickle_files": 0,
-    "signatures": collections.OrderedDict(),  # distinct failure -> first repro text
+    "signatures": collections.OrderedDict(),  # distinct failure -> (repro length, target, text)
     "targets_done": set(),  # targets that ran their whole budget without a failure
     "crash_dir": None,
+    "per_target": {},  # target -> Counter of exit codes
 }
 
 
@@ -139,8 +140,9 @@ def run_cli(argv: list[str], timeout: float = TIMEOUT) -> Outcome:
     """
     import time
 
-    import fitcli.cli as cli
     from rich.console import Console
+
+    import fitcli.cli as cli
 
     out_buf, err_buf = io.StringIO(), io.StringIO()
     saved = (cli.out, cli.err)
@@ -226,21 +228,63 @@ def problems(o: Outcome, allowed: set[int], argv: list[str], *, need_stdout_on_s
     return bad
 
 
+def py_expr(s: str, min_run: int = 8) -> str:
+    """A Python expression equal to ``s``, with long repeats folded ('[' * 5000 + ']' * 5000), so a
+    repro of a huge argument stays readable and exact."""
+    if len(s) <= 120:
+        return repr(s)
+    parts: list[str] = []
+    lit = ""
+    i = 0
+    while i < len(s):
+        best = None
+        for k in range(1, 9):
+            unit = s[i:i + k]
+            if len(unit) < k:
+                break
+            n = 1
+            while s.startswith(unit, i + n * k):
+                n += 1
+            if n >= min_run and (best is None or n * k > best[0] * len(best[1])):
+                best = (n, unit)
+        if best:
+            if lit:
+                parts.append(repr(lit))
+                lit = ""
+            parts.append(f"{best[1]!r} * {best[0]}")
+            i += best[0] * len(best[1])
+        else:
+            lit += s[i]
+            i += 1
+    if lit:
+        parts.append(repr(lit))
+    return " + ".join(parts)
+
+
+def argv_expr(argv: list[str]) -> str:
+    return "[" + ", ".join(py_expr(a) for a in argv) + "]"
+
+
 def _signature(target: str, o: Outcome, bad: list[str]) -> str:
     msg = _message_lines(o.stderr) or [o.stderr.strip().split("\n")[-1] if o.stderr.strip() else ""]
-    first = re.sub(r"/\S+", "PATH", msg[0])[:120]
-    first = re.sub(r"\d+", "N", first)
+    first = re.sub(r"'[^']*'|\"[^\"]*\"|/\S+", "Q", msg[0])
+    first = re.sub(r"\d+", "N", first)[:90]
     return f"{target} | {bad[0]} | exit {o.code!r} | {first}"
 
 
 def record(target: str, argv: list[str], o: Outcome, allowed: set[int], repro: str, *,
-           need_stdout_on_success: bool = True, files: dict[str, bytes] | None = None) -> None:
-    """Count one input, and fail (AssertionError with an exact repro) when the outcome is wrong."""
+           need_stdout_on_success: bool = True, files: dict[str, bytes] | None = None,
+           extra_problems: list[str] | None = None) -> list[str]:
+    """Count one input and judge it. A failure is kept (the shortest repro per distinct failure)
+    and fuzzing goes on, so one known bug does not stop a target from exploring the rest of its
+    budget; ``finish(target)`` then fails the test with every distinct failure. With
+    FITCLI_FUZZ_SHRINK=1 the first failure raises at once instead, so hypothesis shrinks it."""
     STATS["inputs"] += 1
     STATS["codes"][o.code] += 1
-    bad = problems(o, allowed, argv, need_stdout_on_success=need_stdout_on_success)
+    STATS["per_target"].setdefault(target, collections.Counter())[o.code] += 1
+    bad = list(extra_problems or []) + problems(o, allowed, argv, need_stdout_on_success=need_stdout_on_success)
     if not bad:
-        return
+        return bad
     STATS["crashes"] += 1
     if o.hung:
         STATS["hangs"] += 1
@@ -249,13 +293,34 @@ def record(target: str, argv: list[str], o: Outcome, allowed: set[int], repro: s
     if files:
         d = crash_dir() / hashlib.sha1(sig.encode()).hexdigest()[:12]
         d.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            (d / name).write_bytes(data)
+        old = STATS["signatures"].get(sig)
+        if old is None or len(repro) < old[0]:
+            for name, data in files.items():
+                (d / name).write_bytes(data)
         saved = f"\n  input files saved in {d}"
-    text = (f"[{target}] {'; '.join(bad)}\n  argv: {argv!r}\n  repro: {repro}{saved}\n"
-            f"  exit: {o.code!r}\n  stderr: {o.stderr[-1500:]!r}\n  stdout: {o.stdout[-300:]!r}")
-    STATS["signatures"].setdefault(sig, text)
-    raise AssertionError(text)
+    text = (f"[{target}] {'; '.join(bad)}\n  argv: {argv_expr(argv)}\n  repro: {repro}{saved}\n"
+            f"  exit: {o.code!r}\n  stderr: {py_expr(o.stderr[-3000:])}\n  stdout: {py_expr(o.stdout[-300:])}")
+    old = STATS["signatures"].get(sig)
+    if old is None or len(repro) < old[0]:
+        STATS["signatures"][sig] = (len(repro), target, text)
+    if SHRINK:
+        raise AssertionError(text)
+    return bad
+
+
+SHRINK = os.environ.get("FITCLI_FUZZ_SHRINK") == "1"
+
+
+def failures(target: str | None = None) -> list[str]:
+    return [t for _, tg, t in STATS["signatures"].values() if target is None or tg == target]
+
+
+def finish(target: str) -> None:
+    """End of a target's run: fail with every distinct failure it found."""
+    found = failures(target)
+    if found:
+        raise AssertionError(f"{len(found)} distinct failure(s) in fuzz target {target}:\n\n" + "\n\n".join(found))
+    STATS["targets_done"].add(target)
 
 
 # ---------------------------------------------------------------------------------------------

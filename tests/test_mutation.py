@@ -36,6 +36,16 @@ MUT_LAYERS = {
 }
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _mut_single_thread():
+    """Tiny models on a 2-core box: one intra-op thread is faster, and far faster under load."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 
@@ -346,7 +356,7 @@ def slow_mlp():
 
 def _mut_run_and_signal(tmp_path: Path, argv: list[str], sig: int) -> tuple[int, str, str]:
     marker = tmp_path / "started"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
     env.pop("FITCLI_VERBOSE", None)
 
     def child_setup():  # a parent that ignores SIGINT (background job) must not leak that into the test

@@ -167,7 +167,7 @@ def test_csv_one_row_per_unit_with_metric_columns(_cli, _truth):
     for r in body:
         lay, u = r[0], int(r[1])
         assert r[2] == ("1" if (lay, u) in dead else "0")
-        for name, cell in zip(header[4:], r[4:]):
+        for name, cell in zip(header[4:], r[4:], strict=True):
             want = by_layer[lay]["metrics"].get(name)
             if want is None:  # metric absent for this layer (weight_norm_out of the final layer)
                 assert cell == ""
@@ -391,7 +391,7 @@ def test_rank_by_changes_the_ranking_metric(_cli):
     rows.sort()
     got = [(r["layer"], r["unit"]) for r in report["ranked"]]
     assert got == [(r[1], r[2]) for r in rows]
-    for r, want in zip(report["ranked"], rows):
+    for r, want in zip(report["ranked"], rows, strict=True):
         assert r["value"] == want[3] and r["normalized"] == pytest.approx(want[0], rel=1e-12)
     code, out, err = _cli(BASE_ARGS + ["--format", "json", "--top", "64"])
     default = json.loads(out)
