@@ -65,18 +65,17 @@ def default_rank_by(available: set[str]) -> str:
 def rank_units(layers: list[dict], metric: str, top: int) -> list[dict]:
     """The ``top`` least-fit units across the model by per-layer ℓ2-normalised ``metric``.
 
-    Final layers and units with a non-finite value are left out (a NaN is never "least fit").
+    Final layers and units whose ranked value is not finite (null) are left out: a NaN is never
+    "least fit". A unit flagged non-finite only in another metric keeps its finite rank.
     """
     rows = []
     for lay in layers:
         if lay.get("final") or metric not in lay["metrics"]:
             continue
         vals = lay["metrics"][metric]
-        bad = set(lay.get("nonfinite", []))
-        finite = [v for i, v in enumerate(vals) if v is not None and i not in bad]
-        norm = math.sqrt(sum(v * v for v in finite))
+        norm = math.sqrt(sum(v * v for v in vals if v is not None))
         for i, v in enumerate(vals):
-            if v is None or i in bad:
+            if v is None:
                 continue
             rows.append({"layer": lay["name"], "unit": i, "value": v,
                          "normalized": v / norm if norm > 0 else 0.0,
