@@ -5,7 +5,7 @@
 2. Memory: peak RSS of a score run over 10x the batches, divided by the same run over 1x
    (goal: within 5%), each measured in a fresh subprocess.
 
-Usage: python bench/score.py [--batches 20] [--batch-size 256] [--repeat 3]
+Usage: python bench/score.py [--model cnn|mlp] [--batches 20] [--batch-size 128] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -44,14 +44,25 @@ class CNN(nn.Module):
         return self.fc2(x)
 
 
-def make(batches: int, batch_size: int):
+class MLP(nn.Module):
+    def __init__(self, width: int = 512):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(256, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(F.gelu(self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))))
+
+
+def make(batches: int, batch_size: int, kind: str = "cnn"):
     torch.manual_seed(0)
-    model = CNN().eval()
+    model = (CNN() if kind == "cnn" else MLP()).eval()
+    shape = (3, 32, 32) if kind == "cnn" else (256,)
 
     def gen():
         g = torch.Generator().manual_seed(1)
         for _ in range(batches):
-            yield Batch((torch.randn(batch_size, 3, 32, 32, generator=g),), {},
+            yield Batch((torch.randn(batch_size, *shape, generator=g),), {},
                         torch.randint(0, 10, (batch_size,), generator=g))
 
     return model, DataSource("bench", gen, None)
@@ -74,8 +85,8 @@ def score_run(model, data) -> float:
     return time.perf_counter() - t0
 
 
-def child(batches: int, batch_size: int) -> None:
-    model, data = make(batches, batch_size)
+def child(batches: int, batch_size: int, kind: str) -> None:
+    model, data = make(batches, batch_size, kind)
     score_run(model, data)
     print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
@@ -85,32 +96,36 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--model", choices=["cnn", "mlp"], default="cnn",
+                    help="cnn: 2 conv + max-pool + 2 linear on 3x32x32; mlp: 3 hidden layers of 512")
+    ap.add_argument("--mem-batches", type=int, default=10, help="batches of the 1x memory run")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.child:
-        child(args.batches, args.batch_size)
+        child(args.batches, args.batch_size, args.model)
         return
-    model, data = make(args.batches, args.batch_size)
+    model, data = make(args.batches, args.batch_size, args.model)
     plain_loop(model, data)  # warm-up
     score_run(model, data)
     t_plain = min(plain_loop(model, data) for _ in range(args.repeat))
     t_score = min(score_run(model, data) for _ in range(args.repeat))
     ratio = t_score / t_plain
-    print(f"plain forward+backward: {t_plain:.2f} s; fitcli score (all default metrics): {t_score:.2f} s; "
+    print(f"[{args.model}] plain forward+backward: {t_plain:.2f} s; fitcli score (all default metrics): {t_score:.2f} s; "
           f"ratio {ratio:.2f}x (goal <= 2.0x)")
 
     def rss(n: int) -> int:
         out = subprocess.run([sys.executable, __file__, "--child", "--batches", str(n), "--batch-size",
-                              str(args.batch_size)], capture_output=True, text=True, check=True)
+                              str(args.batch_size), "--model", args.model], capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"]
 
-    small = rss(args.batches // 4 or 1)
-    big = rss(10 * (args.batches // 4 or 1))
+    # the first ~10 batches warm up the allocator; 1x is therefore 10 batches and 10x is 100
+    small = rss(args.mem_batches)
+    big = rss(10 * args.mem_batches)
     growth = big / small - 1
-    print(f"peak RSS: {small / 1024:.0f} MiB over {args.batches // 4 or 1} batches, {big / 1024:.0f} MiB over "
-          f"{10 * (args.batches // 4 or 1)} batches: {100 * growth:+.1f}% (goal within 5%)")
-    figures = {"plain_s": t_plain, "score_s": t_score, "ratio": ratio, "rss_1x_kb": small, "rss_10x_kb": big,
+    print(f"[{args.model}] peak RSS: {small / 1024:.0f} MiB over {args.mem_batches} batches, {big / 1024:.0f} MiB "
+          f"over {10 * args.mem_batches} batches: {100 * growth:+.1f}% (goal within 5%)")
+    figures = {"model": args.model, "plain_s": t_plain, "score_s": t_score, "ratio": ratio, "rss_1x_kb": small, "rss_10x_kb": big,
                "rss_growth": growth, "threads": torch.get_num_threads(), "torch": torch.__version__}
     print(json.dumps(figures))
     if args.json:

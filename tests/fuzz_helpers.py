@@ -36,10 +36,11 @@ TIMEOUT = float(os.environ.get("FITCLI_FUZZ_TIMEOUT", "") or 30.0)
 # share of the total budget per target (sums to 1). The cheap `inspect` targets get most of it,
 # the `score`/`ablate` option targets (a forward/backward pass per input) less.
 WEIGHTS: dict[str, float] = {
-    "safetensors": 0.20,
+    "safetensors": 0.18,
     "pt": 0.16,
     "pickle": 0.14,
     "toml": 0.12,
+    "spec:model": 0.02,
     "spec:data": 0.06,
     "spec:arch": 0.06,
     "spec:arch_kwargs": 0.05,

@@ -5,8 +5,9 @@
 2. mutated torch.save (.pt) zips     -> exits 0 or 3
 3. hostile pickles (raw and in zips) -> exit 3, and nothing in them ever runs
 4. spec strings for every option that takes one (--data, --arch, --arch-kwargs, --units, --layer,
-   --metric, --loss, --tau, --batch-size) -> 0, 2, 3 (4 only with a specific message)
-5. TOML config files                 -> 0, 2, 3
+   --metric, --loss, --tau, --batch-size, and the MODEL path) -> 0, 2, 3 (4 only with a specific
+   message); callables that are not factories (os:system, sys:exit, ...) must be exit 3
+5. TOML config files (--config, and found by discovery from the cwd) -> 0, 2, 3
 
 Everywhere: no traceback, no "unexpected ..." catch-all message, a non-zero exit explains itself
 in one or two lines starting 'fitcli: error:' (click's own usage errors aside), every input ends
@@ -505,6 +506,8 @@ def test_pt_mutations(work):
     @example(ops=[("zip", "pkl", 0, "global", (1, "os system"))], use_arch=False)
     @example(ops=[("zip", "any", 3, "replace", b"big")], use_arch=True)
     @example(ops=[("zip", "pkl", 0, "rename", "mlp/constants.pkl")], use_arch=False)
+    @example(ops=[("zip", "pkl", 0, "truncate", 0)], use_arch=True)  # found by make fuzz: bare EOFError
+    @example(ops=[("zip", "any", 0, "truncate", 305)], use_arch=False)  # found by make fuzz: struct.error
     def inner(ops, use_arch):
         data = apply_pt_ops(base, members, ops)
         path.write_bytes(data)
@@ -880,7 +883,13 @@ def _fmt_float(draw_f, style):
     return f"{draw_f:.3f}"
 
 
+MODEL_CURATED = [MLP_ST, "sample_models/mlp.pt", "missing.safetensors", "", ".", "sample_models", "/dev/null",
+                 "/etc/passwd", "../../etc/passwd", "pyproject.toml", "x" * 300, "é" * 200, "sample_models/models.py",
+                 "sample_models/mlp.safetensors/", "-", "--", "~/m.pt", "m.pt2", "sample_models/.", "/"]
+
 SPEC_OPTIONS: dict[str, dict] = {
+    "model": dict(base=["inspect"], flag=None, values=spec_values(MODEL_CURATED), allow=frozenset(),
+                  expect={MLP_ST: {0}, "missing.safetensors": {3}}),
     "data": dict(base=["inspect", MLP_ST, "--arch", MLP_ARCH], flag="--data",
                  values=spec_values(DATA_CURATED, random_specs()), allow=DATA_ALLOW,
                  expect={"os:system": {3}, "sys:exit": {3}, "builtins:exec": {3}, "os:getcwd": {3}}),
@@ -927,7 +936,10 @@ def test_spec_strings(option, work):
                 assume(_random_alloc_ok(v))
         extra: list[str] = []
         for v in values:
-            extra += [f"{opt['flag']}={v}"] if form == "eq" else [opt["flag"], v]
+            if opt["flag"] is None:  # positional (MODEL)
+                extra += ["--", v] if form == "eq" else [v]
+            else:
+                extra += [f"{opt['flag']}={v}"] if form == "eq" else [opt["flag"], v]
         argv = opt["base"] + extra
         o = run_cli(argv)
         allowed = {0, 2, 3, 4}
@@ -950,13 +962,14 @@ def test_spec_strings(option, work):
 def _brief_examples(option: str) -> list[str]:
     """The near-misses every run tries (explicit examples), whatever hypothesis draws."""
     return {
+        "model": ["x" * 300, "é" * 200, "", "/dev/null", "sample_models"],
         "data": ["random:", "random:0x3", "random:1x28x28,n=-1", "random:3,seed=abc", "a:b:c", "x.py:", ":fn",
-                 "os:system", "sys:exit", "../../etc/passwd", "x" * 100000, "é" * 1000, "random:16",
+                 "os:system", "sys:exit", "../../etc/passwd", "x" * 100000, "é" * 1000, "x" * 300, "random:16",
                  "random:46341x46341,n=1"],
         "arch": ["a:b:c", "x.py:", ":fn", "os:system", "sys:exit", "../../etc/passwd", "builtins:exec",
                  "os:_exit", "sample_models/models.py:MLP", "x" * 5000 + ":f", "é:f"],
         "arch_kwargs": ["", "[" * 5000 + "]" * 5000, '{"a":' * 3000 + "1" + "}" * 3000, '{"hidden": NaN}',
-                        '{"hidden": 32}', "{"],
+                        '{"hidden": 32}', "{", "9" * 10347, '{"classes": 1000000000000000000000000000000}'],
         "units": ["0,3,7-9", "32", "٣", "-1", "0-99999999999999999999", "", "0-" + "9" * 5000],
         "layer": ["fc2", "fc4", "*", "[", "", "*" * 2000 + "x"],
         "metric": ["act_mean", "nope", "", "ablation"],
@@ -1079,6 +1092,7 @@ TOML_EXAMPLES = [
     b"arch = \"os:system\"\n", b"arch = \"sys:exit\"\n", b"layers = [1, 2]\n", b"tau = nan\n", b"top = true\n",
     b"format = \"json\"\n", b"mode = \"half\"\n", b"[tool.fitcli\n", b"\xff\xfe", b"a = \"\\ud800\"\n",
     b"arch_kwargs = \"{\"\narch = \"sample_models/models.py:mlp\"\n", b"max-dead = 5\n", b"x = 1\nx = 2\n",
+    b"[[tool.fitcli]]\n",
 ]
 
 
@@ -1096,6 +1110,28 @@ def test_toml_config(work):
     inner = fuzz_settings("toml")(given(doc=toml_docs())(inner))
     inner()
     fh.finish("toml")
+
+
+@pytest.mark.parametrize("name", ["fitcli.toml", "pyproject.toml"])
+def test_toml_config_discovered(name, work):
+    """The same documents found by walking up from the cwd (no --config): fitcli.toml or
+    pyproject.toml [tool.fitcli]. The cwd is a scratch folder; MODEL is an absolute path."""
+    folder = work / f"discover_{name.split('.')[0]}"
+    folder.mkdir(exist_ok=True)
+    docs = TOML_EXAMPLES + [b"tool = 3\n", b"[tool]\nfitcli = 3\n", b"tool = []\n", b"[tool.fitcli]\nbogus = 1\n"]
+    try:
+        os.chdir(folder)
+        for doc in docs:
+            if name == "pyproject.toml" and doc.startswith((b"arch", b"bogus", b"format", b"layers")):
+                doc = b"[tool.fitcli]\n" + doc
+            (folder / name).write_bytes(doc)
+            argv = ["inspect", str(REPO / MLP_ST)]
+            o = run_cli(argv)
+            record(f"toml_discovered:{name}", argv, o, {0, 2, 3}, f"cwd containing {name} = {doc!r}",
+                   files={name: doc})
+    finally:
+        os.chdir(REPO)
+    fh.finish(f"toml_discovered:{name}")
 
 
 @pytest.mark.parametrize("which", ["directory", "missing", "dev_null", "binary", "fifo_like_dir_file"])

@@ -129,19 +129,21 @@ def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int =
     activation's precision. Non-finite values are not counted (the unit is flagged instead)."""
     units = act.shape[1]
     dt = act.dtype if act.dtype in (torch.float32, torch.float64) else torch.float32
-    lo_ = lo.to(act.device, dt).reshape(1, units, 1)
-    width = (hi - lo).to(act.device, dt).reshape(1, units, 1)
-    spread = varies(lo, hi).to(act.device).reshape(1, units, 1)
-    safe = torch.where(spread, width, torch.ones_like(width))
-    pos = act.to(dt) - lo_
-    pos.div_(safe).mul_(bins).mul_(spread)  # a constant unit: everything in bin 0
-    offsets = (torch.arange(units, device=act.device) * bins).reshape(1, units, 1)
+    spread = varies(lo, hi)
+    width = torch.where(spread, hi - lo, torch.ones_like(lo))
+    scale = torch.where(spread, bins / width, torch.zeros_like(lo))  # constant unit: all in bin 0
+    scale_ = scale.to(act.device, dt).reshape(1, units, 1)
+    shift_ = (-lo * scale).to(act.device, dt).reshape(1, units, 1)
+    pos = torch.addcmul(shift_, act.to(dt), scale_)  # (h − lo)·bins/(hi − lo), one pass
     weights = None
     if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
         ok = torch.isfinite(pos)
         pos = torch.where(ok, pos, torch.zeros_like(pos))
         weights = ok.flatten().to(torch.float64)
-    idx = pos.floor_().clamp_(0, bins - 1).to(torch.int64).add_(offsets)
+    # clamp, then truncate (= floor for values ≥ 0); the maximum lands in the last bin
+    itype = torch.int32 if units * bins < 2**31 else torch.int64  # int32 converts ~10x faster
+    idx = pos.clamp_(0, bins - 1).to(itype)
+    idx += (torch.arange(units, device=act.device, dtype=itype) * bins).reshape(1, units, 1)
     counts = torch.bincount(idx.flatten(), weights=weights, minlength=units * bins)
     return counts.reshape(units, bins).to(torch.float64).to(lo.device)
 

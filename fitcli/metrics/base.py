@@ -59,27 +59,46 @@ class UnitBatch:
         assert self.act is not None
         return int(self.act.shape[0] * self.act.shape[2])
 
+    def _moments(self) -> dict[str, torch.Tensor]:
+        """One sweep over the activations for every moment-type statistic, per unit, float64.
+
+        Per sample, positions are reduced in the activation's dtype (short reductions); the
+        per-sample results are converted to float64 once and summed over samples. Squares come
+        from values centred on each sample's own mean, so float32 loses nothing to cancellation.
+        """
+        def fn():
+            a = self.act
+            p = a.shape[2]
+            if p == 1:  # Linear on [batch, features]: per-sample values are the activations
+                x = a[:, :, 0].to(torch.float64)
+                out = {"sum_s": x, "abs": x.abs().sum(0), "sumsq": x.square().sum(0),
+                       "zeros": (x == 0).sum(0).to(torch.float64)}
+            else:
+                fl = a.dtype if a.is_floating_point() else torch.float32
+                s = a.sum(dim=2)  # [batch, units]
+                m = s / p
+                c = a - m.unsqueeze(2)
+                stacked = torch.stack([s, c.square().sum(dim=2), c.sum(dim=2), a.abs().sum(dim=2),
+                                       (a == 0).to(fl).sum(dim=2), m]).to(torch.float64)
+                s64, q1, q2, ab, z, m64 = stacked.unbind(0)
+                out = {"sum_s": s64, "abs": ab.sum(0), "zeros": z.sum(0),
+                       "sumsq": (q1 + 2 * m64 * q2 + p * m64.square()).sum(0)}  # Σh² = Σc² + 2mΣc + p·m²
+            out["sum"] = out["sum_s"].sum(0)
+            return out
+        return self._get("moments", fn)
+
     def abs_sum(self) -> torch.Tensor:
         """Σ |h| per unit over the batch's observations. ``[units]``"""
-        return self._get("abs_sum", lambda: _f64_total(self.act.abs()))
+        return self._moments()["abs"]
 
     def value_sum(self) -> torch.Tensor:
-        return self._get("sum", lambda: _f64_total(self.act))
+        return self._moments()["sum"]
 
     def square_sum(self) -> torch.Tensor:
-        """Σ h² per unit, as Σ (h − m_b)² + n_b·m_b² with m_b the batch mean: the squares of
-        centred values keep float32 accurate (no cancellation against a large mean)."""
-        def fn():
-            n = self.observations()
-            shift = (self.value_sum() / n).to(self.act.dtype)  # the batch mean, in the act's dtype
-            centred = self.act - shift.reshape(1, -1, 1)
-            m = shift.to(torch.float64)
-            # h² = c² + 2·m·c + m², summed: exact algebra, only the small c² rounded in float32
-            return _f64_total(centred.square()) + 2 * m * _f64_total(centred) + n * m.square()
-        return self._get("sumsq", fn)
+        return self._moments()["sumsq"]
 
     def zero_count(self) -> torch.Tensor:
-        return self._get("zeros", lambda: (self.act == 0).sum(dim=2).sum(dim=0).to(torch.float64))
+        return self._moments()["zeros"]
 
     def hg(self) -> torch.Tensor:
         """Σ_p h(x,p)·g(x,p) per sample and unit. ``[batch, units]``"""
@@ -88,7 +107,7 @@ class UnitBatch:
 
     def hbar(self) -> torch.Tensor:
         """Each sample's mean activation over positions. ``[batch, units]``"""
-        return self._get("hbar", lambda: self.act.sum(dim=2).to(torch.float64) / self.act.shape[2])
+        return self._get("hbar", lambda: self._moments()["sum_s"] / self.act.shape[2])
 
 
 class Metric:

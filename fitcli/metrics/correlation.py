@@ -23,11 +23,12 @@ class OutputCorr(Metric):
         if batch.act is None or batch.correct is None:
             return
         hbar = batch.hbar()  # [batch, units]
-        c = batch.correct.to(hbar.device)
+        c = batch.correct.to(hbar.device, torch.float64)  # 1 correct, 0 wrong
+        right = c @ hbar  # Σ over correct samples, one matmul
         self.n_right = self.n_right + c.sum()
-        self.n_wrong = self.n_wrong + (~c).sum()
-        self.s_right = self.s_right + hbar[c].sum(dim=0)
-        self.s_wrong = self.s_wrong + hbar[~c].sum(dim=0)
+        self.n_wrong = self.n_wrong + (c.numel() - c.sum())
+        self.s_right = self.s_right + right
+        self.s_wrong = self.s_wrong + (hbar.sum(dim=0) - right)
 
     def compute(self) -> torch.Tensor:
         return safe_div(self.s_right, self.n_right.expand(self.units)) - safe_div(self.s_wrong, self.n_wrong.expand(self.units))
