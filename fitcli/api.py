@@ -124,7 +124,7 @@ def _removable(report: dict, eps: float = 1e-6) -> None:
             lay["removable"] = [i for i, v in enumerate(ab) if v is not None and abs(v) <= eps]
 
 
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_RANGE = re.compile(r"^\s*(\d{1,12})\s*(?:-\s*(\d{1,12})\s*)?$")
 
 
 def parse_units(spec: str | None, n: int) -> list[int] | None:

@@ -45,13 +45,15 @@ def find_config(start: Path | None = None) -> tuple[dict[str, Any], str | None]:
         f = folder / "fitcli.toml"
         if f.is_file():
             data = _read_toml(f)
-            return dict(data.get("tool", {}).get("fitcli", data)), str(f)
+            tool = data.get("tool")
+            return (tool.get("fitcli", data) if isinstance(tool, dict) else data), str(f)
         p = folder / "pyproject.toml"
         if p.is_file():
             data = _read_toml(p)
-            section = data.get("tool", {}).get("fitcli")
-            if isinstance(section, dict):
-                return dict(section), str(p)
+            tool = data.get("tool")
+            section = tool.get("fitcli") if isinstance(tool, dict) else None
+            if section is not None:
+                return section, str(p)
     return {}, None
 
 
@@ -60,13 +62,15 @@ def load_config(path: str | None = None) -> tuple[dict[str, Any], str | None]:
         p = Path(path)
         data = _read_toml(p)
         section = data.get("tool", {}).get("fitcli", data) if isinstance(data.get("tool"), dict) else data
-        cfg, where = dict(section), str(p)
+        cfg, where = section, str(p)
     else:
         cfg, where = find_config()
     return check(cfg, where or "config"), where
 
 
-def check(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+def check(cfg: Any, where: str) -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{where}: [tool.fitcli] must be a table of settings, not {type(cfg).__name__}")
     out = {}
     for key, value in cfg.items():
         k = key.replace("-", "_")
@@ -80,6 +84,13 @@ def check(cfg: dict[str, Any], where: str) -> dict[str, Any]:
                 raise UsageError(f"{where}: {key} must be a string or a list of strings")
         elif not isinstance(value, typ) or (isinstance(value, bool) and typ in (int, (int, float))):
             raise UsageError(f"{where}: {key} has the wrong type ({type(value).__name__})")
+        if k == "arch_kwargs" and isinstance(value, dict):
+            import json
+
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"{where}: arch_kwargs must hold plain JSON values ({e})") from e
         if k == "layer":
             k = "layers"
         if k == "metric":

@@ -86,7 +86,7 @@ class DataSource:
             it = iter(self._factory())
         except InputError:
             raise
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise InputError(f"--data {self.spec}: producing batches raised {type(e).__name__}: {e}") from e
         n = 0
         while self.max_batches is None or n < self.max_batches:
@@ -96,7 +96,7 @@ class DataSource:
                 break
             except InputError:
                 raise
-            except Exception as e:
+            except (Exception, SystemExit) as e:
                 raise InputError(f"--data {self.spec}: batch {n} raised {type(e).__name__}: {e}") from e
             batch = as_batch(item, f"--data {self.spec} batch {n}")
             if batch.size == 0:
@@ -106,17 +106,20 @@ class DataSource:
 
 
 def _tensor_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
         raise InputError(f"data file not found: {path}")
     if path.stat().st_size == 0:
         raise InputError(f"data file is empty: {path}")
     if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
+        except Exception as e:  # any failure to parse means a damaged file
             raise InputError(f"{path}: not a readable safetensors data file ({str(e).splitlines()[0][:200]})") from e
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -158,7 +161,7 @@ def _tensor_source(path: Path, batch_size: int) -> tuple[Any, int, bool]:
     return factory, int(inputs.shape[0]), targets is not None
 
 
-_RANDOM = re.compile(r"^random:(?P<shape>\d+(?:x\d+)*)(?P<rest>(?:,[a-z]+=[^,]+)*)$")
+_RANDOM = re.compile(r"^random:(?P<shape>\d{1,9}(?:x\d{1,9})*)(?P<rest>(?:,[a-z]+=[^,]+)*)$")
 
 
 def parse_random(spec: str) -> tuple[tuple[int, ...], int, int | None]:
@@ -174,7 +177,7 @@ def parse_random(spec: str) -> tuple[tuple[int, ...], int, int | None]:
         if k not in ("n", "seed"):
             raise UsageError(f"--data {spec!r}: unknown option {k!r} (allowed: n, seed)")
         try:
-            val = int(v)
+            val = int(v) if len(v) <= 18 else int("x")
         except ValueError as e:
             raise UsageError(f"--data {spec!r}: {k} must be an integer, got {v!r}") from e
         if k == "n":
@@ -213,7 +216,11 @@ def load_data(
 
         return DataSource(spec, factory, max_batches, has_targets=False)
     path = Path(spec)
-    if path.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin") or path.is_file():
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte...
+        is_file = False
+    if path.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin") or is_file:
         factory, _, has_t = _tensor_source(path, batch_size)
         return DataSource(spec, factory, max_batches, has_targets=has_t)
     if ":" in spec:

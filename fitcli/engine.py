@@ -268,7 +268,7 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                 batch = cpu_batch.to(dev)
                 acts: dict[str, torch.Tensor] = {}
 
-                def grab(name: str):
+                def grab(name: str, acts: dict[str, torch.Tensor] = acts):
                     def fn(t: torch.Tensor) -> torch.Tensor:
                         if p == 0 and grad_layers and not t.requires_grad and t.is_floating_point():
                             t = t.detach().requires_grad_(True)

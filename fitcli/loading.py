@@ -77,7 +77,11 @@ def resolve_callable(spec: str, what: str = "--arch") -> Any:
     try:
         if target.endswith(".py") or "/" in target or "\\" in target:
             path = Path(target)
-            if not path.is_file():
+            try:
+                is_file = path.is_file()
+            except (OSError, ValueError):
+                is_file = False
+            if not is_file:
                 raise InputError(f"{what}: file not found: {target}")
             mod_name = "fitcli_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
             if mod_name in sys.modules:
@@ -90,6 +94,9 @@ def resolve_callable(spec: str, what: str = "--arch") -> Any:
                 sys.modules[mod_name] = module
                 try:
                     spec_obj.loader.exec_module(module)
+                except SystemExit as e:
+                    del sys.modules[mod_name]
+                    raise InputError(f"{what} {spec!r}: importing {target!r} called sys.exit") from e
                 except BaseException:
                     del sys.modules[mod_name]
                     raise
@@ -101,7 +108,7 @@ def resolve_callable(spec: str, what: str = "--arch") -> Any:
         raise
     except ImportError as e:
         raise InputError(f"{what} {spec!r}: cannot import {target!r}: {e}") from e
-    except Exception as e:  # user code failed while importing
+    except (Exception, SystemExit) as e:  # user code failed (or exited) while importing
         raise InputError(f"{what} {spec!r}: importing {target!r} raised {type(e).__name__}: {e}") from e
     obj: Any = module
     for part in attr.split("."):
@@ -121,15 +128,16 @@ def build_arch(spec: str, kwargs_json: str | None = None) -> nn.Module:
     if kwargs_json:
         try:
             kwargs = json.loads(kwargs_json)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--arch-kwargs is not valid JSON: {e}") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is a huge int
+            raise UsageError(f"--arch-kwargs is not valid JSON: {str(e).splitlines()[0][:200]}") from e
         if not isinstance(kwargs, dict):
             raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"hidden\": 64}'")
     factory = resolve_callable(spec, "--arch")
     try:
         model = factory(**kwargs)
-    except Exception as e:
-        raise InputError(f"--arch {spec!r} raised {type(e).__name__} when called: {e}") from e
+    except (Exception, SystemExit) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise InputError(f"--arch {spec!r} raised {type(e).__name__} when called: {first}") from e
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -191,20 +199,24 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: str, arch: 
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
-        raise InputError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from e
+    except Exception as e:  # SafetensorError, OSError, ValueError...: all mean a damaged file
+        raise InputError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:200] if text else "") or type(e).__name__
 
 
 def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except Exception:  # not a zip, or a damaged one: torch.load will say what is wrong
         return False
 
 
@@ -213,6 +225,9 @@ def _load_torch(path: Path, trust: bool) -> tuple[Any, str]:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True), "state_dict"
     except pickle.UnpicklingError as e:
+        unsafe = "global" in str(e).lower() or "unsupported" in str(e).lower()
+        if not unsafe:  # a damaged pickle, not a forbidden one
+            raise InputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e
         if not trust:
             raise UnsafeCheckpointError(
                 f"{path} holds a pickled object that is not plain tensors (likely a whole nn.Module); "
@@ -220,9 +235,8 @@ def _load_torch(path: Path, trust: bool) -> tuple[Any, str]:
                 hint="re-save it with torch.save(model.state_dict()) and pass --arch, "
                 "or pass --trust-checkpoint if you trust where the file came from",
             ) from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
-            IndexError, TypeError, AttributeError, OverflowError, MemoryError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from e
+    except Exception as e:  # a damaged file raises all sorts (EOFError, struct.error, IndexError...)
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False), "pickled_module"
     except Exception as e:
@@ -237,9 +251,13 @@ def load_model(
 ) -> LoadedModel:
     """Load any supported checkpoint. Raises InputError/UsageError with a one-line message."""
     p = Path(path)
-    if not p.exists():
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except (OSError, ValueError) as e:  # e.g. a name too long for the file system
+        raise InputError(f"checkpoint path is not usable: {str(e)[:200]}") from e
+    if not exists:
         raise InputError(f"checkpoint not found: {path}")
-    if p.is_dir():
+    if is_dir:
         return _load_hf_dir(p, arch)
     if p.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
@@ -256,7 +274,7 @@ def load_model(
         try:
             scripted = torch.jit.load(str(p), map_location="cpu")
         except Exception as e:
-            raise InputError(f"{path}: not a readable TorchScript archive ({str(e).splitlines()[0][:200]})") from e
+            raise InputError(f"{path}: not a readable TorchScript archive ({_first_line(e)})") from e
         sd = {k: v.detach().clone() for k, v in scripted.state_dict().items()}
         fmt = "torchscript"
         notes.append(

@@ -96,9 +96,15 @@ def resolve_loss(spec: str | None, example_targets: torch.Tensor | None) -> tupl
     fn = resolve_callable(spec, "--loss")
 
     def user_loss(outputs: Any, targets: torch.Tensor | None) -> torch.Tensor:
-        loss = fn(outputs, targets)
+        try:
+            loss = fn(outputs, targets)
+        except (Exception, SystemExit) as e:
+            raise InputError(f"--loss {spec} raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
         if not isinstance(loss, torch.Tensor):
             raise InputError(f"--loss {spec} returned {type(loss).__name__}, not a tensor")
+        n = primary_output(outputs).shape[0]
+        if loss.dim() != 1 or loss.shape[0] != n:
+            raise InputError(f"--loss {spec} returned shape {tuple(loss.shape)}; it must return one loss per sample ({n},)")
         return loss
 
     return user_loss, spec, None

@@ -508,6 +508,7 @@ def test_pt_mutations(work):
     @example(ops=[("zip", "pkl", 0, "rename", "mlp/constants.pkl")], use_arch=False)
     @example(ops=[("zip", "pkl", 0, "truncate", 0)], use_arch=True)  # found by make fuzz: bare EOFError
     @example(ops=[("zip", "any", 0, "truncate", 305)], use_arch=False)  # found by make fuzz: struct.error
+    @example(ops=[("flip", 176, 0), ("flip", 8816, 0)], use_arch=False)  # found by make fuzz: AssertionError
     def inner(ops, use_arch):
         data = apply_pt_ops(base, members, ops)
         path.write_bytes(data)
