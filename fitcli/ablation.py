@@ -204,7 +204,7 @@ def unit_means(graph: ModelGraph, names: list[str], layers: dict[str, Layer], da
     with torch.no_grad(), graph.tap({n: grab(n) for n in names}):
         for i, b in enumerate(data):
             b = b.to(device)
-            guarded(lambda b=b: graph(b), b, graph, i)
+            guarded(b, graph, i, graph, b)
     return {n: (sums[n] / max(counts[n], 1)) for n in names}
 
 
@@ -245,7 +245,7 @@ def ablate_layers(
                 plan = plans[n]
                 value = means.get(n)
                 if plan is not None:
-                    base = guarded(lambda plan=plan: _graph_base(plan, batch), batch, graph, bi)
+                    base = guarded(batch, graph, bi, _graph_base, plan, batch)
                     try:
                         _check_batch_first(plan, base, bsz)
                     except _NotBatchFirst:
@@ -263,7 +263,7 @@ def ablate_layers(
                                          "so the whole input is expanded per chunk (slower, same result)")
                     h_holder: dict[str, torch.Tensor] = {}
                     with graph.tap({n: lambda t, h_holder=h_holder: h_holder.setdefault("h", t.detach())}):
-                        base_out = guarded(lambda: graph(batch), batch, graph, bi)
+                        base_out = guarded(batch, graph, bi, graph, batch)
                     h = h_holder["h"]
                     run = lambda rb, ru, batch=batch, lay=lay, value=value: _input_rows(  # noqa: E731
                         graph, batch, rb, ru, lay, value)
@@ -310,8 +310,8 @@ def ablate_layers(
                     res.metrics[n].update(_ub(torch.zeros(lay.units, dtype=torch.float64, device=dev), bsz))
                 res.chunk_sizes[n] = k
                 if whole_layer:
-                    outs = guarded(lambda: _whole(graph, plan, base if plan is not None else None, batch, lay,
-                                                  value, sel[n], h), batch, graph, bi)
+                    outs = guarded(batch, graph, bi, _whole, graph, plan, base if plan is not None else None,
+                                   batch, lay, value, sel[n], h)
                     wl, wc = _losses_correct(outs, batch.targets, loss_fn, accuracy)
                     whole_sum[n] += float((wl - base_losses).sum())
                     if wc is not None:
@@ -330,12 +330,12 @@ def ablate_layers(
     return res
 
 
-def guarded(fn, batch: Batch, graph: ModelGraph, index: int):
-    """Run a forward; the model or data failing is an InputError naming the shapes."""
+def guarded(batch: Batch, graph: ModelGraph, index: int, fn, *args):
+    """``fn(*args)``, a forward pass: the model or data failing is an InputError naming the shapes."""
     from fitcli.engine import forward_error
 
     try:
-        return fn()
+        return fn(*args)
     except (InputError, RuntimeAuditError):
         raise
     except Exception as e:

@@ -268,7 +268,7 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                 batch = cpu_batch.to(dev)
                 acts: dict[str, torch.Tensor] = {}
 
-                def grab(name: str, acts: dict[str, torch.Tensor] = acts):
+                def grab(name: str, acts: dict[str, torch.Tensor] = acts, p: int = p):
                     def fn(t: torch.Tensor) -> torch.Tensor:
                         if p == 0 and grad_layers and not t.requires_grad and t.is_floating_point():
                             t = t.detach().requires_grad_(True)
@@ -338,9 +338,9 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
     if not total.requires_grad:
         return losses.detach(), {}, {}
     gs = torch.autograd.grad(total, inputs, allow_unused=True)
-    grads = {n: (g if g is not None else torch.zeros_like(acts[n])).detach() for n, g in zip(names, gs[: len(names)])}
+    grads = {n: (g if g is not None else torch.zeros_like(acts[n])).detach() for n, g in zip(names, gs[: len(names)], strict=True)}
     wgrads = {}
-    for lay, g in zip(chosen, gs[len(names):]):
+    for lay, g in zip(chosen, gs[len(names):], strict=True):
         if g is not None:
             wgrads[lay.name] = (g.detach() / batch.size).to(torch.float64)
     return losses.detach(), grads, wgrads

@@ -224,7 +224,7 @@ def _instrument(gm: torch.fx.GraphModule, exported: bool) -> tuple[list[Layer], 
                 else:
                     lay.point, lay.point_kind = f"{act}({lay.name})", "function"
         points.append((point, lay))
-    for node, lay in found:  # consumers before probes change the graph
+    for _node, lay in found:  # consumers before probes change the graph
         start = next(p for p, q in points if q is lay)
         lay.consumers = _consumers(start, modules, layer_nodes)
     for i, (point, lay) in enumerate(points):
