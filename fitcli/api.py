@@ -84,6 +84,8 @@ def score(
         raise UsageError("--tau must be a finite number ≥ 0")
     if ablation_mode not in ("zero", "mean"):
         raise UsageError(f"--mode {ablation_mode!r}: use zero or mean")
+    if validate_units is not None and validate_units < 2:
+        raise UsageError("--validate-units must be at least 2 (a rank correlation needs two units)")
     torch.manual_seed(seed)
     loaded = _load(model, arch, arch_kwargs, trust_checkpoint)
     base = load_model(baseline, arch=None) if baseline else None

@@ -215,6 +215,55 @@ def test_sampled_units_correlations_match_full_ablation(mlp_sampled, truth):
     _check_validation(a, oracle, truth["mlp"]["final"])
 
 
+def _brute_force_oracle(repo, truth, checkpoint: str) -> dict[str, np.ndarray]:
+    """|Δ mean cross-entropy| when one unit of fc1/fc2 of the sample MLP is zeroed, one at a time,
+    in float64, with a plain forward hook: no fitcli code involved."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("_validate_models", repo / "sample_models" / "models.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.mlp()
+    model.load_state_dict(load_file(str(repo / checkpoint)))
+    model = model.double().eval()
+    d = load_file(str(repo / truth["mlp"]["data"]))
+    x, y = d["inputs"].double(), d["targets"]
+    with torch.no_grad():
+        base = float(torch.nn.functional.cross_entropy(model(x), y))
+        out = {}
+        for name in ("fc1", "fc2"):
+            layer = getattr(model, name)
+            deltas = []
+            for u in range(layer.out_features):
+                def zero(_m, _i, o, u=u):
+                    o = o.clone()
+                    o[:, u] = 0.0  # relu(0) = 0: zeroing before the ReLU zeroes the activation point
+                    return o
+                h = layer.register_forward_hook(zero)
+                try:
+                    deltas.append(float(torch.nn.functional.cross_entropy(model(x), y)) - base)
+                finally:
+                    h.remove()
+            out[name] = np.array(deltas)
+    return out
+
+
+def test_signed_oracle_brute_force_untrained_mlp(repo, truth):
+    """Untrained weights: many units *lower* the loss when removed, so the oracle must be |Δloss|
+    (not Δloss). Oracle from a brute-force loop written here."""
+    ck = truth["mlp"]["baseline"]  # mlp_init.safetensors
+    signed = _brute_force_oracle(repo, truth, ck)
+    assert all((v < -1e-6).sum() >= 3 for v in signed.values()), "the case needs negative Δloss"
+    ab = api.ablate(str(repo / ck), layers=["fc1", "fc2"], **_kw(repo, truth, "mlp"))
+    for lay in ab["layers"]:  # fitcli's engine agrees with the brute force (float32 vs float64)
+        np.testing.assert_allclose(_arr(lay["metrics"]["ablation"]), signed[lay["name"]], rtol=1e-4, atol=1e-6)
+    report = api.score(str(repo / ck), validate=True, **_kw(repo, truth, "mlp"))
+    rep.validate(report)
+    _check_validation(report, {n: np.abs(v) for n, v in signed.items()}, truth["mlp"]["final"])
+
+
 # ---- 2. pure functions of fitcli.validate ----------------------------------------------------
 
 def test_identical_metric_scores_one():
@@ -318,7 +367,30 @@ def test_correlations_across_layers_normalises_per_layer():
     assert abs(out["across_layers"]["m"]["kendall"] - stats.kendalltau(x, o).statistic) <= 1e-12
     assert out["layers"]["b"]["metrics"]["m"]["spearman"] == pytest.approx(1.0)
     assert out["layers"]["a"]["best"] in ("id", "m")
-    assert out["best"] == "id"  # the oracle itself beats the rescaled metric across layers
+    top = max(c["spearman"] for c in out["across_layers"].values())
+    assert out["across_layers"][out["best"]]["spearman"] == top
+    # pooling the raw values (no per-layer normalisation) would rank far worse
+    raw = stats.spearmanr(np.concatenate([m1.numpy(), m2.numpy()]), o).statistic
+    assert out["across_layers"]["m"]["spearman"] > raw + 0.3
+
+
+def test_correlations_constant_and_nan_metrics():
+    """A constant metric has no rank correlation (null), NaN units are left out, and neither is best."""
+    o = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7, 0.2], dtype=torch.float64)
+    const = torch.full((6,), 2.0, dtype=torch.float64)
+    holes = torch.tensor([1.0, float("nan"), 3.0, 2.0, float("nan"), 0.5], dtype=torch.float64)
+    out = fv.correlations({"a": {"const": const, "holes": holes}}, {"a": o})
+    c = out["layers"]["a"]["metrics"]["const"]
+    assert c["spearman"] is None and c["kendall"] is None and c["units"] == 6
+    h = out["layers"]["a"]["metrics"]["holes"]
+    keep = [0, 2, 3, 5]
+    assert h["units"] == 4
+    assert abs(h["spearman"] - stats.spearmanr(holes[keep].numpy(), o[keep].numpy()).statistic) <= 1e-12
+    assert abs(h["kendall"] - stats.kendalltau(holes[keep].numpy(), o[keep].numpy()).statistic) <= 1e-12
+    assert out["layers"]["a"]["best"] == "holes" and out["best"] == "holes"
+    assert out["across_layers"]["const"]["spearman"] is None
+    none = fv.correlations({"a": {"const": const}}, {"a": o})
+    assert none["best"] is None and none["layers"]["a"]["best"] is None
 
 
 # ---- 3. stratified sampling ------------------------------------------------------------------
