@@ -337,6 +337,14 @@ def main(argv: list[str] | None = None) -> None:
         if e.hint:
             err.print(f"  hint: {e.hint}", markup=False, highlight=False)
         code = e.exit_code
+    except ValueError as e:  # e.g. a NUL byte in a path argument
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        err.print(f"fitcli: error: invalid argument: {str(e).splitlines()[0] if str(e) else ''}",
+                  markup=False, highlight=False)
+        code = 2
     except Exception as e:  # a bug in fitcli or in user code it called: still no traceback
         if verbose:
             import traceback

@@ -189,7 +189,7 @@ def parse_random(spec: str) -> tuple[tuple[int, ...], int, int | None]:
     numel = n
     for s in shape:
         numel *= s
-    if numel > 2**31:
+    if numel > 2**28:  # 1 GiB of float32
         raise UsageError(f"--data {spec!r}: {numel} values is too large for synthetic data")
     return shape, n, seed
 

@@ -55,6 +55,8 @@ def select_layers(graph: ModelGraph, patterns: list[str] | None) -> list[Layer]:
     names = [lay.name for lay in graph.layers]
     chosen: set[str] = set()
     for pat in patterns:
+        if len(pat) > 500:  # fnmatch is quadratic on unclosed brackets: refuse before matching
+            raise UsageError(f"--layer pattern of {len(pat)} characters is too long (at most 500)")
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not hits:
             raise UsageError(f"--layer {pat!r} matches no auditable layer" + close_matches(pat, names),
