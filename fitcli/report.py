@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import heapq
 import json
 import math
 import os
@@ -75,13 +76,11 @@ def rank_units(layers: list[dict], metric: str, top: int) -> list[dict]:
         vals = lay["metrics"][metric]
         norm = math.sqrt(sum(v * v for v in vals if v is not None))
         for i, v in enumerate(vals):
-            if v is None:
-                continue
-            rows.append({"layer": lay["name"], "unit": i, "value": v,
-                         "normalized": v / norm if norm > 0 else 0.0,
-                         "dead": i in set(lay.get("dead") or [])})
-    rows.sort(key=lambda r: (r["normalized"], r["layer"], r["unit"]))
-    return rows[:top]
+            if v is not None:
+                rows.append((v / norm if norm > 0 else 0.0, lay["name"], i, v, lay))
+    best = heapq.nsmallest(top, rows, key=lambda r: (r[0], r[1], r[2]))
+    return [{"layer": name, "unit": i, "value": v, "normalized": nv, "dead": i in set(lay.get("dead") or [])}
+            for nv, name, i, v, lay in best]
 
 
 def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by: str | None = None,
