@@ -32,7 +32,7 @@ bench: setup
 	$(BIN)/python bench/ablation.py
 
 fuzz: setup
-	FITCLI_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider
+	FITCLI_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider -q -s -W ignore::UserWarning
 
 lint: setup
 	$(BIN)/ruff check fitcli tests bench
