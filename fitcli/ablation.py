@@ -76,29 +76,6 @@ def _tensors_nbytes(values: Any) -> int:
     return 0
 
 
-def unit_mask(units: list[int], total: int, shape: tuple[int, ...], unit_dim: int, device) -> torch.Tensor:
-    """[K, 1.., U, 1..] one-hot masks broadcastable against ``h[None]`` (``h`` of ``shape``)."""
-    k = len(units)
-    m = torch.zeros(k, total, device=device)
-    m[torch.arange(k, device=device), torch.tensor(units, device=device)] = 1.0
-    nd = len(shape)
-    ud = unit_dim % nd
-    view = [k] + [1] * nd
-    view[1 + ud] = total
-    return m.reshape(view)
-
-
-def masked_copies(h: torch.Tensor, mask: torch.Tensor, value: torch.Tensor | None, unit_dim: int) -> torch.Tensor:
-    """K copies of ``h`` (``[K*B, ...]``), copy k with its masked unit set to 0 or ``value``."""
-    hk = h.unsqueeze(0) * (1 - mask).to(h.dtype)
-    if value is not None:
-        nd = h.dim()
-        view = [1] * (nd + 1)
-        view[1 + unit_dim % nd] = value.numel()
-        hk = hk + mask.to(h.dtype) * value.to(h.dtype).reshape(view)
-    return hk.reshape(-1, *h.shape[1:])
-
-
 # --------------------------------------------------------------------------------------------
 # graph (fx / export) plan
 
@@ -156,16 +133,6 @@ def make_plan(graph: ModelGraph, layer: Layer) -> _Plan | None:
     # values the suffix reads from the prefix; start's own inputs are not read (its value is given)
     frontier = [n for n in nodes if n not in dep and any(u in dep and u is not start for u in n.users)]
     return _Plan(gm, probe, start, dep, frontier, batch_nodes, weight)
-
-
-def _expand(v: Any, k: int, batch: int) -> Any:
-    if isinstance(v, torch.Tensor):
-        if v.dim() == 0 or v.shape[0] != batch:
-            raise _NotBatchFirst()
-        return v.repeat(k, *([1] * (v.dim() - 1)))
-    if isinstance(v, (tuple, list)):
-        return type(v)(_expand(x, k, batch) for x in v)
-    return v
 
 
 class _NotBatchFirst(Exception):
@@ -401,15 +368,42 @@ def _graph_rows(plan: _Plan, env: dict, h: torch.Tensor, row_b: torch.Tensor, ro
                                   wc.reshape(wc.shape[0], *([1] * (z.dim() - 2)), -1), value=-1)
     else:
         start_val = _set_units(h.index_select(0, row_b), row_unit, value, lay.unit_dim)
+    return _run_suffix(plan, env, row_b, bsz, {plan.start: start_val})
+
+
+def _run_suffix(plan: _Plan, env: dict, row_b: torch.Tensor, bsz: int, given: dict):
+    """Evaluate only the nodes that depend on the ablated unit, on the rows ``row_b``: every other
+    value comes from the base run (those the suffix reads are gathered to the rows)."""
     init = {}
     for n, v in env.items():
         if n in plan.dep:
             continue
         init[n] = _index_rows(v, row_b, bsz) if (n in plan.frontier and n in plan.batch_nodes) else v
-    init[plan.start] = start_val
+    init.update(given)
     interp = fx.Interpreter(plan.gm)
     placeholders = [n for n in plan.gm.graph.nodes if n.op == "placeholder"]
     return interp.run(*[init.get(p) for p in placeholders], initial_env=init)
+
+
+def _set_all(t: torch.Tensor, units: list[int], value, unit_dim: int) -> torch.Tensor:
+    """Copy of ``t`` with every unit in ``units`` set to its ablation value, for every sample."""
+    out = t.clone()
+    view = out.movedim(unit_dim, 1)  # [B, U, ...positions]
+    idx = torch.tensor(units, device=t.device, dtype=torch.long)
+    tgt = _targets_for(value, idx, out.dtype)
+    view[:, idx] = tgt.reshape(1, -1, *([1] * (view.dim() - 2))).expand_as(view[:, idx])
+    return out
+
+
+def _whole(graph: ModelGraph, plan: _Plan | None, base, batch: Batch, lay: Layer, value, units: list[int], h):
+    """Outputs with all ``units`` of the layer ablated at once (``--whole-layer``)."""
+    if plan is not None:
+        env, hh = base
+        # the probe's value is replaced; the suffix (including a rank-1 plan's Linear) recomputes
+        rows = torch.arange(batch.size, device=hh.device)
+        return _run_suffix(plan, env, rows, batch.size, {plan.probe: _set_all(hh, units, value, lay.unit_dim)})
+    with graph.tap({lay.name: lambda t: _set_all(t, units, value, lay.unit_dim)}):
+        return graph(batch)
 
 
 def _input_rows(graph: ModelGraph, batch: Batch, row_b: torch.Tensor, row_unit: torch.Tensor, lay: Layer, value):
@@ -428,10 +422,6 @@ def _ub(delta_sum: torch.Tensor, samples: int):
     from fitcli.metrics.base import UnitBatch
 
     return UnitBatch(weight=delta_sum, extra={"ablation_delta_sum": delta_sum, "ablation_samples": samples})
-
-
-def _rep(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
-    return None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))
 
 
 def _output_node(gm: fx.GraphModule) -> fx.Node:
@@ -461,75 +451,6 @@ def _check_batch_first(plan: _Plan, base, bsz: int) -> None:
             v = env[n]
             if isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != bsz):
                 raise _NotBatchFirst()
-
-
-def _graph_chunk(plan: _Plan, env: dict, h: torch.Tensor, us: list[int], lay: Layer, value, bsz: int,
-                 mask: torch.Tensor | None = None):
-    k = len(us) if mask is None else mask.shape[0]
-    if mask is None:
-        mask = unit_mask(us, lay.units, tuple(h.shape), lay.unit_dim, h.device)
-    if plan.linear_weight is not None:
-        z = env[plan.start]  # [B, ..., out]
-        w = plan.linear_weight.detach()
-        idx = torch.tensor(us, device=h.device) if us else None
-        if idx is not None and mask.shape[0] == len(us):
-            hv = h.index_select(-1, idx)  # [B, ..., K]
-            target = value.index_select(0, idx).to(h.dtype) if value is not None else torch.zeros(len(us), dtype=h.dtype, device=h.device)
-            dh = (hv - target).movedim(-1, 0)  # [K, B, ...]
-            wc = w.index_select(1, idx).t().to(z.dtype)  # [K, out]
-            zk = z.unsqueeze(0) - dh.unsqueeze(-1) * wc.reshape(len(us), *([1] * (z.dim() - 1)), -1)
-            start_val = zk.reshape(-1, *z.shape[1:])
-        else:  # a multi-unit mask (whole layer): recompute the Linear on masked h
-            hk = masked_copies(h, mask, value, lay.unit_dim)
-            start_val = plan.gm.get_submodule(str(plan.start.target))(hk) if plan.start.op == "call_module" else \
-                torch.nn.functional.linear(hk, w, getattr_path(plan.gm, str(plan.start.args[2].target)) if len(plan.start.args) > 2 and plan.start.args[2] is not None else None)
-    else:
-        start_val = masked_copies(h, mask, value, lay.unit_dim)
-    init = {}
-    for n, v in env.items():
-        if n in plan.dep:
-            continue
-        init[n] = _expand(v, k, bsz) if (n in plan.frontier and n in plan.batch_nodes) else v
-    init[plan.start] = start_val
-    interp = fx.Interpreter(plan.gm)
-    placeholders = [n for n in plan.gm.graph.nodes if n.op == "placeholder"]
-    return interp.run(*[init.get(p) for p in placeholders], initial_env=init)
-
-
-def _input_chunk(graph: ModelGraph, batch: Batch, us: list[int], lay: Layer, value, h: torch.Tensor,
-                 mask: torch.Tensor | None = None):
-    k = len(us) if mask is None else mask.shape[0]
-    if mask is None:
-        mask = unit_mask(us, lay.units, tuple(h.shape), lay.unit_dim, h.device)
-    bsz = batch.size
-
-    def ab(t: torch.Tensor) -> torch.Tensor:
-        shaped = t.reshape(k, bsz, *t.shape[1:])
-        out = shaped * (1 - mask).to(t.dtype)
-        if value is not None:
-            nd = t.dim()
-            view = [1] * (nd + 1)
-            view[1 + lay.unit_dim % nd] = value.numel()
-            out = out + mask.to(t.dtype) * value.to(t.dtype).reshape(view)
-        return out.reshape(t.shape)
-
-    big = Batch(tuple(_rep(a, k) if isinstance(a, torch.Tensor) else a for a in batch.args),
-                {kk: (_rep(v, k) if isinstance(v, torch.Tensor) else v) for kk, v in batch.kwargs.items()})
-    with graph.tap({lay.name: ab}):
-        return graph(big)
-
-
-def _whole(graph, plan, base, batch, lay, value, units, h):
-    mask = torch.zeros(lay.units, device=h.device)
-    mask[torch.tensor(units, device=h.device, dtype=torch.long)] = 1.0
-    nd = h.dim()
-    view = [1] + [1] * nd
-    view[1 + lay.unit_dim % nd] = lay.units
-    mask = mask.reshape(view)
-    if plan is not None:
-        env, hh = base
-        return _graph_chunk(plan, env, hh, [], lay, value, batch.size, mask=mask)
-    return _input_chunk(graph, batch, [], lay, value, h, mask=mask)
 
 
 def _auto_chunk(h: torch.Tensor, plan: _Plan | None, base, n_units: int, dev: torch.device, graph: ModelGraph) -> int:

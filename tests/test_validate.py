@@ -477,7 +477,7 @@ def test_cli_rank_by_auto_json(run_cli, in_repo, truth):
     got = report["ranked"]
     assert len(got) == len(want) > 0
     assert [(r["layer"], r["unit"]) for r in got] == [(n, i) for n, i, _ in want]
-    for r, (_, _, nv) in zip(got, want):
+    for r, (_, _, nv) in zip(got, want, strict=False):
         assert r["normalized"] == pytest.approx(nv, abs=1e-12)
     norms = [r["normalized"] for r in got]
     assert norms == sorted(norms)
@@ -541,7 +541,7 @@ def test_cli_validate_markdown_table(run_cli, in_repo, truth):
         want = "n/a" if a is None else f"{a:+.2f}"
         assert cells[-1].strip("*") == want
         assert cells[-1].startswith("**") == (m == v["best"])
-        for name, cell in zip(["fc1", "fc2"], cells[:2]):
+        for name, cell in zip(["fc1", "fc2"], cells[:2], strict=False):
             s = v["layers"][name]["metrics"][m]["spearman"]
             assert cell.strip("*") == ("n/a" if s is None else f"{s:+.2f}")
     assert any(ln.startswith("for this model, rank by") for ln in lines)
