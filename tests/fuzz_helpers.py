@@ -278,7 +278,7 @@ def record(target: str, argv: list[str], o: Outcome, allowed: set[int], repro: s
            extra_problems: list[str] | None = None) -> list[str]:
     """Count one input and judge it. A failure is kept (the shortest repro per distinct failure)
     and fuzzing goes on, so one known bug does not stop a target from exploring the rest of its
-    budget; ``finish(target)`` then fails the test with every distinct failure. With
+    budget; ``check_no_failures(target)`` then fails the test with every distinct failure. With
     FITCLI_FUZZ_SHRINK=1 the first failure raises at once instead, so hypothesis shrinks it."""
     STATS["inputs"] += 1
     STATS["codes"][o.code] += 1
@@ -316,7 +316,7 @@ def failures(target: str | None = None) -> list[str]:
     return [t for _, tg, t in STATS["signatures"].values() if target is None or tg == target]
 
 
-def finish(target: str) -> None:
+def check_no_failures(target: str) -> None:
     """End of a target's run: fail with every distinct failure it found."""
     found = failures(target)
     if found:

@@ -325,7 +325,7 @@ def test_safetensors_mutations(work):
                files={"input.safetensors": data})
 
     inner()
-    fh.finish("safetensors")
+    fh.check_no_failures("safetensors")
 
 
 # =============================================================================================
@@ -518,7 +518,7 @@ def test_pt_mutations(work):
                files={"input.pt": data})
 
     inner()
-    fh.finish("pt")
+    fh.check_no_failures("pt")
 
 
 # =============================================================================================
@@ -755,7 +755,7 @@ def test_hostile_pickles(work, hostile):
         record("pickle", argv, o, {3}, repro, files={f"input{suffix}": data}, extra_problems=ran)
 
     inner()
-    fh.finish("pickle")
+    fh.check_no_failures("pickle")
 
 
 # =============================================================================================
@@ -957,7 +957,7 @@ def test_spec_strings(option, work):
         inner = example(values=[v], form="sep")(inner)
     inner = fuzz_settings(f"spec:{option}")(given(values=strat, form=st.sampled_from(["sep", "sep", "eq"]))(inner))
     inner()
-    fh.finish(f"spec:{option}")
+    fh.check_no_failures(f"spec:{option}")
 
 
 def _brief_examples(option: str) -> list[str]:
@@ -1110,7 +1110,7 @@ def test_toml_config(work):
         inner = example(doc=d)(inner)
     inner = fuzz_settings("toml")(given(doc=toml_docs())(inner))
     inner()
-    fh.finish("toml")
+    fh.check_no_failures("toml")
 
 
 @pytest.mark.parametrize("name", ["fitcli.toml", "pyproject.toml"])
@@ -1132,7 +1132,7 @@ def test_toml_config_discovered(name, work):
                    files={name: doc})
     finally:
         os.chdir(REPO)
-    fh.finish(f"toml_discovered:{name}")
+    fh.check_no_failures(f"toml_discovered:{name}")
 
 
 @pytest.mark.parametrize("which", ["directory", "missing", "dev_null", "binary", "fifo_like_dir_file"])
