@@ -167,30 +167,30 @@ _RANDOM = re.compile(r"^random:(?P<shape>\d{1,9}(?:x\d{1,9})*)(?P<rest>(?:,[a-z]
 def parse_random(spec: str) -> tuple[tuple[int, ...], int, int | None]:
     m = _RANDOM.match(spec.strip())
     if not m:
-        raise UsageError(f"--data {spec!r}: expected random:SHAPE[,n=N][,seed=S], e.g. random:1x28x28,n=256,seed=0")
+        raise InputError(f"--data {spec!r}: expected random:SHAPE[,n=N][,seed=S], e.g. random:1x28x28,n=256,seed=0")
     shape = tuple(int(s) for s in m.group("shape").split("x"))
     if any(s <= 0 for s in shape) or len(shape) > 6:
-        raise UsageError(f"--data {spec!r}: every dimension of SHAPE must be positive (at most 6 dimensions)")
+        raise InputError(f"--data {spec!r}: every dimension of SHAPE must be positive (at most 6 dimensions)")
     n, seed = 256, None
     for kv in filter(None, m.group("rest").split(",")):
         k, _, v = kv.partition("=")
         if k not in ("n", "seed"):
-            raise UsageError(f"--data {spec!r}: unknown option {k!r} (allowed: n, seed)")
+            raise InputError(f"--data {spec!r}: unknown option {k!r} (allowed: n, seed)")
         try:
             val = int(v) if len(v) <= 18 else int("x")
         except ValueError as e:
-            raise UsageError(f"--data {spec!r}: {k} must be an integer, got {v!r}") from e
+            raise InputError(f"--data {spec!r}: {k} must be an integer, got {v!r}") from e
         if k == "n":
             n = val
         else:
             seed = val
     if n <= 0:
-        raise UsageError(f"--data {spec!r}: n must be positive")
+        raise InputError(f"--data {spec!r}: n must be positive")
     numel = n
     for s in shape:
         numel *= s
     if numel > 2**28:  # 1 GiB of float32
-        raise UsageError(f"--data {spec!r}: {numel} values is too large for synthetic data")
+        raise InputError(f"--data {spec!r}: {numel} values is too large for synthetic data")
     return shape, n, seed
 
 

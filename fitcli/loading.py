@@ -64,14 +64,16 @@ def sha256_of(path: Path) -> str:
 
 
 def resolve_callable(spec: str, what: str = "--arch") -> Any:
-    """``package.module:callable`` or ``path/to/file.py:callable`` -> the callable object."""
+    """``package.module:callable`` or ``path/to/file.py:callable`` -> the callable object.
+
+    A malformed spec is an input error (exit 3), like a missing file or attribute (cli.md)."""
     if not isinstance(spec, str) or ":" not in spec:
-        raise UsageError(
+        raise InputError(
             f"{what} {spec!r} is not of the form 'package.module:callable' or 'file.py:callable'"
         )
     target, _, attr = spec.rpartition(":")
     if not target or not attr or not all(part.isidentifier() for part in attr.split(".")):
-        raise UsageError(
+        raise InputError(
             f"{what} {spec!r} is not of the form 'package.module:callable' or 'file.py:callable'"
         )
     try:
@@ -102,7 +104,7 @@ def resolve_callable(spec: str, what: str = "--arch") -> Any:
                     raise
         else:
             if not all(p.isidentifier() for p in target.split(".")):
-                raise UsageError(f"{what} {spec!r}: {target!r} is not a module path")
+                raise InputError(f"{what} {spec!r}: {target!r} is not a module path")
             module = importlib.import_module(target)
     except (InputError, UsageError):
         raise

@@ -368,7 +368,8 @@ def test_random_seed_falls_back_to_global_seed():
     "random:4,n=-3", "random:4,n=abc", "random:4,seed=1.5", "random:4,batch=3", "random:4,n=",
     "random:1x1x1x1x1x1x1", "random:4;n=3",
 ])
-def test_bad_random_specs_are_usage_errors(spec):
-    with pytest.raises(UsageError) as ei:
+def test_bad_random_specs_are_input_errors(spec):
+    """cli.md: a bad data spec is an input error (exit 3)."""
+    with pytest.raises(InputError) as ei:
         load_data(spec)
     assert "random" in str(ei.value)

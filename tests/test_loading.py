@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fitcli.errors import InputError, UnsafeCheckpointError, UsageError
+from fitcli.errors import InputError, UnsafeCheckpointError
 from fitcli.loading import load_model
 from fitcli.units import discover
 
@@ -321,7 +321,7 @@ def bad_inputs(tmp_path, repo):
                                  ["shape differences", "fc1.weight", "(32, 16)", "(64, 16)"]),
         "arch_kwargs_not_accepted": (["inspect", str(mlp), "--arch", f"{models}:mlp", "--arch-kwargs", '{"hidden": 64}'], 3,
                                      ["hidden"]),
-        "arch_no_colon": (["inspect", str(mlp), "--arch", "sample_models/models.py"], 2, ["--arch", "callable"]),
+        "arch_no_colon": (["inspect", str(mlp), "--arch", "sample_models/models.py"], 3, ["--arch", "callable"]),
         "arch_file_missing": (["inspect", str(mlp), "--arch", f"{tmp_path / 'nofile.py'}:mlp"], 3,
                               ["not found", "nofile.py"]),
         "arch_attr_missing": (["inspect", str(mlp), "--arch", f"{models}:mpl"], 3, ["mpl", "mlp"]),
@@ -380,7 +380,7 @@ def test_bad_inputs_raise_typed_errors_from_api(repo, tmp_path):
     with pytest.raises(InputError) as ei:
         load_model(mlp, arch=f"{models}:MLP", arch_kwargs='{"hidden": 64}')
     assert "shape differences" in str(ei.value)
-    with pytest.raises(UsageError):
+    with pytest.raises(InputError):  # cli.md: a bad --arch spec is an input error (exit 3)
         load_model(mlp, arch="no_colon_here")
     with pytest.raises(InputError):
         load_model(mlp, arch=f"{models}:does_not_exist")
