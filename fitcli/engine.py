@@ -344,5 +344,5 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
     wgrads = {}
     for lay, g in zip(chosen, gs[len(names):], strict=True):
         if g is not None:
-            wgrads[lay.name] = (g.detach() / batch.size).to(torch.float64)
+            wgrads[lay.name] = g.detach() / batch.size
     return losses.detach(), grads, wgrads
