@@ -203,7 +203,10 @@ def ablate_layers(
     plans = {n: make_plan(graph, layers[n]) for n in names}
     fallback_noted: set[str] = set()
     nsamp = 0
-    with torch.no_grad(), Progress(progress, "ablating", None) as bar:
+    chunks = None
+    if data.total is not None and (chunk_size or 0) > 0:
+        chunks = data.total * sum(-(-len(sel[n]) // chunk_size) for n in names)
+    with torch.no_grad(), Progress(progress, "ablating", chunks) as bar:
         for bi, cpu_batch in enumerate(data):
             batch = cpu_batch.to(dev)
             bsz = batch.size

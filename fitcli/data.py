@@ -75,11 +75,20 @@ def as_batch(item: Any, where: str = "data") -> Batch:
 class DataSource:
     """Re-iterable batches (entropy needs two passes). ``samples``/``batches`` fill in as we go."""
 
-    def __init__(self, spec: str, factory, max_batches: int | None, has_targets: bool | None = None):
+    def __init__(self, spec: str, factory, max_batches: int | None, has_targets: bool | None = None,
+                 batches: int | None = None):
         self.spec = spec
         self._factory = factory
         self.max_batches = max_batches
         self.has_targets = has_targets
+        self._batches = batches  # known for tensor files and random specs, else None
+
+    @property
+    def total(self) -> int | None:
+        """Batches one pass yields, when known in advance (for progress bars)."""
+        if self._batches is None:
+            return self.max_batches
+        return self._batches if self.max_batches is None else min(self._batches, self.max_batches)
 
     def __iter__(self) -> Iterator[Batch]:
         try:
@@ -214,15 +223,15 @@ def load_data(
             for i in range(0, n, batch_size):
                 yield Batch((torch.randn((min(batch_size, n - i), *shape), generator=g),))
 
-        return DataSource(spec, factory, max_batches, has_targets=False)
+        return DataSource(spec, factory, max_batches, has_targets=False, batches=-(-n // batch_size))
     path = Path(spec)
     try:
         is_file = path.is_file()
     except (OSError, ValueError):  # a name too long for the file system, a NUL byte...
         is_file = False
     if path.suffix.lower() in (".safetensors", ".pt", ".pth", ".bin") or is_file:
-        factory, _, has_t = _tensor_source(path, batch_size)
-        return DataSource(spec, factory, max_batches, has_targets=has_t)
+        factory, n, has_t = _tensor_source(path, batch_size)
+        return DataSource(spec, factory, max_batches, has_targets=has_t, batches=-(-n // batch_size))
     if ":" in spec:
         from fitcli.loading import resolve_callable
 

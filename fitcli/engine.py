@@ -261,7 +261,7 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
     grad_layers = want_grads and loss_fn is not None and any(
         "gradients" in m.needs or m.name == "composite" for ms in state.values() for m in ms.values())
     passes = max((m.passes for ms in state.values() for m in ms.values() if data_driven(m)), default=1)
-    total = data.max_batches
+    total = data.total
     finite_batches = 0
     for p in range(passes):
         label = "scoring" if p == 0 else "entropy pass"
