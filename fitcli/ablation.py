@@ -19,7 +19,6 @@ K·B, one hook masks each copy); the report says which method ran. K comes from 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,7 +240,7 @@ def ablate_layers(
                 base_losses, base_correct = _losses_correct(base_out, batch.targets, loss_fn, accuracy)
                 todo = list(sel[n])
                 k = chunk_size or res.chunk_sizes.get(n) or _auto_chunk(h, plan, base if plan is not None else None,
-                                                                        len(todo), dev, graph)
+                                                                        len(todo), dev)
                 i = 0
                 while i < len(todo):
                     us = todo[i : i + k]
@@ -456,7 +455,7 @@ def _check_batch_first(plan: _Plan, base, bsz: int) -> None:
                 raise _NotBatchFirst()
 
 
-def _auto_chunk(h: torch.Tensor, plan: _Plan | None, base, n_units: int, dev: torch.device, graph: ModelGraph) -> int:
+def _auto_chunk(h: torch.Tensor, plan: _Plan | None, base, n_units: int, dev: torch.device) -> int:
     """Units per pass from free memory: each copy costs about the suffix's activations."""
     if n_units <= 1:
         return 1
@@ -476,4 +475,4 @@ def _auto_chunk(h: torch.Tensor, plan: _Plan | None, base, n_units: int, dev: to
     return max(1, min(n_units, k, 4096))
 
 
-__all__ = ["ablate_layers", "AblationResult", "unit_means", "make_plan", "math"]
+__all__ = ["ablate_layers", "AblationResult", "unit_means", "make_plan"]

@@ -207,7 +207,6 @@ def ablate(
     result = AuditResult(graph=graph, layers=chosen, values={}, metric_info={}, skipped=[], device=str(dev),
                          loss_name=loss_name, notes=list(loaded.notes) + list(graph.notes) + ab.notes)
     result.samples, result.batches = ab.samples, ab.batches
-    result.layer_extra = {}
     from fitcli.metrics.ablation import Ablation
 
     for lay in chosen:
@@ -240,7 +239,6 @@ def ablate(
     # for ablation the most important units have the largest loss increase: rank descending
     report["ranked"] = _rank_ablation(report, top)
     for lay in report["layers"]:
-        lay.pop("nonfinite_ablation", None)
         if unit_sel[lay["name"]] is not None:
             sel = set(unit_sel[lay["name"]])
             lay["nonfinite"] = [u for u in lay["nonfinite"] if u in sel]

@@ -37,6 +37,7 @@ class AuditResult:
     loss_name: str | None = None
     nonfinite_loss_batches: int = 0
     notes: list[str] = field(default_factory=list)
+    layer_extra: dict[str, dict] = field(default_factory=dict)  # per-layer report fields (ablate)
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -241,7 +242,6 @@ def audit(
                            device=dev, chunk_size=chunk_size, progress=progress)
         for lay in chosen:
             state[lay.name]["ablation"] = ab.metrics[lay.name]
-        result.extra_ablation = ab  # type: ignore[attr-defined]
 
     for lay in chosen:
         result.values[lay.name] = {}

@@ -106,7 +106,7 @@ def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by
         else:
             entry["dead"] = []
             entry["dead_fraction"] = 0.0
-        extra = getattr(result, "layer_extra", {}).get(lay.name)
+        extra = result.layer_extra.get(lay.name)
         if extra:
             entry.update(extra)
         layers.append(entry)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -445,4 +444,4 @@ def unit_view(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1)
 
 
-__all__ = ["Layer", "ModelGraph", "discover", "unit_view", "weight_layers", "F"]
+__all__ = ["Layer", "ModelGraph", "discover", "unit_view", "weight_layers"]
