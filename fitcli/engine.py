@@ -19,7 +19,7 @@ from fitcli.data import Batch, DataSource
 from fitcli.errors import InputError, RuntimeAuditError, UsageError, close_matches
 from fitcli.loading import LoadedModel
 from fitcli.losses import LossFn, primary_output, resolve_loss
-from fitcli.metrics.base import NEEDS, Metric, UnitBatch
+from fitcli.metrics.base import NEEDS, Metric, Scratch, UnitBatch
 from fitcli.metrics.registry import get_metric, load_registry
 from fitcli.units import Layer, ModelGraph, discover, unit_view
 
@@ -263,22 +263,36 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
     passes = max((m.passes for ms in state.values() for m in ms.values() if data_driven(m)), default=1)
     total = data.total
     finite_batches = 0
+    scratch = Scratch()  # temporaries reused across batches and layers
     for p in range(passes):
         label = "scoring" if p == 0 else "entropy pass"
         with Progress(progress, label, total) as bar:
             for bi, cpu_batch in enumerate(data):
                 batch = cpu_batch.to(dev)
                 acts: dict[str, torch.Tensor] = {}
+                ubs: dict[str, UnitBatch] = {}
 
-                def grab(name: str, acts: dict[str, torch.Tensor] = acts, p: int = p):
+                def grab(lay: Layer, acts: dict[str, torch.Tensor] = acts, ubs: dict[str, UnitBatch] = ubs, p: int = p):
+                    ms = [m for m in state[lay.name].values() if (data_driven(m) or m.name == "composite") and p < m.passes]
+
                     def fn(t: torch.Tensor) -> torch.Tensor:
+                        if p > 0 and not ms:
+                            return t  # nothing to learn from this layer in this pass
                         if p == 0 and grad_layers and not t.requires_grad and t.is_floating_point():
                             t = t.detach().requires_grad_(True)
-                        acts[name] = t
+                        if p == 0:
+                            acts[lay.name] = t  # kept for the backward
+                        # statistics of the activation alone are taken now, while it is in cache
+                        ub = UnitBatch(weight=lay.weight.detach(), act=unit_view(t.detach(), lay.unit_dim), pass_index=p,
+                                       scratch=scratch)
+                        with torch.no_grad():
+                            for m in ms:
+                                m.prepare(ub)
+                        ubs[lay.name] = ub
                         return t
                     return fn
 
-                callbacks = {lay.name: grab(lay.name) for lay in chosen}
+                callbacks = {lay.name: grab(lay) for lay in chosen}
                 use_grad = p == 0 and grad_layers
                 try:
                     with graph.tap(callbacks), torch.set_grad_enabled(use_grad):
@@ -304,21 +318,17 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                     if out.dim() >= 2 and batch.targets.dim() == 1:
                         correct = out.argmax(dim=-1) == batch.targets.to(out.device)
                 for lay in chosen:
-                    a = acts.get(lay.name)
-                    if a is None:
+                    ub = ubs.get(lay.name)
+                    if ub is None:
                         continue
                     g = grads.get(lay.name)
-                    ub = UnitBatch(
-                        weight=lay.weight.detach(),
-                        act=unit_view(a.detach(), lay.unit_dim),
-                        grad=unit_view(g, lay.unit_dim) if g is not None else None,
-                        weight_grad=wgrads.get(lay.name),
-                        correct=correct, pass_index=p,
-                    )
+                    ub.grad = unit_view(g, lay.unit_dim) if g is not None else None
+                    ub.weight_grad = wgrads.get(lay.name)
+                    ub.correct = correct
                     for m in state[lay.name].values():
                         if (data_driven(m) or m.name == "composite") and p < m.passes:
                             m.update(ub)
-                del acts, outputs
+                del acts, ubs, outputs
                 bar.advance()
         if p == 0 and grad_layers and result.batches and finite_batches == 0:
             raise RuntimeAuditError("the loss is non-finite (NaN or Inf) on every batch",

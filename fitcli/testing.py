@@ -5,6 +5,7 @@ It proves what the engine relies on:
 - streaming over k batches equals one update on their concatenation (skipped for metrics whose
   definition is per batch, ``batch_dependent = True``, e.g. grad_norm);
 - merging two halves equals the whole, in either order;
+- ``prepare()`` followed by ``update()``, as the engine calls them, equals ``update()`` alone;
 - ``reset()`` restores the defaults;
 - ``compute()`` returns one finite float per unit that serialises to JSON.
 
@@ -18,7 +19,7 @@ import json
 
 import torch
 
-from fitcli.metrics.base import Metric, UnitBatch
+from fitcli.metrics.base import Metric, Scratch, UnitBatch
 
 
 def random_batches(units: int = 5, batches: int = 4, batch: int = 6, positions: int = 3, seed: int = 0,
@@ -92,6 +93,17 @@ def check_metric(cls: type[Metric], units: int = 5, seed: int = 0, rtol: float =
     if not torch.isfinite(ref).all():
         raise AssertionError(f"{name}: compute() gave non-finite values on ordinary data: {ref.tolist()}")
     json.dumps([float(v) for v in ref.tolist()], allow_nan=False)
+
+    # the engine calls prepare() during the forward, on a batch with a scratch pool: same answer
+    prepared = cls(units)
+    fresh_batches = random_batches(units=units, seed=seed)
+    pool = Scratch()
+    for p in range(passes):
+        for b in fresh_batches:
+            b.pass_index, b.scratch = p, pool
+            prepared.prepare(b)
+            prepared.update(b)
+    _close(prepared.compute(), ref, "prepare() then update() (as the engine calls them) and update() alone", name, rtol, atol)
 
     if not getattr(cls, "batch_dependent", False):
         one = cls(units)

@@ -596,3 +596,82 @@ def test_hook_free_reference_forward_matches_model(_truth):
         assert set(hs) == set(info["layers"])
         for lay, u in info["layers"].items():
             assert hs[lay].shape[:2] == (32, u)
+
+
+# ---- the histogram's fast paths against a plain per-unit loop ------------------------------------
+
+
+def _loop_counts(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int = 20) -> torch.Tensor:
+    """Counts per unit from the definition, one observation at a time in Python (float32 index
+    arithmetic as the docstring of ``histogram`` states, clamped into [0, bins - 1])."""
+    out = torch.zeros(act.shape[1], bins, dtype=torch.float64)
+    for u in range(act.shape[1]):
+        span = float(hi[u] - lo[u])
+        scale = torch.tensor(bins / span if span > 0 else 0.0, dtype=torch.float32)
+        shift = torch.tensor(-float(lo[u]) * float(scale), dtype=torch.float32)
+        for v in act[:, u, :].flatten().tolist():
+            pos = float(shift + torch.tensor(v, dtype=torch.float32) * scale)
+            out[u, int(min(max(pos, 0.0), bins - 1))] += 1
+    return out
+
+
+@pytest.mark.parametrize("batch", [6, 7])  # even, and odd (one sample left out of the pairing)
+@pytest.mark.parametrize("threads", [1, 2])  # single bincount, and split over threads
+def test_histogram_paired_and_threaded_paths_equal_a_plain_loop(batch, threads, monkeypatch):
+    from fitcli.metrics import activations as A
+    from fitcli.metrics.base import Scratch
+
+    g = torch.Generator().manual_seed(batch)
+    act = torch.randn(batch, 3, 2000, generator=g).clamp_min(-0.3)  # ReLU-like floor, many ties
+    act[:, 1] = 0.5  # a constant unit: everything in bin 0
+    lo = act.amin(dim=(0, 2)).double()
+    hi = act.amax(dim=(0, 2)).double()
+    monkeypatch.setattr(A, "PARALLEL_BINCOUNT", 1000)  # small enough that this input is split
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert act.numel() >= 8 * 3 * 20 * 20  # the paired path is the one under test
+        got = A.histogram(act, lo, hi, scratch=Scratch())
+        again = A.histogram(act, lo, hi)  # no scratch pool: fresh temporaries
+    finally:
+        torch.set_num_threads(before)
+    want = _loop_counts(act, lo, hi)
+    assert torch.equal(got, want)
+    assert torch.equal(again, want)
+    assert got[1, 0] == batch * 2000 and got[1, 1:].sum() == 0
+
+
+def test_histogram_with_nonfinite_range_counts_only_finite_values():
+    from fitcli.metrics.activations import histogram
+
+    act = torch.tensor([[[0.0, 1.0, float("nan"), 2.0]], [[4.0, float("inf"), 3.0, 1.5]]])
+    lo = torch.tensor([float("nan")], dtype=torch.float64)
+    hi = torch.tensor([4.0], dtype=torch.float64)
+    counts = histogram(act, lo, hi)
+    assert counts.sum() < act.numel()  # the non-finite observations are not counted
+    assert bool(torch.isfinite(counts).all())
+
+
+def test_zero_count_and_moments_equal_plain_loops():
+    """The moment sweep's shortcuts (Σ|h| = Σh when nothing is negative, zeros as p − Σ|sign h|)
+    against sums written out per unit, with and without the sample ranges known."""
+    from fitcli.metrics.base import Scratch, UnitBatch
+
+    g = torch.Generator().manual_seed(3)
+    relu = torch.randn(5, 4, 33, generator=g).clamp_min(0)
+    mixed = torch.randn(5, 4, 33, generator=g).clamp_min(-0.2)
+    mixed[0, 0, :5] = 0.0
+    positive = torch.rand(5, 4, 33, generator=g) + 0.1
+    for act in (relu, mixed, positive):
+        a64 = act.double()
+        want = {"abs": [sum(abs(float(v)) for v in a64[:, u].flatten()) for u in range(4)],
+                "zeros": [sum(1 for v in a64[:, u].flatten() if float(v) == 0.0) for u in range(4)],
+                "sumsq": [sum(float(v) ** 2 for v in a64[:, u].flatten()) for u in range(4)],
+                "sum": [sum(float(v) for v in a64[:, u].flatten()) for u in range(4)]}
+        for with_range in (False, True):
+            ub = UnitBatch(weight=torch.zeros(4, 1), act=act, scratch=Scratch())
+            if with_range:
+                ub.sample_range()
+            mom = ub._moments()
+            for k, v in want.items():
+                assert torch.allclose(mom[k], torch.tensor(v, dtype=torch.float64), rtol=1e-6, atol=1e-9), (k, with_range)

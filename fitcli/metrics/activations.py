@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from fitcli.metrics.base import Metric, UnitBatch, safe_div, zeros
+from fitcli.metrics.base import Metric, Scratch, UnitBatch, safe_div, scratch_like, zeros
 
 BINS = 20
 
@@ -14,6 +15,7 @@ BINS = 20
 class _Stats(Metric):
     needs = frozenset({"activations"})
     cost = "1 forward"
+    shares = frozenset({"moments"})
 
     def setup(self) -> None:
         self.add_state("n", torch.zeros((), dtype=torch.float64), "sum")
@@ -64,6 +66,7 @@ def dormancy(mean_abs: torch.Tensor) -> torch.Tensor:
 
 
 class ActVar(Metric):
+    shares = frozenset({"moments"})
     name = "act_var"
     needs = frozenset({"activations"})
     cost = "1 forward"
@@ -88,6 +91,7 @@ class ActVar(Metric):
 
 
 class APoZ(Metric):
+    shares = frozenset({"moments"})
     name = "apoz"
     needs = frozenset({"activations"})
     cost = "1 forward"
@@ -122,7 +126,8 @@ def varies(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return (hi - lo) > 1e-6 * scale
 
 
-def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int = BINS) -> torch.Tensor:
+def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int = BINS,
+              scratch: Scratch | None = None) -> torch.Tensor:
     """Counts ``[units, bins]`` of ``act`` ([batch, units, positions]) in ``bins`` equal-width bins
     over each unit's [lo, hi]; the maximum falls in the last bin and a constant unit's values all
     in bin 0. Computed as ``torch.histc`` does: ``floor((h - lo) / (hi - lo) * bins)`` in the
@@ -134,18 +139,48 @@ def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int =
     scale = torch.where(spread, bins / width, torch.zeros_like(lo))  # constant unit: all in bin 0
     scale_ = scale.to(act.device, dt).reshape(1, units, 1)
     shift_ = (-lo * scale).to(act.device, dt).reshape(1, units, 1)
-    pos = torch.addcmul(shift_, act.to(dt), scale_)  # (h − lo)·bins/(hi − lo), one pass
+    pos = torch.addcmul(shift_, act.to(dt), scale_, out=scratch_like(scratch, "f", act, dt))  # (h − lo)·bins/(hi − lo)
     weights = None
     if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
         ok = torch.isfinite(pos)
         pos = torch.where(ok, pos, torch.zeros_like(pos))
         weights = ok.flatten().to(torch.float64)
     # clamp, then truncate (= floor for values ≥ 0); the maximum lands in the last bin
-    itype = torch.int32 if units * bins < 2**31 else torch.int64  # int32 converts ~10x faster
-    idx = pos.clamp_(0, bins - 1).to(itype)
-    idx += (torch.arange(units, device=act.device, dtype=itype) * bins).reshape(1, units, 1)
-    counts = torch.bincount(idx.flatten(), weights=weights, minlength=units * bins)
-    return counts.reshape(units, bins).to(torch.float64).to(lo.device)
+    itype = torch.int32 if units * bins * bins < 2**31 else torch.int64  # int32 converts ~10x faster
+    idx = scratch_like(scratch, "i", pos, itype).copy_(pos.clamp_(0, bins - 1))  # truncates toward 0
+    half = idx.shape[0] // 2
+    if weights is None and half and idx.numel() >= 8 * units * bins * bins:
+        # Count pairs: sample i's bin and sample i+half's bin (same unit and position) as one code
+        # in bins² cells, then take both marginals: exact, and half the serial increments.
+        pairs = idx[half:2 * half]
+        code = torch.add(pairs, idx[:half], alpha=bins, out=scratch_like(scratch, "i2", pairs))
+        code += (torch.arange(units, device=act.device, dtype=itype) * bins * bins).reshape(1, units, 1)
+        joint = bincount(code.flatten(), None, units * bins * bins).reshape(units, bins, bins)
+        counts = joint.sum(dim=2) + joint.sum(dim=1)
+        if idx.shape[0] % 2:  # the odd sample out
+            last = idx[-1:] + (torch.arange(units, device=act.device, dtype=itype) * bins).reshape(1, units, 1)
+            counts += bincount(last.flatten(), None, units * bins).reshape(units, bins)
+    else:
+        idx += (torch.arange(units, device=act.device, dtype=itype) * bins).reshape(1, units, 1)
+        counts = bincount(idx.flatten(), weights, units * bins).reshape(units, bins)
+    return counts.to(torch.float64).to(lo.device)
+
+
+_POOL: list[ThreadPoolExecutor] = []
+PARALLEL_BINCOUNT = 1 << 20  # elements; below this a second thread costs more than it saves
+
+
+def bincount(idx: torch.Tensor, weights: torch.Tensor | None, minlength: int) -> torch.Tensor:
+    """``torch.bincount``, split over torch's intra-op threads on CPU for large inputs. Its CPU
+    kernel is a single-threaded loop (the one serial step of a score run), so the other cores
+    would idle; partial counts of contiguous slices are summed, which is exact."""
+    threads = torch.get_num_threads()
+    if idx.device.type != "cpu" or weights is not None or threads < 2 or idx.numel() < PARALLEL_BINCOUNT:
+        return torch.bincount(idx, weights=weights, minlength=minlength)
+    if not _POOL or _POOL[0]._max_workers != threads:
+        _POOL[:] = [ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fitcli-bincount")]
+    parts = idx.tensor_split(threads)
+    return sum(_POOL[0].map(lambda part: torch.bincount(part, minlength=minlength), parts))
 
 
 class ActEntropy(Metric):
@@ -154,21 +189,34 @@ class ActEntropy(Metric):
     cost = "2 forwards"
     description = f"entropy (nats) of h in {BINS} equal-width bins over the unit's own [min, max]; 0 for a constant unit"
     passes = 2
+    shares = frozenset({"range"})
 
     def setup(self) -> None:
         self.add_state("lo", torch.full((self.units,), math.inf, dtype=torch.float64), "min")
         self.add_state("hi", torch.full((self.units,), -math.inf, dtype=torch.float64), "max")
         self.add_state("counts", torch.zeros((self.units, BINS), dtype=torch.float64), "sum")
+        self._prepared: tuple[UnitBatch, torch.Tensor] | None = None
+
+    def prepare(self, batch: UnitBatch) -> None:
+        if batch.act is None:
+            return
+        if batch.pass_index == 0:
+            batch.sample_range()
+        else:  # the histogram while the activation is hot; update() picks it up for this batch
+            self._prepared = (batch, histogram(batch.act, self.lo, self.hi, scratch=batch.scratch))
 
     def update(self, batch: UnitBatch) -> None:
         if batch.act is None:
             return
-        h = batch.act  # [batch, units, positions]
         if batch.pass_index == 0:
-            self.lo = torch.minimum(self.lo, h.amin(dim=2).amin(dim=0).to(torch.float64))
-            self.hi = torch.maximum(self.hi, h.amax(dim=2).amax(dim=0).to(torch.float64))
+            lo, hi = batch.sample_range()
+            self.lo = torch.minimum(self.lo, lo.amin(dim=0).to(torch.float64))
+            self.hi = torch.maximum(self.hi, hi.amax(dim=0).to(torch.float64))
         else:
-            self.counts = self.counts + histogram(h, self.lo, self.hi)
+            prepared = getattr(self, "_prepared", None)
+            self._prepared = None
+            counts = prepared[1] if prepared is not None and prepared[0] is batch else histogram(batch.act, self.lo, self.hi, scratch=batch.scratch)
+            self.counts = self.counts + counts
 
     def compute(self) -> torch.Tensor:
         e = entropy_from_counts(self.counts)

@@ -11,6 +11,7 @@ class OutputCorr(Metric):
     name = "output_corr"
     needs = frozenset({"activations", "labels"})
     cost = "1 forward"
+    shares = frozenset({"moments"})
     description = "E[h̄ | correct] − E[h̄ | wrong], h̄ the sample's mean over positions; NaN when a group is empty"
 
     def setup(self) -> None:
