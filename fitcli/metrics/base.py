@@ -112,10 +112,21 @@ class UnitBatch:
         def fn():
             a = self.act
             p = a.shape[2]
+            rng = self._cache.get("range")
+            low = rng[0].min() if rng is not None and rng[0].numel() else None
             if p == 1:  # Linear on [batch, features]: per-sample values are the activations
-                x = a[:, :, 0].to(torch.float64)
-                out = {"sum_s": x, "abs": x.abs().sum(0), "sumsq": x.square().sum(0),
-                       "zeros": (x == 0).sum(0).to(torch.float64)}
+                v = a[:, :, 0]
+                x = scratch_like(self.scratch, "d", v, torch.float64).copy_(v)  # widening is exact
+                tmp = scratch_like(self.scratch, "d2", x)
+                s = x.sum(0)
+                ab = s if low is not None and bool(low >= 0) else torch.abs(x, out=tmp).sum(0)
+                sumsq = torch.mul(x, x, out=tmp).sum(0)  # float64 products of float32 values: exact
+                if low is not None and bool(low > 0):
+                    z = torch.zeros_like(s)
+                else:
+                    z = _zero_count(x.unsqueeze(2), tmp.unsqueeze(2))
+                out = {"abs": ab, "sumsq": sumsq, "zeros": z, "sum": s}
+                return out  # per-sample values: hbar() widens the activation itself
             else:
                 s = a.sum(dim=2)  # [batch, units]
                 m = s / p
@@ -123,8 +134,6 @@ class UnitBatch:
                 torch.sub(a, m.unsqueeze(2), out=c)
                 q2 = c.sum(dim=2)
                 q1 = c.square_().sum(dim=2)
-                rng = self._cache.get("range")
-                low = rng[0].min() if rng is not None and rng[0].numel() else None
                 if low is not None and bool(low >= 0):
                     ab = s  # all values ≥ 0: the same sum, bit for bit
                 else:
@@ -160,13 +169,35 @@ class UnitBatch:
         def fn():
             a, g = self.act, self.grad
             if a.shape == g.shape and a.dtype == g.dtype:
-                return torch.mul(a, g, out=scratch_like(self.scratch, "f", a)).sum(dim=2).to(torch.float64)
+                prod = torch.mul(a, g, out=scratch_like(self.scratch, "f", a))
+                return (prod[:, :, 0] if a.shape[2] == 1 else prod.sum(dim=2)).to(torch.float64)
             return (a * g).sum(dim=2).to(torch.float64)
         return self._get("hg", fn)
 
     def hbar(self) -> torch.Tensor:
         """Each sample's mean activation over positions. ``[batch, units]``"""
-        return self._get("hbar", lambda: self._moments()["sum_s"] / self.act.shape[2])
+        def fn():
+            p = self.act.shape[2]
+            return self._moments()["sum_s"] / p if p > 1 else self.act[:, :, 0].to(torch.float64)
+        return self._get("hbar", fn)
+
+    def hg_sums(self) -> dict[str, torch.Tensor]:
+        """Σ_x hg and Σ_x |hg| per unit (``hg`` as in ``hg()``), float64, without keeping a
+        float64 copy of hg: the temporaries come from the scratch pool."""
+        def fn():
+            if "hg" in self._cache:
+                hg = self._cache["hg"]
+                return {"sum": hg.sum(dim=0), "abs": hg.abs().sum(dim=0)}
+            a, g = self.act, self.grad
+            if a.shape != g.shape or a.dtype != g.dtype:
+                hg = self.hg()
+                return {"sum": hg.sum(dim=0), "abs": hg.abs().sum(dim=0)}
+            prod = torch.mul(a, g, out=scratch_like(self.scratch, "f", a))
+            per = prod[:, :, 0] if a.shape[2] == 1 else prod.sum(dim=2)
+            hg = scratch_like(self.scratch, "d", per, torch.float64).copy_(per)
+            total = hg.sum(dim=0)
+            return {"sum": total, "abs": hg.abs_().sum(dim=0)}
+        return self._get("hg_sums", fn)
 
 
 class Metric:
@@ -251,14 +282,21 @@ class Metric:
 
 
 def _zero_count(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """How many observations of each unit are exactly 0, float64 ``[units]``. Counted as
-    p − Σ|sign(h)| (two light passes; a boolean ``==`` and its sum are several times slower on
-    CPU), exactly as long as float32 counts (2^24) hold; NaN rows and huge maps take ``==``."""
-    p = a.shape[2]
-    if a.is_floating_point() and a.dtype != torch.float16 and p < 2**24:
-        nonzero = torch.sign(a, out=out).abs_().sum(dim=2) if out is not None else torch.sign(a).abs_().sum(dim=2)
-        if bool(torch.isfinite(nonzero).all()):
-            return (p - nonzero.to(torch.float64)).sum(0)
+    """How many observations of each unit of ``a`` ([batch, units, positions]) are exactly 0,
+    float64 ``[units]``. Counted as p − Σ|sign(h)| (two light passes; a boolean ``==`` and its
+    sum are several times slower on CPU), exact while float32 counts (2^24) hold; NaN rows and
+    huge maps take ``==``."""
+    b, _, p = a.shape
+    if a.is_floating_point() and a.dtype != torch.float16 and max(b, p) < 2**24:
+        sign = (torch.sign(a, out=out) if out is not None else torch.sign(a)).abs_()
+        if p == 1:
+            nonzero = sign[:, :, 0].sum(0).to(torch.float64)
+            if bool(torch.isfinite(nonzero).all()):
+                return b - nonzero
+        else:
+            nonzero = sign.sum(dim=2)
+            if bool(torch.isfinite(nonzero).all()):
+                return (p - nonzero.to(torch.float64)).sum(0)
     return (a == 0).sum(dim=2).sum(0).to(torch.float64)
 
 

@@ -21,7 +21,7 @@ class Taylor(Metric):
         if batch.act is None or batch.grad is None:
             return
         self.n = self.n + batch.act.shape[0]
-        self.total = self.total + batch.hg().abs().sum(dim=0).to(self.total.device)
+        self.total = self.total + batch.hg_sums()["abs"].to(self.total.device)
 
     def compute(self) -> torch.Tensor:
         return safe_div(self.total, self.n.expand(self.units))
@@ -35,7 +35,7 @@ class TaylorDelta(Taylor):
         if batch.act is None or batch.grad is None:
             return
         self.n = self.n + batch.act.shape[0]
-        self.total = self.total + batch.hg().sum(dim=0).to(self.total.device)
+        self.total = self.total + batch.hg_sums()["sum"].to(self.total.device)
 
     def compute(self) -> torch.Tensor:
         return -safe_div(self.total, self.n.expand(self.units))
