@@ -28,7 +28,8 @@ test: setup
 
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python bench/score.py
+	$(BIN)/python bench/score.py --model cnn --batches 12
+	$(BIN)/python bench/score.py --model mlp --batches 60 --batch-size 1024
 	$(BIN)/python bench/ablation.py
 
 fuzz: setup

@@ -126,22 +126,31 @@ def varies(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return (hi - lo) > 1e-6 * scale
 
 
-def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int = BINS,
-              scratch: Scratch | None = None) -> torch.Tensor:
-    """Counts ``[units, bins]`` of ``act`` ([batch, units, positions]) in ``bins`` equal-width bins
-    over each unit's [lo, hi]; the maximum falls in the last bin and a constant unit's values all
-    in bin 0. Computed as ``torch.histc`` does: ``floor((h - lo) / (hi - lo) * bins)`` in the
-    activation's precision. Non-finite values are not counted (the unit is flagged instead)."""
-    units = act.shape[1]
-    dt = act.dtype if act.dtype in (torch.float32, torch.float64) else torch.float32
+def bin_map(lo: torch.Tensor, hi: torch.Tensor, bins: int, dtype: torch.dtype,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per-unit ``scale`` and ``shift`` (``[1, units, 1]``) with ``shift + h·scale`` =
+    (h − lo)·bins/(hi − lo), and whether every range is finite. A constant unit gets scale 0."""
+    units = lo.shape[0]
     spread = varies(lo, hi)
     width = torch.where(spread, hi - lo, torch.ones_like(lo))
     scale = torch.where(spread, bins / width, torch.zeros_like(lo))  # constant unit: all in bin 0
-    scale_ = scale.to(act.device, dt).reshape(1, units, 1)
-    shift_ = (-lo * scale).to(act.device, dt).reshape(1, units, 1)
+    finite = bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())
+    return (scale.to(device, dtype).reshape(1, units, 1), (-lo * scale).to(device, dtype).reshape(1, units, 1), finite)
+
+
+def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int = BINS,
+              scratch: Scratch | None = None, mapping: tuple[torch.Tensor, torch.Tensor, bool] | None = None) -> torch.Tensor:
+    """Counts ``[units, bins]`` of ``act`` ([batch, units, positions]) in ``bins`` equal-width bins
+    over each unit's [lo, hi]; the maximum falls in the last bin and a constant unit's values all
+    in bin 0. Computed as ``torch.histc`` does: ``floor((h - lo) / (hi - lo) * bins)`` in the
+    activation's precision. Non-finite values are not counted (the unit is flagged instead).
+    ``mapping``: ``bin_map(lo, hi, ...)`` when the caller already has it."""
+    units = act.shape[1]
+    dt = act.dtype if act.dtype in (torch.float32, torch.float64) else torch.float32
+    scale_, shift_, finite = mapping if mapping is not None else bin_map(lo, hi, bins, dt, act.device)
     pos = torch.addcmul(shift_, act.to(dt), scale_, out=scratch_like(scratch, "f", act, dt))  # (h − lo)·bins/(hi − lo)
     weights = None
-    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+    if not finite:
         ok = torch.isfinite(pos)
         pos = torch.where(ok, pos, torch.zeros_like(pos))
         weights = ok.flatten().to(torch.float64)
@@ -196,6 +205,7 @@ class ActEntropy(Metric):
         self.add_state("hi", torch.full((self.units,), -math.inf, dtype=torch.float64), "max")
         self.add_state("counts", torch.zeros((self.units, BINS), dtype=torch.float64), "sum")
         self._prepared: tuple[UnitBatch, torch.Tensor] | None = None
+        self._map: tuple | None = None  # (lo, hi, (dtype, device), bin_map(...)) of the current pass
 
     def prepare(self, batch: UnitBatch) -> None:
         if batch.act is None:
@@ -203,7 +213,16 @@ class ActEntropy(Metric):
         if batch.pass_index == 0:
             batch.sample_range()
         else:  # the histogram while the activation is hot; update() picks it up for this batch
-            self._prepared = (batch, histogram(batch.act, self.lo, self.hi, scratch=batch.scratch))
+            self._prepared = (batch, self._histogram(batch))
+
+    def _histogram(self, batch: UnitBatch) -> torch.Tensor:
+        act = batch.act
+        dt = act.dtype if act.dtype in (torch.float32, torch.float64) else torch.float32
+        m = self._map
+        if m is None or m[0] is not self.lo or m[1] is not self.hi or m[2] != (dt, act.device):
+            # lo/hi are fixed during the second pass: the bin mapping is made once per pass
+            m = self._map = (self.lo, self.hi, (dt, act.device), bin_map(self.lo, self.hi, BINS, dt, act.device))
+        return histogram(act, self.lo, self.hi, scratch=batch.scratch, mapping=m[3])
 
     def update(self, batch: UnitBatch) -> None:
         if batch.act is None:
@@ -215,7 +234,7 @@ class ActEntropy(Metric):
         else:
             prepared = getattr(self, "_prepared", None)
             self._prepared = None
-            counts = prepared[1] if prepared is not None and prepared[0] is batch else histogram(batch.act, self.lo, self.hi, scratch=batch.scratch)
+            counts = prepared[1] if prepared is not None and prepared[0] is batch else self._histogram(batch)
             self.counts = self.counts + counts
 
     def compute(self) -> torch.Tensor:

@@ -181,6 +181,11 @@ class UnitBatch:
             return self._moments()["sum_s"] / p if p > 1 else self.act[:, :, 0].to(torch.float64)
         return self._get("hbar", fn)
 
+    def weight_grad_norm(self) -> torch.Tensor:
+        """‖weight_grad[i, ...]‖₂ per unit, float64 (shared by grad_norm and composite)."""
+        assert self.weight_grad is not None
+        return self._get("weight_grad_norm", lambda: rownorm(self.weight_grad))
+
     def hg_sums(self) -> dict[str, torch.Tensor]:
         """Σ_x hg and Σ_x |hg| per unit (``hg`` as in ``hg()``), float64, without keeping a
         float64 copy of hg: the temporaries come from the scratch pool."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fitcli.metrics.base import Metric, UnitBatch, rownorm, zeros
+from fitcli.metrics.base import Metric, UnitBatch, zeros
 
 
 class GradNorm(Metric):
@@ -21,7 +21,7 @@ class GradNorm(Metric):
     def update(self, batch: UnitBatch) -> None:
         if batch.weight_grad is None:
             return
-        self.total = self.total + rownorm(batch.weight_grad).to(self.total.device)
+        self.total = self.total + batch.weight_grad_norm().to(self.total.device)
         self.batches = self.batches + 1
 
     def compute(self) -> torch.Tensor:
