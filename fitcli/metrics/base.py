@@ -133,7 +133,7 @@ class UnitBatch:
                 c = scratch_like(self.scratch, "f", a, torch.promote_types(a.dtype, m.dtype))  # the one temporary
                 torch.sub(a, m.unsqueeze(2), out=c)
                 q2 = c.sum(dim=2)
-                q1 = c.square_().sum(dim=2)
+                q1 = torch.linalg.vector_norm(c, 2, dim=2).square()  # Σc², one read, no temporary
                 if low is not None and bool(low >= 0):
                     ab = s  # all values ≥ 0: the same sum, bit for bit
                 else:
@@ -141,7 +141,7 @@ class UnitBatch:
                 if low is not None and bool(low > 0):
                     z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
                 else:
-                    z = _zero_count(a, c if c.dtype == a.dtype else None)
+                    z = _zero_count(a, c if c.dtype == a.dtype else None, nonneg=low is not None and bool(low >= 0))
                 stacked = torch.stack([s, q1, q2, ab, m]).to(torch.float64)
                 s64, q1, q2, ab, m64 = stacked.unbind(0)
                 out = {"sum_s": s64, "abs": ab.sum(0), "zeros": z,
@@ -286,14 +286,16 @@ class Metric:
         return {}
 
 
-def _zero_count(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _zero_count(a: torch.Tensor, out: torch.Tensor | None = None, nonneg: bool = False) -> torch.Tensor:
     """How many observations of each unit of ``a`` ([batch, units, positions]) are exactly 0,
     float64 ``[units]``. Counted as p − Σ|sign(h)| (two light passes; a boolean ``==`` and its
     sum are several times slower on CPU), exact while float32 counts (2^24) hold; NaN rows and
-    huge maps take ``==``."""
+    huge maps take ``==``. ``nonneg``: the caller knows no value is negative (NaN excepted)."""
     b, _, p = a.shape
     if a.is_floating_point() and a.dtype != torch.float16 and max(b, p) < 2**24:
-        sign = (torch.sign(a, out=out) if out is not None else torch.sign(a)).abs_()
+        sign = torch.sign(a, out=out) if out is not None else torch.sign(a)
+        if not nonneg:  # known ≥ 0: sign is already 0 or 1
+            sign.abs_()
         if p == 1:
             nonzero = sign[:, :, 0].sum(0).to(torch.float64)
             if bool(torch.isfinite(nonzero).all()):
