@@ -662,7 +662,10 @@ def test_zero_count_and_moments_equal_plain_loops():
     mixed = torch.randn(5, 4, 33, generator=g).clamp_min(-0.2)
     mixed[0, 0, :5] = 0.0
     positive = torch.rand(5, 4, 33, generator=g) + 0.1
-    for act in (relu, mixed, positive):
+    linear = torch.randn(64, 4, 1, generator=g).clamp_min(-0.1) + 3.0  # Linear layout: p = 1, |mean| ≫ std
+    linear[:7, 2] = 0.0
+    constant = torch.full((9, 4, 1), 0.1)  # a mean that is not exact in float32
+    for act in (relu, mixed, positive, relu[:, :, :1], mixed[:, :, :1], linear, constant):
         a64 = act.double()
         want = {"abs": [sum(abs(float(v)) for v in a64[:, u].flatten()) for u in range(4)],
                 "zeros": [sum(1 for v in a64[:, u].flatten() if float(v) == 0.0) for u in range(4)],
@@ -675,3 +678,8 @@ def test_zero_count_and_moments_equal_plain_loops():
             mom = ub._moments()
             for k, v in want.items():
                 assert torch.allclose(mom[k], torch.tensor(v, dtype=torch.float64), rtol=1e-6, atol=1e-9), (k, with_range)
+            # the variance act_var derives, against the two-pass definition (cancellation-prone)
+            n = act.shape[0] * act.shape[2]
+            var = mom["sumsq"] / n - (mom["sum"] / n) ** 2
+            ref = torch.tensor([float(((a64[:, u] - a64[:, u].mean()) ** 2).mean()) for u in range(4)], dtype=torch.float64)
+            assert torch.allclose(var, ref, rtol=1e-5, atol=1e-12), (var, ref)

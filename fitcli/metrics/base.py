@@ -114,19 +114,26 @@ class UnitBatch:
             p = a.shape[2]
             rng = self._cache.get("range")
             low = rng[0].min() if rng is not None and rng[0].numel() else None
-            if p == 1:  # Linear on [batch, features]: per-sample values are the activations
+            if p == 1:  # Linear on [batch, features]: the samples are the observations
                 v = a[:, :, 0]
-                x = scratch_like(self.scratch, "d", v, torch.float64).copy_(v)  # widening is exact
-                tmp = scratch_like(self.scratch, "d2", x)
-                s = x.sum(0)
-                ab = s if low is not None and bool(low >= 0) else torch.abs(x, out=tmp).sum(0)
-                sumsq = torch.mul(x, x, out=tmp).sum(0)  # float64 products of float32 values: exact
+                if v.dtype not in (torch.float32, torch.float64):
+                    v = v.to(torch.float32)
+                b = v.shape[0]
+                # centred on the batch mean, in the activation's dtype (no float64 copy): the
+                # centred squares keep their precision, the exact identities restore the sums
+                m = v.mean(dim=0)
+                c = torch.sub(v, m, out=scratch_like(self.scratch, "f", v))
+                q2 = c.sum(dim=0).to(torch.float64)
+                q1 = torch.linalg.vector_norm(c, 2, dim=0).to(torch.float64).square()
+                m64 = m.to(torch.float64)
+                total = b * m64 + q2  # Σh = Σ(h − m) + b·m
+                nonneg = low is not None and bool(low >= 0)
+                ab = total if nonneg else torch.abs(v, out=c).sum(dim=0).to(torch.float64)
                 if low is not None and bool(low > 0):
-                    z = torch.zeros_like(s)
+                    z = torch.zeros_like(total)
                 else:
-                    z = _zero_count(x.unsqueeze(2), tmp.unsqueeze(2))
-                out = {"abs": ab, "sumsq": sumsq, "zeros": z, "sum": s}
-                return out  # per-sample values: hbar() widens the activation itself
+                    z = _zero_count(v.unsqueeze(2), c.unsqueeze(2), nonneg=nonneg)
+                return {"abs": ab, "sumsq": q1 + 2 * m64 * q2 + b * m64.square(), "zeros": z, "sum": total}
             else:
                 s = a.sum(dim=2)  # [batch, units]
                 m = s / p
@@ -180,6 +187,17 @@ class UnitBatch:
             p = self.act.shape[2]
             return self._moments()["sum_s"] / p if p > 1 else self.act[:, :, 0].to(torch.float64)
         return self._get("hbar", fn)
+
+    def hbar_sums(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_x w_x·h̄_x, Σ_x h̄_x) per unit, float64, for sample weights ``w`` ([batch],
+        float64). For Linear layers the activation is widened into the scratch pool, not kept."""
+        p = self.act.shape[2]
+        if p > 1 or "hbar" in self._cache or self.scratch is None:
+            hb = self.hbar()
+            return w @ hb, hb.sum(dim=0)
+        v = self.act[:, :, 0]
+        x = scratch_like(self.scratch, "d", v, torch.float64).copy_(v)
+        return w @ x, x.sum(dim=0)
 
     def weight_grad_norm(self) -> torch.Tensor:
         """‖weight_grad[i, ...]‖₂ per unit, float64 (shared by grad_norm and composite)."""

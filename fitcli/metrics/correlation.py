@@ -23,13 +23,12 @@ class OutputCorr(Metric):
     def update(self, batch: UnitBatch) -> None:
         if batch.act is None or batch.correct is None:
             return
-        hbar = batch.hbar()  # [batch, units]
-        c = batch.correct.to(hbar.device, torch.float64)  # 1 correct, 0 wrong
-        right = c @ hbar  # Σ over correct samples, one matmul
+        c = batch.correct.to(batch.act.device, torch.float64)  # 1 correct, 0 wrong
+        right, total = batch.hbar_sums(c)  # Σ h̄ over correct samples (one matmul), and over all
         self.n_right = self.n_right + c.sum()
         self.n_wrong = self.n_wrong + (c.numel() - c.sum())
         self.s_right = self.s_right + right
-        self.s_wrong = self.s_wrong + (hbar.sum(dim=0) - right)
+        self.s_wrong = self.s_wrong + (total - right)
 
     def compute(self) -> torch.Tensor:
         return safe_div(self.s_right, self.n_right.expand(self.units)) - safe_div(self.s_wrong, self.n_wrong.expand(self.units))
