@@ -683,3 +683,21 @@ def test_zero_count_and_moments_equal_plain_loops():
             var = mom["sumsq"] / n - (mom["sum"] / n) ** 2
             ref = torch.tensor([float(((a64[:, u] - a64[:, u].mean()) ** 2).mean()) for u in range(4)], dtype=torch.float64)
             assert torch.allclose(var, ref, rtol=1e-5, atol=1e-12), (var, ref)
+
+
+def test_scratch_pool_reuses_one_buffer_per_slot_and_grows_only_when_asked():
+    from fitcli.metrics.base import Scratch
+
+    pool = Scratch()
+    a = pool.get("f", (4, 5), torch.float32, torch.device("cpu"))
+    b = pool.get("f", (2, 3), torch.float32, torch.device("cpu"))
+    assert a.data_ptr() == b.data_ptr()  # the same memory, not a fresh allocation per request
+    c = pool.get("g", (2, 3), torch.float32, torch.device("cpu"))
+    assert c.data_ptr() != a.data_ptr()  # another slot: both may be live at once
+    d = pool.get("f", (2, 3), torch.int32, torch.device("cpu"))
+    assert d.dtype == torch.int32 and d.data_ptr() != a.data_ptr()
+    big = pool.get("f", (10, 10), torch.float32, torch.device("cpu"))
+    assert big.shape == (10, 10) and big.is_contiguous()
+    again = pool.get("f", (4, 5), torch.float32, torch.device("cpu"))
+    assert again.data_ptr() == big.data_ptr()  # grown once, then reused
+    assert sum(t.numel() * t.element_size() for t in pool._bufs.values()) == 100 * 4 + 6 * 4 + 6 * 4

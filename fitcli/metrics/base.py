@@ -124,7 +124,7 @@ class UnitBatch:
                 m = v.mean(dim=0)
                 c = torch.sub(v, m, out=scratch_like(self.scratch, "f", v))
                 q2 = c.sum(dim=0).to(torch.float64)
-                q1 = torch.linalg.vector_norm(c, 2, dim=0).to(torch.float64).square()
+                q1 = c.square_().sum(dim=0).to(torch.float64)  # (vector_norm over dim 0 is ~10x slower)
                 m64 = m.to(torch.float64)
                 total = b * m64 + q2  # Σh = Σ(h − m) + b·m
                 nonneg = low is not None and bool(low >= 0)
