@@ -158,9 +158,9 @@ def main() -> None:
         # matmul work of the suffix actually needed: fc4 for every unit, on every sample
         flops = 2.0 * args.width * args.width * args.samples * args.width
         figures["achieved_tflops"] = flops / t_fit / 1e12
-    print(json.dumps(figures))
-    if args.json:
+    if args.json:  # before printing: a closed stdout (| head) must not lose the file
         Path(args.json).write_text(json.dumps(figures, indent=2))
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

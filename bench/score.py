@@ -138,9 +138,9 @@ def main() -> None:
     figures = {"model": args.model, "plain_s": t_plain, "score_s": t_score, "ratio": ratio,
                "ratio_fastest": t_score / t_plain, "pairs": [[p, s] for p, s in pairs], "rss_1x_kb": small, "rss_10x_kb": big,
                "rss_growth": growth, "threads": torch.get_num_threads(), "torch": torch.__version__}
-    print(json.dumps(figures))
-    if args.json:
+    if args.json:  # before printing: a closed stdout (| head) must not lose the file
         Path(args.json).write_text(json.dumps(figures, indent=2))
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
