@@ -701,3 +701,16 @@ def test_scratch_pool_reuses_one_buffer_per_slot_and_grows_only_when_asked():
     again = pool.get("f", (4, 5), torch.float32, torch.device("cpu"))
     assert again.data_ptr() == big.data_ptr()  # grown once, then reused
     assert sum(t.numel() * t.element_size() for t in pool._bufs.values()) == 100 * 4 + 6 * 4 + 6 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_zero_count_is_exact_in_low_precision_dtypes(dtype):
+    """Counting zeros as p − Σ|sign h| is only exact where the float sum of ones is: a bfloat16
+    sum stops counting at 256, so low-precision activations must take the == path."""
+    from fitcli.metrics.base import _zero_count
+
+    act = torch.ones(3, 2, 1000, dtype=dtype)
+    act[:, 0, :700] = 0
+    act[1, 1, :5] = 0
+    got = _zero_count(act)
+    assert got.tolist() == [3 * 700, 5]

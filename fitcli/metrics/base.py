@@ -310,7 +310,7 @@ def _zero_count(a: torch.Tensor, out: torch.Tensor | None = None, nonneg: bool =
     sum are several times slower on CPU), exact while float32 counts (2^24) hold; NaN rows and
     huge maps take ``==``. ``nonneg``: the caller knows no value is negative (NaN excepted)."""
     b, _, p = a.shape
-    if a.is_floating_point() and a.dtype != torch.float16 and max(b, p) < 2**24:
+    if a.dtype in (torch.float32, torch.float64) and max(b, p) < 2**24:  # exact float counts
         sign = torch.sign(a, out=out) if out is not None else torch.sign(a)
         if not nonneg:  # known ≥ 0: sign is already 0 or 1
             sign.abs_()
