@@ -322,3 +322,31 @@ def test_unit_view_layouts():
     conv = torch.randn(2, 4, 3, 3)  # [batch, channels, h, w]
     v = unit_view(conv, 1)
     assert v.shape == (2, 4, 9) and torch.equal(v[0, 3], conv[0, 3].flatten())
+
+
+def test_score_through_runtime_hooks_equals_score_through_fx():
+    """Every default metric, audited through the runtime fallback (module hooks + the
+    TorchFunctionMode, with the per-batch statistics taken inside those callbacks) equals the same
+    audit through the fx probes, on identical weights and data."""
+    from fitcli.data import DataSource
+    from fitcli.engine import audit
+    from fitcli.loading import LoadedModel
+
+    traceable, nontraceable = _pair()
+    g = torch.Generator().manual_seed(5)
+    batches = [Batch((torch.randn(n, 8, generator=g),), {}, torch.randint(0, 8, (n,), generator=g)) for n in (16, 9, 16)]
+    data = DataSource("test", lambda: iter(batches), None)
+
+    def run(model):
+        loaded = LoadedModel("m", "memory", "-", model.state_dict(), module=model)
+        return audit(loaded, data, device="cpu")
+
+    fx, rt = run(traceable), run(nontraceable)
+    assert fx.graph.method == "fx" and rt.graph.method == "runtime"
+    assert set(fx.values) == set(rt.values) == set(EXPECTED_POINTS)
+    for layer, metrics in fx.values.items():
+        # weight_norm_out needs the consumers of each unit, which only a traced graph gives
+        assert set(metrics) - set(rt.values[layer]) <= {"weight_norm_out"} and set(rt.values[layer]) <= set(metrics)
+        for name, v in rt.values[layer].items():
+            assert torch.allclose(metrics[name], v, rtol=1e-6, atol=1e-9, equal_nan=True), (layer, name)
+        assert float(metrics["act_mean"].sum()) > 0 and float(metrics["taylor"].sum()) > 0  # fed, not empty
