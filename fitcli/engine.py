@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 from fitcli.data import Batch, DataSource
-from fitcli.errors import InputError, RuntimeAuditError, UsageError, close_matches
+from fitcli.errors import (
+    FitcliError,
+    InputError,
+    Interrupted,
+    RuntimeAuditError,
+    UsageError,
+    close_matches,
+)
 from fitcli.loading import LoadedModel
 from fitcli.losses import LossFn, primary_output, resolve_loss
 from fitcli.metrics.base import NEEDS, Metric, Scratch, UnitBatch
@@ -272,7 +279,8 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                 acts: dict[str, torch.Tensor] = {}
                 ubs: dict[str, UnitBatch] = {}
 
-                def grab(lay: Layer, acts: dict[str, torch.Tensor] = acts, ubs: dict[str, UnitBatch] = ubs, p: int = p):
+                def grab(lay: Layer, acts: dict[str, torch.Tensor] = acts, ubs: dict[str, UnitBatch] = ubs, p: int = p,
+                         bi: int = bi):
                     ms = [m for m in state[lay.name].values() if (data_driven(m) or m.name == "composite") and p < m.passes]
 
                     def fn(t: torch.Tensor) -> torch.Tensor:
@@ -287,7 +295,8 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                                        scratch=scratch)
                         with torch.no_grad():
                             for m in ms:
-                                m.prepare(ub)
+                                with _metric_errors(m, lay, bi):
+                                    m.prepare(ub)
                         ubs[lay.name] = ub
                         return t
                     return fn
@@ -327,12 +336,27 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                     ub.correct = correct
                     for m in state[lay.name].values():
                         if (data_driven(m) or m.name == "composite") and p < m.passes:
-                            m.update(ub)
+                            with _metric_errors(m, lay, bi):
+                                m.update(ub)
                 del acts, ubs, outputs
                 bar.advance()
         if p == 0 and grad_layers and result.batches and finite_batches == 0:
             raise RuntimeAuditError("the loss is non-finite (NaN or Inf) on every batch",
                                     hint="check the model's weights and the data for NaN/Inf")
+
+
+@contextmanager
+def _metric_errors(m: Metric, lay: Layer, batch_index: int) -> Iterator[None]:
+    """A metric that raises (a plugin's bug) is named as such, not mistaken for a data/model
+    mismatch (prepare() runs inside the model's forward)."""
+    try:
+        yield
+    except (FitcliError, Interrupted):
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise RuntimeAuditError(f"metric {m.name!r} failed on layer {lay.name}, batch {batch_index}: "
+                                f"{type(e).__name__}{': ' + msg if msg else ''}") from e
 
 
 def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts: dict[str, torch.Tensor],

@@ -196,3 +196,29 @@ def test_refresh_drops_a_plugin_that_is_gone(tmp_path, monkeypatch):
         reg = load_registry(refresh=True)
     assert "max_abs" not in reg and "broken" not in reg
     assert "taylor" in reg
+
+
+def test_a_metric_that_raises_is_named_and_not_blamed_on_the_data(monkeypatch):
+    """prepare() runs inside the model's forward, where a data/model mismatch is also caught: a
+    metric's own exception must come out as that metric's failure (exit 4), naming it."""
+    import torch
+
+    from fitcli.data import Batch, DataSource
+    from fitcli.engine import audit
+    from fitcli.errors import RuntimeAuditError
+    from fitcli.loading import LoadedModel
+    from fitcli.metrics.activations import ActMean
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    batches = [Batch((torch.randn(5, 4),), {}, torch.tensor([0, 1, 0, 1, 1]))]
+    data = DataSource("t", lambda: iter(batches), None)
+    loaded = LoadedModel("m", "memory", "-", model.state_dict(), module=model)
+
+    def boom(self, batch):
+        raise ValueError("plugin bug")
+
+    for hook in ("prepare", "update"):
+        with monkeypatch.context() as mp:
+            mp.setattr(ActMean, hook, boom)
+            with pytest.raises(RuntimeAuditError, match=r"metric 'act_mean' failed on layer 0, batch 0: ValueError: plugin bug"):
+                audit(loaded, data, metrics=["act_mean"], device="cpu")
