@@ -273,6 +273,8 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
     scratch = Scratch()  # temporaries reused across batches and layers
     for p in range(passes):
         label = "scoring" if p == 0 else "entropy pass"
+        active = {lay.name: [m for m in state[lay.name].values() if (data_driven(m) or m.name == "composite") and p < m.passes]
+                  for lay in chosen}  # the metrics fed in this pass, per layer
         with Progress(progress, label, total) as bar:
             for bi, cpu_batch in enumerate(data):
                 batch = cpu_batch.to(dev)
@@ -280,8 +282,8 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                 ubs: dict[str, UnitBatch] = {}
 
                 def grab(lay: Layer, acts: dict[str, torch.Tensor] = acts, ubs: dict[str, UnitBatch] = ubs, p: int = p,
-                         bi: int = bi):
-                    ms = [m for m in state[lay.name].values() if (data_driven(m) or m.name == "composite") and p < m.passes]
+                         bi: int = bi, active: dict[str, list[Metric]] = active):
+                    ms = active[lay.name]
 
                     def fn(t: torch.Tensor) -> torch.Tensor:
                         if p > 0 and not ms:
@@ -294,9 +296,14 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                         ub = UnitBatch(weight=lay.weight.detach(), act=unit_view(t.detach(), lay.unit_dim), pass_index=p,
                                        scratch=scratch)
                         with torch.no_grad():
-                            for m in ms:
-                                with _metric_errors(m, lay, bi):
+                            m = None
+                            try:
+                                for m in ms:
                                     m.prepare(ub)
+                            except (FitcliError, Interrupted):
+                                raise
+                            except Exception as e:
+                                raise _metric_failure(m, lay, bi, e) from e
                         ubs[lay.name] = ub
                         return t
                     return fn
@@ -334,10 +341,14 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                     ub.grad = unit_view(g, lay.unit_dim) if g is not None else None
                     ub.weight_grad = wgrads.get(lay.name)
                     ub.correct = correct
-                    for m in state[lay.name].values():
-                        if (data_driven(m) or m.name == "composite") and p < m.passes:
-                            with _metric_errors(m, lay, bi):
-                                m.update(ub)
+                    m = None
+                    try:
+                        for m in active[lay.name]:
+                            m.update(ub)
+                    except (FitcliError, Interrupted):
+                        raise
+                    except Exception as e:
+                        raise _metric_failure(m, lay, bi, e) from e
                 del acts, ubs, outputs
                 bar.advance()
         if p == 0 and grad_layers and result.batches and finite_batches == 0:
@@ -345,18 +356,13 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                                     hint="check the model's weights and the data for NaN/Inf")
 
 
-@contextmanager
-def _metric_errors(m: Metric, lay: Layer, batch_index: int) -> Iterator[None]:
+def _metric_failure(m: Metric | None, lay: Layer, batch_index: int, e: Exception) -> RuntimeAuditError:
     """A metric that raises (a plugin's bug) is named as such, not mistaken for a data/model
     mismatch (prepare() runs inside the model's forward)."""
-    try:
-        yield
-    except (FitcliError, Interrupted):
-        raise
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise RuntimeAuditError(f"metric {m.name!r} failed on layer {lay.name}, batch {batch_index}: "
-                                f"{type(e).__name__}{': ' + msg if msg else ''}") from e
+    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    name = m.name if m is not None else "?"
+    return RuntimeAuditError(f"metric {name!r} failed on layer {lay.name}, batch {batch_index}: "
+                             f"{type(e).__name__}{': ' + msg if msg else ''}")
 
 
 def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts: dict[str, torch.Tensor],
