@@ -384,5 +384,5 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
     wgrads = {}
     for lay, g in zip(chosen, gs[len(names):], strict=True):
         if g is not None:
-            wgrads[lay.name] = g.detach() / batch.size
+            wgrads[lay.name] = g.detach().div_(batch.size)  # autograd.grad returned a fresh tensor: no copy
     return losses.detach(), grads, wgrads
