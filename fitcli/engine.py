@@ -296,14 +296,7 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                         ub = UnitBatch(weight=lay.weight.detach(), act=unit_view(t.detach(), lay.unit_dim), pass_index=p,
                                        scratch=scratch)
                         with torch.no_grad():
-                            m = None
-                            try:
-                                for m in ms:
-                                    m.prepare(ub)
-                            except (FitcliError, Interrupted):
-                                raise
-                            except Exception as e:
-                                raise _metric_failure(m, lay, bi, e) from e
+                            _feed(ms, "prepare", ub, lay, bi)
                         ubs[lay.name] = ub
                         return t
                     return fn
@@ -341,14 +334,7 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                     ub.grad = unit_view(g, lay.unit_dim) if g is not None else None
                     ub.weight_grad = wgrads.get(lay.name)
                     ub.correct = correct
-                    m = None
-                    try:
-                        for m in active[lay.name]:
-                            m.update(ub)
-                    except (FitcliError, Interrupted):
-                        raise
-                    except Exception as e:
-                        raise _metric_failure(m, lay, bi, e) from e
+                    _feed(active[lay.name], "update", ub, lay, bi)
                 del acts, ubs, outputs
                 bar.advance()
         if p == 0 and grad_layers and result.batches and finite_batches == 0:
@@ -356,13 +342,19 @@ def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dic
                                     hint="check the model's weights and the data for NaN/Inf")
 
 
-def _metric_failure(m: Metric | None, lay: Layer, batch_index: int, e: Exception) -> RuntimeAuditError:
-    """A metric that raises (a plugin's bug) is named as such, not mistaken for a data/model
-    mismatch (prepare() runs inside the model's forward)."""
-    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    name = m.name if m is not None else "?"
-    return RuntimeAuditError(f"metric {name!r} failed on layer {lay.name}, batch {batch_index}: "
-                             f"{type(e).__name__}{': ' + msg if msg else ''}")
+def _feed(metrics: list[Metric], method: str, ub: UnitBatch, lay: Layer, batch_index: int) -> None:
+    """Call ``prepare`` or ``update`` of each metric. A metric that raises (a plugin's bug) is
+    named as such, not mistaken for a data/model mismatch (prepare() runs inside the forward)."""
+    m = None
+    try:
+        for m in metrics:
+            getattr(m, method)(ub)
+    except (FitcliError, Interrupted):
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise RuntimeAuditError(f"metric {m.name if m is not None else '?'!r} failed on layer {lay.name}, "
+                                f"batch {batch_index}: {type(e).__name__}{': ' + msg if msg else ''}") from e
 
 
 def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts: dict[str, torch.Tensor],

@@ -66,10 +66,10 @@ def dormancy(mean_abs: torch.Tensor) -> torch.Tensor:
 
 
 class ActVar(Metric):
-    shares = frozenset({"moments"})
     name = "act_var"
     needs = frozenset({"activations"})
     cost = "1 forward"
+    shares = frozenset({"moments"})
     description = "population variance of h over all observations"
 
     def setup(self) -> None:
@@ -91,10 +91,10 @@ class ActVar(Metric):
 
 
 class APoZ(Metric):
-    shares = frozenset({"moments"})
     name = "apoz"
     needs = frozenset({"activations"})
     cost = "1 forward"
+    shares = frozenset({"moments"})
     description = "fraction of observations with h == 0 (Average Percentage of Zeros)"
 
     def setup(self) -> None:
@@ -126,6 +126,11 @@ def varies(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return (hi - lo) > 1e-6 * scale
 
 
+def _bin_dtype(act: torch.Tensor) -> torch.dtype:
+    """The precision bin positions are computed in: the activation's, at least float32."""
+    return act.dtype if act.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def bin_map(lo: torch.Tensor, hi: torch.Tensor, bins: int, dtype: torch.dtype,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Per-unit ``scale`` and ``shift`` (``[1, units, 1]``) with ``shift + h·scale`` =
@@ -146,7 +151,7 @@ def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int =
     activation's precision. Non-finite values are not counted (the unit is flagged instead).
     ``mapping``: ``bin_map(lo, hi, ...)`` when the caller already has it."""
     units = act.shape[1]
-    dt = act.dtype if act.dtype in (torch.float32, torch.float64) else torch.float32
+    dt = _bin_dtype(act)
     scale_, shift_, finite = mapping if mapping is not None else bin_map(lo, hi, bins, dt, act.device)
     # (h − lo)·bins/(hi − lo) as h·scale + shift: a broadcast multiply and an in-place add run
     # ~2x faster on CPU than one broadcast addcmul, and ReLU layers (lo = 0) skip the add
@@ -161,20 +166,21 @@ def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int =
     # clamp, then truncate (= floor for values ≥ 0); the maximum lands in the last bin
     itype = torch.int32 if units * bins * bins < 2**31 else torch.int64  # int32 converts ~10x faster
     idx = scratch_like(scratch, "i", pos, itype).copy_(pos.clamp_(0, bins - 1))  # truncates toward 0
+    unit = torch.arange(units, device=act.device, dtype=itype).reshape(1, units, 1)  # × cells per unit
     half = idx.shape[0] // 2
     if weights is None and half and idx.numel() >= 8 * units * bins * bins:
         # Count pairs: sample i's bin and sample i+half's bin (same unit and position) as one code
         # in bins² cells, then take both marginals: exact, and half the serial increments.
         pairs = idx[half:2 * half]
         code = torch.add(pairs, idx[:half], alpha=bins, out=scratch_like(scratch, "i2", pairs))
-        code += (torch.arange(units, device=act.device, dtype=itype) * bins * bins).reshape(1, units, 1)
+        code += unit * (bins * bins)
         joint = bincount(code.flatten(), None, units * bins * bins).reshape(units, bins, bins)
         counts = joint.sum(dim=2) + joint.sum(dim=1)
         if idx.shape[0] % 2:  # the odd sample out
-            last = idx[-1:] + (torch.arange(units, device=act.device, dtype=itype) * bins).reshape(1, units, 1)
+            last = idx[-1:] + unit * bins
             counts += bincount(last.flatten(), None, units * bins).reshape(units, bins)
     else:
-        idx += (torch.arange(units, device=act.device, dtype=itype) * bins).reshape(1, units, 1)
+        idx += unit * bins
         counts = bincount(idx.flatten(), weights, units * bins).reshape(units, bins)
     return counts.to(torch.float64).to(lo.device)
 
@@ -221,7 +227,7 @@ class ActEntropy(Metric):
 
     def _histogram(self, batch: UnitBatch) -> torch.Tensor:
         act = batch.act
-        dt = act.dtype if act.dtype in (torch.float32, torch.float64) else torch.float32
+        dt = _bin_dtype(act)
         m = self._map
         if m is None or m[0] is not self.lo or m[1] is not self.hi or m[2] != (dt, act.device):
             # lo/hi are fixed during the second pass: the bin mapping is made once per pass
@@ -236,8 +242,7 @@ class ActEntropy(Metric):
             self.lo = torch.minimum(self.lo, lo.amin(dim=0).to(torch.float64))
             self.hi = torch.maximum(self.hi, hi.amax(dim=0).to(torch.float64))
         else:
-            prepared = getattr(self, "_prepared", None)
-            self._prepared = None
+            prepared, self._prepared = self._prepared, None
             counts = prepared[1] if prepared is not None and prepared[0] is batch else self._histogram(batch)
             self.counts = self.counts + counts
 

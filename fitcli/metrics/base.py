@@ -112,8 +112,10 @@ class UnitBatch:
         def fn():
             a = self.act
             p = a.shape[2]
-            rng = self._cache.get("range")
+            rng = self._cache.get("range")  # known only when a metric shares it (entropy)
             low = rng[0].min() if rng is not None and rng[0].numel() else None
+            nonneg = low is not None and bool(low >= 0)  # then Σ|h| = Σh
+            positive = low is not None and bool(low > 0)  # then nothing is zero
             if p == 1:  # Linear on [batch, features]: the samples are the observations
                 v = a[:, :, 0]
                 if v.dtype not in (torch.float32, torch.float64):
@@ -127,9 +129,8 @@ class UnitBatch:
                 q1 = c.square_().sum(dim=0).to(torch.float64)  # (vector_norm over dim 0 is ~10x slower)
                 m64 = m.to(torch.float64)
                 total = b * m64 + q2  # Σh = Σ(h − m) + b·m
-                nonneg = low is not None and bool(low >= 0)
                 ab = total if nonneg else torch.abs(v, out=c).sum(dim=0).to(torch.float64)
-                if low is not None and bool(low > 0):
+                if positive:
                     z = torch.zeros_like(total)
                 else:
                     z = _zero_count(v.unsqueeze(2), c.unsqueeze(2), nonneg=nonneg)
@@ -141,14 +142,14 @@ class UnitBatch:
                 torch.sub(a, m.unsqueeze(2), out=c)
                 q2 = c.sum(dim=2)
                 q1 = torch.linalg.vector_norm(c, 2, dim=2).square()  # Σc², one read, no temporary
-                if low is not None and bool(low >= 0):
-                    ab = s  # all values ≥ 0: the same sum, bit for bit
+                if nonneg:
+                    ab = s  # the same sum, bit for bit
                 else:
                     ab = torch.abs(a, out=c).sum(dim=2) if c.dtype == a.dtype else a.abs().sum(dim=2)
-                if low is not None and bool(low > 0):
+                if positive:
                     z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
                 else:
-                    z = _zero_count(a, c if c.dtype == a.dtype else None, nonneg=low is not None and bool(low >= 0))
+                    z = _zero_count(a, c if c.dtype == a.dtype else None, nonneg=nonneg)
                 stacked = torch.stack([s, q1, q2, ab, m]).to(torch.float64)
                 s64, q1, q2, ab, m64 = stacked.unbind(0)
                 out = {"sum_s": s64, "abs": ab.sum(0), "zeros": z,
@@ -173,13 +174,16 @@ class UnitBatch:
     def hg(self) -> torch.Tensor:
         """Σ_p h(x,p)·g(x,p) per sample and unit. ``[batch, units]``"""
         assert self.grad is not None
-        def fn():
-            a, g = self.act, self.grad
-            if a.shape == g.shape and a.dtype == g.dtype:
-                prod = torch.mul(a, g, out=scratch_like(self.scratch, "f", a))
-                return (prod[:, :, 0] if a.shape[2] == 1 else prod.sum(dim=2)).to(torch.float64)
-            return (a * g).sum(dim=2).to(torch.float64)
-        return self._get("hg", fn)
+        return self._get("hg", lambda: self._hg_per_sample().to(torch.float64, copy=True))
+
+    def _hg_per_sample(self) -> torch.Tensor:
+        """Σ_p h·g per sample and unit in the activations' dtype; may be a view of the scratch
+        pool (copy it before keeping it)."""
+        a, g = self.act, self.grad
+        if a.shape != g.shape or a.dtype != g.dtype:
+            return (a * g).sum(dim=2)
+        prod = torch.mul(a, g, out=scratch_like(self.scratch, "f", a))
+        return prod[:, :, 0] if a.shape[2] == 1 else prod.sum(dim=2)
 
     def hbar(self) -> torch.Tensor:
         """Each sample's mean activation over positions. ``[batch, units]``"""
@@ -211,12 +215,7 @@ class UnitBatch:
             if "hg" in self._cache:
                 hg = self._cache["hg"]
                 return {"sum": hg.sum(dim=0), "abs": hg.abs().sum(dim=0)}
-            a, g = self.act, self.grad
-            if a.shape != g.shape or a.dtype != g.dtype:
-                hg = self.hg()
-                return {"sum": hg.sum(dim=0), "abs": hg.abs().sum(dim=0)}
-            prod = torch.mul(a, g, out=scratch_like(self.scratch, "f", a))
-            per = prod[:, :, 0] if a.shape[2] == 1 else prod.sum(dim=2)
+            per = self._hg_per_sample()
             hg = scratch_like(self.scratch, "d", per, torch.float64).copy_(per)
             total = hg.sum(dim=0)
             return {"sum": total, "abs": hg.abs_().sum(dim=0)}
