@@ -5,7 +5,10 @@
 2. Memory: peak RSS of a score run over 10x the batches, divided by the same run over 1x
    (goal: within 5%), each measured in a fresh subprocess.
 
-Usage: python bench/score.py [--model cnn|mlp] [--batches 20] [--batch-size 128] [--repeat 7]
+Both run under the malloc settings the fitcli command gives its own process
+(``fitcli.runtime.keep_freed_memory``); ``--malloc default`` measures glibc's defaults instead.
+
+Usage: python bench/score.py [--model cnn|mlp] [--batches 20] [--batch-size 128] [--repeat 7] [--malloc fitcli|default]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from fitcli.data import Batch, DataSource  # noqa: E402
 from fitcli.loading import LoadedModel  # noqa: E402
+from fitcli.runtime import keep_freed_memory  # noqa: E402
 
 
 class CNN(nn.Module):
@@ -86,7 +90,9 @@ def score_run(model, data) -> float:
     return time.perf_counter() - t0
 
 
-def child(batches: int, batch_size: int, kind: str) -> None:
+def child(batches: int, batch_size: int, kind: str, malloc: str) -> None:
+    if malloc == "fitcli":
+        keep_freed_memory()
     model, data = make(batches, batch_size, kind)
     score_run(model, data)
     print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
@@ -100,12 +106,17 @@ def main() -> None:
     ap.add_argument("--model", choices=["cnn", "mlp"], default="cnn",
                     help="cnn: 2 conv + max-pool + 2 linear on 3x32x32; mlp: 3 hidden layers of 512")
     ap.add_argument("--mem-batches", type=int, default=10, help="batches of the 1x memory run")
+    ap.add_argument("--malloc", choices=["fitcli", "default"], default="fitcli",
+                    help="fitcli: the malloc settings the fitcli command runs under (fitcli.runtime), for both "
+                         "loops; default: glibc's own")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.child:
-        child(args.batches, args.batch_size, args.model)
+        child(args.batches, args.batch_size, args.model, args.malloc)
         return
+    # the same process settings as the fitcli command, for the plain loop and the score run alike
+    tuned = args.malloc == "fitcli" and keep_freed_memory()
     model, data = make(args.batches, args.batch_size, args.model)
     plain_loop(model, data)  # warm-up
     score_run(model, data)
@@ -117,7 +128,7 @@ def main() -> None:
     ratio = statistics.median(s / p for p, s in pairs)
     print(f"[{args.model}] plain forward+backward: {t_plain:.2f} s; fitcli score (all default metrics): {t_score:.2f} s "
           f"(fastest of {args.repeat}); ratio {ratio:.2f}x, median of {args.repeat} back-to-back pairs "
-          f"(fastest/fastest {t_score / t_plain:.2f}x) (goal <= 2.0x)")
+          f"(fastest/fastest {t_score / t_plain:.2f}x) (goal <= 2.0x); malloc: {'fitcli' if tuned else 'glibc default'}")
 
     def rss(n: int) -> int:
         """Peak RSS of a fresh process scoring n batches: the least of three runs (allocator
@@ -126,7 +137,7 @@ def main() -> None:
 
     def rss_once(n: int) -> int:
         out = subprocess.run([sys.executable, __file__, "--child", "--batches", str(n), "--batch-size",
-                              str(args.batch_size), "--model", args.model], capture_output=True, text=True, check=True)
+                              str(args.batch_size), "--model", args.model, "--malloc", args.malloc], capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"]
 
     # the first ~10 batches warm up the allocator; 1x is therefore 10 batches and 10x is 100
@@ -137,7 +148,8 @@ def main() -> None:
           f"over {10 * args.mem_batches} batches: {100 * growth:+.1f}% (goal within 5%)")
     figures = {"model": args.model, "plain_s": t_plain, "score_s": t_score, "ratio": ratio,
                "ratio_fastest": t_score / t_plain, "pairs": [[p, s] for p, s in pairs], "rss_1x_kb": small, "rss_10x_kb": big,
-               "rss_growth": growth, "threads": torch.get_num_threads(), "torch": torch.__version__}
+               "rss_growth": growth, "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "malloc": "fitcli" if tuned else "default"}
     if args.json:  # before printing: a closed stdout (| head) must not lose the file
         Path(args.json).write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures))

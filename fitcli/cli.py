@@ -19,6 +19,7 @@ from rich.console import Console
 
 from fitcli import __version__
 from fitcli.errors import FitcliError, GateFailed, Interrupted, UsageError
+from fitcli.runtime import keep_freed_memory
 
 app = typer.Typer(
     name="fitcli",
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, map FitcliError to its exit code, no traceback unless --verbose."""
     args = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in args or "-v" in args or os.environ.get("FITCLI_VERBOSE") == "1"
+    keep_freed_memory()  # this process is ours: reuse freed activation memory (fitcli.runtime)
     try:
         signal.signal(signal.SIGTERM, _sigterm)
     except ValueError:  # not the main thread
