@@ -641,6 +641,30 @@ def test_histogram_paired_and_threaded_paths_equal_a_plain_loop(batch, threads, 
     assert got[1, 0] == batch * 2000 and got[1, 1:].sum() == 0
 
 
+@pytest.mark.parametrize("units", [81, 82])  # the last layer width with int16 codes (81·400 < 2^15), the first without
+def test_histogram_code_widths_equal_per_unit_counts(units):
+    """Per unit on its own (no pairing, no unit offsets, one torch.bincount each), in the same
+    float32 arithmetic as the loop above: the narrow and the wide code paths agree with it."""
+    from fitcli.metrics import activations as A
+    from fitcli.metrics.base import Scratch
+
+    g = torch.Generator().manual_seed(units)
+    act = torch.randn(9, units, 400, generator=g).clamp_min(-0.3)  # odd batch: one sample unpaired
+    act[:, 2] = 0.5  # a constant unit
+    act[:, -1] = torch.rand(9, 400, generator=g)  # the highest codes: every bin of the last unit filled
+    lo, hi = act.amin(dim=(0, 2)).double(), act.amax(dim=(0, 2)).double()
+    want = torch.zeros(units, 20, dtype=torch.float64)
+    for u in range(units):
+        span = float(hi[u] - lo[u])
+        scale = torch.tensor(20 / span if span > 0 else 0.0, dtype=torch.float32)
+        shift = torch.tensor(-float(lo[u]) * float(scale), dtype=torch.float32)
+        pos = shift + act[:, u].flatten() * scale
+        want[u] = torch.bincount(pos.clamp(0, 19).long(), minlength=20).double()
+    assert act.numel() >= 8 * units * 20 * 20  # the paired path
+    assert torch.equal(A.histogram(act, lo, hi, scratch=Scratch()), want)
+    assert want[2, 0] == 9 * 400
+
+
 def test_histogram_with_nonfinite_range_counts_only_finite_values():
     from fitcli.metrics.activations import histogram
 

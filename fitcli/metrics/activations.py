@@ -164,7 +164,8 @@ def histogram(act: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int =
         pos = torch.where(ok, pos, torch.zeros_like(pos))
         weights = ok.flatten().to(torch.float64)
     # clamp, then truncate (= floor for values ≥ 0); the maximum lands in the last bin
-    itype = torch.int32 if units * bins * bins < 2**31 else torch.int64  # int32 converts ~10x faster
+    cells = units * bins * bins
+    itype = torch.int16 if cells < 2**15 else torch.int32 if cells < 2**31 else torch.int64  # narrow: less memory traffic
     idx = scratch_like(scratch, "i", pos, itype).copy_(pos.clamp_(0, bins - 1))  # truncates toward 0
     unit = torch.arange(units, device=act.device, dtype=itype).reshape(1, units, 1)  # × cells per unit
     half = idx.shape[0] // 2
