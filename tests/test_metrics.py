@@ -689,7 +689,8 @@ def test_zero_count_and_moments_equal_plain_loops():
     linear = torch.randn(64, 4, 1, generator=g).clamp_min(-0.1) + 3.0  # Linear layout: p = 1, |mean| ≫ std
     linear[:7, 2] = 0.0
     constant = torch.full((9, 4, 1), 0.1)  # a mean that is not exact in float32
-    for act in (relu, mixed, positive, relu[:, :, :1], mixed[:, :, :1], linear, constant):
+    signed = torch.randn(5, 4, 33, generator=g)  # negative values and no exact zero
+    for act in (relu, mixed, positive, signed, relu[:, :, :1], mixed[:, :, :1], signed[:, :, :1], linear, constant):
         a64 = act.double()
         want = {"abs": [sum(abs(float(v)) for v in a64[:, u].flatten()) for u in range(4)],
                 "zeros": [sum(1 for v in a64[:, u].flatten() if float(v) == 0.0) for u in range(4)],

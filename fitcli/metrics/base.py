@@ -130,7 +130,7 @@ class UnitBatch:
                 m64 = m.to(torch.float64)
                 total = b * m64 + q2  # Σh = Σ(h − m) + b·m
                 ab = total if nonneg else torch.abs(v, out=c).sum(dim=0).to(torch.float64)
-                if positive:
+                if positive or (not nonneg and _none_zero(c)):  # c holds |h|
                     z = torch.zeros_like(total)
                 else:
                     z = _zero_count(v.unsqueeze(2), c.unsqueeze(2), nonneg=nonneg)
@@ -142,11 +142,13 @@ class UnitBatch:
                 torch.sub(a, m.unsqueeze(2), out=c)
                 q2 = c.sum(dim=2)
                 q1 = torch.linalg.vector_norm(c, 2, dim=2).square()  # Σc², one read, no temporary
+                absolute = None
                 if nonneg:
                     ab = s  # the same sum, bit for bit
                 else:
-                    ab = torch.abs(a, out=c).sum(dim=2) if c.dtype == a.dtype else a.abs().sum(dim=2)
-                if positive:
+                    absolute = torch.abs(a, out=c) if c.dtype == a.dtype else a.abs()
+                    ab = absolute.sum(dim=2)
+                if positive or (absolute is not None and _none_zero(absolute)):
                     z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
                 else:
                     z = _zero_count(a, c if c.dtype == a.dtype else None, nonneg=nonneg)
@@ -301,6 +303,12 @@ class Metric:
     def info(self) -> dict:
         """Extra facts for the report (e.g. which composite components were used)."""
         return {}
+
+
+def _none_zero(absolute: torch.Tensor) -> bool:
+    """Is every value of ``absolute`` (|h|, already computed) above 0? One read, where counting
+    zeros takes three passes; signed pre-activations rarely hold an exact 0. NaN answers no."""
+    return absolute.numel() > 0 and bool(absolute.amin() > 0)
 
 
 def _zero_count(a: torch.Tensor, out: torch.Tensor | None = None, nonneg: bool = False) -> torch.Tensor:
