@@ -152,10 +152,13 @@ class UnitBatch:
                     z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
                 else:
                     z = _zero_count(a, c if c.dtype == a.dtype else None, nonneg=nonneg)
-                stacked = torch.stack([s, q1, q2, ab, m]).to(torch.float64)
-                s64, q1, q2, ab, m64 = stacked.unbind(0)
-                out = {"sum_s": s64, "abs": ab.sum(0), "zeros": z,
-                       "sumsq": (q1 + 2 * m64 * q2 + p * m64.square()).sum(0)}  # Σh² = Σc² + 2mΣc + p·m²
+                stacked = torch.stack([q1, q2, ab, m]).to(torch.float64)
+                q1, q2, ab, m64 = stacked.unbind(0)
+                # Σh and Σh² both from the centred values (Σh = Σc + p·m, Σh² = Σc² + 2mΣc + p·m²):
+                # the float32 sum s is off by a few ulps of Σh, which the variance of a unit whose
+                # |mean| ≫ std cannot absorb when taken against an exact Σh²
+                out = {"sum_s": p * m64 + q2, "abs": ab.sum(0), "zeros": z,
+                       "sumsq": (q1 + 2 * m64 * q2 + p * m64.square()).sum(0)}
             out["sum"] = out["sum_s"].sum(0)
             return out
         return self._get("moments", fn)
