@@ -29,8 +29,9 @@ def keep_freed_memory(env: Mapping[str, str] | None = None) -> bool:
     and is trimmed when they are freed, so the next batch faults the same pages back in (each a
     zero-filled 4 KiB page from the kernel). On a CPU score run that was 100k+ page faults per
     dozen batches and ~10% of the wall time; PyTorch's CPU tuning guide suggests a caching
-    allocator (jemalloc, tcmalloc) for the same reason. Peak memory is unchanged: memory that is
-    kept is memory the run already used, and it goes back to the OS when the process exits.
+    allocator (jemalloc, tcmalloc) for the same reason. What is kept is memory the run already
+    used, back to the OS when the process exits; peak RSS was 2-4% higher in the score benchmark
+    (freed blocks that do not fit the next request exactly stay in the heap).
 
     Returns True when applied. Not applied outside glibc, when ``FITCLI_MALLOC_TUNE=0``, or when
     the environment already sets malloc tunables (``MALLOC_*_``, ``GLIBC_TUNABLES``).
