@@ -335,12 +335,6 @@ def _zero_count(a: torch.Tensor, out: torch.Tensor | None = None, nonneg: bool =
     return (a == 0).sum(dim=2).sum(0).to(torch.float64)
 
 
-def _f64_total(x: torch.Tensor) -> torch.Tensor:
-    """Per-unit total of ``x`` ([batch, units, positions]): positions summed in the tensor's own
-    dtype (a short, contiguous reduction), then samples accumulated in float64."""
-    return x.sum(dim=2).to(torch.float64).sum(dim=0)
-
-
 def zeros(units: int) -> torch.Tensor:
     return torch.zeros(units, dtype=torch.float64)
 
