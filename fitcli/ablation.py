@@ -19,36 +19,52 @@ K·B, one hook masks each copy); the report says which method ran. K comes from 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from fitcli.data import Batch, DataSource
-from fitcli.errors import InputError, RuntimeAuditError
+from fitcli.data import Batch
+from fitcli.discovery import Layer, ModelGraph, getattr_path, unit_view
+from fitcli.errors import InputError, RuntimeAuditError, first_line, guarded, is_oom
 from fitcli.losses import LossFn, primary_output
-from fitcli.metrics.ablation import Ablation
-from fitcli.units import Layer, ModelGraph, getattr_path
+from fitcli.progress import NO_PROGRESS, Progress
 
 CPU_CHUNK_BYTES = 192 << 20
 
 
-@dataclass
 class AblationResult:
-    metrics: dict[str, Ablation]
-    accuracy: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    layer_delta: dict[str, float | None] = field(default_factory=dict)
-    layer_accuracy: dict[str, float | None] = field(default_factory=dict)
-    samples: int = 0
-    batches: int = 0
-    method: dict[str, str] = field(default_factory=dict)
-    chunk_sizes: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    """Sums over the data of each unit's loss change (and accuracy change) when it is ablated."""
 
+    def __init__(self, names: list[str], units: dict[str, int], device: torch.device):
+        def zeros(n: str) -> torch.Tensor:
+            return torch.zeros(units[n], dtype=torch.float64, device=device)
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+        self.delta_sum: dict[str, torch.Tensor] = {n: zeros(n) for n in names}
+        self.acc_sum: dict[str, torch.Tensor] = {n: zeros(n) for n in names}
+        self.whole_sum: dict[str, float] = dict.fromkeys(names, 0.0)
+        self.whole_acc: dict[str, float] = dict.fromkeys(names, 0.0)
+        self.samples = 0
+        self.batches = 0
+        self.method: dict[str, str] = {}
+        self.chunk_sizes: dict[str, int] = {}
+        self.notes: list[str] = []
+        self.accuracy_known = False  # accuracy changes were measured (class targets)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """Mean loss change per unit, ``[units]`` float64 on the CPU."""
+        return (self.delta_sum[name] / max(self.samples, 1)).cpu()
+
+    def accuracy(self, name: str) -> torch.Tensor:
+        return (self.acc_sum[name] / max(self.samples, 1)).cpu()
+
+    def layer_delta(self, name: str) -> float:
+        return self.whole_sum[name] / max(self.samples, 1)
+
+    def layer_accuracy(self, name: str) -> float:
+        return self.whole_acc[name] / max(self.samples, 1)
 
 
 def free_bytes(device: torch.device) -> int:
@@ -142,20 +158,19 @@ class _NotBatchFirst(Exception):
 # the engine
 
 
-def _losses_correct(outputs: Any, targets: torch.Tensor | None, loss_fn: LossFn, accuracy: bool):
-    losses = loss_fn(outputs, targets).detach().to(torch.float64)
+def _losses_correct(outputs: Any, batch: Batch, loss_fn: LossFn, accuracy: bool):
+    losses = loss_fn(outputs, batch).detach().to(torch.float64)
     correct = None
+    targets = batch.targets
     if accuracy and targets is not None:
         out = primary_output(outputs)
         correct = (out.argmax(dim=-1) == targets.to(out.device)).to(torch.float64)
     return losses, correct
 
 
-def unit_means(graph: ModelGraph, names: list[str], layers: dict[str, Layer], data: DataSource,
+def unit_means(graph: ModelGraph, names: list[str], layers: dict[str, Layer], data: Iterable[Batch],
                device: torch.device) -> dict[str, torch.Tensor]:
     """E[h_i] over every observation of the data, per layer (a streamed sum + count)."""
-    from fitcli.units import unit_view
-
     sums = {n: torch.zeros(layers[n].units, dtype=torch.float64, device=device) for n in names}
     counts = dict.fromkeys(names, 0)
 
@@ -174,144 +189,145 @@ def unit_means(graph: ModelGraph, names: list[str], layers: dict[str, Layer], da
     return {n: (sums[n] / max(counts[n], 1)) for n in names}
 
 
+@dataclass
+class _Job:
+    """One layer on one batch: the base activation and outputs, and how to run ablated rows."""
+
+    lay: Layer
+    h: torch.Tensor  # the activation at the unit's point, [batch, ...]
+    base_out: Any
+    run: Callable[[torch.Tensor, torch.Tensor], Any]  # (row samples, row units) -> outputs
+    plan: _Plan | None
+    base: Any  # the graph plan's (env, h), or None
+    value: torch.Tensor | None  # the ablation value per unit (mean mode), None for zero
+
+
+def _job(graph: ModelGraph, plans: dict[str, _Plan | None], n: str, lay: Layer, batch: Batch, bi: int,
+         value: torch.Tensor | None, res: AblationResult) -> _Job:
+    """Stage 1 (plan, per batch): the prefix once; the suffix (or the whole input, when the graph
+    cannot be split at the unit) is what each chunk of ablated units reruns."""
+    plan = plans[n]
+    if plan is not None:
+        base = guarded(batch, graph, bi, _graph_base, plan, batch)
+        try:
+            _check_batch_first(plan, base, batch.size)
+        except _NotBatchFirst:
+            plans[n] = plan = None
+    if plan is not None:
+        env, h = base
+        res.method[n] = "graph-suffix" + ("+rank1" if plan.linear_weight is not None else "")
+        return _Job(lay, h, env[_output_node(plan.gm)],
+                    lambda rb, ru: _graph_rows(plan, env, h, rb, ru, lay, value), plan, base, value)
+    if res.method.get(n) != "input-expansion":
+        res.notes.append(f"ablation of {n}: the model's graph could not be split at the unit, "
+                         "so the whole input is expanded per chunk (slower, same result)")
+    res.method[n] = "input-expansion"
+    holder: dict[str, torch.Tensor] = {}
+    with graph.tap({n: lambda t: holder.setdefault("h", t.detach())}):
+        base_out = guarded(batch, graph, bi, graph, batch)
+    return _Job(lay, holder["h"], base_out, lambda rb, ru: _input_rows(graph, batch, rb, ru, lay, value),
+                None, None, value)
+
+
+def _chunk(job: _Job, batch: Batch, us: list[int], loss_fn: LossFn, accuracy: bool, dev: torch.device):
+    """Stage 3 (run): the rows of one chunk of units, each with its unit ablated -> (rows' unit
+    index in the chunk, rows' sample, losses, correct)."""
+    row_k, row_b = changed_rows(job.h, us, job.lay, job.value)
+    if not row_b.numel():
+        return row_k, row_b, torch.zeros(0, dtype=torch.float64, device=dev), None
+    us_t = torch.tensor(us, device=dev, dtype=torch.long)
+    outs = job.run(row_b, us_t[row_k])
+    losses, correct = _losses_correct(outs, batch.select(row_b), loss_fn, accuracy)
+    return row_k, row_b, losses, correct
+
+
+def _run_layer(job: _Job, batch: Batch, todo: list[int], k: int, loss_fn: LossFn, accuracy: bool,
+               dev: torch.device, res: AblationResult, bar) -> int:
+    """Stage 2 (chunk): the selected units in chunks of ``k`` (halved on out-of-memory); returns
+    the chunk size that worked."""
+    n = job.lay.name
+    base_losses, base_correct = _losses_correct(job.base_out, batch, loss_fn, accuracy)
+    i = 0
+    while i < len(todo):
+        us = todo[i : i + k]
+        try:
+            row_k, row_b, losses, correct = _chunk(job, batch, us, loss_fn, accuracy, dev)
+        except Exception as e:
+            if is_oom(e) and k > 1:
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                k = max(1, k // 2)
+                continue
+            if isinstance(e, (InputError, RuntimeAuditError)):
+                raise
+            raise RuntimeAuditError(f"ablation of {n} failed: {type(e).__name__}: {first_line(e)}") from e
+        # a row is (unit, sample); samples where the unit already had the ablated value everywhere
+        # are unchanged by the ablation: their loss change is exactly 0
+        us_t = torch.tensor(us, device=dev, dtype=torch.long)
+        d = torch.zeros(len(us), dtype=torch.float64, device=dev)
+        d.index_add_(0, row_k, losses - base_losses[row_b])
+        res.delta_sum[n][us_t] += d
+        if correct is not None:
+            dc = torch.zeros(len(us), dtype=torch.float64, device=dev)
+            dc.index_add_(0, row_k, correct - base_correct[row_b])
+            res.acc_sum[n][us_t] += dc
+        i += len(us)
+        bar.advance()
+    return k
+
+
+def _run_whole(graph: ModelGraph, job: _Job, batch: Batch, bi: int, units: list[int], loss_fn: LossFn,
+               accuracy: bool, res: AblationResult) -> None:
+    """``--whole-layer``: every selected unit of the layer ablated at once."""
+    n = job.lay.name
+    base_losses, base_correct = _losses_correct(job.base_out, batch, loss_fn, accuracy)
+    outs = guarded(batch, graph, bi, _whole, graph, job.plan, job.base, batch, job.lay, job.value, units, job.h)
+    wl, wc = _losses_correct(outs, batch, loss_fn, accuracy)
+    res.whole_sum[n] += float((wl - base_losses).sum())
+    if wc is not None:
+        res.whole_acc[n] += float((wc - base_correct).sum())
+
+
 def ablate_layers(
     graph: ModelGraph,
     names: list[str],
-    data: DataSource,
+    data: Iterable[Batch],
     loss_fn: LossFn,
     mode: str = "zero",
     device: torch.device | str = "cpu",
     chunk_size: int | None = None,
-    progress: bool = False,
+    progress: Progress = NO_PROGRESS,
     units: dict[str, list[int] | None] | None = None,
     whole_layer: bool = False,
     accuracy: bool = False,
 ) -> AblationResult:
-    """Exact ablation of every (selected) unit of each named layer over all of ``data``."""
-    from fitcli.engine import Progress
-
+    """Exact ablation of every (selected) unit of each named layer over all of ``data``: per batch
+    and layer, plan (the prefix once), chunk (units per pass from free memory), run (the suffix
+    on the changed rows)."""
     dev = torch.device(device)
     layers = {lay.name: lay for lay in graph.layers}
     units = units or {}
     sel = {n: (units.get(n) if units.get(n) is not None else list(range(layers[n].units))) for n in names}
     means = unit_means(graph, names, layers, data, dev) if mode == "mean" else {}
-    res = AblationResult(metrics={n: Ablation(layers[n].units).to(dev) for n in names})
-    acc_sum = {n: torch.zeros(layers[n].units, dtype=torch.float64, device=dev) for n in names}
-    whole_sum = dict.fromkeys(names, 0.0)
-    whole_acc = dict.fromkeys(names, 0.0)
+    res = AblationResult(names, {n: layers[n].units for n in names}, dev)
+    res.accuracy_known = accuracy
     plans = {n: make_plan(graph, layers[n]) for n in names}
-    fallback_noted: set[str] = set()
-    nsamp = 0
-    chunks = None
-    if data.total is not None and (chunk_size or 0) > 0:
-        chunks = data.total * sum(-(-len(sel[n]) // chunk_size) for n in names)
-    with torch.no_grad(), Progress(progress, "ablating", chunks) as bar:
+    total = getattr(data, "total", None)
+    chunks = total * sum(-(-len(sel[n]) // chunk_size) for n in names) if total and chunk_size else None
+    with torch.no_grad(), progress.task("ablating", chunks) as bar:
         for bi, cpu_batch in enumerate(data):
             batch = cpu_batch.to(dev)
-            bsz = batch.size
             for n in names:
-                lay = layers[n]
-                plan = plans[n]
-                value = means.get(n)
-                if plan is not None:
-                    base = guarded(batch, graph, bi, _graph_base, plan, batch)
-                    try:
-                        _check_batch_first(plan, base, bsz)
-                    except _NotBatchFirst:
-                        plans[n] = plan = None
-                if plan is not None:
-                    env, h = base
-                    base_out = env[_output_node(plan.gm)]
-                    run = lambda rb, ru, env=env, h=h, plan=plan, lay=lay, value=value: _graph_rows(  # noqa: E731
-                        plan, env, h, rb, ru, lay, value)
-                    res.method[n] = "graph-suffix" + ("+rank1" if plan.linear_weight is not None else "")
-                else:
-                    if n not in fallback_noted:
-                        fallback_noted.add(n)
-                        res.notes.append(f"ablation of {n}: the model's graph could not be split at the unit, "
-                                         "so the whole input is expanded per chunk (slower, same result)")
-                    h_holder: dict[str, torch.Tensor] = {}
-                    with graph.tap({n: lambda t, h_holder=h_holder: h_holder.setdefault("h", t.detach())}):
-                        base_out = guarded(batch, graph, bi, graph, batch)
-                    h = h_holder["h"]
-                    run = lambda rb, ru, batch=batch, lay=lay, value=value: _input_rows(  # noqa: E731
-                        graph, batch, rb, ru, lay, value)
-                    res.method[n] = "input-expansion"
-                base_losses, base_correct = _losses_correct(base_out, batch.targets, loss_fn, accuracy)
-                todo = list(sel[n])
-                k = chunk_size or res.chunk_sizes.get(n) or _auto_chunk(h, plan, base if plan is not None else None,
-                                                                        len(todo), dev)
-                i = 0
-                while i < len(todo):
-                    us = todo[i : i + k]
-                    row_k, row_b = changed_rows(h, us, lay, value)
-                    us_t = torch.tensor(us, device=dev, dtype=torch.long)
-                    try:
-                        if row_b.numel():
-                            outs = run(row_b, us_t[row_k])
-                            targets = batch.targets[row_b] if batch.targets is not None else None
-                            losses, correct = _losses_correct(outs, targets, loss_fn, accuracy)
-                        else:
-                            losses, correct = torch.zeros(0, dtype=torch.float64, device=dev), None
-                    except Exception as e:
-                        if _is_oom(e) and k > 1:
-                            if dev.type == "cuda":
-                                torch.cuda.empty_cache()
-                            k = max(1, k // 2)
-                            continue
-                        if isinstance(e, (InputError, RuntimeAuditError)):
-                            raise
-                        raise RuntimeAuditError(f"ablation of {n} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-                    # a row is (unit, sample); samples where the unit already had the ablated
-                    # value everywhere are unchanged by the ablation: their loss change is exactly 0
-                    d = torch.zeros(len(us), dtype=torch.float64, device=dev)
-                    d.index_add_(0, row_k, losses - base_losses[row_b])
-                    full = torch.zeros(lay.units, dtype=torch.float64, device=dev)
-                    full[us_t] = d
-                    res.metrics[n].update(_ub(full, bsz if i == 0 else 0))
-                    if correct is not None:
-                        dc = torch.zeros(len(us), dtype=torch.float64, device=dev)
-                        dc.index_add_(0, row_k, correct - base_correct[row_b])
-                        acc_sum[n][us_t] += dc
-                    i += len(us)
-                    bar.advance()
-                if not todo:
-                    res.metrics[n].update(_ub(torch.zeros(lay.units, dtype=torch.float64, device=dev), bsz))
-                res.chunk_sizes[n] = k
+                job = _job(graph, plans, n, layers[n], batch, bi, means.get(n), res)
+                k = chunk_size or res.chunk_sizes.get(n) or _auto_chunk(job.h, job.plan, job.base, len(sel[n]), dev)
+                res.chunk_sizes[n] = _run_layer(job, batch, sel[n], k, loss_fn, accuracy, dev, res, bar)
                 if whole_layer:
-                    outs = guarded(batch, graph, bi, _whole, graph, plan, base if plan is not None else None,
-                                   batch, lay, value, sel[n], h)
-                    wl, wc = _losses_correct(outs, batch.targets, loss_fn, accuracy)
-                    whole_sum[n] += float((wl - base_losses).sum())
-                    if wc is not None:
-                        whole_acc[n] += float((wc - base_correct).sum())
-            nsamp += bsz
+                    _run_whole(graph, job, batch, bi, sel[n], loss_fn, accuracy, res)
+            res.samples += batch.size
             res.batches += 1
     if res.batches == 0:
-        raise InputError(f"--data {data.spec}: yields no batches (empty data)")
-    res.samples = nsamp
-    for n in names:
-        if accuracy:
-            res.accuracy[n] = (acc_sum[n] / nsamp).cpu()
-        if whole_layer:
-            res.layer_delta[n] = whole_sum[n] / nsamp
-            res.layer_accuracy[n] = whole_acc[n] / nsamp if accuracy else None
+        raise InputError(f"data {getattr(data, 'spec', '')}: yields no batches (empty data)")
     return res
-
-
-def guarded(batch: Batch, graph: ModelGraph, index: int, fn, *args):
-    """``fn(*args)``, a forward pass: the model or data failing is an InputError naming the shapes."""
-    from fitcli.engine import forward_error
-
-    try:
-        return fn(*args)
-    except (InputError, RuntimeAuditError):
-        raise
-    except Exception as e:
-        if _is_oom(e):
-            raise RuntimeAuditError(f"out of memory on a single batch of {batch.size} samples",
-                                    hint="lower --batch-size") from e
-        raise forward_error(e, batch, graph, index) from e
 
 
 def changed_rows(h: torch.Tensor, us: list[int], lay: Layer, value: torch.Tensor | None):
@@ -410,20 +426,9 @@ def _whole(graph: ModelGraph, plan: _Plan | None, base, batch: Batch, lay: Layer
 
 def _input_rows(graph: ModelGraph, batch: Batch, row_b: torch.Tensor, row_unit: torch.Tensor, lay: Layer, value):
     """Fallback: run the whole model on the rows' samples, each row with its unit ablated."""
-    bsz = batch.size
-
-    def pick(v: Any) -> Any:
-        return v.index_select(0, row_b) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == bsz else v
-
-    big = Batch(tuple(pick(a) for a in batch.args), {k: pick(v) for k, v in batch.kwargs.items()})
+    big = batch.select(row_b)
     with graph.tap({lay.name: lambda t: _set_units(t, row_unit, value, lay.unit_dim)}):
         return graph(big)
-
-
-def _ub(delta_sum: torch.Tensor, samples: int):
-    from fitcli.metrics.base import UnitBatch
-
-    return UnitBatch(weight=delta_sum, extra={"ablation_delta_sum": delta_sum, "ablation_samples": samples})
 
 
 def _output_node(gm: fx.GraphModule) -> fx.Node:

@@ -1,273 +1,354 @@
-"""The Python API: ``inspect``, ``score``, ``ablate``, ``gate``. The CLI is a thin layer on top.
+"""The Python API, for people holding live objects: ``audit``, ``ablate``, ``inspect``, ``gate``,
+``load``, ``load_data``. The command line (``fitcli.cli``) parses its strings and calls these.
 
->>> from fitcli import api
->>> report = api.score("m.safetensors", arch="models.py:MLP", data="d.safetensors")
->>> report["summary"]["dead_fraction"]
+>>> import fitcli
+>>> report = fitcli.audit(model, loader)                 # an nn.Module and a DataLoader
+>>> report.dead                                          # {"fc1": [3, 17], ...}
+>>> report.ranked(by="apoz", top=10)                     # least fit first
+
+Settings are checked before any model is loaded or data read; the caller's global RNG state and
+the model's train/eval mode are as they were afterwards; the model's weights are never changed.
 """
 
 from __future__ import annotations
 
-import math
-import re
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fitcli import report as rep
-from fitcli.data import DataSource, load_data
-from fitcli.engine import audit, peek, pick_device, select_layers
+from fitcli.data import Batch, DataSource, as_batch
+from fitcli.data import load_data as load_data_spec
+from fitcli.engine import audit as run_audit
+from fitcli.engine import peek, plan
 from fitcli.errors import InputError, UsageError
-from fitcli.loading import LoadedModel, load_model
-from fitcli.units import discover
+from fitcli.loading import LoadedModel, from_module, load_model
+from fitcli.losses import check_loss
+from fitcli.progress import NO_PROGRESS, Progress
+from fitcli.report import AuditReport, GateResult
+from fitcli.settings import Settings
+
+REMOVABLE_EPS = 1e-6
 
 
-def _load(model: str | LoadedModel, arch: str | None, arch_kwargs: str | None, trust_checkpoint: bool) -> LoadedModel:
+# --------------------------------------------------------------------------------------------
+# what the caller holds -> what the engine takes
+
+
+def load(model: Any, *, arch: Any = None, arch_kwargs: dict[str, Any] | None = None,
+         trust_checkpoint: bool = False, arch_label: str | None = None) -> LoadedModel:
+    """An ``nn.Module``, a loaded model, or a checkpoint path (with ``arch``: a callable returning
+    the ``nn.Module`` that its state dict fills) -> the model an audit runs on."""
     if isinstance(model, LoadedModel):
         return model
-    return load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    if isinstance(model, nn.Module):
+        if arch is not None:
+            raise UsageError("arch is for checkpoint files; the model given is already a module")
+        return from_module(model)
+    if isinstance(model, (str, Path)):
+        return load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
+                          arch_label=arch_label)
+    raise UsageError(f"model must be an nn.Module or a checkpoint path, not {type(model).__name__}")
 
 
-def _data(data: str | DataSource | None, batch_size: int, max_batches: int | None, seed: int) -> DataSource | None:
+class _Tensors:
+    """A tensor of inputs (and optional targets) in batches of ``batch_size``."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor | None, batch_size: int):
+        self.inputs, self.targets, self.batch_size = inputs, targets, batch_size
+
+    def __call__(self) -> Iterator[Batch]:
+        for i in range(0, self.inputs.shape[0], self.batch_size):
+            t = None if self.targets is None else self.targets[i : i + self.batch_size]
+            yield Batch((self.inputs[i : i + self.batch_size],), {}, t)
+
+
+def load_data(data: Any, *, batch_size: int = 64, max_batches: int | None = None, seed: int = 0) -> DataSource | None:
+    """What the caller holds -> re-iterable batches. ``data``: a DataLoader or any re-iterable of
+    batches (tensors, ``(inputs, targets)`` pairs, dicts of model keyword inputs with optional
+    ``labels``/``targets``), a function returning such an iterable, a tensor of inputs (split
+    into ``batch_size`` batches), or a tensor file / data spec path."""
     if data is None or isinstance(data, DataSource):
         return data
-    return load_data(data, batch_size=batch_size, max_batches=max_batches, seed=seed)
+    if isinstance(data, (str, Path)):
+        return load_data_spec(str(data), batch_size=batch_size, max_batches=max_batches, seed=seed)
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise InputError(f"data tensor of shape {tuple(data.shape)} holds no samples")
+        n = -(-data.shape[0] // batch_size)
+        return DataSource(f"<tensor {list(data.shape)}>", _Tensors(data, None, batch_size), max_batches,
+                          has_targets=False, batches=n)
+    name = f"<{type(data).__name__}>"
+    if callable(data) and not isinstance(data, Iterable):
+        return DataSource(name, data, max_batches)
+    if not isinstance(data, Iterable) or isinstance(data, (dict, bytes)):
+        raise UsageError(f"data must be an iterable of batches (a DataLoader, a list...), a function returning "
+                         f"one, a tensor or a path, not {type(data).__name__}")
+    if iter(data) is data:
+        raise UsageError("data is a one-shot iterator (a generator?): give something that can be iterated "
+                         "more than once (a list, a DataLoader) or a function that returns a fresh iterator")
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    return DataSource(name, lambda: data, max_batches, batches=n)
 
 
-def inspect(model: str | LoadedModel, arch: str | None = None, arch_kwargs: str | None = None,
-            trust_checkpoint: bool = False, data: str | None = None, batch_size: int = 8) -> dict:
-    """Layers, unit counts, activation points and formats found in a checkpoint."""
-    loaded = _load(model, arch, arch_kwargs, trust_checkpoint)
-    ds = _data(data, batch_size, 1, 0) if loaded.runnable else None
-    example = peek(ds) if ds is not None else None
-    graph = discover(loaded.module, loaded.state_dict, example=example, exported=loaded.format == "export")
-    return {
-        "model": {"path": loaded.path, "format": loaded.format, "sha256": loaded.sha256, "arch": loaded.arch},
-        "discovery": {"method": graph.method, "notes": loaded.notes + graph.notes},
-        "layers": [
-            {"name": lay.name, "type": lay.type, "units": lay.units, "activation_point": lay.point,
-             "activation_point_kind": lay.point_kind, "parameters": lay.params, "final": lay.final,
-             "consumers": lay.consumers}
-            for lay in graph.layers
-        ],
-        "unsupported": graph.unsupported,
-    }
+@contextlib.contextmanager
+def _caller_state(model: nn.Module | None, seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """The audit's own RNG (seeded) and eval mode; the caller's RNG state and every module's train
+    flag are restored on the way out, whatever happens."""
+    modes = [(m, m.training) for m in model.modules()] if model is not None else []
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            if model is not None:
+                with contextlib.suppress(NotImplementedError):  # a torch.export module has no eval()
+                    model.eval()
+            yield
+    finally:
+        for m, flag in modes:
+            m.training = flag
 
 
-def score(
-    model: str | LoadedModel,
-    *,
-    arch: str | None = None,
-    arch_kwargs: str | None = None,
-    trust_checkpoint: bool = False,
-    data: str | DataSource | None = None,
-    batch_size: int = 64,
-    max_batches: int | None = None,
-    loss: str | None = None,
-    layers: list[str] | None = None,
-    metrics: list[str] | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    tau: float = 0.0,
-    top: int = 20,
-    rank_by: str | None = None,
-    baseline: str | None = None,
-    max_dead: float | None = None,
-    max_dead_layer: float | None = None,
-    progress: bool = False,
-    ablation_mode: str = "zero",
-    chunk_size: int | None = None,
-    validate: bool = False,
-    validate_units: int | None = None,
-) -> dict:
-    """Score every chosen metric; returns the report dict (schema fitcli.report/1)."""
-    if tau < 0 or not math.isfinite(tau):
-        raise UsageError("--tau must be a finite number ≥ 0")
-    if ablation_mode not in ("zero", "mean"):
-        raise UsageError(f"--mode {ablation_mode!r}: use zero or mean")
-    if validate_units is not None and validate_units < 2:
-        raise UsageError("--validate-units must be at least 2 (a rank correlation needs two units)")
-    torch.manual_seed(seed)
-    loaded = _load(model, arch, arch_kwargs, trust_checkpoint)
-    base = load_model(baseline, arch=None) if baseline else None
-    ds = _data(data, batch_size, max_batches, seed)
-    want = list(metrics) if metrics else None
-    result = audit(loaded, ds, metrics=want, layers=layers, loss=loss, baseline=base, device=device,
-                   progress=progress, ablation_mode=ablation_mode, chunk_size=chunk_size)
-    settings = {"tau": float(tau), "seed": int(seed), "ablation_mode": ablation_mode}
-    if rank_by == "auto" and not validate:
-        raise UsageError("--rank-by auto picks the best-validated metric: it needs --validate")
-    report = rep.build(result, loaded, ds, settings, rank_by=None if rank_by == "auto" else rank_by, top=top)
-    if rank_by and rank_by != "auto" and rank_by not in report["settings"]["metrics"]:
-        raise UsageError(f"--rank-by {rank_by!r} was not computed in this run"
-                         + rep_close(rank_by, report["settings"]["metrics"]))
-    _removable(report)
-    if validate:
-        from fitcli.validate import validate_report
-
-        validate_report(report, graph=result.graph, data=ds, loss=loss, units=validate_units, seed=seed,
-                        device=result.device, chunk_size=chunk_size, rank_auto=rank_by == "auto", top=top,
-                        progress=progress)
-    if max_dead is not None or max_dead_layer is not None:
-        rep.gate(report, max_dead, max_dead_layer)
-    return report
+def _settings(settings: Settings | None, options: dict[str, Any]) -> Settings:
+    return Settings.make(settings, **options).check()
 
 
-def rep_close(word: str, choices: list[str]) -> str:
-    from fitcli.errors import close_matches
-
-    return close_matches(word, choices) or f" (computed: {', '.join(choices)})"
+def _report_settings(s: Settings, **more: Any) -> dict[str, Any]:
+    return {"tau": float(s.tau), "seed": int(s.seed), "ablation_mode": s.ablation_mode, **more}
 
 
-def _removable(report: dict, eps: float = 1e-6) -> None:
-    """Units whose exact ablation changes the loss by at most ``eps`` (spec: removable)."""
+def _removable(report: dict, eps: float = REMOVABLE_EPS) -> None:
+    """Units whose exact ablation changes the loss by at most ``eps`` (removable), for every metric
+    that carries exact ablation results (it declares the ``ablation`` need)."""
+    exact = [m for m, info in (report.get("metric_info") or {}).items() if "ablation" in info.get("needs", [])]
     for lay in report["layers"]:
-        ab = lay["metrics"].get("ablation")
-        if ab is not None:
-            lay["removable"] = [i for i, v in enumerate(ab) if v is not None and abs(v) <= eps]
+        for m in exact:
+            ab = lay["metrics"].get(m)
+            if ab is not None:
+                lay["removable"] = [i for i, v in enumerate(ab) if v is not None and abs(v) <= eps]
+                break
 
 
-_RANGE = re.compile(r"^\s*(\d{1,12})\s*(?:-\s*(\d{1,12})\s*)?$")
+# --------------------------------------------------------------------------------------------
+# audit
 
 
-def parse_units(spec: str | None, n: int) -> list[int] | None:
-    """``0,3,7-9`` -> [0, 3, 7, 8, 9]; every index must be < n."""
-    if spec is None or spec.strip() == "":
-        return None
-    out: list[int] = []
-    for part in spec.split(","):
-        m = _RANGE.match(part)
-        if not m:
-            raise UsageError(f"--units {spec!r}: {part!r} is not an index or a range like 7-9")
-        a = int(m.group(1))
-        b = int(m.group(2)) if m.group(2) is not None else a
-        if b < a:
-            raise UsageError(f"--units {spec!r}: range {part.strip()} runs backwards")
-        if b >= n:
-            raise UsageError(f"--units {spec!r}: unit {b} is out of range (the layer has {n} units: 0-{n - 1})")
-        out.extend(range(a, b + 1))
-    return sorted(set(out))
+def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] | None = None,
+          layers: list[str] | None = None, baseline: Any = None, arch: Any = None,
+          arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
+          settings: Settings | None = None, progress: Progress | None = None, **options: Any) -> AuditReport:
+    """Score every chosen metric of every audited layer on ``data``; returns an ``AuditReport``.
+
+    ``model``: an ``nn.Module`` or a checkpoint path (``arch`` builds the module a state dict
+    fills). ``data``: any re-iterable of batches, a function returning one, a tensor, or a path or
+    data spec. ``loss``: a callable ``(output, batch) -> per-sample losses``, a ``torch.nn`` loss
+    module, a name (``cross_entropy``, ``mse``), or None (chosen from the targets).
+    ``metrics``/``layers``: names (layers: globs too). Further keyword options are the fields of
+    ``fitcli.Settings`` (``tau``, ``device``, ``rank_by``, ``validate``, ``max_dead``...).
+    """
+    s = _settings(settings, dict(options, metrics=metrics, layers=layers))
+    check_loss(loss)
+    progress = progress or NO_PROGRESS
+    loaded = load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    base = load(baseline) if baseline is not None else None
+    ds = load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed)
+    with _caller_state(loaded.module, s.seed):
+        result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=base,
+                           device=s.device, progress=progress, ablation_mode=s.ablation_mode,
+                           chunk_size=s.chunk_size, rank_by=s.rank_by)
+        report = rep.build(result, loaded, ds, _report_settings(s), rank_by=s.rank_by, top=s.top)
+        _removable(report)
+        if s.validate:
+            from fitcli.validate import validate_report
+
+            validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn, units=s.validate_units,
+                            seed=s.seed, device=result.device, chunk_size=s.chunk_size,
+                            rank_auto=s.rank_by == "auto", top=s.top, progress=progress)
+    if s.max_dead is not None or s.max_dead_layer is not None:
+        rep.gate(report, s.max_dead, s.max_dead_layer)
+    return AuditReport(report)
 
 
-def ablate(
-    model: str | LoadedModel,
-    *,
-    layers: list[str],
-    arch: str | None = None,
-    arch_kwargs: str | None = None,
-    trust_checkpoint: bool = False,
-    data: str | DataSource | None = None,
-    batch_size: int = 64,
-    max_batches: int | None = None,
-    loss: str | None = None,
-    units: str | None = None,
-    mode: str = "zero",
-    whole_layer: bool = False,
-    chunk_size: int | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    tau: float = 0.0,
-    top: int = 20,
-    progress: bool = False,
-) -> dict:
-    """Exact per-unit (or whole-layer) ablation; returns a report with ``metrics.ablation``."""
+# --------------------------------------------------------------------------------------------
+# ablate
+
+
+def _unit_selection(units: Any, chosen: list) -> dict[str, list[int] | None]:
+    """``units``: None (all), a list of indices (every chosen layer), or {layer: indices}."""
+    if units is None:
+        return {lay.name: None for lay in chosen}
+    if isinstance(units, dict):
+        unknown = [k for k in units if k not in {lay.name for lay in chosen}]
+        if unknown:
+            raise UsageError(f"units given for {unknown[0]!r}, which is not among the layers ablated")
+        sel = {lay.name: (sorted(set(units[lay.name])) if units.get(lay.name) is not None else None) for lay in chosen}
+    else:
+        idx = sorted(set(units))
+        sel = {lay.name: idx for lay in chosen}
+    for lay in chosen:
+        for i in sel[lay.name] or []:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < lay.units:
+                raise UsageError(f"unit {i!r} is out of range for {lay.name} "
+                                 f"(the layer has {lay.units} units: 0-{lay.units - 1})")
+    return sel
+
+
+def _ablate_extra(lay, ab, sel: list[int] | None, whole_layer: bool) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if whole_layer:
+        extra["layer_ablation"] = ab.layer_delta(lay.name)
+        if ab.accuracy_known:
+            extra["layer_ablation_accuracy"] = ab.layer_accuracy(lay.name)
+    if sel is not None:
+        extra["ablated_units"] = sel
+    return extra
+
+
+def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None, units: Any = None,
+           loss: Any = None, arch: Any = None, arch_kwargs: dict[str, Any] | None = None,
+           trust_checkpoint: bool = False, settings: Settings | None = None, progress: Progress | None = None,
+           **options: Any) -> AuditReport:
+    """Exact ablation of each unit of ``layers`` (and of each whole layer with ``whole_layer=True``):
+    the mean loss change when the unit is masked at its activation point. Returns an
+    ``AuditReport`` whose layers carry ``metrics["ablation"]`` (and ``ablation_accuracy`` for class
+    targets) and ``removable``. ``units``: a list of indices, or ``{layer: indices}``."""
+    s = _settings(settings, dict(options, layers=layers, metrics=["ablation"]))
+    if not s.layers:
+        raise UsageError("ablation needs at least one layer", hint="`fitcli inspect MODEL` lists the layers")
+    check_loss(loss)
+    progress = progress or NO_PROGRESS
+    loaded = load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    if not loaded.runnable:
+        raise InputError(f"{loaded.path}: ablation needs a runnable model; give its architecture"
+                         + (" (" + "; ".join(loaded.notes) + ")" if loaded.notes else ""))
+    ds = load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed)
+    if ds is None:
+        raise UsageError("ablation needs data")
+    with _caller_state(loaded.module, s.seed):
+        p = plan(loaded, ds, metrics=["ablation"], layers=s.layers, loss=loss, device=s.device)
+        if p.have["ablation"] is not None:
+            raise InputError(f"ablation needs a loss: {p.have['ablation']}")
+        report = _run_ablate(loaded, ds, p, s, units, progress)
+    return AuditReport(report)
+
+
+def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any, progress: Progress) -> dict:
     from fitcli.ablation import ablate_layers
     from fitcli.engine import AuditResult
-    from fitcli.losses import resolve_loss
 
-    if not layers:
-        raise UsageError("ablate needs at least one --layer")
-    if mode not in ("zero", "mean"):
-        raise UsageError(f"--mode {mode!r}: use zero or mean")
-    if chunk_size is not None and chunk_size <= 0:
-        raise UsageError("--chunk-size must be positive")
-    torch.manual_seed(seed)
-    loaded = _load(model, arch, arch_kwargs, trust_checkpoint)
-    if not loaded.runnable:
-        raise InputError(f"{loaded.path}: ablation needs a runnable model; pass --arch "
-                         + ("(" + "; ".join(loaded.notes) + ")" if loaded.notes else ""))
-    ds = _data(data, batch_size, max_batches, seed)
-    if ds is None:
-        raise UsageError("ablate needs --data")
-    dev = pick_device(device)
+    sel = _unit_selection(units, p.layers)
     example = peek(ds)
-    if example is None:
-        raise InputError(f"--data {ds.spec}: yields no batches (empty data)")
-    graph = discover(loaded.module, loaded.state_dict, example=example, exported=loaded.format == "export")
-    chosen = select_layers(graph, layers)
-    loss_fn, loss_name, why = resolve_loss(loss, example.targets)
-    if loss_fn is None:
-        raise InputError(f"ablation needs a loss: {why}")
-    unit_sel = {lay.name: parse_units(units, lay.units) for lay in chosen}
-    accuracy = example.targets is not None and not example.targets.is_floating_point()
-    if graph.runner is not None:
-        graph.runner.to(dev)
-    ab = ablate_layers(graph, [lay.name for lay in chosen], ds, loss_fn, mode=mode, device=dev,
-                       chunk_size=chunk_size, progress=progress, units=unit_sel, whole_layer=whole_layer,
-                       accuracy=accuracy)
-    result = AuditResult(graph=graph, layers=chosen, values={}, metric_info={}, skipped=[], device=str(dev),
-                         loss_name=loss_name, notes=list(loaded.notes) + list(graph.notes) + ab.notes)
-    result.samples, result.batches = ab.samples, ab.batches
-    from fitcli.metrics.ablation import Ablation
-
-    for lay in chosen:
-        vals = {"ablation": ab.metrics[lay.name].compute()}
-        if ab.accuracy.get(lay.name) is not None:
-            vals["ablation_accuracy"] = ab.accuracy[lay.name]
-        sel = unit_sel[lay.name]
-        if sel is not None:  # units not asked for are not finite values: null in JSON, not ranked
+    accuracy = example is not None and example.targets is not None and not example.targets.is_floating_point()
+    if p.graph.runner is not None:
+        p.graph.runner.to(p.device)
+    ab = ablate_layers(p.graph, [lay.name for lay in p.layers], ds, p.loss_fn, mode=s.ablation_mode,
+                       device=p.device, chunk_size=s.chunk_size, progress=progress, units=sel,
+                       whole_layer=s.whole_layer, accuracy=accuracy)
+    result = AuditResult(graph=p.graph, layers=p.layers, values={}, metric_info={}, skipped=[], device=str(p.device),
+                         loss_name=p.loss_name, notes=p.notes + ab.notes, samples=ab.samples, batches=ab.batches)
+    for lay in p.layers:
+        metric = p.state[lay.name]["ablation"]
+        metric.update_ablation(ab.delta_sum[lay.name], ab.samples)  # the results reach the metric through its contract
+        vals = {"ablation": metric.compute().cpu()}
+        if accuracy:
+            vals["ablation_accuracy"] = ab.accuracy(lay.name)
+        if sel[lay.name] is not None:  # units not asked for have no value: null in JSON, not ranked
             mask = torch.ones(lay.units, dtype=torch.bool)
-            mask[sel] = False
-            for k in vals:
-                vals[k] = vals[k].masked_fill(mask, float("nan"))
+            mask[sel[lay.name]] = False
+            vals = {k: v.masked_fill(mask, float("nan")) for k, v in vals.items()}
         result.values[lay.name] = vals
-        extra: dict[str, Any] = {}
-        if whole_layer:
-            extra["layer_ablation"] = ab.layer_delta.get(lay.name)
-            if ab.layer_accuracy.get(lay.name) is not None:
-                extra["layer_ablation_accuracy"] = ab.layer_accuracy[lay.name]
-        if sel is not None:
-            extra["ablated_units"] = sel
-        result.layer_extra[lay.name] = extra
-    result.metric_info["ablation"] = {"description": Ablation.description, "needs": sorted(Ablation.needs),
-                                      "method": ab.method}
+        result.layer_extra[lay.name] = _ablate_extra(lay, ab, sel[lay.name], s.whole_layer)
+    result.metric_info["ablation"] = {**p.classes["ablation"].contract(), "method": ab.method}
     if accuracy:
         result.metric_info["ablation_accuracy"] = {
             "description": "accuracy(ablated) − accuracy: change in the fraction of correct predictions",
-            "needs": ["activations", "labels", "ablation"]}
-    settings = {"tau": float(tau), "seed": int(seed), "ablation_mode": mode, "whole_layer": whole_layer}
-    report = rep.build(result, loaded, ds, settings, rank_by="ablation", top=top, command="ablate")
-    # for ablation the most important units have the largest loss increase: rank descending
-    report["ranked"] = _rank_ablation(report, top)
+            "needs": ["activations", "labels", "ablation"], "higher_is_better": True}
+    settings = _report_settings(s, whole_layer=s.whole_layer)
+    report = rep.build(result, loaded, ds, settings, rank_by="ablation", top=s.top, command="ablate",
+                       include_final=True)
+    for row in report["ranked"]:
+        acc = next(lay for lay in report["layers"] if lay["name"] == row["layer"])["metrics"].get("ablation_accuracy")
+        if acc is not None and acc[row["unit"]] is not None:
+            row["accuracy_change"] = acc[row["unit"]]
     for lay in report["layers"]:
-        if unit_sel[lay["name"]] is not None:
-            sel = set(unit_sel[lay["name"]])
-            lay["nonfinite"] = [u for u in lay["nonfinite"] if u in sel]
+        if sel[lay["name"]] is not None:
+            keep = set(sel[lay["name"]])
+            lay["nonfinite"] = [u for u in lay["nonfinite"] if u in keep]
     _removable(report)
     return report
 
 
-def _rank_ablation(report: dict, top: int) -> list[dict]:
-    rows = []
-    for lay in report["layers"]:
-        vals = lay["metrics"]["ablation"]
-        acc = lay["metrics"].get("ablation_accuracy")
-        for i, v in enumerate(vals):
-            if v is None:
-                continue
-            row = {"layer": lay["name"], "unit": i, "value": v, "normalized": v}
-            if acc is not None and acc[i] is not None:
-                row["accuracy_change"] = acc[i]
-            rows.append(row)
-    rows.sort(key=lambda r: (-r["value"], r["layer"], r["unit"]))
-    return rows[:top]
+# --------------------------------------------------------------------------------------------
+# inspect, gate
 
 
-def gate(report_path: str, max_dead: float | None, max_dead_layer: float | None) -> dict:
-    """Re-check a saved report against thresholds (percent)."""
-    report = rep.read(report_path)
+@dataclass
+class Inspection:
+    """What ``inspect`` found: the model, how its graph was read, its layers and what was left out."""
+
+    model: dict[str, Any]
+    discovery: dict[str, Any]
+    layers: list[dict[str, Any]]
+    unsupported: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+
+def inspect(model: Any, data: Any = None, *, arch: Any = None, arch_kwargs: dict[str, Any] | None = None,
+            trust_checkpoint: bool = False, batch_size: int = 8) -> Inspection:
+    """Layers, unit counts, activation points and the format found in a model or checkpoint."""
+    from fitcli.discovery import discover
+
+    loaded = load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    ds = load_data(data, batch_size=batch_size, max_batches=1) if loaded.runnable else None
+    with _caller_state(loaded.module, 0):
+        example = peek(ds) if ds is not None else None
+        graph = discover(loaded.module, loaded.state_dict, example=example, exported=loaded.format == "export")
+    return Inspection(
+        model={"path": loaded.path, "format": loaded.format, "sha256": loaded.sha256, "arch": loaded.arch},
+        discovery={"method": graph.method, "notes": loaded.notes + graph.notes},
+        layers=[{"name": lay.name, "type": lay.type, "units": lay.units, "activation_point": lay.point,
+                 "activation_point_kind": lay.point_kind, "parameters": lay.params, "final": lay.final,
+                 "consumers": lay.consumers} for lay in graph.layers],
+        unsupported=graph.unsupported,
+    )
+
+
+def gate(report: AuditReport | dict | str | Path, max_dead: float | None = None,
+         max_dead_layer: float | None = None) -> GateResult:
+    """Check a report (or a saved report file) against dead-unit thresholds in percent. Without
+    thresholds, the ones the report was scored with. The verdict is also stored on the report."""
+    Settings.make(max_dead=max_dead, max_dead_layer=max_dead_layer).check()
+    if isinstance(report, (str, Path)):
+        data = rep.read(report)
+    elif isinstance(report, AuditReport):
+        data = report._meta | {"layers": [lay.to_dict() for lay in report.layers]}
+    elif isinstance(report, dict):
+        data = report
+    else:
+        raise UsageError(f"gate takes an AuditReport, a report dict or a path, not {type(report).__name__}")
     if max_dead is None and max_dead_layer is None:
-        g = report.get("gate") or {}
+        g = data.get("gate") or {}
         max_dead, max_dead_layer = g.get("max_dead"), g.get("max_dead_layer")
         if max_dead is None and max_dead_layer is None:
-            raise UsageError("gate needs --max-dead and/or --max-dead-layer (or a report that was scored with them)")
-    return rep.gate(report, max_dead, max_dead_layer) and report
+            raise UsageError("gate needs max_dead and/or max_dead_layer (or a report that was scored with them)")
+    g = rep.gate(data, max_dead, max_dead_layer)
+    if isinstance(report, AuditReport):
+        report._meta["gate"] = g
+    return GateResult(g["passed"], g["failures"], max_dead, max_dead_layer)
+
+
+__all__ = ["audit", "ablate", "inspect", "gate", "load", "load_data", "Inspection", "as_batch"]

@@ -6,9 +6,11 @@ stderr. ``main()`` maps the exception hierarchy to exit codes (``spec/cli.md``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import sys
 from enum import Enum
@@ -73,10 +75,21 @@ MaxDeadLayerOpt = Annotated[float | None, typer.Option("--max-dead-layer", help=
 ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", min=1, help="units per batched ablation pass [default: from free memory]")]
 ModeOpt = Annotated[Mode | None, typer.Option("--mode", help="ablation: zero, or the unit's mean activation [default: zero]")]
 
-DEFAULTS: dict[str, Any] = {
-    "batch_size": 64, "device": "auto", "seed": 0, "tau": 0.0, "top": 20, "format": Fmt.table,
-    "mode": Mode.zero, "trust_checkpoint": False, "quiet": False, "verbose": False,
-}
+DEFAULTS: dict[str, Any] = {"format": Fmt.table, "trust_checkpoint": False, "quiet": False, "verbose": False}
+
+
+# the library words its messages for any caller; on the command line, name the flag instead
+CLI_WORDS = (("pass trust_checkpoint=True", "pass --trust-checkpoint"), ("give its architecture", "pass --arch"),
+             ("give the architecture", "pass --arch"), ("(no architecture given)", "(no --arch)"),
+             ("without an architecture", "without --arch"), ("give data to", "pass --data to"),
+             ("(needs data:", "(needs --data:"), ("validate=True", "--validate"))
+
+
+def cli_words(text: str | None) -> str | None:
+    if text:
+        for lib, flag in CLI_WORDS:
+            text = text.replace(lib, flag)
+    return text
 
 
 def _guard(fn):
@@ -92,67 +105,212 @@ def _guard(fn):
     return wrapper
 
 
-def _settings(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
-    """Flags win over the config file, which wins over defaults."""
+# flag spelling of each setting, for messages about the command line
+FLAGS = {"layers": "--layer", "metrics": "--metric", "ablation_mode": "--mode"}
+
+
+def _flag(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _merge(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """Flags win over the config file, which wins over built-in defaults."""
     from fitcli.config import load_config
 
     cfg, where = load_config(config)
     merged = dict(DEFAULTS)
-    merged.update({k: v for k, v in cfg.items()})
+    merged.update(cfg)
     merged.update({k: v for k, v in given.items() if v is not None and v != []})
-    if isinstance(merged.get("format"), str):
-        try:
-            merged["format"] = Fmt(merged["format"])
-        except ValueError as e:
-            raise UsageError(f"format {merged['format']!r}: use table, json, markdown or csv") from e
-    if isinstance(merged.get("mode"), str):
-        try:
-            merged["mode"] = Mode(merged["mode"])
-        except ValueError as e:
-            raise UsageError(f"mode {merged['mode']!r}: use zero or mean") from e
-    if isinstance(merged.get("arch_kwargs"), dict):
-        merged["arch_kwargs"] = json.dumps(merged["arch_kwargs"])
+    for key, enum, choices in (("format", Fmt, "table, json, markdown or csv"), ("ablation_mode", Mode, "zero or mean")):
+        if isinstance(merged.get(key), str):
+            try:
+                merged[key] = enum(merged[key])
+            except ValueError as e:
+                raise UsageError(f"{_flag(key)} {merged[key]!r}: use {choices}") from e
     merged["_config"] = where
     return merged
 
 
-def _progress(s: dict[str, Any]) -> bool:
-    return not s.get("quiet") and sys.stderr.isatty()
+def _settings(merged: dict[str, Any]):
+    """The one settings object, checked before anything is loaded (a bad name costs a second)."""
+    from fitcli.settings import Settings
+
+    fields = {k: merged.get(k) for k in Settings.names()}
+    if isinstance(fields.get("ablation_mode"), Mode):
+        fields["ablation_mode"] = fields["ablation_mode"].value
+    try:
+        return Settings.make(**fields).check()
+    except UsageError as e:  # name the flag, as the user typed it
+        for name in Settings.names():
+            if e.message.startswith(name + " ") or e.message.startswith(name.replace("_", " ") + " "):
+                e.message = _flag(name) + e.message[len(name):]
+                break
+        raise
 
 
-def _emit(report: dict, s: dict[str, Any], protect: list[str | None]) -> None:
+_RANGE = re.compile(r"^\s*(\d{1,12})\s*(?:-\s*(\d{1,12})\s*)?$")
+
+
+def parse_units(spec: str | None) -> list[int] | None:
+    """``0,3,7-9`` -> [0, 3, 7, 8, 9] (the library checks each against the layer's size)."""
+    if spec is None or spec.strip() == "":
+        return None
+    out: list[int] = []
+    for part in spec.split(","):
+        m = _RANGE.match(part)
+        if not m:
+            raise UsageError(f"--units {spec!r}: {part!r} is not an index or a range like 7-9")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if b < a:
+            raise UsageError(f"--units {spec!r}: range {part.strip()} runs backwards")
+        if b - a > 10_000_000:
+            raise UsageError(f"--units {spec!r}: range {part.strip()} is too long")
+        out.extend(range(a, b + 1))
+    return sorted(set(out))
+
+
+def _arch(merged: dict[str, Any]) -> dict[str, Any]:
+    """--arch SPEC and --arch-kwargs JSON -> the library's arch callable, kwargs and label."""
+    spec = merged.get("arch")
+    kw = merged.get("arch_kwargs")
+    if isinstance(kw, str):
+        try:
+            kw = json.loads(kw)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is a huge int
+            raise UsageError(f"--arch-kwargs is not valid JSON: {str(e).splitlines()[0][:200]}") from e
+        if not isinstance(kw, dict):
+            raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"hidden\": 64}'")
+    if spec is None:
+        return {"arch": None, "arch_kwargs": None}
+    from fitcli.loading import resolve_callable
+
+    return {"arch": resolve_callable(spec, "--arch"), "arch_kwargs": kw, "arch_label": spec}
+
+
+def _loss(spec: str | None) -> Any:
+    """--loss NAME or module:callable(outputs, targets) -> what the library takes."""
+    if spec is None or ":" not in spec:
+        return spec  # a name (checked by the library) or None
+    from fitcli.loading import resolve_callable
+
+    fn = resolve_callable(spec, "--loss")
+
+    def loss(outputs: Any, batch: Any) -> Any:
+        return fn(outputs, batch.targets)
+
+    loss.fitcli_name = spec  # type: ignore[attr-defined]
+    return loss
+
+
+def _model(model: str, merged: dict[str, Any]):
+    from fitcli.api import load
+
+    a = _arch(merged)
+    return load(model, arch=a["arch"], arch_kwargs=a["arch_kwargs"], trust_checkpoint=bool(merged["trust_checkpoint"]),
+                arch_label=a.get("arch_label"))
+
+
+class RichProgress:
+    """A rich progress bar on stderr (only when stderr is a terminal and not --quiet)."""
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None):
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RP
+
+        bar = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                 console=Console(stderr=True), transient=True)
+        tid = bar.add_task(description, total=total)
+
+        class _T:
+            def advance(self, n: int = 1) -> None:
+                bar.advance(tid, n)
+
+        with bar:
+            yield _T()
+
+
+def _progress(s: dict[str, Any]):
+    return RichProgress() if not s.get("quiet") and sys.stderr.isatty() else None
+
+
+def _emit(report, s: dict[str, Any], protect: list[str | None]) -> None:
     from fitcli import report as rep
     from fitcli.render import render_csv, render_markdown, render_report
 
+    data = report.to_dict()
     if s.get("output"):
-        rep.write_atomic(s["output"], rep.dumps(report), protect=[p for p in protect if p])
+        try:
+            rep.write_atomic(s["output"], rep.dumps(data), protect=[p for p in protect if p])
+        except UsageError as e:
+            e.message = "-" + "-" + e.message if e.message.startswith("output ") else e.message
+            raise
     fmt = s["format"]
     if fmt is Fmt.json:
-        sys.stdout.write(rep.dumps(report))
+        sys.stdout.write(rep.dumps(data))
     elif fmt is Fmt.markdown:
-        sys.stdout.write(render_markdown(report))
+        sys.stdout.write(render_markdown(data))
     elif fmt is Fmt.csv:
-        sys.stdout.write(render_csv(report))
+        sys.stdout.write(render_csv(data))
     else:
-        out.print(render_report(report))
+        out.print(render_report(data))
     if not s.get("quiet"):
-        for note in report.get("discovery", {}).get("notes", []):
-            err.print(f"note: {note}", style="dim")
+        for note in data.get("discovery", {}).get("notes", []):
+            err.print(f"note: {cli_words(note)}", style="dim")
         if s.get("output"):
             err.print(f"report written to {s['output']}", style="dim")
-    g = report.get("gate")
+    g = data.get("gate")
     if g and not g["passed"]:
         raise GateFailed("gate failed: " + "; ".join(g["failures"]))
 
 
-@app.command()
+SCORE_EXAMPLES = """Examples:
+
+\b
+  fitcli score model.safetensors --arch models.py:Net --data val.safetensors
+  fitcli score model.pt --arch mypkg.models:resnet --data val.pt --format json -o report.json
+  fitcli score model.pt --arch models.py:Net --data val.pt --rank-by apoz --top 30
+  fitcli score model.pt --arch models.py:Net --data val.pt --max-dead 5   # CI gate: exit 1 above 5 %
+  fitcli score model.pt --arch models.py:Net --data val.pt --validate --rank-by auto
+"""
+ABLATE_EXAMPLES = """Examples:
+
+\b
+  fitcli ablate model.pt --arch models.py:Net --data val.pt --layer fc2
+  fitcli ablate model.pt --arch models.py:Net --data val.pt --layer fc2 --units 0,3,7-9 --mode mean
+  fitcli ablate model.pt --arch models.py:Net --data val.pt --layer 'blocks.*' --whole-layer
+"""
+GATE_EXAMPLES = """Examples:
+
+\b
+  fitcli score model.pt --arch models.py:Net --data val.pt -o report.json
+  fitcli gate report.json --max-dead 5 --max-dead-layer 20
+  fitcli gate report.json --format markdown >> "$GITHUB_STEP_SUMMARY"
+"""
+INSPECT_EXAMPLES = """Examples:
+
+\b
+  fitcli inspect model.safetensors
+  fitcli inspect model.safetensors --arch models.py:Net --format json
+  fitcli inspect model.pt2
+"""
+METRICS_EXAMPLES = """Examples:
+
+\b
+  fitcli metrics
+  fitcli metrics --format json
+"""
+
+
+@app.command(epilog=SCORE_EXAMPLES)
 @_guard
 def score(
     model: ModelArg, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None, trust_checkpoint: TrustOpt = None,
     data: DataOpt = None, batch_size: BatchOpt = None, max_batches: MaxBatchOpt = None, loss: LossOpt = None,
     layer: LayerOpt = None, metric: MetricOpt = None, device: DeviceOpt = None, seed: SeedOpt = None,
     tau: TauOpt = None, top: TopOpt = None,
-    rank_by: Annotated[str | None, typer.Option("--rank-by", help="metric for the ranked table, or auto (best validated) [default: taylor, else act_mean, else weight_norm]")] = None,
+    rank_by: Annotated[str | None, typer.Option("--rank-by", help="metric for the ranked table (least fit first, in the metric's direction), or auto (best validated) [default: taylor, else act_mean, else weight_norm]")] = None,
     fmt: FormatOpt = None, output: OutputOpt = None,
     baseline: Annotated[str | None, typer.Option("--baseline", help="earlier checkpoint: enables weight_change")] = None,
     max_dead: MaxDeadOpt = None, max_dead_layer: MaxDeadLayerOpt = None, mode: ModeOpt = None,
@@ -164,24 +322,21 @@ def score(
     """Score every metric, show ranked dead-weight tables, write a report, optionally gate."""
     from fitcli import api
 
-    s = _settings(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
-                               batch_size=batch_size, max_batches=max_batches, loss=loss, layers=layer,
-                               metrics=metric, device=device, seed=seed, tau=tau, top=top, rank_by=rank_by,
-                               format=fmt, output=output, baseline=baseline, max_dead=max_dead,
-                               max_dead_layer=max_dead_layer, mode=mode, chunk_size=chunk_size,
-                               validate=validate, validate_units=validate_units, quiet=quiet, verbose=verbose))
-    report = api.score(
-        model, arch=s.get("arch"), arch_kwargs=s.get("arch_kwargs"), trust_checkpoint=s["trust_checkpoint"],
-        data=s.get("data"), batch_size=s["batch_size"], max_batches=s.get("max_batches"), loss=s.get("loss"),
-        layers=s.get("layers"), metrics=s.get("metrics"), device=s["device"], seed=s["seed"], tau=s["tau"],
-        top=s["top"], rank_by=s.get("rank_by"), baseline=s.get("baseline"), max_dead=s.get("max_dead"),
-        max_dead_layer=s.get("max_dead_layer"), progress=_progress(s), ablation_mode=s["mode"].value,
-        chunk_size=s.get("chunk_size"), validate=bool(s.get("validate")), validate_units=s.get("validate_units"),
-    )
-    _emit(report, s, [model, s.get("data"), s.get("baseline"), s.get("_config")])
+    m = _merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
+                            batch_size=batch_size, max_batches=max_batches, loss=loss, layers=layer,
+                            metrics=metric, device=device, seed=seed, tau=tau, top=top, rank_by=rank_by,
+                            format=fmt, output=output, baseline=baseline, max_dead=max_dead,
+                            max_dead_layer=max_dead_layer, ablation_mode=mode, chunk_size=chunk_size,
+                            validate=validate, validate_units=validate_units, quiet=quiet, verbose=verbose))
+    settings = _settings(m)
+    loss_fn = _loss(m.get("loss"))
+    loaded = _model(model, m)
+    base = api.load(m["baseline"]) if m.get("baseline") else None
+    report = api.audit(loaded, m.get("data"), loss=loss_fn, baseline=base, settings=settings, progress=_progress(m))
+    _emit(report, m, [model, m.get("data"), m.get("baseline"), m.get("_config")])
 
 
-@app.command()
+@app.command(epilog=ABLATE_EXAMPLES)
 @_guard
 def ablate(
     model: ModelArg,
@@ -198,23 +353,30 @@ def ablate(
     """Exact ablation of each unit (and optionally whole layers): the loss change when it is masked."""
     from fitcli import api
 
-    s = _settings(config, dict(layers=layer, units=units, mode=mode, whole_layer=whole_layer, chunk_size=chunk_size,
-                               arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
-                               batch_size=batch_size, max_batches=max_batches, loss=loss, device=device, seed=seed,
-                               tau=tau, top=top, format=fmt, output=output, quiet=quiet, verbose=verbose))
-    if not s.get("layers"):
+    m = _merge(config, dict(layers=layer, units=units, ablation_mode=mode, whole_layer=whole_layer,
+                            chunk_size=chunk_size, arch=arch, arch_kwargs=arch_kwargs,
+                            trust_checkpoint=trust_checkpoint, data=data, batch_size=batch_size,
+                            max_batches=max_batches, loss=loss, device=device, seed=seed, tau=tau, top=top,
+                            format=fmt, output=output, quiet=quiet, verbose=verbose))
+    if not m.get("layers"):
         raise UsageError("ablate needs --layer NAME (see `fitcli inspect MODEL` for the names)")
-    report = api.ablate(
-        model, layers=s["layers"], units=s.get("units"), mode=s["mode"].value, whole_layer=bool(s.get("whole_layer")),
-        chunk_size=s.get("chunk_size"), arch=s.get("arch"), arch_kwargs=s.get("arch_kwargs"),
-        trust_checkpoint=s["trust_checkpoint"], data=s.get("data"), batch_size=s["batch_size"],
-        max_batches=s.get("max_batches"), loss=s.get("loss"), device=s["device"], seed=s["seed"], tau=s["tau"],
-        top=s["top"], progress=_progress(s),
-    )
-    _emit(report, s, [model, s.get("data"), s.get("_config")])
+    settings = _settings(m)
+    unit_list = parse_units(m.get("units"))
+    loss_fn = _loss(m.get("loss"))
+    if not m.get("data"):
+        raise UsageError("ablate needs --data")
+    loaded = _model(model, m)
+    try:
+        report = api.ablate(loaded, m.get("data"), units=unit_list, loss=loss_fn, settings=settings,
+                            progress=_progress(m))
+    except UsageError as e:
+        if e.message.startswith("unit "):
+            e.message = f"--units {m.get('units')!r}: {e.message}"
+        raise
+    _emit(report, m, [model, m.get("data"), m.get("_config")])
 
 
-@app.command()
+@app.command(epilog=GATE_EXAMPLES)
 @_guard
 def gate(
     report: Annotated[str, typer.Argument(help="a JSON report written by `fitcli score --output`")],
@@ -223,16 +385,22 @@ def gate(
 ) -> None:
     """CI gate on a saved report: exit 1 when a dead-unit threshold is exceeded."""
     from fitcli import api
+    from fitcli import report as rep
     from fitcli.render import render_markdown
 
-    rep = api.gate(report, max_dead, max_dead_layer)
-    g = rep["gate"]
+    data = rep.read(report)
+    try:
+        result = api.gate(data, max_dead, max_dead_layer)
+    except UsageError as e:
+        e.message = e.message.replace("max_dead and/or max_dead_layer", "--max-dead and/or --max-dead-layer")
+        raise
+    g = result.to_dict()
     if fmt is Fmt.json:
         sys.stdout.write(json.dumps(g, indent=2) + "\n")
     elif fmt is Fmt.markdown:
-        sys.stdout.write(render_markdown(rep))
+        sys.stdout.write(render_markdown(data))
     else:
-        s = rep["summary"]
+        s = data["summary"]
         out.print(f"{s['dead']}/{s['units']} units dead ({100 * s['dead_fraction']:.2f}%): "
                   + ("gate passed" if g["passed"] else "gate FAILED"))
         for f in g["failures"]:
@@ -241,7 +409,7 @@ def gate(
         raise GateFailed("gate failed: " + "; ".join(g["failures"]))
 
 
-@app.command()
+@app.command(epilog=INSPECT_EXAMPLES)
 @_guard
 def inspect(
     model: ModelArg, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None, trust_checkpoint: TrustOpt = None,
@@ -252,18 +420,17 @@ def inspect(
     from fitcli import api
     from fitcli.render import render_inspect
 
-    s = _settings(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
-                               format=fmt, quiet=quiet, verbose=verbose))
-    info = api.inspect(model, arch=s.get("arch"), arch_kwargs=s.get("arch_kwargs"),
-                       trust_checkpoint=s["trust_checkpoint"], data=s.get("data"))
-    if s["format"] is Fmt.json:
+    m = _merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
+                            format=fmt, quiet=quiet, verbose=verbose))
+    info = api.inspect(_model(model, m), m.get("data")).to_dict()
+    if m["format"] is Fmt.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
-    elif s["format"] in (Fmt.markdown, Fmt.csv):
-        sep = "|" if s["format"] is Fmt.markdown else ","
+    elif m["format"] in (Fmt.markdown, Fmt.csv):
+        sep = "|" if m["format"] is Fmt.markdown else ","
         rows = [["layer", "type", "units", "activation_point", "parameters", "final"]]
         rows += [[x["name"], x["type"], str(x["units"]), x["activation_point"], str(x["parameters"]), str(x["final"]).lower()]
                  for x in info["layers"]]
-        if s["format"] is Fmt.markdown:
+        if m["format"] is Fmt.markdown:
             lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
             lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
         else:
@@ -273,10 +440,10 @@ def inspect(
         out.print(render_inspect(info))
 
 
-@app.command()
+@app.command(epilog=METRICS_EXAMPLES)
 @_guard
 def metrics(fmt: FormatOpt = None) -> None:
-    """The metric registry: name, needs, cost, one-line description (plugins included)."""
+    """The metric registry: name, direction, needs, cost, one-line description (plugins included)."""
     from fitcli.metrics.registry import load_registry
     from fitcli.render import render_metrics
 
@@ -285,8 +452,9 @@ def metrics(fmt: FormatOpt = None) -> None:
         if e.cls is None:
             rows.append({"name": name, "entry_point": e.value, "error": e.error})
         else:
-            rows.append({"name": name, "entry_point": e.value, "needs": sorted(e.cls.needs), "cost": e.cls.cost,
-                         "description": e.cls.description})
+            rows.append({"name": name, "entry_point": e.value, "needs": sorted(e.cls.needs),
+                         "optional_needs": sorted(e.cls.optional_needs), "higher_is_better": e.cls.higher_is_better,
+                         "cost": e.cls.cost, "description": e.cls.description})
     if fmt is Fmt.json:
         sys.stdout.write(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
     else:
@@ -333,11 +501,11 @@ def main(argv: list[str] | None = None) -> None:
 
             traceback.print_exc()
         if not isinstance(e, GateFailed):
-            err.print(f"fitcli: error: {e.message}", markup=False, highlight=False)
+            err.print(f"fitcli: error: {cli_words(e.message)}", markup=False, highlight=False)
         else:
             err.print(f"fitcli: {e.message}", markup=False, highlight=False)
         if e.hint:
-            err.print(f"  hint: {e.hint}", markup=False, highlight=False)
+            err.print(f"  hint: {cli_words(e.hint)}", markup=False, highlight=False)
         code = e.exit_code
     except ValueError as e:  # e.g. a NUL byte in a path argument
         if verbose:

@@ -16,14 +16,30 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from fitcli.errors import InputError, UsageError, close_matches
 
-KEYS: dict[str, type | tuple[type, ...]] = {
-    "arch": str, "arch_kwargs": (str, dict), "trust_checkpoint": bool, "data": str, "batch_size": int,
-    "max_batches": int, "loss": str, "layers": list, "layer": list, "metrics": list, "metric": list,
-    "device": str, "seed": int, "tau": (int, float), "top": int, "rank_by": str, "format": str,
-    "output": str, "baseline": str, "quiet": bool, "verbose": bool, "max_dead": (int, float),
-    "max_dead_layer": (int, float), "mode": str, "chunk_size": int, "units": str, "whole_layer": bool,
-    "validate": bool, "validate_units": int,
+# keys only the command line has (strings it parses, output choices); every other key is a field
+# of fitcli.Settings, with its type
+CLI_KEYS: dict[str, type | tuple[type, ...]] = {
+    "arch": str, "arch_kwargs": (str, dict), "trust_checkpoint": bool, "data": str, "loss": str,
+    "baseline": str, "format": str, "output": str, "quiet": bool, "verbose": bool, "units": str, "mode": str,
 }
+ALIASES = {"layer": "layers", "metric": "metrics", "mode": "ablation_mode"}
+
+
+def _settings_keys() -> dict[str, type | tuple[type, ...]]:
+    import typing
+
+    from fitcli.settings import Settings
+
+    out: dict[str, type | tuple[type, ...]] = {}
+    for name, hint in typing.get_type_hints(Settings).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        base = typing.get_origin(args[0]) or args[0]
+        out[name] = (int, float) if base is float else base
+    return out
+
+
+KEYS: dict[str, type | tuple[type, ...]] = {**_settings_keys(), **CLI_KEYS,
+                                             **{k: list for k in ("layer", "metric")}}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -91,9 +107,5 @@ def check(cfg: Any, where: str) -> dict[str, Any]:
                 json.dumps(value)
             except (TypeError, ValueError) as e:
                 raise UsageError(f"{where}: arch_kwargs must hold plain JSON values ({e})") from e
-        if k == "layer":
-            k = "layers"
-        if k == "metric":
-            k = "metrics"
-        out[k] = value
+        out[ALIASES.get(k, k)] = value
     return out

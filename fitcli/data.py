@@ -43,6 +43,18 @@ class Batch:
             mv(self.targets) if self.targets is not None else None,
         )
 
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The samples ``rows`` of this batch (every tensor with the batch in dim 0 is indexed)."""
+        n = self.size
+
+        def pick(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n:
+                return v.index_select(0, rows.to(v.device))
+            return v
+
+        return Batch(tuple(pick(a) for a in self.args), {k: pick(v) for k, v in self.kwargs.items()},
+                     pick(self.targets) if self.targets is not None else None)
+
     def describe(self) -> str:
         parts = [f"[{', '.join(map(str, a.shape))}]" for a in self.args if isinstance(a, torch.Tensor)]
         parts += [f"{k}=[{', '.join(map(str, v.shape))}]" for k, v in self.kwargs.items() if isinstance(v, torch.Tensor)]
@@ -96,7 +108,7 @@ class DataSource:
         except InputError:
             raise
         except (Exception, SystemExit) as e:
-            raise InputError(f"--data {self.spec}: producing batches raised {type(e).__name__}: {e}") from e
+            raise InputError(f"data {self.spec}: producing batches raised {type(e).__name__}: {e}") from e
         n = 0
         while self.max_batches is None or n < self.max_batches:
             try:
@@ -106,8 +118,8 @@ class DataSource:
             except InputError:
                 raise
             except (Exception, SystemExit) as e:
-                raise InputError(f"--data {self.spec}: batch {n} raised {type(e).__name__}: {e}") from e
-            batch = as_batch(item, f"--data {self.spec} batch {n}")
+                raise InputError(f"data {self.spec}: batch {n} raised {type(e).__name__}: {e}") from e
+            batch = as_batch(item, f"data {self.spec} batch {n}")
             if batch.size == 0:
                 continue
             n += 1
@@ -176,30 +188,30 @@ _RANDOM = re.compile(r"^random:(?P<shape>\d{1,9}(?:x\d{1,9})*)(?P<rest>(?:,[a-z]
 def parse_random(spec: str) -> tuple[tuple[int, ...], int, int | None]:
     m = _RANDOM.match(spec.strip())
     if not m:
-        raise InputError(f"--data {spec!r}: expected random:SHAPE[,n=N][,seed=S], e.g. random:1x28x28,n=256,seed=0")
+        raise InputError(f"data {spec!r}: expected random:SHAPE[,n=N][,seed=S], e.g. random:1x28x28,n=256,seed=0")
     shape = tuple(int(s) for s in m.group("shape").split("x"))
     if any(s <= 0 for s in shape) or len(shape) > 6:
-        raise InputError(f"--data {spec!r}: every dimension of SHAPE must be positive (at most 6 dimensions)")
+        raise InputError(f"data {spec!r}: every dimension of SHAPE must be positive (at most 6 dimensions)")
     n, seed = 256, None
     for kv in filter(None, m.group("rest").split(",")):
         k, _, v = kv.partition("=")
         if k not in ("n", "seed"):
-            raise InputError(f"--data {spec!r}: unknown option {k!r} (allowed: n, seed)")
+            raise InputError(f"data {spec!r}: unknown option {k!r} (allowed: n, seed)")
         try:
             val = int(v) if len(v) <= 18 else int("x")
         except ValueError as e:
-            raise InputError(f"--data {spec!r}: {k} must be an integer, got {v!r}") from e
+            raise InputError(f"data {spec!r}: {k} must be an integer, got {v!r}") from e
         if k == "n":
             n = val
         else:
             seed = val
     if n <= 0:
-        raise InputError(f"--data {spec!r}: n must be positive")
+        raise InputError(f"data {spec!r}: n must be positive")
     numel = n
     for s in shape:
         numel *= s
     if numel > 2**28:  # 1 GiB of float32
-        raise InputError(f"--data {spec!r}: {numel} values is too large for synthetic data")
+        raise InputError(f"data {spec!r}: {numel} values is too large for synthetic data")
     return shape, n, seed
 
 
@@ -211,9 +223,9 @@ def load_data(
 ) -> DataSource:
     """Resolve a data spec into a DataSource. Errors are InputError/UsageError."""
     if batch_size <= 0:
-        raise UsageError("--batch-size must be positive")
+        raise UsageError("batch_size must be positive")
     if max_batches is not None and max_batches <= 0:
-        raise UsageError("--max-batches must be positive")
+        raise UsageError("max_batches must be positive")
     if spec.startswith("random:"):
         shape, n, s = parse_random(spec)
         s = seed if s is None else s
@@ -235,13 +247,13 @@ def load_data(
     if ":" in spec:
         from fitcli.loading import resolve_callable
 
-        fn = resolve_callable(spec, "--data")
+        fn = resolve_callable(spec, "data")
 
         def factory() -> Iterable[Any]:
             return fn()
 
         return DataSource(spec, factory, max_batches)
     raise InputError(
-        f"--data {spec!r}: not a file, a 'module:callable' or a 'random:SHAPE' spec",
-        hint="e.g. --data data.safetensors or --data random:1x28x28,n=256",
+        f"data {spec!r}: not a file, a 'module:callable' or a 'random:SHAPE' spec",
+        hint="e.g. data.safetensors, or random:1x28x28,n=256",
     )

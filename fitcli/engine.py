@@ -1,9 +1,17 @@
-"""One pass over the data feeding every chosen metric.
+"""One pass over the data feeding every chosen metric, in three named stages:
 
-Per batch: one forward with the activation points tapped and one backward (``autograd.grad`` of
-the summed per-sample losses, so the user's ``.grad`` fields are never touched). Metrics that
-need a second pass (entropy) get one more forward without gradients. Only per-unit states are
-kept between batches, so memory does not grow with the number of batches.
+- ``plan``: discover the layers, work out what this run can give (weights, activations,
+  gradients, labels, a baseline, ablation), pick the metrics whose needs are met (the others are
+  skipped with the reason) and make one metric state per layer;
+- ``stream``: per batch, one forward with the activation points tapped and one backward
+  (``autograd.grad`` of the summed per-sample losses, so the user's ``.grad`` fields are never
+  touched); metrics that need a second pass (entropy) get one more forward without gradients.
+  Only per-unit states are kept between batches, so memory does not grow with the batches;
+- ``collect``: each state's ``compute()``, with the metrics' declared facts for the report.
+
+Metrics that need exact ablation get it from the ablation engine (``fitcli.ablation``) through
+``Metric.update_ablation``. Nothing here asks a metric its name: what a metric needs and how it is
+fed comes from its declared contract.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fitcli.data import Batch, DataSource
+from fitcli.data import Batch
+from fitcli.discovery import Layer, ModelGraph, discover, unit_view
 from fitcli.errors import (
     FitcliError,
     InputError,
@@ -23,12 +32,15 @@ from fitcli.errors import (
     RuntimeAuditError,
     UsageError,
     close_matches,
+    forward_error,
 )
-from fitcli.loading import LoadedModel
 from fitcli.losses import LossFn, primary_output, resolve_loss
 from fitcli.metrics.base import NEEDS, Metric, Scratch, UnitBatch
-from fitcli.metrics.registry import get_metric, load_registry
-from fitcli.units import Layer, ModelGraph, discover, unit_view
+from fitcli.metrics.registry import default_metrics, get_metric
+from fitcli.progress import NO_PROGRESS, Progress
+
+DATA_NEEDS = frozenset({"activations", "gradients", "labels"})
+RUN_NEEDS = ("activations", "gradients", "labels", "ablation")  # what a forward over data gives
 
 
 @dataclass
@@ -36,7 +48,7 @@ class AuditResult:
     graph: ModelGraph
     layers: list[Layer]
     values: dict[str, dict[str, torch.Tensor]]  # layer -> metric -> [units]
-    metric_info: dict[str, dict]  # metric -> description, needs, extra
+    metric_info: dict[str, dict]  # metric -> declared contract, description, per-layer info
     skipped: list[dict[str, str]]
     samples: int = 0
     batches: int = 0
@@ -45,15 +57,53 @@ class AuditResult:
     nonfinite_loss_batches: int = 0
     notes: list[str] = field(default_factory=list)
     layer_extra: dict[str, dict] = field(default_factory=dict)  # per-layer report fields (ablate)
+    loss_fn: LossFn | None = field(default=None, repr=False)  # the loss the audit used (for validation)
+
+
+@dataclass
+class AuditPlan:
+    """What one audit will compute, decided before any data is read beyond one example batch."""
+
+    graph: ModelGraph
+    layers: list[Layer]
+    classes: dict[str, type[Metric]]
+    state: dict[str, dict[str, Metric]]  # layer -> metric -> state
+    have: dict[str, str | None]  # need -> None when available, else the reason it is not
+    skipped: list[dict[str, str]]
+    device: torch.device
+    loss_fn: LossFn | None = None
+    loss_name: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def fed(self, layer: str, pass_index: int) -> list[Metric]:
+        """The metrics of ``layer`` that learn from batches in pass ``pass_index``."""
+        return [m for m in self.state[layer].values() if data_driven(m) and pass_index < m.passes]
+
+    @property
+    def passes(self) -> int:
+        return max((m.passes for ms in self.state.values() for m in ms.values() if data_driven(m)), default=1)
+
+    @property
+    def wants_gradients(self) -> bool:
+        return self.have["gradients"] is None and self.loss_fn is not None and any(
+            "gradients" in m.all_needs() for ms in self.state.values() for m in ms.values())
+
+    @property
+    def wants_labels(self) -> bool:
+        return self.have["labels"] is None
+
+    @property
+    def streams(self) -> bool:
+        return self.have["activations"] is None and any(data_driven(c) for c in self.classes.values())
 
 
 def pick_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec not in ("cpu", "cuda") and not spec.startswith("cuda:"):
-        raise UsageError(f"--device {spec!r}: use cpu, cuda or auto")
+        raise UsageError(f"device {spec!r}: use cpu, cuda or auto")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here", hint="use --device cpu or auto")
+        raise UsageError("device cuda: no CUDA device is available here", hint="use the cpu (or auto) device")
     return torch.device(spec)
 
 
@@ -64,10 +114,10 @@ def select_layers(graph: ModelGraph, patterns: list[str] | None) -> list[Layer]:
     chosen: set[str] = set()
     for pat in patterns:
         if len(pat) > 500:  # fnmatch is quadratic on unclosed brackets: refuse before matching
-            raise UsageError(f"--layer pattern of {len(pat)} characters is too long (at most 500)")
+            raise UsageError(f"layer pattern of {len(pat)} characters is too long (at most 500)")
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not hits:
-            raise UsageError(f"--layer {pat!r} matches no auditable layer" + close_matches(pat, names),
+            raise UsageError(f"layer {pat!r} matches no auditable layer" + close_matches(pat, names),
                              hint="`fitcli inspect MODEL` lists the layers")
         chosen.update(hits)
     return [lay for lay in graph.layers if lay.name in chosen]
@@ -77,20 +127,6 @@ def peek(data: Iterable[Batch]) -> Batch | None:
     for b in data:
         return b
     return None
-
-
-def forward_error(e: BaseException, batch: Batch, graph: ModelGraph, index: int = 0) -> InputError:
-    """A data/model mismatch as an InputError naming both shapes."""
-    first = graph.layers[0] if graph.layers else None
-    expect = ""
-    if first is not None:
-        w = first.weight
-        expect = (f"; its first layer {first.name} ({first.type}) expects "
-                  + (f"[..., {w.shape[1]}]" if first.type == "Linear" else f"[batch, {w.shape[1]}, ...]"))
-    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    which = "data batch" if index == 0 else f"data batch {index}"
-    return InputError(f"{which} of shape {batch.describe()} does not fit the model "
-                      f"({type(e).__name__}: {msg}){expect}")
 
 
 @contextmanager
@@ -107,237 +143,181 @@ def weights_require_grad(layers: list[Layer]) -> Iterator[None]:
             w.requires_grad_(flag)
 
 
-class Progress:
-    """A rich progress bar on stderr, or nothing (quiet, or not a terminal)."""
-
-    def __init__(self, enabled: bool, description: str, total: int | None = None):
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as RP
-
-            console = Console(stderr=True)
-            if console.is_terminal:
-                self.bar = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), console=console, transient=True)
-                self.task = self.bar.add_task(description, total=total)
-
-    def __enter__(self) -> Progress:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-    def describe(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=text, completed=0)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-DATA_NEEDS = frozenset({"activations", "gradients", "labels"})
-
-
 def data_driven(m: Metric | type[Metric]) -> bool:
     """Does this metric learn from batches (as opposed to weights alone)?"""
-    return bool(m.needs & DATA_NEEDS)
+    return bool(m.all_needs() & DATA_NEEDS)
 
 
-def default_metrics() -> list[str]:
-    return [n for n, e in load_registry().items() if n != "ablation" and e.cls is not None]
+# --------------------------------------------------------------------------------------------
+# plan
 
 
-def audit(
-    loaded: LoadedModel,
-    data: DataSource | None,
-    metrics: list[str] | None = None,
-    layers: list[str] | None = None,
-    loss: str | None = None,
-    baseline: LoadedModel | None = None,
-    device: str = "auto",
-    progress: bool = False,
-    ablation_mode: str = "zero",
-    chunk_size: int | None = None,
-) -> AuditResult:
-    """Run every chosen metric over the data in one streamed pass (plus one for entropy)."""
-    dev = pick_device(device)
-    example = peek(data) if data is not None and loaded.runnable else None
-    if data is not None and loaded.runnable and example is None:
-        raise InputError(f"--data {data.spec}: yields no batches (empty data)")
-    graph = discover(loaded.module, loaded.state_dict, example=example, exported=loaded.format == "export")
-    if not graph.layers:
-        raise InputError(f"{loaded.path}: no auditable layers (nn.Linear or nn.ConvNd) found")
-    chosen = select_layers(graph, layers)
-
-    # ---- what this run can provide -------------------------------------------------------------
-    have: dict[str, str | None] = {k: None for k in NEEDS}  # None = available, else the reason
+def _available(loaded, data, example: Batch | None, graph: ModelGraph, loss, baseline
+               ) -> tuple[dict[str, str | None], LossFn | None, str | None]:
+    """For each need, None when this run can give it, else the reason it cannot."""
+    have: dict[str, str | None] = dict.fromkeys(NEEDS)
     have["graph"] = None if graph.method in ("fx", "export") else "the model was not traced, so consumers are unknown"
-    have["baseline"] = None if baseline is not None else "no --baseline checkpoint"
+    have["baseline"] = None if baseline is not None else "no baseline checkpoint"
     if not loaded.runnable:
-        why = "no runnable model: pass --arch (" + ("; ".join(loaded.notes) or "bare state dict") + ")"
-        for k in ("activations", "gradients", "labels", "ablation"):
-            have[k] = why
-    elif data is None:
-        for k in ("activations", "gradients", "labels", "ablation"):
-            have[k] = "no --data"
-    loss_fn: LossFn | None = None
-    loss_name = None
-    if have["activations"] is None:
-        loss_fn, loss_name, why = resolve_loss(loss, example.targets if example is not None else None)
-        if why:
-            have["gradients"] = why
-            have["ablation"] = why
-        t = example.targets if example is not None else None
-        if t is None or t.is_floating_point():
-            have["labels"] = "no integer class targets in --data"
-    explicit = metrics is not None and len(metrics) > 0
-    names = list(dict.fromkeys(metrics)) if explicit else default_metrics()
+        why = "no runnable model: give the architecture (" + ("; ".join(loaded.notes) or "bare state dict") + ")"
+        have.update(dict.fromkeys(RUN_NEEDS, why))
+        return have, None, None
+    if data is None:
+        have.update(dict.fromkeys(RUN_NEEDS, "no data"))
+        return have, None, None
+    targets = example.targets if example is not None else None
+    loss_fn, loss_name, why = resolve_loss(loss, targets)
+    if why:
+        have["gradients"] = have["ablation"] = why
+    if targets is None or targets.is_floating_point():
+        have["labels"] = "no integer class targets in the data"
+    return have, loss_fn, loss_name
+
+
+def _choose(names: list[str], have: dict[str, str | None]) -> tuple[dict[str, type[Metric]], list[dict[str, str]]]:
     classes: dict[str, type[Metric]] = {}
     skipped: list[dict[str, str]] = []
     for n in names:
         cls = get_metric(n)  # UsageError for unknown or broken
-        missing = [have[k] for k in sorted(cls.needs) if k in have and have[k] is not None]
-        if cls.name == "composite" or not missing:
-            classes[n] = cls
-        else:
+        missing = [have[k] for k in sorted(cls.needs) if have.get(k) is not None]
+        if missing:
             skipped.append({"metric": n, "reason": missing[0]})
+        else:
+            classes[n] = cls
+    return classes, skipped
 
-    # ---- metric instances per layer -----------------------------------------------------------
+
+def _weights_update(plan: AuditPlan, baseline) -> None:
+    """Feed each metric that reads weights the weights-only batch (weights, baseline, consumers)."""
+    baseline_sd = baseline.state_dict if baseline is not None else {}
+    for lay in plan.layers:
+        base_w = baseline_sd.get(lay.name + ".weight")
+        if baseline is not None and base_w is None:
+            plan.skipped.append({"metric": "weight_change", "reason": f"the baseline has no {lay.name}.weight"})
+        if base_w is not None and tuple(base_w.shape) != tuple(lay.weight.shape):
+            raise InputError(f"baseline {lay.name}.weight has shape {tuple(base_w.shape)}, "
+                             f"model has {tuple(lay.weight.shape)}")
+        cons = [plan.graph.layer(c).weight for c in (lay.consumers or [])]
+        ub = UnitBatch(weight=lay.weight.detach().to(plan.device), baseline_weight=base_w,
+                       consumer_weights=cons or None)
+        for m in plan.state[lay.name].values():
+            if "weights" in m.all_needs():
+                m.update(ub)
+
+
+def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | None = None, loss=None,
+         baseline=None, device: str | torch.device = "auto", rank_by: str | None = None) -> AuditPlan:
+    """Layers, metrics and their states for an audit of ``loaded`` on ``data``."""
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    example = peek(data) if data is not None and loaded.runnable else None
+    if data is not None and loaded.runnable and example is None:
+        raise InputError(f"data {getattr(data, 'spec', '')!s}: yields no batches (empty data)".replace("  ", " "))
+    graph = discover(loaded.module, loaded.state_dict, example=example, exported=loaded.format == "export")
+    if not graph.layers:
+        raise InputError(f"{loaded.path}: no auditable layers (nn.Linear or nn.ConvNd) found")
+    chosen = select_layers(graph, layers)
+    have, loss_fn, loss_name = _available(loaded, data, example, graph, loss, baseline)
+    names = list(dict.fromkeys(metrics)) if metrics else default_metrics()
+    classes, skipped = _choose(names, have)
+    if rank_by not in (None, "auto") and rank_by not in classes:
+        why = next((s["reason"] for s in skipped if s["metric"] == rank_by), "it was not asked for")
+        raise UsageError(f"cannot rank by {rank_by!r}: this run cannot compute it ({why})")
     state: dict[str, dict[str, Metric]] = {lay.name: {} for lay in chosen}
     for lay in chosen:
         for n, cls in classes.items():
-            if n == "weight_norm_out" and not lay.consumers:
-                continue  # absent where the consumer is unknown
-            if n == "ablation":
-                continue  # filled by the ablation engine below
-            state[lay.name][n] = cls(lay.units).to(dev)
-
-    baseline_sd = baseline.state_dict if baseline is not None else {}
-    for lay in chosen:
-        base_w = baseline_sd.get(lay.name + ".weight")
-        if baseline is not None and base_w is None:
-            skipped.append({"metric": "weight_change", "reason": f"--baseline has no {lay.name}.weight"})
-        if base_w is not None and tuple(base_w.shape) != tuple(lay.weight.shape):
-            raise InputError(f"--baseline {lay.name}.weight has shape {tuple(base_w.shape)}, model has {tuple(lay.weight.shape)}")
-        cons = [graph.layer(c).weight for c in (lay.consumers or [])]
-        ub = UnitBatch(weight=lay.weight.detach().to(dev), baseline_weight=base_w, consumer_weights=cons or None)
-        for m in state[lay.name].values():
-            if not data_driven(m) or m.name == "composite":
-                m.update(ub)
-
-    result = AuditResult(graph=graph, layers=chosen, values={}, metric_info={}, skipped=skipped,
-                         device=str(dev), loss_name=loss_name, notes=list(loaded.notes) + list(graph.notes))
-    need_acts = any(data_driven(c) or c.name == "composite" for c in classes.values() if c.name != "ablation")
-    if need_acts and have["activations"] is None:
-        assert data is not None
-        if graph.runner is not None:
-            graph.runner.to(dev)
-        _stream(graph, chosen, data, state, loss_fn, have["gradients"] is None, have["labels"] is None,
-                dev, progress, result)
-
-    if "ablation" in classes:
-        from fitcli.ablation import ablate_layers
-
-        assert data is not None and loss_fn is not None
-        ab = ablate_layers(graph, [lay.name for lay in chosen], data, loss_fn, mode=ablation_mode,
-                           device=dev, chunk_size=chunk_size, progress=progress)
-        for lay in chosen:
-            state[lay.name]["ablation"] = ab.metrics[lay.name]
-
-    for lay in chosen:
-        result.values[lay.name] = {}
-        for n, m in state[lay.name].items():
-            result.values[lay.name][n] = m.compute().detach().cpu()
-            info = m.info()
-            if info:
-                result.metric_info.setdefault(n, {}).setdefault("layers", {})[lay.name] = info
-    for n, cls in classes.items():
-        result.metric_info.setdefault(n, {}).update({"description": cls.description, "needs": sorted(cls.needs)})
-    return result
+            if cls.unavailable(lay) is None:
+                state[lay.name][n] = cls(lay.units).to(dev)
+    p = AuditPlan(graph=graph, layers=chosen, classes=classes, state=state, have=have, skipped=skipped,
+                  device=dev, loss_fn=loss_fn, loss_name=loss_name,
+                  notes=list(loaded.notes) + list(graph.notes))
+    _weights_update(p, baseline)
+    return p
 
 
-def _stream(graph: ModelGraph, chosen: list[Layer], data: DataSource, state: dict[str, dict[str, Metric]],
-            loss_fn: LossFn | None, want_grads: bool, want_labels: bool, dev: torch.device,
-            progress: bool, result: AuditResult) -> None:
-    grad_layers = want_grads and loss_fn is not None and any(
-        "gradients" in m.needs or m.name == "composite" for ms in state.values() for m in ms.values())
-    passes = max((m.passes for ms in state.values() for m in ms.values() if data_driven(m)), default=1)
-    total = data.total
+# --------------------------------------------------------------------------------------------
+# stream
+
+
+class _Tap:
+    """The callback run at one layer's activation point during a forward: keeps the activation for
+    the backward and lets the metrics take what they can from it while it is in cache."""
+
+    def __init__(self, lay: Layer, metrics: list[Metric], pass_index: int, batch_index: int, grads: bool,
+                 scratch: Scratch, acts: dict[str, torch.Tensor], ubs: dict[str, UnitBatch]):
+        self.lay, self.metrics, self.p, self.bi, self.grads = lay, metrics, pass_index, batch_index, grads
+        self.scratch, self.acts, self.ubs = scratch, acts, ubs
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if self.p > 0 and not self.metrics:
+            return t  # nothing to learn from this layer in this pass
+        if self.p == 0 and self.grads and not t.requires_grad and t.is_floating_point():
+            t = t.detach().requires_grad_(True)
+        if self.p == 0:
+            self.acts[self.lay.name] = t  # kept for the backward
+        ub = UnitBatch(weight=self.lay.weight.detach(), act=unit_view(t.detach(), self.lay.unit_dim),
+                       pass_index=self.p, scratch=self.scratch)
+        with torch.no_grad():
+            _feed(self.metrics, "prepare", ub, self.lay, self.bi)
+        self.ubs[self.lay.name] = ub
+        return t
+
+
+def _forward(plan: AuditPlan, batch: Batch, callbacks: dict, use_grad: bool, acts: dict[str, torch.Tensor],
+             result: AuditResult, bi: int):
+    try:
+        with plan.graph.tap(callbacks), torch.set_grad_enabled(use_grad):
+            if not use_grad:
+                return plan.graph(batch), None, {}, {}
+            with weights_require_grad(plan.layers):
+                outputs = plan.graph(batch)
+                return (outputs, *_backward(outputs, batch, plan.loss_fn, plan.layers, acts, result))
+    except (InputError, RuntimeAuditError):
+        raise
+    except Exception as e:  # the model or the data: an input problem, with both shapes
+        raise forward_error(e, batch, plan.graph, bi) from e
+
+
+def _correct(outputs, batch: Batch) -> torch.Tensor | None:
+    if batch.targets is None:
+        return None
+    out = primary_output(outputs)
+    if out.dim() >= 2 and batch.targets.dim() == 1:
+        return out.argmax(dim=-1) == batch.targets.to(out.device)
+    return None
+
+
+def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_PROGRESS) -> None:
+    """Every batch of ``data`` through the model, once per pass, feeding the planned metrics."""
+    grads = plan.wants_gradients
     finite_batches = 0
     scratch = Scratch()  # temporaries reused across batches and layers
-    for p in range(passes):
-        label = "scoring" if p == 0 else "entropy pass"
-        active = {lay.name: [m for m in state[lay.name].values() if (data_driven(m) or m.name == "composite") and p < m.passes]
-                  for lay in chosen}  # the metrics fed in this pass, per layer
-        with Progress(progress, label, total) as bar:
+    for p in range(plan.passes):
+        fed = {lay.name: plan.fed(lay.name, p) for lay in plan.layers}
+        use_grad = p == 0 and grads
+        with progress.task("scoring" if p == 0 else "entropy pass", getattr(data, "total", None)) as bar:
             for bi, cpu_batch in enumerate(data):
-                batch = cpu_batch.to(dev)
+                batch = cpu_batch.to(plan.device)
                 acts: dict[str, torch.Tensor] = {}
                 ubs: dict[str, UnitBatch] = {}
-
-                def grab(lay: Layer, acts: dict[str, torch.Tensor] = acts, ubs: dict[str, UnitBatch] = ubs, p: int = p,
-                         bi: int = bi, active: dict[str, list[Metric]] = active):
-                    ms = active[lay.name]
-
-                    def fn(t: torch.Tensor) -> torch.Tensor:
-                        if p > 0 and not ms:
-                            return t  # nothing to learn from this layer in this pass
-                        if p == 0 and grad_layers and not t.requires_grad and t.is_floating_point():
-                            t = t.detach().requires_grad_(True)
-                        if p == 0:
-                            acts[lay.name] = t  # kept for the backward
-                        # statistics of the activation alone are taken now, while it is in cache
-                        ub = UnitBatch(weight=lay.weight.detach(), act=unit_view(t.detach(), lay.unit_dim), pass_index=p,
-                                       scratch=scratch)
-                        with torch.no_grad():
-                            _feed(ms, "prepare", ub, lay, bi)
-                        ubs[lay.name] = ub
-                        return t
-                    return fn
-
-                callbacks = {lay.name: grab(lay) for lay in chosen}
-                use_grad = p == 0 and grad_layers
-                try:
-                    with graph.tap(callbacks), torch.set_grad_enabled(use_grad):
-                        if use_grad:
-                            with weights_require_grad(chosen):
-                                outputs = graph(batch)
-                                losses, grads, wgrads = _backward(outputs, batch, loss_fn, chosen, acts, result)
-                        else:
-                            outputs = graph(batch)
-                            losses, grads, wgrads = None, {}, {}
-                except (InputError, RuntimeAuditError):
-                    raise
-                except Exception as e:  # the model or the data: an input problem, with both shapes
-                    raise forward_error(e, batch, graph, bi) from e
+                callbacks = {lay.name: _Tap(lay, fed[lay.name], p, bi, grads, scratch, acts, ubs)
+                             for lay in plan.layers}
+                outputs, losses, g, wg = _forward(plan, batch, callbacks, use_grad, acts, result, bi)
                 if p == 0:
                     result.batches += 1
                     result.samples += batch.size
-                    if losses is not None and torch.isfinite(losses).any():
-                        finite_batches += 1
-                correct = None
-                if want_labels and batch.targets is not None:
-                    out = primary_output(outputs)
-                    if out.dim() >= 2 and batch.targets.dim() == 1:
-                        correct = out.argmax(dim=-1) == batch.targets.to(out.device)
-                for lay in chosen:
+                    finite_batches += int(losses is not None and bool(torch.isfinite(losses).any()))
+                correct = _correct(outputs, batch) if plan.wants_labels else None
+                for lay in plan.layers:
                     ub = ubs.get(lay.name)
                     if ub is None:
                         continue
-                    g = grads.get(lay.name)
-                    ub.grad = unit_view(g, lay.unit_dim) if g is not None else None
-                    ub.weight_grad = wgrads.get(lay.name)
+                    ub.grad = unit_view(g[lay.name], lay.unit_dim) if lay.name in g else None
+                    ub.weight_grad = wg.get(lay.name)
                     ub.correct = correct
-                    _feed(active[lay.name], "update", ub, lay, bi)
+                    _feed(fed[lay.name], "update", ub, lay, bi)
                 del acts, ubs, outputs
                 bar.advance()
-        if p == 0 and grad_layers and result.batches and finite_batches == 0:
+        if p == 0 and use_grad and result.batches and finite_batches == 0:
             raise RuntimeAuditError("the loss is non-finite (NaN or Inf) on every batch",
                                     hint="check the model's weights and the data for NaN/Inf")
 
@@ -360,7 +340,7 @@ def _feed(metrics: list[Metric], method: str, ub: UnitBatch, lay: Layer, batch_i
 def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts: dict[str, torch.Tensor],
               result: AuditResult):
     """Per-sample losses, dL_x/dh at every tapped point, and dL_batch/dW (batch mean)."""
-    losses = loss_fn(outputs, batch.targets)
+    losses = loss_fn(outputs, batch)
     if losses.dim() != 1 or losses.shape[0] != batch.size:
         raise InputError(f"the loss returned shape {tuple(losses.shape)}; expected one value per sample ({batch.size})")
     finite = torch.isfinite(losses)
@@ -378,3 +358,59 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
         if g is not None:
             wgrads[lay.name] = g.detach().div_(batch.size)  # autograd.grad returned a fresh tensor: no copy
     return losses.detach(), grads, wgrads
+
+
+# --------------------------------------------------------------------------------------------
+# ablation, through the contract
+
+
+def feed_ablation(plan: AuditPlan, data, *, mode: str = "zero", chunk_size: int | None = None,
+                  progress: Progress = NO_PROGRESS) -> None:
+    """Exact ablation of every chosen layer, handed to the metrics that need it."""
+    wanting = {lay.name: [m for m in plan.state[lay.name].values() if "ablation" in m.needs] for lay in plan.layers}
+    names = [n for n, ms in wanting.items() if ms]
+    if not names:
+        return
+    from fitcli.ablation import ablate_layers
+
+    assert data is not None and plan.loss_fn is not None
+    ab = ablate_layers(plan.graph, names, data, plan.loss_fn, mode=mode, device=plan.device,
+                       chunk_size=chunk_size, progress=progress)
+    for n in names:
+        for m in wanting[n]:
+            m.update_ablation(ab.delta_sum[n], ab.samples)
+
+
+# --------------------------------------------------------------------------------------------
+# collect
+
+
+def collect(plan: AuditPlan, result: AuditResult) -> AuditResult:
+    for lay in plan.layers:
+        result.values[lay.name] = {}
+        for n, m in plan.state[lay.name].items():
+            result.values[lay.name][n] = m.compute().detach().cpu()
+            info = m.info()
+            if info:
+                result.metric_info.setdefault(n, {}).setdefault("layers", {})[lay.name] = info
+    for n, cls in plan.classes.items():
+        result.metric_info.setdefault(n, {}).update(cls.contract())
+    return result
+
+
+def audit(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | None = None, loss=None,
+          baseline=None, device: str | torch.device = "auto", progress: Progress = NO_PROGRESS,
+          ablation_mode: str = "zero", chunk_size: int | None = None, rank_by: str | None = None) -> AuditResult:
+    """Plan, stream, collect: every chosen metric over the data in one streamed pass (plus one for
+    entropy, plus exact ablation for the metrics that need it)."""
+    p = plan(loaded, data, metrics=metrics, layers=layers, loss=loss, baseline=baseline, device=device,
+             rank_by=rank_by)
+    result = AuditResult(graph=p.graph, layers=p.layers, values={}, metric_info={}, skipped=p.skipped,
+                         device=str(p.device), loss_name=p.loss_name, notes=p.notes, loss_fn=p.loss_fn)
+    if p.graph.runner is not None and (p.streams or p.have["ablation"] is None):
+        p.graph.runner.to(p.device)
+    if p.streams:
+        stream(p, data, result, progress)
+    if p.have["ablation"] is None:
+        feed_ablation(p, data, mode=ablation_mode, chunk_size=chunk_size, progress=progress)
+    return collect(p, result)

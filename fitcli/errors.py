@@ -70,3 +70,44 @@ def close_matches(word: str, choices: Iterable[str]) -> str:
     """A 'did you mean' suffix listing close matches, or '' when there are none."""
     matches = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
     return f" (did you mean: {', '.join(matches)}?)" if matches else ""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type name), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+def is_oom(e: BaseException) -> bool:
+    """Out of memory on any device (a MemoryError, or torch's 'out of memory' RuntimeError)."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def forward_error(e: BaseException, batch, graph, index: int = 0) -> InputError:
+    """A data/model mismatch as an InputError naming both shapes.
+
+    ``batch`` has ``describe()``; ``graph`` has ``layers`` whose first entry has ``name``, ``type``
+    and ``weight`` (duck-typed, so this leaf module imports nothing of fitcli's)."""
+    first = graph.layers[0] if getattr(graph, "layers", None) else None
+    expect = ""
+    if first is not None:
+        w = first.weight
+        expect = (f"; its first layer {first.name} ({first.type}) expects "
+                  + (f"[..., {w.shape[1]}]" if first.type == "Linear" else f"[batch, {w.shape[1]}, ...]"))
+    which = "data batch" if index == 0 else f"data batch {index}"
+    return InputError(f"{which} of shape {batch.describe()} does not fit the model "
+                      f"({type(e).__name__}: {first_line(e)}){expect}")
+
+
+def guarded(batch, graph, index: int, fn, *args):
+    """``fn(*args)``, a forward pass: the model or data failing is an InputError naming the shapes,
+    running out of memory a RuntimeAuditError with a hint."""
+    try:
+        return fn(*args)
+    except (InputError, RuntimeAuditError):
+        raise
+    except Exception as e:
+        if is_oom(e):
+            raise RuntimeAuditError(f"out of memory on a single batch of {batch.size} samples",
+                                    hint="lower the batch size") from e
+        raise forward_error(e, batch, graph, index) from e

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import json
 import pickle
 import sys
 import zipfile
@@ -63,7 +62,7 @@ def sha256_of(path: Path) -> str:
 # --arch / callable specs
 
 
-def resolve_callable(spec: str, what: str = "--arch") -> Any:
+def resolve_callable(spec: str, what: str = "arch") -> Any:
     """``package.module:callable`` or ``path/to/file.py:callable`` -> the callable object.
 
     A malformed spec is an input error (exit 3), like a missing file or attribute (cli.md)."""
@@ -125,24 +124,55 @@ def resolve_callable(spec: str, what: str = "--arch") -> Any:
     return obj
 
 
-def build_arch(spec: str, kwargs_json: str | None = None) -> nn.Module:
-    kwargs: dict[str, Any] = {}
-    if kwargs_json:
-        try:
-            kwargs = json.loads(kwargs_json)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is a huge int
-            raise UsageError(f"--arch-kwargs is not valid JSON: {str(e).splitlines()[0][:200]}") from e
-        if not isinstance(kwargs, dict):
-            raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"hidden\": 64}'")
-    factory = resolve_callable(spec, "--arch")
+def arch_name(arch: Any) -> str:
+    """How the report names an architecture factory: ``module.qualname``."""
+    name = getattr(arch, "fitcli_name", None)
+    if name:
+        return str(name)
+    qual = getattr(arch, "__qualname__", None) or type(arch).__name__
+    mod = getattr(arch, "__module__", None)
+    return f"{mod}.{qual}" if mod and not str(mod).startswith("fitcli_user_") else str(qual)
+
+
+def build_arch(arch: Any, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Call the architecture factory ``arch(**kwargs)``; it must return an ``nn.Module``."""
+    if isinstance(arch, nn.Module):
+        if kwargs:
+            raise UsageError("arch_kwargs were given, but arch is already a built module")
+        return arch
+    if not callable(arch):
+        raise UsageError(f"arch must be a callable returning an nn.Module (a class or a function), "
+                         f"not {type(arch).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise UsageError(f"arch_kwargs must be a dict, not {type(kwargs).__name__}")
+    label = arch_name(arch)
     try:
-        model = factory(**kwargs)
+        model = arch(**(kwargs or {}))
     except (Exception, SystemExit) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise InputError(f"--arch {spec!r} raised {type(e).__name__} when called: {first}") from e
+        raise InputError(f"arch {label!r} raised {type(e).__name__} when called: {first}") from e
     if not isinstance(model, nn.Module):
-        raise InputError(f"--arch {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise InputError(f"arch {label!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def module_digest(module: nn.Module) -> str:
+    """sha256 over a live module's state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        t = v.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{k}:{t.dtype}:{tuple(v.shape)};".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def from_module(module: nn.Module) -> LoadedModel:
+    """A live ``nn.Module`` as the audit's model (nothing is copied)."""
+    return LoadedModel(path=f"<{type(module).__name__} object>", format="module", sha256=module_digest(module),
+                       state_dict=dict(module.state_dict()), module=module, arch=arch_name(type(module)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,13 +217,13 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: str, arch: 
         if shapes:
             parts.append("shape differences: " + "; ".join(shapes[:6]) + (" ..." if len(shapes) > 6 else ""))
         raise InputError(
-            f"{path} does not match --arch {arch}: " + " | ".join(parts),
-            hint="check --arch and --arch-kwargs (e.g. layer sizes)",
+            f"{path} does not match the architecture {arch}: " + " | ".join(parts),
+            hint="check the architecture and its arguments (e.g. layer sizes)",
         )
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as e:  # dtype or other incompatibility
-        raise InputError(f"{path} does not load into --arch {arch}: {str(e).splitlines()[0]}") from e
+        raise InputError(f"{path} does not load into the architecture {arch}: {str(e).splitlines()[0]}") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,8 +264,8 @@ def _load_torch(path: Path, trust: bool) -> tuple[Any, str]:
             raise UnsafeCheckpointError(
                 f"{path} holds a pickled object that is not plain tensors (likely a whole nn.Module); "
                 "unpickling it can run arbitrary code, so fitcli refused to load it",
-                hint="re-save it with torch.save(model.state_dict()) and pass --arch, "
-                "or pass --trust-checkpoint if you trust where the file came from",
+                hint="re-save it with torch.save(model.state_dict()) and give its architecture, "
+                "or pass trust_checkpoint=True if you trust where the file came from",
             ) from e
     except Exception as e:  # a damaged file raises all sorts (EOFError, struct.error, IndexError...)
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e
@@ -247,11 +277,14 @@ def _load_torch(path: Path, trust: bool) -> tuple[Any, str]:
 
 def load_model(
     path: str | Path,
-    arch: str | None = None,
-    arch_kwargs: str | None = None,
+    arch: Any = None,
+    arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
+    arch_label: str | None = None,
 ) -> LoadedModel:
-    """Load any supported checkpoint. Raises InputError/UsageError with a one-line message."""
+    """Load any supported checkpoint. ``arch``: a callable returning the ``nn.Module`` the state
+    dict fills (``arch_label`` names it in the report). Raises InputError/UsageError with a
+    one-line message."""
     p = Path(path)
     try:
         exists, is_dir = p.exists(), p.is_dir()
@@ -280,7 +313,7 @@ def load_model(
         sd = {k: v.detach().clone() for k, v in scripted.state_dict().items()}
         fmt = "torchscript"
         notes.append(
-            "TorchScript archive: its weights are read (weight metrics); activations need --arch "
+            "TorchScript archive: its weights are read (weight metrics); activations need the architecture "
             "with the Python model, since compiled TorchScript graphs cannot be hooked"
         )
     else:
@@ -292,7 +325,7 @@ def load_model(
                 return LoadedModel(
                     path=str(path), format="pickled_module", sha256=digest,
                     state_dict=model.state_dict(), module=model, arch=type(model).__name__,
-                    notes=["whole pickled module loaded because --trust-checkpoint was given"],
+                    notes=["whole pickled module loaded because the checkpoint was trusted"],
                 )
             sd = _extract_state_dict(obj, str(path))
             fmt = "pt"
@@ -303,14 +336,15 @@ def load_model(
     if fmt == "torchscript" and arch is None:
         return LoadedModel(path=str(path), format=fmt, sha256=digest, state_dict=sd, notes=notes)
     if arch is None:
-        notes.append("bare state dict without --arch: only weight metrics can run")
+        notes.append("bare state dict without an architecture: only weight metrics can run")
         return LoadedModel(path=str(path), format=fmt, sha256=digest, state_dict=sd, notes=notes)
+    label = arch_label or arch_name(arch)
     model = build_arch(arch, arch_kwargs)
-    load_strict(model, sd, str(path), arch)
+    load_strict(model, sd, str(path), label)
     model.eval()
     return LoadedModel(
         path=str(path), format=fmt, sha256=digest, state_dict=model.state_dict(), module=model,
-        arch=arch, notes=notes,
+        arch=label, notes=notes,
     )
 
 

@@ -1,17 +1,26 @@
 """Per-sample losses. Every metric that needs a gradient uses the loss of each sample on its own,
-so no value depends on the batch size (``spec/metrics.md``)."""
+so no value depends on the batch size.
+
+A loss here is a callable ``(outputs, batch) -> [batch]`` per-sample losses, ``batch`` a
+``fitcli.data.Batch`` (its ``targets``, ``args``, ``kwargs``). ``resolve_loss`` turns what a
+caller holds into one: a name (``cross_entropy``, ``mse``), a ``torch.nn`` loss module (used with
+``reduction="none"`` on a copy), any such callable, or None (chosen from the targets).
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from fitcli.errors import InputError, UsageError
+from fitcli.data import Batch
+from fitcli.errors import InputError, UsageError, close_matches, first_line
 
-LossFn = Callable[[Any, torch.Tensor | None], torch.Tensor]
+LossFn = Callable[[Any, Batch], torch.Tensor]
 
 
 def primary_output(outputs: Any) -> torch.Tensor:
@@ -36,7 +45,8 @@ def _per_sample(loss: torch.Tensor, batch: int) -> torch.Tensor:
     return loss.reshape(batch, -1).mean(dim=1) if loss.dim() > 1 else loss
 
 
-def cross_entropy(outputs: Any, targets: torch.Tensor | None) -> torch.Tensor:
+def cross_entropy(outputs: Any, batch: Batch) -> torch.Tensor:
+    targets = batch.targets
     if targets is None:
         raise InputError("cross_entropy needs targets")
     out = primary_output(outputs)
@@ -59,7 +69,8 @@ def cross_entropy(outputs: Any, targets: torch.Tensor | None) -> torch.Tensor:
     )
 
 
-def mse(outputs: Any, targets: torch.Tensor | None) -> torch.Tensor:
+def mse(outputs: Any, batch: Batch) -> torch.Tensor:
+    targets = batch.targets
     if targets is None:
         raise InputError("mse needs targets")
     out = primary_output(outputs)
@@ -74,37 +85,68 @@ def mse(outputs: Any, targets: torch.Tensor | None) -> torch.Tensor:
 BUILTIN: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse}
 
 
-def resolve_loss(spec: str | None, example_targets: torch.Tensor | None) -> tuple[LossFn | None, str | None, str | None]:
+def check_loss(loss: Any) -> None:
+    """Raise UsageError for a loss that can never work (an unknown name), before any work."""
+    if loss is None or callable(loss):
+        return
+    if isinstance(loss, str):
+        if loss not in BUILTIN:
+            raise UsageError(f"unknown loss {loss!r}" + close_matches(loss, BUILTIN)
+                             + "; use cross_entropy, mse, or a callable (output, batch) -> per-sample losses")
+        return
+    raise UsageError(f"loss must be a name, a callable or a torch.nn loss module, not {type(loss).__name__}")
+
+
+def _module_loss(module: nn.Module) -> LossFn:
+    """A torch.nn loss module, called as ``(output, targets)`` with reduction 'none' on a copy (the
+    caller's module is not changed)."""
+    mod = copy.copy(module)
+    if hasattr(mod, "reduction"):
+        mod.reduction = "none"
+
+    def fn(outputs: Any, batch: Batch) -> torch.Tensor:
+        out = primary_output(outputs)
+        t = batch.targets.to(out.device) if batch.targets is not None else None
+        loss = mod(out, t)
+        return _per_sample(loss, out.shape[0]) if loss.dim() >= 1 else loss
+    return fn
+
+
+def _checked(fn: Callable[[Any, Batch], Any], name: str) -> LossFn:
+    """A user loss with its failures and wrong shapes turned into one-line input errors."""
+    def user_loss(outputs: Any, batch: Batch) -> torch.Tensor:
+        try:
+            loss = fn(outputs, batch)
+        except (InputError, UsageError):
+            raise
+        except (Exception, SystemExit) as e:
+            raise InputError(f"loss {name} raised {type(e).__name__}: {first_line(e)}") from e
+        if not isinstance(loss, torch.Tensor):
+            raise InputError(f"loss {name} returned {type(loss).__name__}, not a tensor")
+        n = primary_output(outputs).shape[0]
+        if loss.dim() != 1 or loss.shape[0] != n:
+            raise InputError(f"loss {name} returned shape {tuple(loss.shape)}; it must return one loss per sample ({n},)")
+        return loss
+    return user_loss
+
+
+def resolve_loss(loss: Any, example_targets: torch.Tensor | None) -> tuple[LossFn | None, str | None, str | None]:
     """-> (loss function, its name, reason it is unavailable)."""
-    if spec is None:
+    check_loss(loss)
+    if loss is None:
         if example_targets is None:
-            return None, None, "no targets in --data (pass --loss with a loss that needs none)"
+            return None, None, "no targets in the data (give a loss that needs none)"
         if example_targets.is_floating_point():
             return mse, "mse", None
         return cross_entropy, "cross_entropy", None
-    if spec in BUILTIN:
+    if isinstance(loss, str):
         if example_targets is None:
-            return None, spec, f"--loss {spec} needs targets, and --data has none"
-        return BUILTIN[spec], spec, None
-    if ":" not in spec:
-        from fitcli.errors import close_matches
-
-        raise UsageError(f"unknown --loss {spec!r}" + close_matches(spec, BUILTIN) +
-                         "; use cross_entropy, mse, or module:callable")
-    from fitcli.loading import resolve_callable
-
-    fn = resolve_callable(spec, "--loss")
-
-    def user_loss(outputs: Any, targets: torch.Tensor | None) -> torch.Tensor:
-        try:
-            loss = fn(outputs, targets)
-        except (Exception, SystemExit) as e:
-            raise InputError(f"--loss {spec} raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
-        if not isinstance(loss, torch.Tensor):
-            raise InputError(f"--loss {spec} returned {type(loss).__name__}, not a tensor")
-        n = primary_output(outputs).shape[0]
-        if loss.dim() != 1 or loss.shape[0] != n:
-            raise InputError(f"--loss {spec} returned shape {tuple(loss.shape)}; it must return one loss per sample ({n},)")
-        return loss
-
-    return user_loss, spec, None
+            return None, loss, f"loss {loss} needs targets, and the data has none"
+        return BUILTIN[loss], loss, None
+    if isinstance(loss, nn.Module):
+        name = type(loss).__name__
+        if example_targets is None:
+            return None, name, f"loss {name} needs targets, and the data has none"
+        return _checked(_module_loss(loss), name), name, None
+    name = getattr(loss, "fitcli_name", None) or getattr(loss, "__qualname__", None) or type(loss).__name__
+    return _checked(loss, str(name)), str(name), None

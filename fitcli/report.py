@@ -9,6 +9,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -45,92 +46,118 @@ def aggregate(values: torch.Tensor) -> dict[str, float | None]:
             "var": float(v.var(unbiased=False))}
 
 
-def nonfinite_units(metrics: dict[str, torch.Tensor], exclude: tuple[str, ...] = ("output_corr",)) -> list[int]:
-    """Units with a non-finite value in any metric. ``output_corr`` is NaN by definition when a
-    class group is empty, which says nothing about the unit, so it is not counted."""
+def direction(metric: str, metric_info: dict | None = None) -> bool:
+    """``higher_is_better`` of ``metric``: from the report's metric_info (what the metric declared
+    when the report was made), else the registry; True when neither knows it."""
+    info = (metric_info or {}).get(metric) or {}
+    if isinstance(info.get("higher_is_better"), bool):
+        return info["higher_is_better"]
+    from fitcli.metrics.registry import load_registry
+
+    entry = load_registry().get(metric)
+    if entry is not None and entry.cls is not None and isinstance(entry.cls.higher_is_better, bool):
+        return entry.cls.higher_is_better
+    return True
+
+
+def nonfinite_units(metrics: dict[str, torch.Tensor], nan_expected: set[str] | frozenset[str] = frozenset()) -> list[int]:
+    """Units with a non-finite value in any metric. Metrics that declare ``nan_expected`` (a NaN
+    that says nothing about the unit, e.g. an empty class group) are not counted."""
     bad: set[int] = set()
     for name, v in metrics.items():
-        if name in exclude:
+        if name in nan_expected:
             continue
         bad.update(int(i) for i in torch.nonzero(~torch.isfinite(v)).flatten().tolist())
     return sorted(bad)
 
 
-def default_rank_by(available: set[str]) -> str:
-    for name in ("taylor", "act_mean", "weight_norm"):
-        if name in available:
-            return name
-    return sorted(available)[0] if available else "weight_norm"
+def default_rank_by(available: set[str] | list[str], metric_info: dict | None = None) -> str | None:
+    """The computed metric with the highest declared ``rank_priority`` (ties: by name)."""
+    info = metric_info or {}
+    if not available:
+        return None
+    return max(sorted(available), key=lambda m: (info.get(m) or {}).get("rank_priority", 0))
 
 
-def rank_units(layers: list[dict], metric: str, top: int) -> list[dict]:
-    """The ``top`` least-fit units across the model by per-layer ℓ2-normalised ``metric``.
+def rank_units(layers: list[dict], metric: str, top: int | None, higher_is_better: bool = True,
+               include_final: bool = False) -> list[dict]:
+    """The ``top`` least-fit units across the model by per-layer ℓ2-normalised ``metric``, in the
+    metric's direction (``higher_is_better``: smallest first; else largest first).
 
-    Final layers and units whose ranked value is not finite (null) are left out: a NaN is never
-    "least fit". A unit flagged non-finite only in another metric keeps its finite rank.
+    Final layers (unless ``include_final``) and units whose ranked value is not finite (null) are
+    left out: a NaN is never "least fit". A unit flagged non-finite only in another metric keeps
+    its finite rank.
     """
+    sign = 1.0 if higher_is_better else -1.0
     rows = []
     for lay in layers:
-        if lay.get("final") or metric not in lay["metrics"]:
+        if (lay.get("final") and not include_final) or metric not in lay["metrics"]:
             continue
         vals = lay["metrics"][metric]
         norm = math.sqrt(sum(v * v for v in vals if v is not None))
         for i, v in enumerate(vals):
             if v is not None:
                 rows.append((v / norm if norm > 0 else 0.0, lay["name"], i, v, lay))
-    best = heapq.nsmallest(top, rows, key=lambda r: (r[0], r[1], r[2]))
+    n = len(rows) if top is None else top
+    best = heapq.nsmallest(n, rows, key=lambda r: (sign * r[0], r[1], r[2]))
     return [{"layer": name, "unit": i, "value": v, "normalized": nv, "dead": i in set(lay.get("dead") or [])}
             for nv, name, i, v, lay in best]
 
 
+def _layer_entry(lay: Any, vals: dict[str, torch.Tensor], info: dict[str, dict], tau: float,
+                 extra: dict | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": lay.name, "type": lay.type, "units": lay.units,
+        "activation_point": lay.point, "activation_point_kind": lay.point_kind,
+        "final": bool(lay.final),
+        "metrics": {k: _floats(v) for k, v in sorted(vals.items())},
+        "aggregate": {k: aggregate(v) for k, v in sorted(vals.items())},
+        "nonfinite": nonfinite_units(vals, {m for m in vals if (info.get(m) or {}).get("nan_expected")}),
+    }
+    marker = next((m for m in sorted(vals) if (info.get(m) or {}).get("marks_dead")), None)
+    entry["dead"] = []
+    entry["dead_fraction"] = 0.0
+    if marker is not None and not lay.final:
+        d = vals[marker]
+        entry["dead"] = [i for i, v in enumerate(d.tolist()) if math.isfinite(v) and v <= tau]
+        entry["dead_fraction"] = len(entry["dead"]) / lay.units if lay.units else 0.0
+    if extra:
+        entry.update(extra)
+    return entry
+
+
+def _empty_group_notes(layers: list[dict], info: dict[str, dict]) -> list[str]:
+    for e in layers:
+        for m, vals in e["metrics"].items():
+            if (info.get(m) or {}).get("nan_expected") and vals and all(v is None for v in vals):
+                return [f"{m} is null for {e['name']}: its definition has no value on this data "
+                        "(e.g. every prediction was correct, or every one wrong)"]
+    return []
+
+
 def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by: str | None = None,
-          top: int = 20, command: str = "score") -> dict:
+          top: int = 20, command: str = "score", include_final: bool = False) -> dict:
     """Report dict from an ``engine.AuditResult``."""
     tau = float(settings.get("tau", 0.0))
-    layers = []
-    for lay in result.layers:
-        vals = result.values.get(lay.name, {})
-        entry: dict[str, Any] = {
-            "name": lay.name, "type": lay.type, "units": lay.units,
-            "activation_point": lay.point, "activation_point_kind": lay.point_kind,
-            "final": bool(lay.final),
-            "metrics": {k: _floats(v) for k, v in sorted(vals.items())},
-            "aggregate": {k: aggregate(v) for k, v in sorted(vals.items())},
-            "nonfinite": nonfinite_units(vals),
-        }
-        if "dormant" in vals and not lay.final:
-            d = vals["dormant"]
-            dead = [i for i, v in enumerate(d.tolist()) if math.isfinite(v) and v <= tau]
-            entry["dead"] = dead
-            entry["dead_fraction"] = len(dead) / lay.units if lay.units else 0.0
-        else:
-            entry["dead"] = []
-            entry["dead_fraction"] = 0.0
-        extra = result.layer_extra.get(lay.name)
-        if extra:
-            entry.update(extra)
-        layers.append(entry)
-    notes = list(result.notes)
-    for e in layers:
-        oc = e["metrics"].get("output_corr")
-        if oc is not None and oc and all(v is None for v in oc):
-            notes.append(f"output_corr is null for {e['name']}: every prediction was correct, or every one wrong, "
-                         "so one of the two groups it compares is empty")
-            break
+    info = result.metric_info
+    layers = [_layer_entry(lay, result.values.get(lay.name, {}), info, tau, result.layer_extra.get(lay.name))
+              for lay in result.layers]
+    notes = list(result.notes) + _empty_group_notes(layers, info)
     counted = [e for e in layers if not e["final"]]
     units = sum(e["units"] for e in counted)
     dead = sum(len(e["dead"]) for e in counted)
-    have_dead = any("dormant" in e["metrics"] for e in layers)
+    have_dead = any((info.get(m) or {}).get("marks_dead") for e in layers for m in e["metrics"])
     available = set().union(*(set(e["metrics"]) for e in layers)) if layers else set()
-    if rank_by in (None, "auto"):
-        rank_by = default_rank_by(available)
+    if rank_by in (None, "auto") or rank_by not in available:
+        rank_by = default_rank_by(available, info)
     report: dict[str, Any] = {
         "schema": SCHEMA_ID,
         "tool": {"name": "fitcli", "version": __version__},
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
         "model": {"path": str(loaded.path), "format": loaded.format, "sha256": loaded.sha256, "arch": loaded.arch},
-        "data": {"spec": data.spec if data is not None else None, "samples": result.samples, "batches": result.batches},
+        "data": {"spec": getattr(data, "spec", None) if data is not None else None,
+                 "samples": result.samples, "batches": result.batches},
         "settings": {**settings, "metrics": sorted({m for e in layers for m in e["metrics"]}),
                      "rank_by": rank_by, "loss": result.loss_name, "device": result.device},
         "discovery": {"method": result.graph.method, "notes": notes},
@@ -138,10 +165,10 @@ def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by
         "summary": {"layers": len(layers), "units": units, "dead": dead,
                     "dead_fraction": dead / units if units else 0.0, "dead_known": have_dead,
                     "nonfinite_loss_batches": result.nonfinite_loss_batches},
-        "ranked": rank_units(layers, rank_by, top),
+        "ranked": rank_units(layers, rank_by, top, direction(rank_by, info), include_final) if rank_by else [],
         "skipped": result.skipped,
         "unsupported": result.graph.unsupported,
-        "metric_info": {k: v for k, v in sorted(result.metric_info.items())},
+        "metric_info": {k: v for k, v in sorted(info.items())},
     }
     return report
 
@@ -152,12 +179,12 @@ def gate(report: dict, max_dead: float | None, max_dead_layer: float | None) -> 
     s = report["summary"]
     pct = 100.0 * s["dead_fraction"]
     if max_dead is not None and pct > max_dead:
-        failures.append(f"{s['dead']}/{s['units']} units dead ({pct:.2f}%) > --max-dead {max_dead:g}%")
+        failures.append(f"{s['dead']}/{s['units']} units dead ({pct:.2f}%) > max_dead {max_dead:g}%")
     if max_dead_layer is not None:
         for lay in report["layers"]:
             lp = 100.0 * lay.get("dead_fraction", 0.0)
             if not lay.get("final") and lp > max_dead_layer:
-                failures.append(f"layer {lay['name']}: {len(lay['dead'])}/{lay['units']} dead ({lp:.2f}%) > --max-dead-layer {max_dead_layer:g}%")
+                failures.append(f"layer {lay['name']}: {len(lay['dead'])}/{lay['units']} dead ({lp:.2f}%) > max_dead_layer {max_dead_layer:g}%")
     g = {"max_dead": max_dead, "max_dead_layer": max_dead_layer, "passed": not failures, "failures": failures}
     report["gate"] = g
     return g
@@ -200,16 +227,16 @@ def write_atomic(path: str | Path, text: str, protect: list[str | Path] = ()) ->
     for q in protect:
         try:
             if q and Path(q).exists() and p.exists() and os.path.samefile(p, q):
-                raise UsageError(f"--output {path} is one of the inputs; refusing to overwrite it")
+                raise UsageError(f"output {path} is one of the inputs; refusing to overwrite it")
         except OSError:
             pass
         if q and Path(q).resolve() == p.resolve():
-            raise UsageError(f"--output {path} is one of the inputs; refusing to overwrite it")
+            raise UsageError(f"output {path} is one of the inputs; refusing to overwrite it")
     if p.is_dir():
-        raise UsageError(f"--output {path} is a directory")
+        raise UsageError(f"output {path} is a directory")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
-        raise UsageError(f"--output {path}: folder {parent} does not exist")
+        raise UsageError(f"output {path}: folder {parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -223,3 +250,219 @@ def write_atomic(path: str | Path, text: str, protect: list[str | Path] = ()) ->
         except OSError:
             pass
         raise
+
+
+# --------------------------------------------------------------------------------------------
+# the typed report
+
+
+def _tensor(values: list[float | None]) -> torch.Tensor:
+    return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
+
+
+_LAYER_FIELDS = ("name", "type", "units", "activation_point", "activation_point_kind", "final", "metrics",
+                 "aggregate", "dead", "dead_fraction", "nonfinite", "removable")
+
+
+@dataclass
+class LayerReport:
+    """One audited layer: its units' metric values as float64 tensors (NaN where not finite)."""
+
+    name: str
+    type: str
+    units: int
+    activation_point: str
+    metrics: dict[str, torch.Tensor]
+    aggregate: dict[str, dict[str, float | None]]
+    dead: list[int]
+    dead_fraction: float
+    nonfinite: list[int]
+    final: bool = False
+    activation_point_kind: str | None = None
+    removable: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # further JSON fields (layer_ablation, ...)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerReport:
+        return cls(name=d["name"], type=d["type"], units=int(d["units"]), activation_point=d["activation_point"],
+                   metrics={k: _tensor(v) for k, v in d["metrics"].items()}, aggregate=dict(d["aggregate"]),
+                   dead=list(d["dead"]), dead_fraction=float(d["dead_fraction"]), nonfinite=list(d["nonfinite"]),
+                   final=bool(d.get("final", False)), activation_point_kind=d.get("activation_point_kind"),
+                   removable=d.get("removable"),
+                   extra={k: v for k, v in d.items() if k not in _LAYER_FIELDS})
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "type": self.type, "units": self.units,
+                             "activation_point": self.activation_point}
+        if self.activation_point_kind is not None:
+            d["activation_point_kind"] = self.activation_point_kind
+        d.update({"final": self.final, "metrics": {k: _floats(v) for k, v in self.metrics.items()},
+                  "aggregate": self.aggregate, "nonfinite": self.nonfinite, "dead": self.dead,
+                  "dead_fraction": self.dead_fraction})
+        if self.removable is not None:
+            d["removable"] = self.removable
+        d.update(self.extra)
+        return d
+
+
+@dataclass
+class GateResult:
+    """A gate's verdict: ``passed``, and one line per threshold exceeded."""
+
+    passed: bool
+    failures: list[str]
+    max_dead: float | None = None
+    max_dead_layer: float | None = None
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_dead": self.max_dead, "max_dead_layer": self.max_dead_layer, "passed": self.passed,
+                "failures": list(self.failures)}
+
+
+class AuditReport:
+    """An audit's result (schema ``fitcli.report/1``): layers with per-unit metric tensors, the
+    dead and removable units, rankings in each metric's direction, and JSON in and out.
+
+    >>> report = fitcli.audit(model, loader)
+    >>> report.dead                       # {"fc1": [3, 17], ...}
+    >>> report.ranked(by="apoz", top=5)   # the least fit first
+    >>> report.save("report.json"); AuditReport.load("report.json")
+    """
+
+    def __init__(self, data: dict[str, Any]):
+        data = dict(data)
+        self.layers: list[LayerReport] = [LayerReport.from_dict(x) for x in data.pop("layers", [])]
+        self._meta = data
+
+    # ---- views ------------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        """The JSON field ``key`` (as in ``to_dict()``), e.g. ``report["summary"]``."""
+        return self.to_dict()[key] if key == "layers" else self._meta[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key == "layers" or key in self._meta
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (f"<AuditReport {self._meta.get('command', 'score')} {self.model.get('path')}: {len(self.layers)} layers, "
+                f"{s.get('dead', 0)}/{s.get('units', 0)} units dead>")
+
+    def layer(self, name: str) -> LayerReport:
+        for lay in self.layers:
+            if lay.name == name:
+                return lay
+        from fitcli.errors import close_matches
+
+        raise KeyError(f"no layer {name!r} in this report" + close_matches(name, [x.name for x in self.layers]))
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self._meta["summary"]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self._meta["settings"]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self._meta["model"]
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        return self._meta.get("skipped", [])
+
+    @property
+    def unsupported(self) -> list[dict[str, str]]:
+        return self._meta.get("unsupported", [])
+
+    @property
+    def metric_info(self) -> dict[str, dict]:
+        return self._meta.get("metric_info", {})
+
+    @property
+    def validation(self) -> dict[str, Any] | None:
+        return self._meta.get("validation")
+
+    @property
+    def gate_result(self) -> GateResult | None:
+        g = self._meta.get("gate")
+        return None if g is None else GateResult(bool(g["passed"]), list(g.get("failures", [])),
+                                                 g.get("max_dead"), g.get("max_dead_layer"))
+
+    @property
+    def metrics(self) -> list[str]:
+        """The metrics computed in this report."""
+        return list(self.settings.get("metrics", []))
+
+    @property
+    def dead(self) -> dict[str, list[int]]:
+        """Dead units per non-final layer (dormancy score ≤ τ)."""
+        return {lay.name: list(lay.dead) for lay in self.layers if not lay.final}
+
+    @property
+    def removable(self) -> dict[str, list[int]]:
+        """Units whose exact ablation changes the loss by at most 1e-6, per layer that was ablated."""
+        return {lay.name: list(lay.removable) for lay in self.layers if lay.removable is not None}
+
+    def higher_is_better(self, metric: str) -> bool:
+        return direction(metric, self.metric_info)
+
+    def ranked(self, by: str | None = None, top: int | None = 20, include_final: bool = False) -> list[dict]:
+        """The least-fit units across layers by per-layer ℓ2-normalised ``by`` (default: the report's
+        ranking metric), in the metric's direction: rows ``{layer, unit, value, normalized, dead}``."""
+        by = by or self.settings.get("rank_by")
+        if by is None or by not in self.metrics:
+            from fitcli.errors import UsageError, close_matches
+
+            raise UsageError(f"metric {by!r} is not in this report" + close_matches(str(by), self.metrics)
+                             + f" (computed: {', '.join(self.metrics) or 'none'})")
+        layers = [lay.to_dict() for lay in self.layers]
+        return rank_units(layers, by, top, self.higher_is_better(by), include_final)
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in self._meta.items():
+            out[k] = v
+            if k == "discovery":  # keep the schema's field order: layers after discovery
+                out["layers"] = [lay.to_dict() for lay in self.layers]
+        out.setdefault("layers", [lay.to_dict() for lay in self.layers])
+        return out
+
+    def to_json(self) -> str:
+        return dumps(self.to_dict())
+
+    def save(self, path: str | Path, protect: list[str | Path] = ()) -> Path:
+        """Write the JSON report atomically (a temporary file and a rename); returns the path."""
+        write_atomic(path, self.to_json(), protect=protect)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AuditReport:
+        return cls(read(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditReport:
+        return cls(data)
+
+    def to_pandas(self):
+        """One row per (layer, unit): layer, unit, dead, then one column per metric. Needs pandas."""
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise ImportError("AuditReport.to_pandas() needs pandas: pip install pandas") from e
+        rows = []
+        for lay in self.layers:
+            dead = set(lay.dead)
+            for i in range(lay.units):
+                row: dict[str, Any] = {"layer": lay.name, "unit": i, "final": lay.final, "dead": i in dead}
+                for m, v in lay.metrics.items():
+                    row[m] = float(v[i])
+                rows.append(row)
+        return pd.DataFrame(rows)

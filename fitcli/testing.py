@@ -7,7 +7,11 @@ It proves what the engine relies on:
 - merging two halves equals the whole, in either order;
 - ``prepare()`` followed by ``update()``, as the engine calls them, equals ``update()`` alone;
 - ``reset()`` restores the defaults;
-- ``compute()`` returns one finite float per unit that serialises to JSON.
+- ``compute()`` returns one finite float per unit that serialises to JSON;
+- the declared contract is sound: a direction (``higher_is_better``) and only known needs.
+
+Metrics that need ``ablation`` get random exact-ablation results through ``update_ablation``
+alongside each batch.
 
 Multi-pass metrics (entropy) are run pass by pass; between passes the shards' ``min``/``max``
 states are combined, as ranks would ``all_reduce`` them.
@@ -19,7 +23,7 @@ import json
 
 import torch
 
-from fitcli.metrics.base import Metric, Scratch, UnitBatch
+from fitcli.metrics.base import Metric, Scratch, UnitBatch, contract_problems
 
 
 def random_batches(units: int = 5, batches: int = 4, batch: int = 6, positions: int = 3, seed: int = 0,
@@ -39,11 +43,16 @@ def random_batches(units: int = 5, batches: int = 4, batch: int = 6, positions: 
         grad = torch.randn(batch, units, positions, generator=g, dtype=torch.float64)
         correct = torch.arange(batch) % 2 == (i % 2)  # both groups present in every batch
         wg = torch.randn(units, fan_in, generator=g, dtype=torch.float64)
-        delta = torch.randn(units, generator=g, dtype=torch.float64)
         out.append(UnitBatch(weight=weight, act=act, grad=grad, weight_grad=wg, baseline_weight=base,
-                             consumer_weights=[consumer], correct=correct,
-                             extra={"ablation_delta_sum": delta, "ablation_samples": batch}))
+                             consumer_weights=[consumer], correct=correct))
     return out
+
+
+def random_ablation(batches: list[UnitBatch], seed: int = 0) -> list[tuple[torch.Tensor, int]]:
+    """Plausible exact-ablation results to go with ``batches``: (Σ_x ΔL_x per unit, samples)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return [(torch.randn(b.act.shape[1], generator=g, dtype=torch.float64) * b.act.shape[0], b.act.shape[0])
+            for b in batches]
 
 
 def concat(batches: list[UnitBatch]) -> UnitBatch:
@@ -53,15 +62,15 @@ def concat(batches: list[UnitBatch]) -> UnitBatch:
         act=torch.cat([b.act for b in batches]), grad=torch.cat([b.grad for b in batches]),
         weight_grad=sum(b.weight_grad * b.act.shape[0] for b in batches) / sum(b.act.shape[0] for b in batches),
         correct=torch.cat([b.correct for b in batches]),
-        extra={"ablation_delta_sum": sum(b.extra["ablation_delta_sum"] for b in batches),
-               "ablation_samples": sum(b.extra["ablation_samples"] for b in batches)},
     )
 
 
-def _stream(m: Metric, batches: list[UnitBatch], p: int) -> None:
-    for b in batches:
+def _stream(m: Metric, batches: list[UnitBatch], p: int, ablation: list[tuple[torch.Tensor, int]]) -> None:
+    for b, (delta, n) in zip(batches, ablation, strict=True):
         b.pass_index = p
         m.update(b)
+        if p == 0 and "ablation" in m.needs:
+            m.update_ablation(delta, n)
 
 
 def _sync_extrema(a: Metric, b: Metric) -> None:
@@ -80,13 +89,17 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, name: str, rtol: float, 
 
 def check_metric(cls: type[Metric], units: int = 5, seed: int = 0, rtol: float = 1e-9, atol: float = 1e-12) -> None:
     """Raise AssertionError describing the first property ``cls`` breaks."""
-    name = getattr(cls, "name", cls.__name__)
+    name = getattr(cls, "name", None) or getattr(cls, "__name__", repr(cls))
+    problems = contract_problems(cls)
+    if problems:
+        raise AssertionError(f"{name}: breaks the metric contract: " + "; ".join(problems))
     batches = random_batches(units=units, seed=seed)
+    abl = random_ablation(batches, seed)
     passes = max(1, int(getattr(cls, "passes", 1)))
 
     whole = cls(units)
     for p in range(passes):
-        _stream(whole, batches, p)
+        _stream(whole, batches, p, abl)
     ref = whole.compute()
     if not isinstance(ref, torch.Tensor) or ref.shape != (units,):
         raise AssertionError(f"{name}: compute() must give a tensor of shape ({units},), got {getattr(ref, 'shape', type(ref))}")
@@ -103,6 +116,9 @@ def check_metric(cls: type[Metric], units: int = 5, seed: int = 0, rtol: float =
             b.pass_index, b.scratch = p, pool
             prepared.prepare(b)
             prepared.update(b)
+        if p == 0 and "ablation" in cls.needs:
+            for delta, n in abl:
+                prepared.update_ablation(delta, n)
     _close(prepared.compute(), ref, "prepare() then update() (as the engine calls them) and update() alone", name, rtol, atol)
 
     if not getattr(cls, "batch_dependent", False):
@@ -111,13 +127,15 @@ def check_metric(cls: type[Metric], units: int = 5, seed: int = 0, rtol: float =
         for p in range(passes):
             cat.pass_index = p
             one.update(cat)
+            if p == 0 and "ablation" in cls.needs:
+                one.update_ablation(sum(d for d, _ in abl), sum(n for _, n in abl))
         _close(one.compute(), ref, "streaming over batches and one update on their concatenation", name, rtol, atol)
 
     for order in ("ab", "ba"):
         a, b = cls(units), cls(units)
         for p in range(passes):
-            _stream(a, batches[:2], p)
-            _stream(b, batches[2:], p)
+            _stream(a, batches[:2], p, abl[:2])
+            _stream(b, batches[2:], p, abl[2:])
             if p < passes - 1:
                 _sync_extrema(a, b)
         merged = a.merge(b) if order == "ab" else b.merge(a)
@@ -126,7 +144,7 @@ def check_metric(cls: type[Metric], units: int = 5, seed: int = 0, rtol: float =
     fresh = cls(units)
     used = cls(units)
     for p in range(passes):
-        _stream(used, batches, p)
+        _stream(used, batches, p, abl)
     used.reset()
     for sname in fresh._states:
         if not torch.equal(getattr(fresh, sname), getattr(used, sname)):
@@ -136,4 +154,4 @@ def check_metric(cls: type[Metric], units: int = 5, seed: int = 0, rtol: float =
             raise AssertionError(f"{name}: state {sname!r} has merge rule {reduce!r}")
 
 
-__all__ = ["check_metric", "random_batches", "concat"]
+__all__ = ["check_metric", "random_batches", "random_ablation", "concat"]

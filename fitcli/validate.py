@@ -4,6 +4,10 @@ For every audited non-final layer, exact ablation (the ablate engine) on all uni
 seeded stratified sample of K units, then Spearman and Kendall rank correlation of each computed
 metric with the oracle ``|Δloss|`` (Molchanov et al. 2017), per layer and across layers (metric
 values ℓ2-normalised per layer), plus the overlap of the bottom 10% by metric and by oracle.
+
+Every metric is taken in its fitness orientation (its declared ``higher_is_better``): a metric
+where lower is fit (APoZ) is negated first, so a positive correlation and a high bottom-10%
+overlap always mean "this metric finds the units whose removal costs least".
 """
 
 from __future__ import annotations
@@ -12,8 +16,6 @@ import math
 from typing import Any
 
 import torch
-
-EXCLUDE = {"ablation", "ablation_accuracy"}
 
 
 def rankdata(x: torch.Tensor) -> torch.Tensor:
@@ -128,21 +130,26 @@ def correlations(layers: dict[str, dict[str, torch.Tensor]], oracle: dict[str, t
     return {"layers": per_layer, "across_layers": across, "best": best}
 
 
-def validate_report(report: dict, *, graph, data, loss: str | None, units: int | None, seed: int,
-                    device: str, chunk_size: int | None, rank_auto: bool, top: int, progress: bool = False) -> dict:
-    """Add ``report['validation']`` (and re-rank when ``--rank-by auto``)."""
-    from fitcli.ablation import ablate_layers
-    from fitcli.engine import peek
-    from fitcli.errors import InputError
-    from fitcli.losses import resolve_loss
-    from fitcli.report import rank_units
+def _oriented(report: dict, metric: str, values: torch.Tensor) -> torch.Tensor:
+    from fitcli.report import direction
 
-    example = peek(data) if data is not None else None
-    if example is None or graph.runner is None:
-        raise InputError("--validate needs a runnable model (--arch) and --data")
-    loss_fn, _, why = resolve_loss(loss, example.targets)
+    return values if direction(metric, report.get("metric_info")) else -values
+
+
+def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, seed: int,
+                    device, chunk_size: int | None, rank_auto: bool, top: int, progress=None) -> dict:
+    """Add ``report['validation']`` (and re-rank when ranking is ``auto``)."""
+    from fitcli.ablation import ablate_layers
+    from fitcli.errors import InputError
+    from fitcli.progress import NO_PROGRESS
+    from fitcli.report import direction, rank_units
+
+    if data is None or graph.runner is None:
+        raise InputError("validation needs a runnable model and data")
     if loss_fn is None:
-        raise InputError(f"--validate needs a loss: {why}")
+        raise InputError("validation needs a loss: the data has no targets and no loss was given")
+    exclude = {m for m, info in (report.get("metric_info") or {}).items() if "ablation" in info.get("needs", [])}
+    exclude.add("ablation_accuracy")
     rank_metric = report["settings"].get("rank_by")
     sel: dict[str, list[int] | None] = {}
     names = []
@@ -153,9 +160,9 @@ def validate_report(report: dict, *, graph, data, loss: str | None, units: int |
         basis = lay["metrics"].get(rank_metric) or next(iter(lay["metrics"].values()), [0.0] * lay["units"])
         sel[lay["name"]] = stratified_units(basis, units, seed) if units else None
     if not names:
-        raise InputError("--validate: no non-final layer to validate")
+        raise InputError("validation: no non-final layer to validate")
     ab = ablate_layers(graph, names, data, loss_fn, mode=report["settings"].get("ablation_mode", "zero"),
-                       device=device, chunk_size=chunk_size, progress=progress, units=sel)
+                       device=device, chunk_size=chunk_size, progress=progress or NO_PROGRESS, units=sel)
     per_metric: dict[str, dict[str, torch.Tensor]] = {}
     oracle: dict[str, torch.Tensor] = {}
     chosen: dict[str, list[int]] = {}
@@ -164,11 +171,12 @@ def validate_report(report: dict, *, graph, data, loss: str | None, units: int |
             continue
         idx = sel[lay["name"]] if sel[lay["name"]] is not None else list(range(lay["units"]))
         chosen[lay["name"]] = idx
-        full = ab.metrics[lay["name"]].compute()
+        full = ab.delta(lay["name"])
         oracle[lay["name"]] = full[idx].abs()
         per_metric[lay["name"]] = {
-            m: torch.tensor([float("nan") if vals[i] is None else vals[i] for i in idx], dtype=torch.float64)
-            for m, vals in lay["metrics"].items() if m not in EXCLUDE
+            m: _oriented(report, m, torch.tensor([float("nan") if vals[i] is None else vals[i] for i in idx],
+                                                 dtype=torch.float64))
+            for m, vals in lay["metrics"].items() if m not in exclude
         }
     v = correlations(per_metric, oracle)
     for name in v["layers"]:
@@ -182,5 +190,5 @@ def validate_report(report: dict, *, graph, data, loss: str | None, units: int |
     report["validation"] = v
     if rank_auto and best:
         report["settings"]["rank_by"] = best
-        report["ranked"] = rank_units(report["layers"], best, top)
+        report["ranked"] = rank_units(report["layers"], best, top, direction(best, report.get("metric_info")))
     return v

@@ -89,7 +89,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
 @pytest.fixture
 def load_sample(repo: Path, truth: dict):
     """``load_sample(name, **kw)`` -> fitcli LoadedModel of a shipped sample model."""
-    from fitcli.loading import load_model
+    from strapi import load_model
 
     def load(name: str, **kw):
         t = truth[name]

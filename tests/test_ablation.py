@@ -21,12 +21,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import strapi as api
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fitcli import api
 from fitcli import report as fitcli_report
 from fitcli.cli import main as cli_main
 from fitcli.errors import UsageError
@@ -502,9 +502,9 @@ def test_cli_ablate_json_report(monkeypatch, capsys):
     _close(got, _ref_units("mlp", "fc2", "zero")[0], "CLI mlp.fc2")
     assert "ablation" in report["settings"]["metrics"]
     assert report["metric_info"]["ablation"]["method"]["fc2"].startswith("graph-suffix")
-    # ranked descending by loss increase
+    # ranked least fit first: ablation's direction is "higher is fit", so the smallest loss change leads
     vals = [r["value"] for r in report["ranked"]]
-    assert vals == sorted(vals, reverse=True) and vals[0] == float(got.max())
+    assert vals == sorted(vals) and vals[0] == float(got.min())
 
 
 def test_cli_score_metric_ablation_same_numbers(monkeypatch, capsys):

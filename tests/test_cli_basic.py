@@ -87,7 +87,7 @@ def test_inspect_without_arch_is_weights_only(truth, in_repo, run_cli):
     info = json.loads(out)
     assert info["discovery"]["method"] == "weights"
     assert {x["name"]: x["units"] for x in info["layers"]} == t["layers"]
-    assert any("--arch" in n for n in info["discovery"]["notes"])
+    assert any("architecture" in n for n in info["discovery"]["notes"])
 
 
 def test_metrics_json_lists_registry(run_cli):

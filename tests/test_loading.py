@@ -9,10 +9,10 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
+from strapi import load_model
 
+from fitcli.discovery import discover
 from fitcli.errors import InputError, UnsafeCheckpointError
-from fitcli.loading import load_model
-from fitcli.units import discover
 
 SAMPLES = ["mlp", "cnn", "resmlp"]
 
@@ -118,7 +118,7 @@ def test_every_format_loads_identical_weights(name, formats, truth, repo):
     ts = loaded["torchscript"]
     assert ts.module is None and not ts.runnable
     assert any("TorchScript" in n for n in ts.notes), ts.notes
-    assert any("--arch" in n for n in ts.notes), ts.notes
+    assert any("architecture" in n for n in ts.notes), ts.notes
     assert isinstance(loaded["pickled_module"].module, torch.nn.Module)
     assert loaded["export"].exported is not None
 
@@ -127,7 +127,7 @@ def test_pickled_module_refused_without_trust(formats):
     _, paths, _ = formats("mlp", ("pickled_module",))
     with pytest.raises(UnsafeCheckpointError) as ei:
         load_model(paths["pickled_module"])
-    assert "--trust-checkpoint" in str(ei.value)
+    assert "trust_checkpoint=True" in str(ei.value)
     assert isinstance(ei.value, InputError) and ei.value.exit_code == 3
 
 
@@ -265,7 +265,7 @@ def test_unsafe_pickle_refused_by_api(evil_pt, repo):
     path, target = evil_pt
     with pytest.raises(UnsafeCheckpointError) as ei:
         load_model(path)
-    assert "--trust-checkpoint" in str(ei.value)
+    assert "trust_checkpoint=True" in str(ei.value)
     assert not target.exists(), "unpickling ran code from the checkpoint"
     with pytest.raises(UnsafeCheckpointError):
         load_model(path, arch=f"{repo / 'sample_models' / 'models.py'}:mlp")

@@ -17,11 +17,11 @@ import math
 from pathlib import Path
 
 import pytest
+import strapi as api
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from fitcli import api
 from fitcli.metrics.activations import ActMean
 from fitcli.metrics.base import Metric
 from fitcli.metrics.registry import load_registry

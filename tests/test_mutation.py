@@ -15,16 +15,17 @@ import traceback
 from pathlib import Path
 
 import pytest
+import strapi as api
 import torch
 import torch.fx
 import torch.nn.functional as F
 import torch.nn.modules.module as torch_module
 from safetensors.torch import load_file, save_file
+from strapi import load_model
 from torch import nn
 
-from fitcli import api
 from fitcli.errors import FitcliError, InputError, RuntimeAuditError
-from fitcli.loading import LoadedModel, load_model
+from fitcli.loading import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"

@@ -37,6 +37,7 @@ from fitcli.metrics.base import Metric
 class MaxAbs(Metric):
     name = "max_abs"
     needs = frozenset({"activations"})
+    higher_is_better = True
     cost = "1 forward"
     description = "max |h| over all observations"
 

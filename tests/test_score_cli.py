@@ -423,7 +423,7 @@ def test_bare_state_dict_runs_weight_metrics_only(_cli):
     skipped = {s["metric"]: s["reason"] for s in report["skipped"]}
     for m in ("act_mean", "act_var", "dormant", "taylor", "grad_norm", "apoz"):
         assert m in skipped, m
-        assert "--arch" in skipped[m]
+        assert "architecture" in skipped[m]
     assert report["summary"]["dead"] == 0 and report["summary"].get("dead_known") is False
     lay = {x["name"]: x for x in report["layers"]}
     assert set(lay) == {"fc1", "fc2", "fc3"}

@@ -12,10 +12,10 @@ import math
 
 import numpy as np
 import pytest
+import strapi as api
 import torch
 from scipy import stats
 
-from fitcli import api
 from fitcli import report as rep
 from fitcli import validate as fv
 from fitcli.errors import UsageError
@@ -52,6 +52,10 @@ def _overlap(m: np.ndarray, o: np.ndarray) -> float | None:
     a = set(np.argsort(m, kind="stable")[:k].tolist())
     b = set(np.argsort(o, kind="stable")[:k].tolist())
     return len(a & b) / k
+
+
+# which way is fit, from the metric spec (not from the code): APoZ is the one "lower is fit" metric
+FIT_SIGN = {"apoz": -1.0}
 
 
 def _expected(metric: np.ndarray, oracle: np.ndarray) -> dict:
@@ -109,7 +113,7 @@ def _check_validation(report: dict, oracle: dict[str, np.ndarray], final: str) -
         for m, vals in lay["metrics"].items():
             if m in EXCLUDE:
                 continue
-            x = _arr(vals)[units]
+            x = FIT_SIGN.get(m, 1.0) * _arr(vals)[units]  # the metric in its fitness orientation
             want = _expected(x, o)
             _check_corr(vl["metrics"][m], want, f"{name}/{m}")
             if want["spearman"] is not None:
@@ -143,6 +147,7 @@ def _check_validation(report: dict, oracle: dict[str, np.ndarray], final: str) -
 
 
 def _expected_ranked(report: dict, metric: str) -> list[tuple[str, int, float]]:
+    sign = FIT_SIGN.get(metric, 1.0)
     rows = []
     for lay in report["layers"]:
         if lay.get("final") or metric not in lay["metrics"]:
@@ -152,7 +157,7 @@ def _expected_ranked(report: dict, metric: str) -> list[tuple[str, int, float]]:
         for i, x in enumerate(vals):
             if x is not None:
                 rows.append((x / norm if norm > 0 else 0.0, lay["name"], i))
-    rows.sort()
+    rows.sort(key=lambda r: (sign * r[0], r[1], r[2]))
     return [(name, i, nv) for nv, name, i in rows]
 
 

@@ -14,6 +14,8 @@ from fitcli.metrics.base import Metric, UnitBatch, safe_div, zeros
 class Ablation(Metric):
     name = "ablation"
     needs = frozenset({"activations", "gradients", "ablation"})
+    higher_is_better = True  # a larger loss increase when removed = more important
+    opt_in = True  # a forward per unit: asked for explicitly
     cost = "1 forward per unit (batched; prefix once)"
     description = "exact L(h_i := 0) − L (zero mode) or L(h_i := E[h_i]) − L (mean mode), mean loss over the data"
 
@@ -22,12 +24,11 @@ class Ablation(Metric):
         self.add_state("delta_sum", zeros(self.units), "sum")
 
     def update(self, batch: UnitBatch) -> None:
-        """``batch.extra['ablation_delta_sum']``: Σ over the batch's samples of L_x(ablated) − L_x."""
-        d = batch.extra.get("ablation_delta_sum")
-        if d is None:
-            return
-        self.n = self.n + batch.extra["ablation_samples"]
-        self.delta_sum = self.delta_sum + d.to(self.delta_sum.device, torch.float64)
+        """Nothing to learn from a forward: the numbers come through ``update_ablation``."""
+
+    def update_ablation(self, delta_sum: torch.Tensor, samples: int) -> None:
+        self.n = self.n + samples
+        self.delta_sum = self.delta_sum + delta_sum.to(self.delta_sum.device, torch.float64)
 
     def compute(self) -> torch.Tensor:
         return safe_div(self.delta_sum, self.n.expand(self.units))

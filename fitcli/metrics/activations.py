@@ -14,6 +14,7 @@ BINS = 20
 
 class _Stats(Metric):
     needs = frozenset({"activations"})
+    higher_is_better = True
     cost = "1 forward"
     shares = frozenset({"moments"})
 
@@ -31,6 +32,7 @@ class _Stats(Metric):
 
 class ActMean(_Stats):
     name = "act_mean"
+    rank_priority = 20
     description = "E|h|: mean absolute activation over all observations"
 
     def update(self, batch: UnitBatch) -> None:
@@ -43,6 +45,7 @@ class ActMean(_Stats):
 
 class Dormant(_Stats):
     name = "dormant"
+    marks_dead = True
     description = "s_i = E|h_i| / mean_k E|h_k| (ReDo dormancy score; layer mean is 1; dead when ≤ τ)"
 
     def update(self, batch: UnitBatch) -> None:
@@ -68,6 +71,7 @@ def dormancy(mean_abs: torch.Tensor) -> torch.Tensor:
 class ActVar(Metric):
     name = "act_var"
     needs = frozenset({"activations"})
+    higher_is_better = True
     cost = "1 forward"
     shares = frozenset({"moments"})
     description = "population variance of h over all observations"
@@ -93,6 +97,7 @@ class ActVar(Metric):
 class APoZ(Metric):
     name = "apoz"
     needs = frozenset({"activations"})
+    higher_is_better = False  # 1.0 = never active: the least fit
     cost = "1 forward"
     shares = frozenset({"moments"})
     description = "fraction of observations with h == 0 (Average Percentage of Zeros)"
@@ -206,6 +211,7 @@ def bincount(idx: torch.Tensor, weights: torch.Tensor | None, minlength: int) ->
 class ActEntropy(Metric):
     name = "act_entropy"
     needs = frozenset({"activations"})
+    higher_is_better = True
     cost = "2 forwards"
     description = f"entropy (nats) of h in {BINS} equal-width bins over the unit's own [min, max]; 0 for a constant unit"
     passes = 2

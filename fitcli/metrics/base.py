@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -20,11 +20,11 @@ REDUCTIONS = ("sum", "max", "min")
 NEEDS = {
     "weights": "the layer's weights",
     "graph": "the layers that consume each unit (from the traced graph)",
-    "baseline": "a second checkpoint (--baseline)",
-    "activations": "a runnable model (--arch) and --data",
-    "gradients": "a loss: targets in --data or --loss",
-    "labels": "integer class targets in --data",
-    "ablation": "an exact ablation pass (opt-in: --metric ablation)",
+    "baseline": "a second checkpoint (the baseline)",
+    "activations": "a runnable model and data",
+    "gradients": "a loss: targets in the data, or a loss that needs none",
+    "labels": "integer class targets in the data",
+    "ablation": "an exact ablation pass (opt-in: ask for the ablation metric)",
 }
 
 
@@ -74,7 +74,6 @@ class UnitBatch:
     consumer_weights: list[torch.Tensor] | None = None
     correct: torch.Tensor | None = None
     pass_index: int = 0
-    extra: dict = field(default_factory=dict)
     scratch: Scratch | None = field(default=None, repr=False)  # reusable temporaries (engine)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -228,10 +227,31 @@ class UnitBatch:
 
 
 class Metric:
-    """Subclass, set the class attributes, declare states in ``setup`` and implement update/compute."""
+    """Subclass, set the class attributes, declare states in ``setup`` and implement update/compute.
+
+    The contract (checked at registration and by ``fitcli.testing.check_metric``):
+
+    - ``name``: the registry name; ``description``, ``cost``: one line each for ``fitcli metrics``.
+    - ``needs``: what the run must give (keys of ``NEEDS``); unmet, the metric is skipped with the
+      reason. ``optional_needs``: used when the run can give them (the composite's components).
+    - ``higher_is_better``: which way is fit (``True``: a higher value is a fitter unit). Required.
+      Rankings list the least fit first, validation correlates in this orientation.
+    - ``opt_in``: not part of the default metric set (exact ablation costs a forward per unit).
+    - ``marks_dead``: a unit whose value is ≤ τ is dead (the dormancy score).
+    - ``nan_expected``: NaN is a legitimate value (e.g. a class group is empty), not a
+      non-finite flag on the unit.
+    - ``rank_priority``: the default ranking uses the computed metric with the highest priority.
+    - A metric that needs ``ablation`` receives exact results through ``update_ablation``.
+    """
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    optional_needs: ClassVar[frozenset[str]] = frozenset()
+    higher_is_better: ClassVar[bool | None] = None
+    opt_in: ClassVar[bool] = False
+    marks_dead: ClassVar[bool] = False
+    nan_expected: ClassVar[bool] = False
+    rank_priority: ClassVar[int] = 0
     cost: ClassVar[str] = ""
     description: ClassVar[str] = ""
     passes: ClassVar[int] = 1
@@ -303,9 +323,55 @@ class Metric:
         if "moments" in self.shares:
             batch._moments()
 
+    def update_ablation(self, delta_sum: torch.Tensor, samples: int) -> None:
+        """Exact ablation results of one batch (metrics that need ``ablation``): ``delta_sum[i]``
+        is Σ over the batch's ``samples`` of L_x(unit i ablated) − L_x."""
+
+    @classmethod
+    def unavailable(cls, layer: Any) -> str | None:
+        """Why this metric has no value on ``layer`` (a ``discovery.Layer``), or None."""
+        return None
+
+    @classmethod
+    def all_needs(cls) -> frozenset[str]:
+        return cls.needs | cls.optional_needs
+
+    @classmethod
+    def contract(cls) -> dict[str, Any]:
+        """The declared facts a report carries about this metric."""
+        return {"description": cls.description, "needs": sorted(cls.needs),
+                "optional_needs": sorted(cls.optional_needs), "higher_is_better": cls.higher_is_better,
+                "nan_expected": cls.nan_expected, "marks_dead": cls.marks_dead, "rank_priority": cls.rank_priority}
+
     def info(self) -> dict:
         """Extra facts for the report (e.g. which composite components were used)."""
         return {}
+
+
+def contract_problems(cls: Any) -> list[str]:
+    """What is wrong with a metric class's declared contract (empty when it is sound)."""
+    if not (isinstance(cls, type) and issubclass(cls, Metric)):
+        return [f"{cls!r} is not a fitcli.metrics.Metric subclass"]
+    problems = []
+    if not isinstance(cls.name, str) or not cls.name:
+        problems.append("no name")
+    if cls.higher_is_better not in (True, False):
+        problems.append("no direction: set higher_is_better = True or False (which way is fit)")
+    for attr in ("needs", "optional_needs"):
+        value = getattr(cls, attr)
+        if not isinstance(value, (set, frozenset)):
+            problems.append(f"{attr} must be a frozenset of need names")
+            continue
+        unknown = sorted(str(k) for k in value if k not in NEEDS)
+        if unknown:
+            problems.append(f"unknown need{'s' if len(unknown) > 1 else ''} in {attr}: {', '.join(unknown)} "
+                            f"(known: {', '.join(NEEDS)})")
+    if isinstance(cls.needs, (set, frozenset)) and isinstance(cls.optional_needs, (set, frozenset)):
+        if not (cls.needs | cls.optional_needs):
+            problems.append("needs nothing: declare what it reads (needs = frozenset({'activations'}), ...)")
+    if not isinstance(cls.passes, int) or cls.passes < 1:
+        problems.append("passes must be a positive integer")
+    return problems
 
 
 def _none_zero(absolute: torch.Tensor) -> bool:

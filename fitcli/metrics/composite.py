@@ -19,6 +19,8 @@ COMPONENTS: dict[str, tuple[type[Metric], float]] = {
 class Composite(Metric):
     name = "composite"
     needs = frozenset({"weights"})
+    optional_needs = frozenset({"activations", "gradients"})
+    higher_is_better = True
     cost = "as its components"
     description = ("Σ_k w_k·m_k/mean_layer(m_k) over weight_norm 0.4, grad_norm 0.4, act_mean 0.2; "
                    "missing components dropped and weights renormalised")
@@ -65,7 +67,8 @@ class Composite(Metric):
             m = self.parts[k].compute().to(out.device)
             mean = m[torch.isfinite(m)].mean()  # a non-finite unit makes only itself NaN
             if mean != 0:
-                out = out + (COMPONENTS[k][1] / total_w) * m / mean
+                sign = 1.0 if self.parts[k].higher_is_better else -1.0  # every term oriented "higher is fit"
+                out = out + sign * (COMPONENTS[k][1] / total_w) * m / mean
             else:
                 out = out + torch.where(torch.isfinite(m), torch.zeros_like(m), m)
         return out

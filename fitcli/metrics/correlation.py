@@ -10,6 +10,8 @@ from fitcli.metrics.base import Metric, UnitBatch, safe_div, zeros
 class OutputCorr(Metric):
     name = "output_corr"
     needs = frozenset({"activations", "labels"})
+    higher_is_better = True  # fires more on correct predictions
+    nan_expected = True  # NaN when every prediction is right (or wrong): says nothing about the unit
     cost = "1 forward"
     shares = frozenset({"moments"})
     description = "E[h̄ | correct] − E[h̄ | wrong], h̄ the sample's mean over positions; NaN when a group is empty"

@@ -10,6 +10,7 @@ from fitcli.metrics.base import Metric, UnitBatch, zeros
 class GradNorm(Metric):
     name = "grad_norm"
     needs = frozenset({"weights", "gradients"})
+    higher_is_better = True
     cost = "1 forward + backward"
     description = "mean over batches of ‖∂L_batch/∂W[i, ...]‖₂ (batch-mean loss; depends on batch size)"
     batch_dependent = True

@@ -10,6 +10,8 @@ from fitcli.metrics.base import Metric, UnitBatch, safe_div, zeros
 class Taylor(Metric):
     name = "taylor"
     needs = frozenset({"activations", "gradients"})
+    higher_is_better = True
+    rank_priority = 30
     cost = "1 forward + backward"
     description = "mean_x |Σ_p h·∂L_x/∂h|: first-order Taylor importance (per-sample loss)"
 
@@ -29,6 +31,7 @@ class Taylor(Metric):
 
 class TaylorDelta(Taylor):
     name = "taylor_delta"
+    rank_priority = 0  # signed: higher (removal hurts more) is fitter, like ablation
     description = "−mean_x Σ_p h·∂L_x/∂h: signed first-order estimate of the zero-ablation loss change"
 
     def update(self, batch: UnitBatch) -> None:

@@ -10,6 +10,8 @@ from fitcli.metrics.base import Metric, UnitBatch, rownorm, safe_div, zeros
 class _Idempotent(Metric):
     """State is a per-unit value that every batch sets to the same thing: merged by max."""
 
+    higher_is_better = True
+
     def setup(self) -> None:
         self.add_state("value", torch.full((self.units,), float("-inf"), dtype=torch.float64), "max")
 
@@ -23,6 +25,7 @@ class _Idempotent(Metric):
 
 class WeightNorm(_Idempotent):
     name = "weight_norm"
+    rank_priority = 10
     needs = frozenset({"weights"})
     cost = "weights only"
     description = "‖W[i, ...]‖₂: ℓ2 norm of unit i's incoming weights (bias excluded)"
@@ -36,6 +39,10 @@ class WeightNormOut(_Idempotent):
     needs = frozenset({"weights", "graph"})
     cost = "weights only"
     description = "‖W_next[:, i, ...]‖₂ over the layer(s) that consume unit i directly (through elementwise ops)"
+
+    @classmethod
+    def unavailable(cls, layer) -> str | None:
+        return None if getattr(layer, "consumers", None) else "the layers consuming this one are unknown"
 
     def update(self, batch: UnitBatch) -> None:
         if not batch.consumer_weights:
@@ -53,7 +60,7 @@ class WeightChange(_Idempotent):
     name = "weight_change"
     needs = frozenset({"weights", "baseline"})
     cost = "weights only"
-    description = "‖W[i] − W_base[i]‖₂ against the --baseline checkpoint"
+    description = "‖W[i] − W_base[i]‖₂ against the baseline checkpoint"
 
     def update(self, batch: UnitBatch) -> None:
         if batch.baseline_weight is None:
@@ -66,7 +73,7 @@ class WeightChangeRel(_Idempotent):
     name = "weight_change_rel"
     needs = frozenset({"weights", "baseline"})
     cost = "weights only"
-    description = "‖W[i] − W_base[i]‖₂ / ‖W_base[i]‖₂ against the --baseline checkpoint"
+    description = "‖W[i] − W_base[i]‖₂ / ‖W_base[i]‖₂ against the baseline checkpoint"
 
     def update(self, batch: UnitBatch) -> None:
         if batch.baseline_weight is None:

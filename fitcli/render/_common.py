@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-KEY_AGGREGATES = ("taylor", "act_mean", "weight_norm")
-
 
 def fmt(v: float | None, digits: int = 4) -> str:
     if v is None:
@@ -20,6 +18,10 @@ def pct(fraction: float) -> str:
 
 
 def key_metrics(report: dict) -> list[str]:
+    """The ranking metric, then the computed metrics with the highest declared rank priority."""
     present = set(report["settings"].get("metrics", []))
-    keys = [m for m in (report["settings"].get("rank_by"), *KEY_AGGREGATES) if m in present]
+    info = report.get("metric_info") or {}
+    by_priority = sorted(present, key=lambda m: (-(info.get(m) or {}).get("rank_priority", 0), m))
+    top = [m for m in by_priority if (info.get(m) or {}).get("rank_priority", 0) > 0]
+    keys = [m for m in (report["settings"].get("rank_by"), *top) if m in present]
     return list(dict.fromkeys(keys))[:3]

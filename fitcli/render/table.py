@@ -54,7 +54,8 @@ def render_report(report: dict) -> Group:
     ranked = report.get("ranked") or []
     if ranked and report.get("command") == "ablate":
         mode = report["settings"].get("ablation_mode", "zero")
-        parts.append(Text(f"Units by exact loss change when ablated ({mode} mode), largest first", style="bold"))
+        parts.append(Text(f"Least-fit units by exact loss change when ablated ({mode} mode): smallest first",
+                          style="bold"))
         rt = Table(show_edge=False)
         has_acc = any("accuracy_change" in r for r in ranked)
         for col in ("#", "layer", "unit", "Δloss") + (("Δaccuracy",) if has_acc else ()):
@@ -74,8 +75,10 @@ def render_report(report: dict) -> Group:
                 parts.append(Text(f"{lay['name']}: {len(lay['removable'])} removable units (|Δloss| ≤ 1e-6): "
                                   + ", ".join(map(str, lay["removable"][:20])) + (" ..." if len(lay["removable"]) > 20 else "")))
     elif ranked:
-        parts.append(Text(f"Least-fit units by {report['settings'].get('rank_by')} (per-layer ℓ2-normalised; "
-                          "final layer excluded)", style="bold"))
+        rb = report["settings"].get("rank_by")
+        hib = (report.get("metric_info") or {}).get(rb, {}).get("higher_is_better", True)
+        parts.append(Text(f"Least-fit units by {rb} ({'smallest' if hib else 'largest'} first; per-layer "
+                          "ℓ2-normalised; final layer excluded)", style="bold"))
         rt = Table(show_edge=False)
         for col in ("#", "layer", "unit", "value", "normalised", ""):
             rt.add_column(col, justify="right" if col in ("#", "unit", "value", "normalised") else "left")
@@ -122,13 +125,15 @@ def render_inspect(info: dict) -> Group:
 
 def render_metrics(rows: list[dict]) -> Table:
     t = Table(show_edge=False)
-    for col in ("name", "needs", "cost", "description"):
+    for col in ("name", "fit when", "needs", "cost", "description"):
         t.add_column(col)
     for r in rows:
         if r.get("error"):
-            t.add_row(Text(r["name"]), "", "", Text(f"failed to load: {r['error']}", style="red"))
+            t.add_row(Text(r["name"]), "", "", "", Text(f"failed to load: {r['error']}", style="red"))
         else:
-            t.add_row(Text(r["name"]), Text(", ".join(r["needs"])), Text(r["cost"]), Text(r["description"]))
+            needs = ", ".join(r["needs"]) + "".join(f", ({n})" for n in r.get("optional_needs", []))
+            t.add_row(Text(r["name"]), "higher" if r.get("higher_is_better") else "lower", Text(needs),
+                      Text(r["cost"]), Text(r["description"]))
     return t
 
 

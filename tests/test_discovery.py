@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from strapi import load_model
 from torch import nn
 
 from fitcli.data import Batch
+from fitcli.discovery import discover, unit_view, weight_layers
 from fitcli.errors import FitcliError
-from fitcli.loading import load_model
-from fitcli.units import discover, unit_view, weight_layers
 
 SAMPLES = ["mlp", "cnn", "resmlp"]
 
@@ -194,7 +194,7 @@ def test_runtime_without_example_says_data_is_needed():
     g = discover(nontraceable)
     assert g.method == "runtime"
     assert [lay.name for lay in g.layers] and all("unknown" in lay.point for lay in g.layers)
-    assert any("--data" in n for n in g.notes)
+    assert any("give data" in n for n in g.notes)
 
 
 def test_runtime_and_fx_capture_same_values_and_ablate_alike(hook_free):

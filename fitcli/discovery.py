@@ -91,7 +91,7 @@ class ModelGraph:
     def tap(self, callbacks: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
         """Route each named layer's activation through its callback; always undone on exit."""
         if self.runner is None:
-            raise InputError("this checkpoint has no runnable model (pass --arch)")
+            raise InputError("this checkpoint has no runnable model (give its architecture)")
         if self.method in ("fx", "export"):
             try:
                 for name, fn in callbacks.items():
@@ -391,7 +391,7 @@ def weight_layers(state_dict: dict[str, torch.Tensor]) -> ModelGraph:
                             weight=w, bias=state_dict.get(name + ".bias"), point="n/a", point_kind="unknown"))
     if layers:
         layers[-1].final = True
-    return ModelGraph(layers, "weights", notes=["layers read from the state dict alone (no --arch)"])
+    return ModelGraph(layers, "weights", notes=["layers read from the state dict alone (no architecture given)"])
 
 
 def discover(model: nn.Module | None, state_dict: dict[str, torch.Tensor] | None = None,
@@ -424,10 +424,10 @@ def discover(model: nn.Module | None, state_dict: dict[str, torch.Tensor] | None
     if example is None:
         g = weight_layers(dict(model.state_dict()))
         for lay in g.layers:
-            lay.point = "unknown (needs --data: the model does not trace with torch.fx)"
+            lay.point = "unknown (needs data: the model does not trace with torch.fx)"
         g.runner = model
         g.method = "runtime"
-        g.notes = [f"torch.fx could not trace the model ({trace_error}); pass --data to find activation points"]
+        g.notes = [f"torch.fx could not trace the model ({trace_error}); give data to find activation points"]
         return g
     g = _runtime_discover(model, example)
     g.notes.append(f"torch.fx could not trace the model ({trace_error}); activation points found at run time")
