@@ -90,7 +90,7 @@ def load_data(data: Any, *, batch_size: int = 64, max_batches: int | None = None
     if not isinstance(data, Iterable) or isinstance(data, (dict, bytes)):
         raise UsageError(f"data must be an iterable of batches (a DataLoader, a list...), a function returning "
                          f"one, a tensor or a path, not {type(data).__name__}")
-    if iter(data) is data:
+    if isinstance(data, Iterator):  # (calling iter() to find out would start a DataLoader: RNG draws)
         raise UsageError("data is a one-shot iterator (a generator?): give something that can be iterated "
                          "more than once (a list, a DataLoader) or a function that returns a fresh iterator")
     try:

@@ -320,15 +320,15 @@ def score(
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
 ) -> None:
     """Score every metric, show ranked dead-weight tables, write a report, optionally gate."""
-    from fitcli import api
-
     m = _merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
                             batch_size=batch_size, max_batches=max_batches, loss=loss, layers=layer,
                             metrics=metric, device=device, seed=seed, tau=tau, top=top, rank_by=rank_by,
                             format=fmt, output=output, baseline=baseline, max_dead=max_dead,
                             max_dead_layer=max_dead_layer, ablation_mode=mode, chunk_size=chunk_size,
                             validate=validate, validate_units=validate_units, quiet=quiet, verbose=verbose))
-    settings = _settings(m)
+    settings = _settings(m)  # every setting checked before torch is even imported
+    from fitcli import api
+
     loss_fn = _loss(m.get("loss"))
     loaded = _model(model, m)
     base = api.load(m["baseline"]) if m.get("baseline") else None
@@ -351,8 +351,6 @@ def ablate(
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
 ) -> None:
     """Exact ablation of each unit (and optionally whole layers): the loss change when it is masked."""
-    from fitcli import api
-
     m = _merge(config, dict(layers=layer, units=units, ablation_mode=mode, whole_layer=whole_layer,
                             chunk_size=chunk_size, arch=arch, arch_kwargs=arch_kwargs,
                             trust_checkpoint=trust_checkpoint, data=data, batch_size=batch_size,
@@ -362,9 +360,11 @@ def ablate(
         raise UsageError("ablate needs --layer NAME (see `fitcli inspect MODEL` for the names)")
     settings = _settings(m)
     unit_list = parse_units(m.get("units"))
-    loss_fn = _loss(m.get("loss"))
     if not m.get("data"):
         raise UsageError("ablate needs --data")
+    from fitcli import api
+
+    loss_fn = _loss(m.get("loss"))
     loaded = _model(model, m)
     try:
         report = api.ablate(loaded, m.get("data"), units=unit_list, loss=loss_fn, settings=settings,

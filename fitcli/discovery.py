@@ -313,8 +313,10 @@ class _DiscoverMode(TorchFunctionMode):
         return out
 
 
-def _runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
-    modules = dict(model.named_modules())
+def _trace_run(model: nn.Module, modules: dict[str, nn.Module], example: Any
+               ) -> tuple[list[str], dict[str, tuple[str, Any]]]:
+    """One example forward with hooks: the layers in call order, and for each layer the first
+    module or function that consumed its output."""
     outputs: dict[int, tuple[torch.Tensor, str]] = {}
     first: dict[str, tuple[str, Any]] = {}
     order: list[str] = []
@@ -352,6 +354,12 @@ def _runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
     finally:
         for h in handles:
             h.remove()
+    return order, first
+
+
+def _runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
+    modules = dict(model.named_modules())
+    order, first = _trace_run(model, modules, example)
     layers = []
     act_modules = {}
     for name in order:

@@ -62,6 +62,34 @@ def sha256_of(path: Path) -> str:
 # --arch / callable specs
 
 
+def _import_file(path: Path, spec: str, what: str) -> Any:
+    """Import a Python file once per process, under a name derived from its resolved path."""
+    target = str(path)
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if not is_file:
+        raise InputError(f"{what}: file not found: {target}")
+    mod_name = "fitcli_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec_obj = importlib.util.spec_from_file_location(mod_name, path)
+    if spec_obj is None or spec_obj.loader is None:
+        raise InputError(f"{what}: cannot import {target}")
+    module = importlib.util.module_from_spec(spec_obj)
+    sys.modules[mod_name] = module
+    try:
+        spec_obj.loader.exec_module(module)
+    except SystemExit as e:
+        del sys.modules[mod_name]
+        raise InputError(f"{what} {spec!r}: importing {target!r} called sys.exit") from e
+    except BaseException:
+        del sys.modules[mod_name]
+        raise
+    return module
+
+
 def resolve_callable(spec: str, what: str = "arch") -> Any:
     """``package.module:callable`` or ``path/to/file.py:callable`` -> the callable object.
 
@@ -77,30 +105,7 @@ def resolve_callable(spec: str, what: str = "arch") -> Any:
         )
     try:
         if target.endswith(".py") or "/" in target or "\\" in target:
-            path = Path(target)
-            try:
-                is_file = path.is_file()
-            except (OSError, ValueError):
-                is_file = False
-            if not is_file:
-                raise InputError(f"{what}: file not found: {target}")
-            mod_name = "fitcli_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-            if mod_name in sys.modules:
-                module = sys.modules[mod_name]
-            else:
-                spec_obj = importlib.util.spec_from_file_location(mod_name, path)
-                if spec_obj is None or spec_obj.loader is None:
-                    raise InputError(f"{what}: cannot import {target}")
-                module = importlib.util.module_from_spec(spec_obj)
-                sys.modules[mod_name] = module
-                try:
-                    spec_obj.loader.exec_module(module)
-                except SystemExit as e:
-                    del sys.modules[mod_name]
-                    raise InputError(f"{what} {spec!r}: importing {target!r} called sys.exit") from e
-                except BaseException:
-                    del sys.modules[mod_name]
-                    raise
+            module = _import_file(Path(target), spec, what)
         else:
             if not all(p.isidentifier() for p in target.split(".")):
                 raise InputError(f"{what} {spec!r}: {target!r} is not a module path")

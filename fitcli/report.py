@@ -79,27 +79,44 @@ def default_rank_by(available: set[str] | list[str], metric_info: dict | None = 
     return max(sorted(available), key=lambda m: (info.get(m) or {}).get("rank_priority", 0))
 
 
+def fitness_values(layers: list[dict], metric: str, higher_is_better: bool = True,
+                   include_final: bool = False) -> dict[str, list[float | None]]:
+    """Each layer's ``metric`` oriented so that higher is fitter and the least-fit extreme is 0.
+
+    A metric where higher is fit is taken as it is. One where lower is fit (APoZ) is reflected at
+    its largest value across the layers, ``max − m``: a unit at the model-wide worst value gets 0
+    in every layer, as a dead unit does under a higher-is-fit metric, so the per-layer ℓ2
+    normalisation that follows cannot move it behind fitter units of another layer.
+    """
+    chosen = [lay for lay in layers if (include_final or not lay.get("final")) and metric in lay["metrics"]]
+    out: dict[str, list[float | None]] = {lay["name"]: list(lay["metrics"][metric]) for lay in chosen}
+    if not higher_is_better:
+        top = max((v for vals in out.values() for v in vals if v is not None), default=0.0)
+        out = {name: [None if v is None else top - v for v in vals] for name, vals in out.items()}
+    return out
+
+
 def rank_units(layers: list[dict], metric: str, top: int | None, higher_is_better: bool = True,
                include_final: bool = False) -> list[dict]:
     """The ``top`` least-fit units across the model by per-layer ℓ2-normalised ``metric``, in the
-    metric's direction (``higher_is_better``: smallest first; else largest first).
+    metric's direction (see ``fitness_values``): ``normalized`` is the normalised fitness, the
+    smallest first; ``value`` the metric's own value.
 
     Final layers (unless ``include_final``) and units whose ranked value is not finite (null) are
     left out: a NaN is never "least fit". A unit flagged non-finite only in another metric keeps
     its finite rank.
     """
-    sign = 1.0 if higher_is_better else -1.0
+    fit = fitness_values(layers, metric, higher_is_better, include_final)
+    by_name = {lay["name"]: lay for lay in layers}
     rows = []
-    for lay in layers:
-        if (lay.get("final") and not include_final) or metric not in lay["metrics"]:
-            continue
-        vals = lay["metrics"][metric]
+    for name, vals in fit.items():
+        lay = by_name[name]
         norm = math.sqrt(sum(v * v for v in vals if v is not None))
         for i, v in enumerate(vals):
             if v is not None:
-                rows.append((v / norm if norm > 0 else 0.0, lay["name"], i, v, lay))
+                rows.append((v / norm if norm > 0 else 0.0, name, i, lay["metrics"][metric][i], lay))
     n = len(rows) if top is None else top
-    best = heapq.nsmallest(n, rows, key=lambda r: (sign * r[0], r[1], r[2]))
+    best = heapq.nsmallest(n, rows, key=lambda r: (r[0], r[1], r[2]))
     return [{"layer": name, "unit": i, "value": v, "normalized": nv, "dead": i in set(lay.get("dead") or [])}
             for nv, name, i, v, lay in best]
 

@@ -87,6 +87,63 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, name: str, rtol: float, 
         raise AssertionError(f"{name}: {what} differ:\n  {a.tolist()}\n  {b.tolist()}")
 
 
+def _check_prepared(cls: type[Metric], name: str, ref: torch.Tensor, units: int, seed: int, passes: int,
+                    abl: list[tuple[torch.Tensor, int]], rtol: float, atol: float) -> None:
+    """The engine calls prepare() during the forward, on a batch with a scratch pool: same answer."""
+    prepared = cls(units)
+    fresh_batches = random_batches(units=units, seed=seed)
+    pool = Scratch()
+    for p in range(passes):
+        for b in fresh_batches:
+            b.pass_index, b.scratch = p, pool
+            prepared.prepare(b)
+            prepared.update(b)
+        if p == 0 and "ablation" in cls.needs:
+            for delta, n in abl:
+                prepared.update_ablation(delta, n)
+    _close(prepared.compute(), ref, "prepare() then update() (as the engine calls them) and update() alone", name, rtol, atol)
+
+
+def _check_concat(cls: type[Metric], name: str, ref: torch.Tensor, units: int, passes: int,
+                  batches: list[UnitBatch], abl: list[tuple[torch.Tensor, int]], rtol: float, atol: float) -> None:
+    one = cls(units)
+    cat = concat(batches)
+    for p in range(passes):
+        cat.pass_index = p
+        one.update(cat)
+        if p == 0 and "ablation" in cls.needs:
+            one.update_ablation(sum(d for d, _ in abl), sum(n for _, n in abl))
+    _close(one.compute(), ref, "streaming over batches and one update on their concatenation", name, rtol, atol)
+
+
+def _check_merge(cls: type[Metric], name: str, ref: torch.Tensor, units: int, passes: int,
+                 batches: list[UnitBatch], abl: list[tuple[torch.Tensor, int]], rtol: float, atol: float) -> None:
+    for order in ("ab", "ba"):
+        a, b = cls(units), cls(units)
+        for p in range(passes):
+            _stream(a, batches[:2], p, abl[:2])
+            _stream(b, batches[2:], p, abl[2:])
+            if p < passes - 1:
+                _sync_extrema(a, b)
+        merged = a.merge(b) if order == "ab" else b.merge(a)
+        _close(merged.compute(), ref, f"merge of halves ({order}) and the whole", name, rtol, atol)
+
+
+def _check_reset(cls: type[Metric], name: str, units: int, passes: int, batches: list[UnitBatch],
+                 abl: list[tuple[torch.Tensor, int]]) -> None:
+    fresh = cls(units)
+    used = cls(units)
+    for p in range(passes):
+        _stream(used, batches, p, abl)
+    used.reset()
+    for sname in fresh._states:
+        if not torch.equal(getattr(fresh, sname), getattr(used, sname)):
+            raise AssertionError(f"{name}: reset() did not restore state {sname!r}")
+    for sname, (_, reduce) in fresh._states.items():
+        if reduce not in ("sum", "max", "min"):
+            raise AssertionError(f"{name}: state {sname!r} has merge rule {reduce!r}")
+
+
 def check_metric(cls: type[Metric], units: int = 5, seed: int = 0, rtol: float = 1e-9, atol: float = 1e-12) -> None:
     """Raise AssertionError describing the first property ``cls`` breaks."""
     name = getattr(cls, "name", None) or getattr(cls, "__name__", repr(cls))
@@ -106,52 +163,11 @@ def check_metric(cls: type[Metric], units: int = 5, seed: int = 0, rtol: float =
     if not torch.isfinite(ref).all():
         raise AssertionError(f"{name}: compute() gave non-finite values on ordinary data: {ref.tolist()}")
     json.dumps([float(v) for v in ref.tolist()], allow_nan=False)
-
-    # the engine calls prepare() during the forward, on a batch with a scratch pool: same answer
-    prepared = cls(units)
-    fresh_batches = random_batches(units=units, seed=seed)
-    pool = Scratch()
-    for p in range(passes):
-        for b in fresh_batches:
-            b.pass_index, b.scratch = p, pool
-            prepared.prepare(b)
-            prepared.update(b)
-        if p == 0 and "ablation" in cls.needs:
-            for delta, n in abl:
-                prepared.update_ablation(delta, n)
-    _close(prepared.compute(), ref, "prepare() then update() (as the engine calls them) and update() alone", name, rtol, atol)
-
+    _check_prepared(cls, name, ref, units, seed, passes, abl, rtol, atol)
     if not getattr(cls, "batch_dependent", False):
-        one = cls(units)
-        cat = concat(batches)
-        for p in range(passes):
-            cat.pass_index = p
-            one.update(cat)
-            if p == 0 and "ablation" in cls.needs:
-                one.update_ablation(sum(d for d, _ in abl), sum(n for _, n in abl))
-        _close(one.compute(), ref, "streaming over batches and one update on their concatenation", name, rtol, atol)
-
-    for order in ("ab", "ba"):
-        a, b = cls(units), cls(units)
-        for p in range(passes):
-            _stream(a, batches[:2], p, abl[:2])
-            _stream(b, batches[2:], p, abl[2:])
-            if p < passes - 1:
-                _sync_extrema(a, b)
-        merged = a.merge(b) if order == "ab" else b.merge(a)
-        _close(merged.compute(), ref, f"merge of halves ({order}) and the whole", name, rtol, atol)
-
-    fresh = cls(units)
-    used = cls(units)
-    for p in range(passes):
-        _stream(used, batches, p, abl)
-    used.reset()
-    for sname in fresh._states:
-        if not torch.equal(getattr(fresh, sname), getattr(used, sname)):
-            raise AssertionError(f"{name}: reset() did not restore state {sname!r}")
-    for sname, (_, reduce) in fresh._states.items():
-        if reduce not in ("sum", "max", "min"):
-            raise AssertionError(f"{name}: state {sname!r} has merge rule {reduce!r}")
+        _check_concat(cls, name, ref, units, passes, batches, abl, rtol, atol)
+    _check_merge(cls, name, ref, units, passes, batches, abl, rtol, atol)
+    _check_reset(cls, name, units, passes, batches, abl)
 
 
 __all__ = ["check_metric", "random_batches", "random_ablation", "concat"]

@@ -6,8 +6,9 @@ metric with the oracle ``|Δloss|`` (Molchanov et al. 2017), per layer and acros
 values ℓ2-normalised per layer), plus the overlap of the bottom 10% by metric and by oracle.
 
 Every metric is taken in its fitness orientation (its declared ``higher_is_better``): a metric
-where lower is fit (APoZ) is negated first, so a positive correlation and a high bottom-10%
-overlap always mean "this metric finds the units whose removal costs least".
+where lower is fit (APoZ) is reflected first (``max − m``, as the rankings do), so a positive
+correlation and a high bottom-10% overlap always mean "this metric finds the units whose removal
+costs least".
 """
 
 from __future__ import annotations
@@ -130,10 +131,11 @@ def correlations(layers: dict[str, dict[str, torch.Tensor]], oracle: dict[str, t
     return {"layers": per_layer, "across_layers": across, "best": best}
 
 
-def _oriented(report: dict, metric: str, values: torch.Tensor) -> torch.Tensor:
-    from fitcli.report import direction
+def _oriented(report: dict, metric: str) -> dict[str, list[float | None]]:
+    """Per layer, the metric as fitness (higher is fit; see ``report.fitness_values``)."""
+    from fitcli.report import direction, fitness_values
 
-    return values if direction(metric, report.get("metric_info")) else -values
+    return fitness_values(report["layers"], metric, direction(metric, report.get("metric_info")))
 
 
 def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, seed: int,
@@ -163,6 +165,8 @@ def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, se
         raise InputError("validation: no non-final layer to validate")
     ab = ablate_layers(graph, names, data, loss_fn, mode=report["settings"].get("ablation_mode", "zero"),
                        device=device, chunk_size=chunk_size, progress=progress or NO_PROGRESS, units=sel)
+    metrics_seen = {m for lay in report["layers"] if lay["name"] in names for m in lay["metrics"]} - exclude
+    fit = {m: _oriented(report, m) for m in metrics_seen}
     per_metric: dict[str, dict[str, torch.Tensor]] = {}
     oracle: dict[str, torch.Tensor] = {}
     chosen: dict[str, list[int]] = {}
@@ -174,9 +178,9 @@ def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, se
         full = ab.delta(lay["name"])
         oracle[lay["name"]] = full[idx].abs()
         per_metric[lay["name"]] = {
-            m: _oriented(report, m, torch.tensor([float("nan") if vals[i] is None else vals[i] for i in idx],
-                                                 dtype=torch.float64))
-            for m, vals in lay["metrics"].items() if m not in exclude
+            m: torch.tensor([float("nan") if fit[m][lay["name"]][i] is None else fit[m][lay["name"]][i] for i in idx],
+                            dtype=torch.float64)
+            for m in lay["metrics"] if m not in exclude
         }
     v = correlations(per_metric, oracle)
     for name in v["layers"]:

@@ -51,9 +51,22 @@ class MaxAbs(Metric):
 
     def compute(self):
         return self.max.clone()
+
+
+class NoDirection(MaxAbs):
+    """Says nothing about which way is fit: rankings could not use it."""
+    name = "nodir"
+    higher_is_better = None
+
+
+class OddNeed(MaxAbs):
+    """Needs something no run can give."""
+    name = "oddneed"
+    needs = frozenset({"activations", "vibes"})
 '''
 
-ENTRY_POINTS = "[fitcli.metrics]\nmax_abs = myplug:MaxAbs\nbroken = myplug:DoesNotExist\n"
+ENTRY_POINTS = ("[fitcli.metrics]\nmax_abs = myplug:MaxAbs\nbroken = myplug:DoesNotExist\n"
+                "nodir = myplug:NoDirection\noddneed = myplug:OddNeed\n")
 
 
 def _install(where: Path) -> None:
@@ -223,3 +236,36 @@ def test_a_metric_that_raises_is_named_and_not_blamed_on_the_data(monkeypatch):
             mp.setattr(ActMean, hook, boom)
             with pytest.raises(RuntimeAuditError, match=r"metric 'act_mean' failed on layer 0, batch 0: ValueError: plugin bug"):
                 audit(loaded, data, metrics=["act_mean"], device="cpu")
+
+
+def test_a_metric_without_direction_or_with_an_unknown_need_is_rejected(_plugin, _cli):
+    """The contract is checked at registration (the registry records why) and by check_metric."""
+    import myplug
+
+    reg = _plugin
+    assert reg["nodir"].cls is None and "higher_is_better" in reg["nodir"].error
+    assert reg["oddneed"].cls is None and "vibes" in reg["oddneed"].error
+    for cls, word in ((myplug.NoDirection, "direction"), (myplug.OddNeed, "vibes")):
+        with pytest.raises(AssertionError, match=word):
+            check_metric(cls)
+    code, out, err = _cli(["metrics", "--format", "json"])
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert "higher_is_better" in rows["nodir"]["error"] and "vibes" in rows["oddneed"]["error"]
+    assert rows["max_abs"]["higher_is_better"] is True
+    # asking for one is a usage error naming the contract, before any audit
+    code, out, err = _cli(["score", str(SM / "mlp.safetensors"), "--arch", f"{SM / 'models.py'}:mlp",
+                           "--data", str(SM / "mlp_data.safetensors"), "--metric", "nodir", "--device", "cpu"])
+    assert code == 2 and "higher_is_better" in err
+
+
+def test_every_builtin_metric_declares_a_direction_and_known_needs():
+    from fitcli.metrics.base import NEEDS, contract_problems
+
+    reg = load_registry(refresh=True)
+    for name, entry in reg.items():
+        assert entry.cls is not None, (name, entry.error)
+        assert contract_problems(entry.cls) == [], name
+        assert entry.cls.higher_is_better in (True, False)
+        assert entry.cls.all_needs() <= set(NEEDS)
+    # the spec: APoZ is the one metric where lower is fit
+    assert [n for n, e in reg.items() if not e.cls.higher_is_better] == ["apoz"]

@@ -55,7 +55,7 @@ def _overlap(m: np.ndarray, o: np.ndarray) -> float | None:
 
 
 # which way is fit, from the metric spec (not from the code): APoZ is the one "lower is fit" metric
-FIT_SIGN = {"apoz": -1.0}
+LOWER_IS_FIT = {"apoz"}
 
 
 def _expected(metric: np.ndarray, oracle: np.ndarray) -> dict:
@@ -113,7 +113,7 @@ def _check_validation(report: dict, oracle: dict[str, np.ndarray], final: str) -
         for m, vals in lay["metrics"].items():
             if m in EXCLUDE:
                 continue
-            x = FIT_SIGN.get(m, 1.0) * _arr(vals)[units]  # the metric in its fitness orientation
+            x = _fit(report, m, vals)[units]  # the metric in its fitness orientation
             want = _expected(x, o)
             _check_corr(vl["metrics"][m], want, f"{name}/{m}")
             if want["spearman"] is not None:
@@ -146,18 +146,28 @@ def _check_validation(report: dict, oracle: dict[str, np.ndarray], final: str) -
                                    "with exact ablation across layers")
 
 
+def _fit(report: dict, metric: str, vals: list) -> np.ndarray:
+    """A lower-is-fit metric reflected at its largest value over the non-final layers (max − m):
+    higher is fit and the worst value is 0 in every layer. Others as they are."""
+    x = _arr(vals)
+    if metric not in LOWER_IS_FIT:
+        return x
+    top = max(v for lay in report["layers"] if not lay.get("final") and metric in lay["metrics"]
+              for v in lay["metrics"][metric] if v is not None)
+    return top - x
+
+
 def _expected_ranked(report: dict, metric: str) -> list[tuple[str, int, float]]:
-    sign = FIT_SIGN.get(metric, 1.0)
     rows = []
     for lay in report["layers"]:
         if lay.get("final") or metric not in lay["metrics"]:
             continue
-        vals = lay["metrics"][metric]
+        vals = [None if not np.isfinite(v) else float(v) for v in _fit(report, metric, lay["metrics"][metric])]
         norm = math.sqrt(sum(x * x for x in vals if x is not None))
         for i, x in enumerate(vals):
             if x is not None:
                 rows.append((x / norm if norm > 0 else 0.0, lay["name"], i))
-    rows.sort(key=lambda r: (sign * r[0], r[1], r[2]))
+    rows.sort()
     return [(name, i, nv) for nv, name, i in rows]
 
 

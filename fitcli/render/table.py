@@ -9,9 +9,8 @@ from rich.text import Text
 from fitcli.render._common import fmt, key_metrics, pct
 
 
-def render_report(report: dict) -> Group:
+def _header(report: dict) -> Text:
     s = report["summary"]
-    parts = []
     head = Text()
     head.append(f"fitcli {report.get('command', 'score')} ", style="bold")
     head.append(f"{report['model']['path']} ({report['model']['format']}")
@@ -28,10 +27,12 @@ def render_report(report: dict) -> Group:
         head.append(f" across {s['layers']} layers, τ = {report['settings']['tau']:g}, final layer excluded")
     else:
         head.append("dead units unknown: needs activations (pass --arch and --data)", style="yellow")
-    parts.append(head)
+    return head
 
+
+def _layers_table(report: dict) -> Table:
+    dead_known = report["summary"].get("dead_known", True)
     keys = key_metrics(report)
-    parts.append(Text("Layers", style="bold"))
     t = Table(show_edge=False)
     for col, just in (("layer", "left"), ("type", "left"), ("units", "right"), ("dead", "right"),
                       ("dead %", "right"), ("activation point", "left")):
@@ -43,51 +44,57 @@ def render_report(report: dict) -> Group:
         for k in keys:
             agg = lay["aggregate"].get(k)
             cells.append(fmt(agg["mean"]) if agg else "")
-        dead = "final" if lay.get("final") else (str(len(lay["dead"])) if s.get("dead_known", True) else "-")
+        dead = "final" if lay.get("final") else (str(len(lay["dead"])) if dead_known else "-")
         style = "red" if lay["dead"] else None
         nf = f" [{len(lay['nonfinite'])} non-finite]" if lay["nonfinite"] else ""
         t.add_row(Text(lay["name"]), Text(lay["type"]), str(lay["units"]), dead + nf,
-                  "" if lay.get("final") or not s.get("dead_known", True) else pct(lay["dead_fraction"]),
+                  "" if lay.get("final") or not dead_known else pct(lay["dead_fraction"]),
                   Text(lay["activation_point"]), *cells, style=style)
-    parts.append(t)
+    return t
 
-    ranked = report.get("ranked") or []
-    if ranked and report.get("command") == "ablate":
-        mode = report["settings"].get("ablation_mode", "zero")
-        parts.append(Text(f"Least-fit units by exact loss change when ablated ({mode} mode): smallest first",
-                          style="bold"))
-        rt = Table(show_edge=False)
-        has_acc = any("accuracy_change" in r for r in ranked)
-        for col in ("#", "layer", "unit", "Δloss") + (("Δaccuracy",) if has_acc else ()):
-            rt.add_column(col, justify="left" if col == "layer" else "right")
-        for i, r in enumerate(ranked, 1):
-            cells = [str(i), Text(r["layer"]), str(r["unit"]), fmt(r["value"])]
-            if has_acc:
-                cells.append(fmt(r.get("accuracy_change")) if r.get("accuracy_change") is not None else "")
-            rt.add_row(*cells)
-        parts.append(rt)
-        for lay in report["layers"]:
-            if lay.get("layer_ablation") is not None:
-                acc = lay.get("layer_ablation_accuracy")
-                parts.append(Text(f"whole layer {lay['name']} ablated: Δloss {fmt(lay['layer_ablation'])}"
-                                  + (f", Δaccuracy {fmt(acc)}" if acc is not None else "")))
-            if lay.get("removable"):
-                parts.append(Text(f"{lay['name']}: {len(lay['removable'])} removable units (|Δloss| ≤ 1e-6): "
-                                  + ", ".join(map(str, lay["removable"][:20])) + (" ..." if len(lay["removable"]) > 20 else "")))
-    elif ranked:
-        rb = report["settings"].get("rank_by")
-        hib = (report.get("metric_info") or {}).get(rb, {}).get("higher_is_better", True)
-        parts.append(Text(f"Least-fit units by {rb} ({'smallest' if hib else 'largest'} first; per-layer "
-                          "ℓ2-normalised; final layer excluded)", style="bold"))
-        rt = Table(show_edge=False)
-        for col in ("#", "layer", "unit", "value", "normalised", ""):
-            rt.add_column(col, justify="right" if col in ("#", "unit", "value", "normalised") else "left")
-        for i, r in enumerate(ranked, 1):
-            rt.add_row(str(i), Text(r["layer"]), str(r["unit"]), fmt(r["value"]), fmt(r["normalized"]),
-                       "dead" if r.get("dead") else "", style="red" if r.get("dead") else None)
-        parts.append(rt)
-    if report.get("validation"):
-        parts.append(render_validation(report["validation"]))
+
+def _ablation_ranking(report: dict, ranked: list[dict]) -> list:
+    mode = report["settings"].get("ablation_mode", "zero")
+    parts: list = [Text(f"Least-fit units by exact loss change when ablated ({mode} mode): smallest first",
+                        style="bold")]
+    rt = Table(show_edge=False)
+    has_acc = any("accuracy_change" in r for r in ranked)
+    for col in ("#", "layer", "unit", "Δloss") + (("Δaccuracy",) if has_acc else ()):
+        rt.add_column(col, justify="left" if col == "layer" else "right")
+    for i, r in enumerate(ranked, 1):
+        cells = [str(i), Text(r["layer"]), str(r["unit"]), fmt(r["value"])]
+        if has_acc:
+            cells.append(fmt(r.get("accuracy_change")) if r.get("accuracy_change") is not None else "")
+        rt.add_row(*cells)
+    parts.append(rt)
+    for lay in report["layers"]:
+        if lay.get("layer_ablation") is not None:
+            acc = lay.get("layer_ablation_accuracy")
+            parts.append(Text(f"whole layer {lay['name']} ablated: Δloss {fmt(lay['layer_ablation'])}"
+                              + (f", Δaccuracy {fmt(acc)}" if acc is not None else "")))
+        if lay.get("removable"):
+            parts.append(Text(f"{lay['name']}: {len(lay['removable'])} removable units (|Δloss| ≤ 1e-6): "
+                              + ", ".join(map(str, lay["removable"][:20])) + (" ..." if len(lay["removable"]) > 20 else "")))
+    return parts
+
+
+def _metric_ranking(report: dict, ranked: list[dict]) -> list:
+    rb = report["settings"].get("rank_by")
+    hib = (report.get("metric_info") or {}).get(rb, {}).get("higher_is_better", True)
+    parts: list = [Text(f"Least-fit units by {rb} ({'smallest' if hib else 'largest'} first; per-layer "
+                        "ℓ2-normalised; final layer excluded)", style="bold")]
+    rt = Table(show_edge=False)
+    for col in ("#", "layer", "unit", "value", "normalised", ""):
+        rt.add_column(col, justify="right" if col in ("#", "unit", "value", "normalised") else "left")
+    for i, r in enumerate(ranked, 1):
+        rt.add_row(str(i), Text(r["layer"]), str(r["unit"]), fmt(r["value"]), fmt(r["normalized"]),
+                   "dead" if r.get("dead") else "", style="red" if r.get("dead") else None)
+    parts.append(rt)
+    return parts
+
+
+def _footer(report: dict) -> list:
+    parts: list = []
     nonfinite = [(lay["name"], lay["nonfinite"]) for lay in report["layers"] if lay["nonfinite"]]
     if nonfinite:
         parts.append(Text("non-finite values (not ranked): " + "; ".join(
@@ -100,6 +107,17 @@ def render_report(report: dict) -> Group:
     if g:
         parts.append(Text("gate passed" if g["passed"] else "gate FAILED: " + "; ".join(g["failures"]),
                           style="bold green" if g["passed"] else "bold red"))
+    return parts
+
+
+def render_report(report: dict) -> Group:
+    parts: list = [_header(report), Text("Layers", style="bold"), _layers_table(report)]
+    ranked = report.get("ranked") or []
+    if ranked:
+        parts += _ablation_ranking(report, ranked) if report.get("command") == "ablate" else _metric_ranking(report, ranked)
+    if report.get("validation"):
+        parts.append(render_validation(report["validation"]))
+    parts += _footer(report)
     return Group(*parts)
 
 
