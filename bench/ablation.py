@@ -3,7 +3,7 @@ three ways in one process:
 
 1. the design note's loop: zero the unit's weights in place, run the whole model, restore;
 2. Captum's ``LayerFeatureAblation`` with ``perturbations_per_eval`` (benchmark-only dependency);
-3. ``fitcli.api.ablate``.
+3. ``fitcli.ablate``.
 
 Prints the times, the ratios, and the max difference between the results.
 Usage: python bench/ablation.py [--width 1024] [--samples 1024] [--device cpu|cuda] [--skip-captum]
@@ -119,12 +119,12 @@ def main() -> None:
 
     ds = DataSource("bench", lambda: iter([Batch((x,), {}, y)]), None)
     loaded = LoadedModel("bench", "memory", "-", model.state_dict(), module=model, arch="bench MLP")
-    from fitcli import api
+    import fitcli
 
-    api.ablate(loaded, layers=["fc2"], data=ds, device=str(dev), units="0-7", progress=False)  # warm-up
+    fitcli.ablate(loaded, ds, layers=["fc2"], device=str(dev), units=list(range(8)))  # warm-up
     sync(dev)
     t0 = time.perf_counter()
-    rep = api.ablate(loaded, layers=["fc2"], data=ds, device=str(dev), progress=False)
+    rep = fitcli.ablate(loaded, ds, layers=["fc2"], device=str(dev)).to_dict()
     sync(dev)
     t_fit = time.perf_counter() - t0
     fit = torch.tensor(rep["layers"][0]["metrics"]["ablation"], dtype=torch.float64)

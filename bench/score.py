@@ -1,6 +1,6 @@
 """Score benchmark.
 
-1. Time: ``fitcli.api.score`` with every default metric, divided by a plain forward+backward
+1. Time: ``fitcli.audit`` with every default metric, divided by a plain forward+backward
    loop over the same data in the same process (goal: at most 2.0x).
 2. Memory: peak RSS of a score run over 10x the batches, divided by the same run over 1x
    (goal: within 5%), each measured in a fresh subprocess.
@@ -83,10 +83,10 @@ def plain_loop(model, data) -> float:
 
 
 def score_run(model, data) -> float:
-    from fitcli import api
+    import fitcli
 
     t0 = time.perf_counter()
-    api.score(LoadedModel("bench", "memory", "-", model.state_dict(), module=model), data=data, device="cpu")
+    fitcli.audit(LoadedModel("bench", "memory", "-", model.state_dict(), module=model), data, device="cpu")
     return time.perf_counter() - t0
 
 
