@@ -235,6 +235,9 @@ def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None, uni
         raise UsageError("ablation needs data")
     with _caller_state(loaded.module, s.seed):
         p = plan(loaded, ds, metrics=["ablation"], layers=s.layers, loss=loss, device=s.device)
+        wonly = [lay.name for lay in p.layers if lay.weight_only]
+        if wonly:
+            raise UsageError(f"{wonly[0]} has weight-only units (embedding rows): there is no activation to ablate")
         if p.have["ablation"] is not None:
             raise InputError(f"ablation needs a loss: {p.have['ablation']}")
         report = _run_ablate(loaded, ds, p, s, units, progress)
@@ -321,8 +324,9 @@ def inspect(model: Any, data: Any = None, *, arch: Any = None, arch_kwargs: dict
         model={"path": loaded.path, "format": loaded.format, "sha256": loaded.sha256, "arch": loaded.arch},
         discovery={"method": graph.method, "notes": loaded.notes + graph.notes},
         layers=[{"name": lay.name, "type": lay.type, "units": lay.units, "activation_point": lay.point,
-                 "activation_point_kind": lay.point_kind, "parameters": lay.params, "final": lay.final,
-                 "consumers": lay.consumers} for lay in graph.layers],
+                 "activation_point_kind": lay.point_kind, "activation_chain": lay.chain_text,
+                 "parameters": lay.n_params, "final": lay.final, "consumers": lay.consumers,
+                 **({"members": lay.members} if lay.members else {})} for lay in graph.layers],
         unsupported=graph.unsupported,
     )
 

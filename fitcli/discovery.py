@@ -1,14 +1,23 @@
-"""Layers, units and activation points: where each unit's signal is read (and ablated).
+"""Graph discovery: the auditable layers of a model, their units, and each unit's activation point.
 
-A layer is an ``nn.Linear`` or ``nn.ConvNd``. Its activation point is the output of the
-elementwise nonlinearity that directly consumes the layer's output (module or function), else the
-layer's own output (``spec/metrics.md``). Three discovery methods, and the report says which:
+A layer owns units: ``nn.Linear`` and Hugging Face's ``Conv1D`` (output features), ``nn.ConvNd``
+(output channels), ``nn.Bilinear`` (output features); ``nn.Embedding`` rows are weight-only units.
+Where two layers' outputs meet in an elementwise product (``act(gate(x)) * up(x) -> down``) the
+unit is the shared channel, owned by both rows and read at the product: one *gated* layer.
+
+The activation point follows the unit from the layer's output through every operation that keeps
+channel i in channel i (BatchNorm in eval mode, bias and scale, dropout, casts, elementwise
+nonlinearities of any class or function, recognised by a probe: ``fitcli.elementwise``) and stops
+where the signal is mixed or used twice. ``Layer.chain`` shows the path.
+
+Three discovery methods, and the report says which:
 
 - ``fx``: the model traces with ``torch.fx.symbolic_trace``; a GraphModule sharing the model's
   parameters gets an identity ``Probe`` module after each activation point.
 - ``export``: a ``torch.export`` program; the same, on its aten graph.
-- ``runtime``: the model does not trace; one example forward with hooks and a
-  ``TorchFunctionMode`` finds the points, and capture uses the same hooks.
+- ``runtime``: the model does not trace (Hugging Face models, data-dependent control flow); one
+  example forward with hooks and a ``TorchFunctionMode`` records which module or function
+  consumed which tensor, and capture follows the same chains at run time.
 
 ``ModelGraph.tap({layer: fn})`` is the single capture/ablation mechanism: inside it, ``fn`` gets
 the activation tensor of that layer on every forward and returns the tensor to pass on.
@@ -17,6 +26,7 @@ the activation tensor of that layer on every forward and returns the tensor to p
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,24 +35,13 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from fitcli.errors import InputError
+from fitcli.elementwise import is_channelwise, probe_shape
+from fitcli.errors import InputError, first_line
 
-LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-ACT_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU,
-    nn.CELU, nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.PReLU, nn.Tanhshrink,
-)
-ACT_NAMES = {
-    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "gelu", "silu", "tanh", "tanh_",
-    "sigmoid", "sigmoid_", "elu", "elu_", "selu", "selu_", "celu", "softplus", "mish", "hardswish",
-    "hardsigmoid", "hardtanh", "hardtanh_", "prelu", "rrelu", "tanhshrink",
-}
-# ops that keep units aligned element by element (followed for weight_norm_out)
-PASS_MODULES: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
-PASS_NAMES = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "contiguous", "clone"}
-
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES, nn.Bilinear)
 _EXPORT_LAYER_OPS = {"linear", "conv1d", "conv2d", "conv3d", "convolution"}
+_MUL_NAMES = {"mul", "mul_", "__mul__", "__rmul__"}
 
 
 def _fn_name(target: Any) -> str:
@@ -53,22 +52,69 @@ def _fn_name(target: Any) -> str:
     return name
 
 
+def is_hf_conv1d(mod: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D (GPT-2's layers): a Linear whose weight is in x out."""
+    t = type(mod)
+    return t.__name__ == "Conv1D" and t.__module__.startswith("transformers") and \
+        isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2
+
+
+def is_layer_module(mod: nn.Module) -> bool:
+    return isinstance(mod, LAYER_TYPES) or is_hf_conv1d(mod)
+
+
 @dataclass
 class Layer:
+    """Units owned by rows of one or more parameters, read at one activation point."""
+
     name: str
     type: str
     units: int
-    unit_dim: int  # dimension of the activation that indexes units (1 for conv, -1 for linear)
-    weight: torch.Tensor
+    unit_dim: int  # dimension of the activation that indexes units (1 for conv, -1 for features last)
+    parts: list[tuple[str, torch.Tensor, int]]  # (parameter name, tensor, axis that indexes units)
     bias: torch.Tensor | None
-    point: str  # activation point: module name, "fn(layer)", or the layer's own name
-    point_kind: str  # "module" | "function" | "output" | "unknown"
+    point: str  # activation point: module name, "fn(previous)", or the layer's own name
+    point_kind: str  # "module" | "function" | "output" | "gated" | "weights" | "unknown"
     final: bool = False
     consumers: list[str] | None = None  # layers that read this unit directly; None = unknown
+    chain: list[str] = field(default_factory=list)  # layer -> per-channel ops -> the point
+    weight_only: bool = False  # no activation (embedding rows)
+    members: list[str] | None = None  # the layers a gated unit is made of
+    chain_modules: list[str] = field(default_factory=list)  # modules the chain passes through
 
     @property
-    def params(self) -> int:
-        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+    def weight(self) -> torch.Tensor:
+        """The units' weights as rows, ``[units, ...]``: the parameter itself for one row-major
+        parameter, else a detached concatenation of every part's rows."""
+        return self.rows([t for _, t, _ in self.parts])
+
+    def rows(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` (one per part, shaped like the parts: weights or their gradients) as
+        ``[units, ...]`` rows."""
+        if len(self.parts) == 1 and self.parts[0][2] == 0:
+            return tensors[0]
+        return torch.cat([t.detach().movedim(ax, 0).reshape(self.units, -1)
+                          for t, (_, _, ax) in zip(tensors, self.parts, strict=True)], dim=1)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for _, t, _ in self.parts]
+
+    @property
+    def in_weight(self) -> torch.Tensor | None:
+        """This layer's weight arranged ``[out, in, ...]`` (as a consumer of other units)."""
+        if len(self.parts) != 1 or self.weight_only:
+            return None
+        _, t, ax = self.parts[0]
+        return t if ax == 0 else t.movedim(ax, 0)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel() for t in self.tensors) + (self.bias.numel() if self.bias is not None else 0)
+
+    @property
+    def chain_text(self) -> str:
+        return " -> ".join(self.chain) if self.chain else self.point
 
 
 @dataclass
@@ -87,6 +133,11 @@ class ModelGraph:
                 return lay
         raise KeyError(name)
 
+    @property
+    def active(self) -> list[Layer]:
+        """The layers with an activation point (not weight-only)."""
+        return [lay for lay in self.layers if not lay.weight_only]
+
     @contextlib.contextmanager
     def tap(self, callbacks: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
         """Route each named layer's activation through its callback; always undone on exit."""
@@ -95,7 +146,7 @@ class ModelGraph:
         if self.method in ("fx", "export"):
             try:
                 for name, fn in callbacks.items():
-                    self._probes[name].fn = fn
+                    self._probes[name].fn = fn  # KeyError for a layer without a point
                 yield
             finally:
                 for p in self._probes.values():
@@ -123,59 +174,66 @@ class Probe(nn.Module):
 
 
 def _layer_from_module(name: str, mod: nn.Module) -> Layer:
-    is_conv = not isinstance(mod, nn.Linear)
-    return Layer(
-        name=name, type=type(mod).__name__, units=int(mod.weight.shape[0]),
-        unit_dim=1 if is_conv else -1, weight=mod.weight, bias=mod.bias,
-        point=name, point_kind="output",
-    )
+    if is_hf_conv1d(mod):  # weight [in, out]: unit i is column i
+        return Layer(name=name, type="Conv1D", units=int(mod.weight.shape[1]), unit_dim=-1,
+                     parts=[(f"{name}.weight", mod.weight, 1)], bias=getattr(mod, "bias", None),
+                     point=name, point_kind="output", chain=[name])
+    is_conv = isinstance(mod, CONV_TYPES)
+    return Layer(name=name, type=type(mod).__name__, units=int(mod.weight.shape[0]), unit_dim=1 if is_conv else -1,
+                 parts=[(f"{name}.weight", mod.weight, 0)], bias=getattr(mod, "bias", None),
+                 point=name, point_kind="output", chain=[name])
+
+
+def _embedding_layer(name: str, mod: nn.Embedding) -> Layer:
+    return Layer(name=name, type=type(mod).__name__, units=int(mod.weight.shape[0]), unit_dim=-1,
+                 parts=[(f"{name}.weight", mod.weight, 0)], bias=None, point="weights only",
+                 point_kind="weights", chain=[name], weight_only=True)
+
+
+def _spatial(lay: Layer) -> int:
+    return int(lay.type[4]) if lay.type in ("Conv1d", "Conv2d", "Conv3d") else 0
+
+
+def _probe(lay: Layer, like: torch.Tensor | None = None) -> torch.Tensor:
+    dtype = lay.tensors[0].dtype if lay.tensors[0].is_floating_point() else torch.float32
+    if like is not None and like.dim() >= 1:
+        small = like[:2] if like.dim() > 1 else like
+        return torch.randn(small.shape, generator=torch.Generator().manual_seed(1), dtype=small.dtype)
+    return torch.randn(probe_shape(lay.units, _spatial(lay), lay.unit_dim),
+                       generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+def _short(name: str, layer: str) -> str:
+    """A module's name relative to the layer's parent (``layer1.0.bn1`` next to ``layer1.0.conv1``)."""
+    parent = layer.rsplit(".", 1)[0] + "." if "." in layer else ""
+    return name[len(parent):] if parent and name.startswith(parent) else name
+
+
+def _covered(layers: list[Layer]) -> set[str]:
+    """Modules that a layer owns or that its chain passes through."""
+    out: set[str] = set()
+    for lay in layers:
+        out.update(lay.members or [lay.name])
+        out.update(lay.chain_modules)
+    return out
+
+
+def _unsupported(model: nn.Module, covered: set[str], reason_missing: str) -> list[dict[str, str]]:
+    """Every module with parameters of its own that no layer or chain covers, with its type."""
+    out = []
+    for n, m in model.named_modules():
+        if not n or n in covered or not any(True for _ in m.parameters(recurse=False)):
+            continue
+        if is_layer_module(m) or isinstance(m, nn.Embedding):
+            out.append({"name": n, "type": type(m).__name__, "reason": reason_missing})
+        else:
+            out.append({"name": n, "type": type(m).__name__,
+                        "reason": f"{type(m).__name__} is not an auditable layer type (not supported yet)"})
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # graph-based discovery (fx and export share it)
-
-
-def _is_act_node(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """If ``node`` is an elementwise nonlinearity, its activation-point name part, else None."""
-    if node.op == "call_module":
-        mod = modules.get(str(node.target))
-        return str(node.target) if isinstance(mod, ACT_MODULES) else None
-    if node.op in ("call_function", "call_method"):
-        name = node.target if node.op == "call_method" else _fn_name(node.target)
-        return str(name).rstrip("_") if name in ACT_NAMES else None
-    return None
-
-
-def _is_pass_node(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), (*ACT_MODULES, *PASS_MODULES, Probe))
-    if node.op in ("call_function", "call_method"):
-        name = node.target if node.op == "call_method" else _fn_name(node.target)
-        return name in ACT_NAMES or name in PASS_NAMES
-    return False
-
-
-def _graph_layers(gm: torch.fx.GraphModule, exported: bool) -> list[tuple[torch.fx.Node, Layer]]:
-    modules = dict(gm.named_modules())
-    found = []
-    for node in gm.graph.nodes:
-        if not exported and node.op == "call_module" and isinstance(modules.get(str(node.target)), LAYER_TYPES):
-            found.append((node, _layer_from_module(str(node.target), modules[str(node.target)])))
-        elif exported and node.op == "call_function" and _fn_name(node.target) in _EXPORT_LAYER_OPS:
-            w = node.args[1] if len(node.args) > 1 else None
-            if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
-                continue
-            wname = str(w.target)
-            name = wname[: -len(".weight")] if wname.endswith(".weight") else wname
-            weight = gm.get_parameter(wname) if wname in dict(gm.named_parameters()) else getattr_path(gm, wname)
-            b = node.args[2] if len(node.args) > 2 else None
-            bias = getattr_path(gm, str(b.target)) if isinstance(b, torch.fx.Node) and b.op == "get_attr" else None
-            is_conv = weight.dim() > 2
-            typ = f"Conv{weight.dim() - 2}d" if is_conv else "Linear"
-            found.append((node, Layer(name=name, type=typ, units=int(weight.shape[0]),
-                                      unit_dim=1 if is_conv else -1, weight=weight, bias=bias,
-                                      point=name, point_kind="output")))
-    return found
 
 
 def getattr_path(obj: Any, path: str) -> Any:
@@ -184,48 +242,174 @@ def getattr_path(obj: Any, path: str) -> Any:
     return obj
 
 
-def _consumers(start: torch.fx.Node, modules: dict[str, nn.Module], layer_nodes: dict[torch.fx.Node, str]) -> list[str] | None:
-    """Layers reading ``start`` through elementwise ops only; None if any path leaves that."""
-    out: list[str] = []
-    stack, seen = [start], set()
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u in seen:
+def _resolve(a: Any, gm: torch.fx.GraphModule) -> tuple[bool, Any]:
+    """An argument's constant value: (True, value), or (False, None) when it is computed per batch."""
+    if isinstance(a, torch.fx.Node):
+        if a.op == "get_attr":
+            return True, getattr_path(gm, str(a.target))
+        return False, None
+    if isinstance(a, (tuple, list)):
+        vals = [_resolve(x, gm) for x in a]
+        return all(ok for ok, _ in vals), type(a)(v for _, v in vals)
+    return True, a
+
+
+def _unary(u: torch.fx.Node, gm: torch.fx.GraphModule, modules: dict[str, nn.Module]
+           ) -> Callable[[torch.Tensor], Any] | None:
+    """``u`` as a function of its first argument, the others held constant; None when another
+    argument is computed per batch (a product of two activations, a residual add...)."""
+    ok, rest = _resolve(list(u.args[1:]), gm)
+    ok_kw, kwargs = _resolve(dict(u.kwargs), gm) if u.kwargs else (True, {})
+    if not ok or not ok_kw:
+        return None
+    if u.op == "call_module":
+        mod = modules.get(str(u.target))
+        if mod is None or is_layer_module(mod) or rest or kwargs:
+            return None
+        return lambda t: mod(t)
+    if u.op == "call_function":
+        return lambda t: u.target(t, *rest, **kwargs)
+    if u.op == "call_method":
+        return lambda t: getattr(t, str(u.target))(*rest, **kwargs)
+    return None
+
+
+def _label(u: torch.fx.Node, prev: str) -> tuple[str, str]:
+    """(activation point name, kind) after ``u``."""
+    if u.op == "call_module":
+        return str(u.target), "module"
+    name = str(u.target) if u.op == "call_method" else _fn_name(u.target)
+    return f"{name.rstrip('_')}({prev})", "function"
+
+
+def _follow(node: torch.fx.Node, lay: Layer, gm: torch.fx.GraphModule, modules: dict[str, nn.Module],
+            layer_nodes: set[torch.fx.Node]) -> torch.fx.Node:
+    """From the layer's output through channel-wise operations; sets the layer's point and chain."""
+    probe = _probe(lay, node.meta.get("fitcli_like"))
+    point, prev = node, lay.name
+    while True:
+        users = list(point.users)
+        if len(users) != 1 or users[0] in layer_nodes or users[0].op == "output":
+            return point
+        u = users[0]
+        if not u.args or u.args[0] is not point:
+            return point
+        fn = _unary(u, gm, modules)
+        if fn is None or not is_channelwise(fn, probe):
+            return point
+        lay.point, lay.point_kind = _label(u, prev)
+        lay.chain.append(_short(str(u.target), lay.name) if u.op == "call_module" else lay.point.split("(")[0])
+        if u.op == "call_module":
+            lay.chain_modules.append(str(u.target))
+        prev = str(u.target) if u.op == "call_module" else lay.point
+        point = u
+
+
+def _graph_layers(gm: torch.fx.GraphModule, exported: bool) -> list[tuple[torch.fx.Node, Layer]]:
+    modules = dict(gm.named_modules())
+    found = []
+    for node in gm.graph.nodes:
+        if not exported and node.op == "call_module":
+            mod = modules.get(str(node.target))
+            if mod is not None and is_layer_module(mod):
+                found.append((node, _layer_from_module(str(node.target), mod)))
+            elif isinstance(mod, nn.Embedding):
+                found.append((node, _embedding_layer(str(node.target), mod)))
+        elif exported and node.op == "call_function" and _fn_name(node.target) in _EXPORT_LAYER_OPS:
+            w = node.args[1] if len(node.args) > 1 else None
+            if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
                 continue
-            seen.add(u)
-            if u in layer_nodes and u.args and u.args[0] is n:
-                out.append(layer_nodes[u])
-            elif u.op == "output":
-                return None
-            elif _is_pass_node(u, modules) and u.args and u.args[0] is n:
-                stack.append(u)
-            else:
-                return None
+            wname = str(w.target)
+            name = wname[: -len(".weight")] if wname.endswith(".weight") else wname
+            weight = getattr_path(gm, wname)
+            b = node.args[2] if len(node.args) > 2 else None
+            bias = getattr_path(gm, str(b.target)) if isinstance(b, torch.fx.Node) and b.op == "get_attr" else None
+            is_conv = weight.dim() > 2
+            typ = f"Conv{weight.dim() - 2}d" if is_conv else "Linear"
+            found.append((node, Layer(name=name, type=typ, units=int(weight.shape[0]), unit_dim=1 if is_conv else -1,
+                                      parts=[(wname, weight, 0)], bias=bias, point=name, point_kind="output",
+                                      chain=[name])))
+    return found
+
+
+def _is_pass_node(node: torch.fx.Node, gm: torch.fx.GraphModule, modules: dict[str, nn.Module],
+                  points: set[torch.fx.Node]) -> bool:
+    """Between an activation point and a consumer: a channel-wise op (a Probe, a chain op)."""
+    if node.op == "call_module" and isinstance(modules.get(str(node.target)), Probe):
+        return True
+    return node in points
+
+
+def _consumers(start: torch.fx.Node, layer_nodes: dict[torch.fx.Node, str]) -> list[str] | None:
+    """Layers reading ``start`` directly; None if any path leads elsewhere."""
+    out: list[str] = []
+    for u in start.users:
+        if u in layer_nodes and u.args and u.args[0] is start:
+            out.append(layer_nodes[u])
+        else:
+            return None
     return sorted(set(out)) or None
+
+
+def _is_mul(n: torch.fx.Node) -> bool:
+    if n.op == "call_function":
+        return n.target in (operator.mul, torch.mul) or _fn_name(n.target) in _MUL_NAMES
+    return n.op == "call_method" and str(n.target) in _MUL_NAMES
+
+
+def _gate_groups(points: list[tuple[torch.fx.Node, Layer]], layer_nodes: dict[torch.fx.Node, str]
+                 ) -> list[tuple[torch.fx.Node, Layer, Layer, str]]:
+    """``act(gate(x)) * up(x) -> down``: (product node, gate layer, up layer, down layer name)."""
+    by_node = {p: lay for p, lay in points}
+    groups = []
+    seen: set[torch.fx.Node] = set()
+    for p, _lay in points:
+        users = list(p.users)
+        if len(users) != 1 or not _is_mul(users[0]) or users[0] in seen:
+            continue
+        m = users[0]
+        args = [a for a in m.args if isinstance(a, torch.fx.Node)]
+        if len(args) != 2 or len(m.args) != 2 or not all(a in by_node for a in args):
+            continue
+        a, b = by_node[args[0]], by_node[args[1]]
+        if a is b or a.units != b.units or a.unit_dim != b.unit_dim or a.weight_only or b.weight_only:
+            continue
+        musers = list(m.users)
+        if len(musers) != 1 or musers[0] not in layer_nodes or musers[0].args[0] is not m:
+            continue
+        gate, up = (a, b) if len(a.chain) >= len(b.chain) else (b, a)
+        groups.append((m, gate, up, layer_nodes[musers[0]]))
+        seen.add(m)
+    return groups
+
+
+def gated_layer(gate: Layer, up: Layer, down: str) -> Layer:
+    """One unit per shared channel of ``act(gate) * up``, read at the product (down's input)."""
+    return Layer(name=f"{down}.input", type=f"Gated{gate.type}", units=gate.units, unit_dim=gate.unit_dim,
+                 parts=gate.parts + up.parts, bias=None, point=f"{gate.point} * {up.point}", point_kind="gated",
+                 chain=[f"({' -> '.join(gate.chain)}) * ({' -> '.join(up.chain)})", _short(down, gate.name)],
+                 members=[gate.name, up.name], consumers=[down],
+                 chain_modules=gate.chain_modules + up.chain_modules)
 
 
 def _instrument(gm: torch.fx.GraphModule, exported: bool) -> tuple[list[Layer], dict[str, Probe]]:
     modules = dict(gm.named_modules())
     found = _graph_layers(gm, exported)
-    layer_nodes = {node: lay.name for node, lay in found}
-    probes: dict[str, Probe] = {}
+    layer_nodes = {node: lay.name for node, lay in found if not lay.weight_only}
     points: list[tuple[torch.fx.Node, Layer]] = []
     for node, lay in found:
-        users = list(node.users)
-        point = node
-        if len(users) == 1 and users[0].args and users[0].args[0] is node:
-            act = _is_act_node(users[0], modules)
-            if act is not None:
-                point = users[0]
-                if users[0].op == "call_module":
-                    lay.point, lay.point_kind = act, "module"
-                else:
-                    lay.point, lay.point_kind = f"{act}({lay.name})", "function"
-        points.append((point, lay))
-    for _node, lay in found:  # consumers before probes change the graph
-        start = next(p for p, q in points if q is lay)
-        lay.consumers = _consumers(start, modules, layer_nodes)
+        if not lay.weight_only:
+            points.append((_follow(node, lay, gm, modules, set(layer_nodes)), lay))
+    groups = _gate_groups(points, layer_nodes)
+    order = [lay for _, lay in found]
+    for m, gate, up, down in groups:
+        g = gated_layer(gate, up, down)
+        points = [(p, lay) for p, lay in points if lay is not gate and lay is not up] + [(m, g)]
+        order[order.index(gate)] = g
+        order.remove(up)
+    for p, lay in points:  # consumers before probes change the graph
+        lay.consumers = lay.consumers or _consumers(p, layer_nodes)
+    probes: dict[str, Probe] = {}
     for i, (point, lay) in enumerate(points):
         pname = f"_fitcli_probe_{i}"
         probe = Probe(lay.name)
@@ -235,151 +419,365 @@ def _instrument(gm: torch.fx.GraphModule, exported: bool) -> tuple[list[Layer], 
         point.replace_all_uses_with(pnode, delete_user_cb=lambda u, p=pnode: u is not p)
         probes[lay.name] = probe
     gm.recompile()
-    layers = [lay for _, lay in found]
-    if layers:
-        layers[-1].final = True
-    return layers, probes
+    active = [lay for lay in order if not lay.weight_only]
+    if active:
+        active[-1].final = True
+    return order, probes
 
 
 # --------------------------------------------------------------------------------------------
-# runtime fallback
+# runtime discovery and capture
+
+
+@dataclass
+class _Step:
+    kind: str  # "module" | "function"
+    name: str  # module name, or function name
+
+
+def _layer_modules(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    return {n: m for n, m in modules.items() if n and (is_layer_module(m) or isinstance(m, nn.Embedding))}
+
+
+def _norm_name(func: Any) -> str:
+    """A function's name as chains store it: ``relu_`` -> ``relu``; dunder names kept."""
+    n = _fn_name(func)
+    return n if n.startswith("__") else n.rstrip("_")
+
+
+@dataclass
+class _Event:
+    kind: str  # "module" | "function"
+    name: str  # module name, or function name (``_norm_name``)
+    args: tuple
+    kwargs: dict
+    func: Any = None  # the function (function events)
+    out: Any = None  # filled when the call returns
+
+
+class _Recorder(TorchFunctionMode):
+    """One example forward: who consumed every tensor (modules, and functions called outside
+    leaf modules), and which tensors were computed during the forward."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        super().__init__()
+        self.modules = modules
+        self.keep: list[Any] = []  # keeps ids unique during the forward
+        self.consumers: dict[int, list[_Event]] = {}
+        self.produced: set[int] = set()
+        self.layer_out: dict[str, torch.Tensor] = {}
+        self.order: list[str] = []
+        self.stack: list[tuple[_Event | None, bool]] = []  # open module calls: (event, is leaf)
+
+    def _consume(self, t: Any, ev: _Event) -> None:
+        if isinstance(t, torch.Tensor):
+            self.keep.append(t)
+            self.consumers.setdefault(id(t), []).append(ev)
+
+    def _produce(self, t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            self.keep.append(t)
+            self.produced.add(id(t))
+
+    def in_leaf(self) -> bool:
+        return bool(self.stack) and self.stack[-1][1]
+
+    def pre(self, name: str, mod: nn.Module, args: tuple) -> None:
+        ev = None
+        if args and not self.in_leaf():
+            ev = _Event("module", name, tuple(args), {})
+            self._consume(args[0], ev)
+        self.stack.append((ev, not any(True for _ in mod.children())))
+
+    def post(self, name: str, mod: nn.Module, args: tuple, out: Any) -> None:
+        ev, _ = self.stack.pop()
+        if ev is not None:
+            ev.out = out
+        self._produce(out)
+        if (is_layer_module(mod) or isinstance(mod, nn.Embedding)) and name not in self.layer_out \
+                and isinstance(out, torch.Tensor):
+            self.order.append(name)
+            self.layer_out[name] = out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.in_leaf() and isinstance(out, torch.Tensor):
+            ev = _Event("function", _norm_name(func), tuple(args), dict(kwargs or {}), func, out)
+            seen = set()
+            for a in args:
+                if isinstance(a, torch.Tensor) and id(a) not in seen:
+                    seen.add(id(a))
+                    self._consume(a, ev)
+            self._produce(out)
+        return out
+
+
+def _runtime_unary(ev: _Event, t: torch.Tensor, produced: set[int], modules: dict[str, nn.Module]):
+    """The event as a function of ``t`` alone, or None (``t`` is not its first input, or another
+    computed tensor takes part: the signal is mixed)."""
+    if not ev.args or ev.args[0] is not t:
+        return None
+    if ev.kind == "module":
+        mod = modules[ev.name]
+        if is_layer_module(mod) or len(ev.args) != 1:
+            return None
+        return lambda x: mod(x)
+    rest, kwargs, func = ev.args[1:], ev.kwargs, ev.func
+    if any(isinstance(a, torch.Tensor) and id(a) in produced for a in (*rest, *kwargs.values())):
+        return None
+    return lambda x: func(x, *rest, **kwargs)
+
+
+def _runtime_chains(rec: _Recorder, modules: dict[str, nn.Module], layers: list[Layer]
+                    ) -> tuple[dict[str, list[_Step]], dict[str, torch.Tensor]]:
+    """Each layer's chain of channel-wise steps from its output, and the tensor at its point."""
+    steps: dict[str, list[_Step]] = {}
+    ends: dict[str, torch.Tensor] = {}
+    for lay in layers:
+        t = rec.layer_out.get(lay.name)
+        if t is None or lay.weight_only:
+            continue
+        probe = _probe(lay, t)
+        chain: list[_Step] = []
+        prev = lay.name
+        while True:
+            evs = rec.consumers.get(id(t), [])
+            if len(evs) != 1 or not isinstance(evs[0].out, torch.Tensor):
+                break
+            ev = evs[0]
+            fn = _runtime_unary(ev, t, rec.produced, modules)
+            if fn is None or not is_channelwise(fn, probe):
+                break
+            chain.append(_Step(ev.kind, ev.name))
+            if ev.kind == "module":
+                lay.point, lay.point_kind = ev.name, "module"
+                lay.chain.append(_short(ev.name, lay.name))
+                lay.chain_modules.append(ev.name)
+                prev = ev.name
+            else:
+                lay.point, lay.point_kind = f"{ev.name}({prev})", "function"
+                lay.chain.append(ev.name)
+                prev = lay.point
+            t = ev.out
+        steps[lay.name] = chain
+        ends[lay.name] = t
+    return steps, ends
+
+
+def _runtime_gates(rec: _Recorder, layers: list[Layer], ends: dict[str, torch.Tensor]) -> list[tuple[Layer, Layer, str]]:
+    """``act(gate(x)) * up(x) -> down`` seen at run time: (gate, up, down name) per product."""
+    by_end = {id(t): name for name, t in ends.items()}
+    by_name = {lay.name: lay for lay in layers}
+    groups, used = [], set()
+    for name, t in ends.items():
+        evs = rec.consumers.get(id(t), [])
+        if len(evs) != 1 or evs[0].kind != "function" or evs[0].name not in _MUL_NAMES or name in used:
+            continue
+        args = [a for a in evs[0].args if isinstance(a, torch.Tensor)]
+        if len(args) != 2 or len(evs[0].args) != 2 or id(args[0]) not in by_end or id(args[1]) not in by_end:
+            continue
+        a, b = by_name[by_end[id(args[0])]], by_name[by_end[id(args[1])]]
+        pev = rec.consumers.get(id(evs[0].out), [])
+        if a is b or a.units != b.units or len(pev) != 1 or pev[0].kind != "module" or \
+                pev[0].name not in by_name or by_name[pev[0].name].weight_only:
+            continue
+        gate, up = (a, b) if len(a.chain) >= len(b.chain) else (b, a)
+        groups.append((gate, up, pev[0].name))
+        used.update({a.name, b.name})
+    return groups
 
 
 class _RuntimeTap:
-    """Hooks plus a TorchFunctionMode for models that torch.fx cannot trace."""
+    """At run time, follow each tapped layer's chain (module hooks for module steps, a
+    TorchFunctionMode for function steps and gated products) and hand the value at its point to
+    the callback."""
 
-    def __init__(self, model: nn.Module, layers: list[Layer], act_modules: dict[str, nn.Module]):
+    def __init__(self, model: nn.Module, layers: list[Layer], steps: dict[str, list[_Step]]):
         self.model = model
         self.layers = {lay.name: lay for lay in layers}
         self.modules = dict(model.named_modules())
-        self.act_modules = act_modules
+        self.steps = steps
 
     @contextlib.contextmanager
     def tap(self, callbacks: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+        state = _TapState(self, callbacks)
         handles = []
-        outputs: dict[int, tuple[torch.Tensor, str]] = {}
-        fn_points = {n: self.layers[n].point.split("(")[0] for n in callbacks if self.layers[n].point_kind == "function"}
         try:
-            for name, fn in callbacks.items():
-                lay = self.layers[name]
-                if lay.point_kind == "module":
-                    handles.append(self.modules[lay.point].register_forward_hook(
-                        lambda m, i, o, fn=fn: fn(o)))
-                elif lay.point_kind == "function":
-                    def record(m, i, o, name=name):
-                        outputs[id(o)] = (o, name)
-                    handles.append(self.modules[name].register_forward_hook(record))
-                else:
-                    handles.append(self.modules[name].register_forward_hook(lambda m, i, o, fn=fn: fn(o)))
-            if fn_points:
-                with _FnMode(outputs, fn_points, callbacks):
+            for mod_name, (pre, post) in state.hooks().items():
+                mod = self.modules[mod_name]
+                if pre is not None:
+                    handles.append(mod.register_forward_pre_hook(pre))
+                handles.append(mod.register_forward_hook(post))
+            if state.needs_mode:
+                with _TapMode(state):
                     yield
             else:
                 yield
         finally:
             for h in handles:
                 h.remove()
-            outputs.clear()
+            state.current.clear()
 
 
-class _FnMode(TorchFunctionMode):
-    def __init__(self, outputs, fn_points, callbacks):
-        super().__init__()
-        self.outputs, self.fn_points, self.callbacks = outputs, fn_points, callbacks
+class _TapState:
+    """Where each tapped chain stands during one forward: the id of its current tensor."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-            hit = self.outputs.get(id(args[0]))
-            if hit is not None and hit[0] is args[0]:
-                name = hit[1]
-                if _fn_name(func).rstrip("_") == self.fn_points.get(name):
-                    del self.outputs[id(args[0])]
-                    out = self.callbacks[name](out)
+    def __init__(self, tap: _RuntimeTap, callbacks: dict[str, Callable[[torch.Tensor], torch.Tensor]]):
+        self.tap, self.callbacks = tap, callbacks
+        self.current: dict[str, tuple[int, int]] = {}  # chain key -> (tensor id, next step index)
+        self.chains: dict[str, list[_Step]] = {}
+        self.gates: dict[str, tuple[str, str]] = {}  # gated layer -> (gate chain key, up chain key)
+        self.inside: list[str] = []
+        for name in callbacks:
+            lay = tap.layers[name]
+            if lay.point_kind == "gated":
+                gate, up = lay.members or []
+                self.chains[gate] = tap.steps.get(gate, [])
+                self.chains[up] = tap.steps.get(up, [])
+                self.gates[name] = (gate, up)
+            elif not lay.weight_only:
+                self.chains[name] = tap.steps.get(name, [])
+        self.needs_mode = bool(self.gates) or any(s.kind == "function" for c in self.chains.values() for s in c)
+        self.leaf = {n for n, m in tap.modules.items() if not list(m.children())}
+
+    def hooks(self) -> dict[str, tuple[Any, Any]]:
+        out: dict[str, tuple[Any, Any]] = {}
+        for key, chain in self.chains.items():
+            out.setdefault(key, (self._enter(key), self._layer_post(key)))
+            for step in chain:
+                if step.kind == "module":
+                    out.setdefault(step.name, (self._enter(step.name), self._module_post(step.name)))
+        return out
+
+    def _enter(self, name: str):
+        def pre(m, args):
+            self.inside.append(name)
+        return pre
+
+    def _finish(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """The chain of ``key`` reached its point with ``t``."""
+        if key in self.callbacks:
+            return self.callbacks[key](t)
+        return t
+
+    def _advance(self, key: str, out: Any) -> Any:
+        chain = self.chains[key]
+        idx = self.current[key][1]
+        if idx >= len(chain):
+            out = self._finish(key, out)
+        self.current[key] = (id(out), idx)
+        return out
+
+    def _layer_post(self, key: str):
+        def post(m, args, out):
+            if self.inside and self.inside[-1] == key:
+                self.inside.pop()
+            if not isinstance(out, torch.Tensor):
+                return out
+            self.current[key] = (id(out), 0)
+            return self._advance(key, out)
+        return post
+
+    def _module_post(self, mod_name: str):
+        def post(m, args, out):
+            if self.inside and self.inside[-1] == mod_name:
+                self.inside.pop()
+            if not args or not isinstance(out, torch.Tensor):
+                return out
+            for key, chain in self.chains.items():
+                cur = self.current.get(key)
+                if cur is None or cur[0] != id(args[0]) or cur[1] >= len(chain):
+                    continue
+                step = chain[cur[1]]
+                if step.kind == "module" and step.name == mod_name:
+                    self.current[key] = (id(out), cur[1] + 1)
+                    out = self._advance(key, out)
+            return out
+        return post
+
+    def in_leaf(self) -> bool:
+        return bool(self.inside) and self.inside[-1] in self.leaf
+
+    def on_function(self, name: str, args: tuple, out: Any) -> Any:
+        if not isinstance(out, torch.Tensor) or self.in_leaf():
+            return out
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if first is not None:
+            for key, chain in self.chains.items():
+                cur = self.current.get(key)
+                if cur is None or cur[0] != id(first) or cur[1] >= len(chain):
+                    continue
+                step = chain[cur[1]]
+                if step.kind == "function" and step.name == name:
+                    self.current[key] = (id(out), cur[1] + 1)
+                    out = self._advance(key, out)
+        if name in _MUL_NAMES and self.gates:
+            ids = {id(a) for a in args if isinstance(a, torch.Tensor)}
+            for gname, (gate, up) in self.gates.items():
+                g, u = self.current.get(gate), self.current.get(up)
+                if g and u and g[1] >= len(self.chains[gate]) and u[1] >= len(self.chains[up]) \
+                        and {g[0], u[0]} == ids:
+                    out = self.callbacks[gname](out)
+                    self.current.pop(gate, None)
+                    self.current.pop(up, None)
         return out
 
 
-class _DiscoverMode(TorchFunctionMode):
-    def __init__(self, outputs: dict[int, tuple[torch.Tensor, str]], first: dict[str, tuple[str, Any]]):
+class _TapMode(TorchFunctionMode):
+    def __init__(self, state: _TapState):
         super().__init__()
-        self.outputs, self.first = outputs, first
+        self.state = state
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-            hit = self.outputs.get(id(args[0]))
-            if hit is not None and hit[0] is args[0] and hit[1] not in self.first:
-                self.first[hit[1]] = ("function", _fn_name(func))
-        return out
+        return self.state.on_function(_norm_name(func), tuple(args), out)
 
 
-def _trace_run(model: nn.Module, modules: dict[str, nn.Module], example: Any
-               ) -> tuple[list[str], dict[str, tuple[str, Any]]]:
-    """One example forward with hooks: the layers in call order, and for each layer the first
-    module or function that consumed its output."""
-    outputs: dict[int, tuple[torch.Tensor, str]] = {}
-    first: dict[str, tuple[str, Any]] = {}
-    order: list[str] = []
+def _record(model: nn.Module, modules: dict[str, nn.Module], example: Any) -> _Recorder:
+    rec = _Recorder(modules)
     handles = []
-
-    def on_layer(name):
-        def hook(m, i, o):
-            if name not in order:
-                order.append(name)
-            if isinstance(o, torch.Tensor):
-                outputs[id(o)] = (o, name)
-        return hook
-
-    def on_pre(name):
-        def hook(m, args):
-            if args and isinstance(args[0], torch.Tensor):
-                hit = outputs.get(id(args[0]))
-                if hit is not None and hit[0] is args[0] and hit[1] not in first:
-                    first[hit[1]] = ("module", name)
-        return hook
-
     try:
         for name, mod in modules.items():
-            if name and isinstance(mod, LAYER_TYPES):
-                handles.append(mod.register_forward_hook(on_layer(name)))
-            if name:
-                handles.append(mod.register_forward_pre_hook(on_pre(name)))
-        with torch.no_grad(), _DiscoverMode(outputs, first):
+            if not name:
+                continue
+            handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: rec.pre(n, m, a)))
+            handles.append(mod.register_forward_hook(lambda m, a, o, n=name: rec.post(n, m, a, o)))
+        with torch.no_grad(), rec:
             try:
                 model(*example.args, **example.kwargs)
             except Exception as e:
-                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 raise InputError(f"data batch of shape {example.describe()} does not fit the model "
-                                 f"({type(e).__name__}: {msg})") from e
+                                 f"({type(e).__name__}: {first_line(e)})") from e
     finally:
         for h in handles:
             h.remove()
-    return order, first
+    return rec
 
 
 def _runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
     modules = dict(model.named_modules())
-    order, first = _trace_run(model, modules, example)
-    layers = []
-    act_modules = {}
-    for name in order:
-        lay = _layer_from_module(name, modules[name])
-        kind, what = first.get(name, (None, None))
-        if kind == "module" and isinstance(modules[what], ACT_MODULES):
-            lay.point, lay.point_kind = what, "module"
-            act_modules[what] = modules[what]
-        elif kind == "function" and what in ACT_NAMES:
-            lay.point, lay.point_kind = f"{what.rstrip('_')}({name})", "function"
-        layers.append(lay)
-    if layers:
-        layers[-1].final = True
-    called = set(order)
-    unsupported = [
-        {"name": n, "reason": "never called as a module during the forward pass, so it cannot be hooked"}
-        for n, m in modules.items() if n and isinstance(m, LAYER_TYPES) and n not in called
-    ]
+    rec = _record(model, modules, example)
+    lmods = _layer_modules(modules)
+    layers = [_embedding_layer(n, lmods[n]) if isinstance(lmods[n], nn.Embedding) else _layer_from_module(n, lmods[n])
+              for n in rec.order]
+    steps, ends = _runtime_chains(rec, modules, layers)
+    for gate, up, down in _runtime_gates(rec, layers, ends):
+        g = gated_layer(gate, up, down)
+        layers[layers.index(gate)] = g
+        layers.remove(up)
+    by_name = {lay.name: lay for lay in layers}
+    for lay in layers:
+        if lay.point_kind != "gated" and lay.name in ends:
+            evs = rec.consumers.get(id(ends[lay.name]), [])
+            if evs and all(ev.kind == "module" and ev.name in by_name and ev.args[0] is ends[lay.name] for ev in evs):
+                lay.consumers = sorted({ev.name for ev in evs})
+    active = [lay for lay in layers if not lay.weight_only]
+    if active:
+        active[-1].final = True
+    covered = _covered(layers)
+    unsupported = _unsupported(model, covered, "never called as a module during the forward pass, so it cannot be hooked")
     g = ModelGraph(layers, "runtime", runner=model, unsupported=unsupported)
-    g._runtime = _RuntimeTap(model, layers, act_modules)
+    g._runtime = _RuntimeTap(model, layers, steps)
     return g
 
 
@@ -396,10 +794,35 @@ def weight_layers(state_dict: dict[str, torch.Tensor]) -> ModelGraph:
         name = key[: -len(".weight")] if key.endswith(".weight") else key
         typ = "Linear" if w.dim() == 2 else f"Conv{w.dim() - 2}d"
         layers.append(Layer(name=name, type=typ, units=int(w.shape[0]), unit_dim=-1 if w.dim() == 2 else 1,
-                            weight=w, bias=state_dict.get(name + ".bias"), point="n/a", point_kind="unknown"))
+                            parts=[(key, w, 0)], bias=state_dict.get(name + ".bias"), point="n/a",
+                            point_kind="unknown", chain=[name]))
     if layers:
         layers[-1].final = True
     return ModelGraph(layers, "weights", notes=["layers read from the state dict alone (no architecture given)"])
+
+
+class _Shapes(torch.fx.Interpreter):
+    """One example forward through the traced graph, keeping each node's output as an empty
+    tensor of its shape and dtype (``node.meta["fitcli_like"]``)."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["fitcli_like"] = torch.empty(out.shape, dtype=out.dtype)
+        return out
+
+
+def _shape_prop(gm: torch.fx.GraphModule, example: Any) -> None:
+    """Shapes of every node from one example batch (probes then look like the real activations).
+    This is a forward of the model: its failure is the data not fitting the model."""
+    if example is None or example.kwargs:
+        return
+    try:
+        with torch.no_grad():
+            _Shapes(gm).run(*example.args)
+    except Exception as e:
+        raise InputError(f"data batch of shape {example.describe()} does not fit the model "
+                         f"({type(e).__name__}: {first_line(e)})") from e
 
 
 def discover(model: nn.Module | None, state_dict: dict[str, torch.Tensor] | None = None,
@@ -416,16 +839,14 @@ def discover(model: nn.Module | None, state_dict: dict[str, torch.Tensor] | None
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as e:  # any tracing failure: fall back to runtime discovery
-        trace_error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        trace_error = f"{type(e).__name__}: {first_line(e, 160)}"
         gm = None
     if gm is not None:
+        _shape_prop(gm, example)
         layers, probes = _instrument(gm, exported=False)
-        called = {lay.name for lay in layers}
-        unsupported = [
-            {"name": n, "reason": "never called as a module in the traced graph (e.g. used by "
-                                  "nn.MultiheadAttention through functional calls), so it cannot be hooked"}
-            for n, m in model.named_modules() if n and isinstance(m, LAYER_TYPES) and n not in called
-        ]
+        covered = _covered(layers)
+        unsupported = _unsupported(model, covered, "never called as a module in the traced graph (e.g. used by "
+                                                   "nn.MultiheadAttention through functional calls), so it cannot be hooked")
         g = ModelGraph(layers, "fx", runner=gm, unsupported=unsupported)
         g._probes = probes
         return g
@@ -452,4 +873,4 @@ def unit_view(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1)
 
 
-__all__ = ["Layer", "ModelGraph", "discover", "unit_view", "weight_layers"]
+__all__ = ["Layer", "ModelGraph", "discover", "unit_view", "weight_layers", "gated_layer", "is_hf_conv1d"]

@@ -132,7 +132,7 @@ def peek(data: Iterable[Batch]) -> Batch | None:
 @contextmanager
 def weights_require_grad(layers: list[Layer]) -> Iterator[None]:
     """Make audited weights differentiable for the pass; flags restored after (values untouched)."""
-    saved = [(lay.weight, lay.weight.requires_grad) for lay in layers]
+    saved = [(t, t.requires_grad) for lay in layers for t in lay.tensors]
     try:
         for w, _ in saved:
             if not w.requires_grad and w.is_floating_point():
@@ -191,13 +191,17 @@ def _weights_update(plan: AuditPlan, baseline) -> None:
     """Feed each metric that reads weights the weights-only batch (weights, baseline, consumers)."""
     baseline_sd = baseline.state_dict if baseline is not None else {}
     for lay in plan.layers:
-        base_w = baseline_sd.get(lay.name + ".weight")
-        if baseline is not None and base_w is None:
-            plan.skipped.append({"metric": "weight_change", "reason": f"the baseline has no {lay.name}.weight"})
-        if base_w is not None and tuple(base_w.shape) != tuple(lay.weight.shape):
-            raise InputError(f"baseline {lay.name}.weight has shape {tuple(base_w.shape)}, "
-                             f"model has {tuple(lay.weight.shape)}")
-        cons = [plan.graph.layer(c).weight for c in (lay.consumers or [])]
+        base_w = None
+        if baseline is not None:
+            parts = [baseline_sd.get(pname) for pname, _, _ in lay.parts]
+            missing = [pname for (pname, _, _), b in zip(lay.parts, parts, strict=True) if b is None]
+            if missing:
+                plan.skipped.append({"metric": "weight_change", "reason": f"the baseline has no {missing[0]}"})
+            for (pname, t, _), b in zip(lay.parts, parts, strict=True):
+                if b is not None and tuple(b.shape) != tuple(t.shape):
+                    raise InputError(f"baseline {pname} has shape {tuple(b.shape)}, model has {tuple(t.shape)}")
+            base_w = lay.rows(parts) if not missing else None
+        cons = [w for c in (lay.consumers or []) if (w := plan.graph.layer(c).in_weight) is not None]
         ub = UnitBatch(weight=lay.weight.detach().to(plan.device), baseline_weight=base_w,
                        consumer_weights=cons or None)
         for m in plan.state[lay.name].values():
@@ -225,7 +229,7 @@ def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | 
     state: dict[str, dict[str, Metric]] = {lay.name: {} for lay in chosen}
     for lay in chosen:
         for n, cls in classes.items():
-            if cls.unavailable(lay) is None:
+            if cls.unavailable(lay) is None and not (lay.weight_only and data_driven(cls)):
                 state[lay.name][n] = cls(lay.units).to(dev)
     p = AuditPlan(graph=graph, layers=chosen, classes=classes, state=state, have=have, skipped=skipped,
                   device=dev, loss_fn=loss_fn, loss_name=loss_name,
@@ -268,7 +272,7 @@ def _forward(plan: AuditPlan, batch: Batch, callbacks: dict, use_grad: bool, act
         with plan.graph.tap(callbacks), torch.set_grad_enabled(use_grad):
             if not use_grad:
                 return plan.graph(batch), None, {}, {}
-            with weights_require_grad(plan.layers):
+            with weights_require_grad([lay for lay in plan.layers if not lay.weight_only]):
                 outputs = plan.graph(batch)
                 return (outputs, *_backward(outputs, batch, plan.loss_fn, plan.layers, acts, result))
     except (InputError, RuntimeAuditError):
@@ -300,7 +304,7 @@ def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_P
                 acts: dict[str, torch.Tensor] = {}
                 ubs: dict[str, UnitBatch] = {}
                 callbacks = {lay.name: _Tap(lay, fed[lay.name], p, bi, grads, scratch, acts, ubs)
-                             for lay in plan.layers}
+                             for lay in plan.layers if not lay.weight_only}
                 outputs, losses, g, wg = _forward(plan, batch, callbacks, use_grad, acts, result, bi)
                 if p == 0:
                     result.batches += 1
@@ -348,15 +352,19 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
         result.nonfinite_loss_batches += 1
     total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
     names = [n for n in acts if acts[n].requires_grad]
-    inputs = [acts[n] for n in names] + [lay.weight for lay in chosen]
+    owners = [lay for lay in chosen if not lay.weight_only]
+    params = [t for lay in owners for t in lay.tensors]
     if not total.requires_grad:
         return losses.detach(), {}, {}
-    gs = torch.autograd.grad(total, inputs, allow_unused=True)
+    gs = torch.autograd.grad(total, [acts[n] for n in names] + params, allow_unused=True)
     grads = {n: (g if g is not None else torch.zeros_like(acts[n])).detach() for n, g in zip(names, gs[: len(names)], strict=True)}
     wgrads = {}
-    for lay, g in zip(chosen, gs[len(names):], strict=True):
-        if g is not None:
-            wgrads[lay.name] = g.detach().div_(batch.size)  # autograd.grad returned a fresh tensor: no copy
+    rest = list(gs[len(names):])
+    for lay in owners:
+        mine, rest = rest[: len(lay.parts)], rest[len(lay.parts):]
+        if any(g is not None for g in mine):
+            mine = [g.detach() if g is not None else torch.zeros_like(t) for g, t in zip(mine, lay.tensors, strict=True)]
+            wgrads[lay.name] = lay.rows(mine).div_(batch.size)  # autograd.grad returned fresh tensors: no copy
     return losses.detach(), grads, wgrads
 
 
@@ -367,7 +375,8 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
 def feed_ablation(plan: AuditPlan, data, *, mode: str = "zero", chunk_size: int | None = None,
                   progress: Progress = NO_PROGRESS) -> None:
     """Exact ablation of every chosen layer, handed to the metrics that need it."""
-    wanting = {lay.name: [m for m in plan.state[lay.name].values() if "ablation" in m.needs] for lay in plan.layers}
+    wanting = {lay.name: [m for m in plan.state[lay.name].values() if "ablation" in m.needs]
+               for lay in plan.layers if not lay.weight_only}
     names = [n for n, ms in wanting.items() if ms]
     if not names:
         return

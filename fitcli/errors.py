@@ -88,7 +88,7 @@ def forward_error(e: BaseException, batch, graph, index: int = 0) -> InputError:
 
     ``batch`` has ``describe()``; ``graph`` has ``layers`` whose first entry has ``name``, ``type``
     and ``weight`` (duck-typed, so this leaf module imports nothing of fitcli's)."""
-    first = graph.layers[0] if getattr(graph, "layers", None) else None
+    first = next((lay for lay in getattr(graph, "layers", None) or [] if not getattr(lay, "weight_only", False)), None)
     expect = ""
     if first is not None:
         w = first.weight

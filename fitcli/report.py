@@ -126,6 +126,7 @@ def _layer_entry(lay: Any, vals: dict[str, torch.Tensor], info: dict[str, dict],
     entry: dict[str, Any] = {
         "name": lay.name, "type": lay.type, "units": lay.units,
         "activation_point": lay.point, "activation_point_kind": lay.point_kind,
+        "activation_chain": lay.chain_text,
         "final": bool(lay.final),
         "metrics": {k: _floats(v) for k, v in sorted(vals.items())},
         "aggregate": {k: aggregate(v) for k, v in sorted(vals.items())},
@@ -138,6 +139,8 @@ def _layer_entry(lay: Any, vals: dict[str, torch.Tensor], info: dict[str, dict],
         d = vals[marker]
         entry["dead"] = [i for i, v in enumerate(d.tolist()) if math.isfinite(v) and v <= tau]
         entry["dead_fraction"] = len(entry["dead"]) / lay.units if lay.units else 0.0
+    if lay.members:
+        entry["members"] = list(lay.members)
     if extra:
         entry.update(extra)
     return entry
@@ -160,7 +163,7 @@ def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by
     layers = [_layer_entry(lay, result.values.get(lay.name, {}), info, tau, result.layer_extra.get(lay.name))
               for lay in result.layers]
     notes = list(result.notes) + _empty_group_notes(layers, info)
-    counted = [e for e in layers if not e["final"]]
+    counted = [e for e in layers if not e["final"] and e.get("activation_point_kind") != "weights"]
     units = sum(e["units"] for e in counted)
     dead = sum(len(e["dead"]) for e in counted)
     have_dead = any((info.get(m) or {}).get("marks_dead") for e in layers for m in e["metrics"])
@@ -278,7 +281,7 @@ def _tensor(values: list[float | None]) -> torch.Tensor:
 
 
 _LAYER_FIELDS = ("name", "type", "units", "activation_point", "activation_point_kind", "final", "metrics",
-                 "aggregate", "dead", "dead_fraction", "nonfinite", "removable")
+                 "aggregate", "dead", "dead_fraction", "nonfinite", "removable", "activation_chain")
 
 
 @dataclass
@@ -296,6 +299,7 @@ class LayerReport:
     nonfinite: list[int]
     final: bool = False
     activation_point_kind: str | None = None
+    activation_chain: str | None = None
     removable: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # further JSON fields (layer_ablation, ...)
 
@@ -305,6 +309,7 @@ class LayerReport:
                    metrics={k: _tensor(v) for k, v in d["metrics"].items()}, aggregate=dict(d["aggregate"]),
                    dead=list(d["dead"]), dead_fraction=float(d["dead_fraction"]), nonfinite=list(d["nonfinite"]),
                    final=bool(d.get("final", False)), activation_point_kind=d.get("activation_point_kind"),
+                   activation_chain=d.get("activation_chain"),
                    removable=d.get("removable"),
                    extra={k: v for k, v in d.items() if k not in _LAYER_FIELDS})
 
@@ -313,6 +318,8 @@ class LayerReport:
                              "activation_point": self.activation_point}
         if self.activation_point_kind is not None:
             d["activation_point_kind"] = self.activation_point_kind
+        if self.activation_chain is not None:
+            d["activation_chain"] = self.activation_chain
         d.update({"final": self.final, "metrics": {k: _floats(v) for k, v in self.metrics.items()},
                   "aggregate": self.aggregate, "nonfinite": self.nonfinite, "dead": self.dead,
                   "dead_fraction": self.dead_fraction})

@@ -156,7 +156,7 @@ def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, se
     sel: dict[str, list[int] | None] = {}
     names = []
     for lay in report["layers"]:
-        if lay.get("final"):
+        if lay.get("final") or lay.get("activation_point_kind") == "weights":
             continue
         names.append(lay["name"])
         basis = lay["metrics"].get(rank_metric) or next(iter(lay["metrics"].values()), [0.0] * lay["units"])

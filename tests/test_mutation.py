@@ -177,7 +177,9 @@ class _MutBombMLP(nn.Module):
     def body(self, x):
         h = self.relu1(self.fc1(x))
         h = F.relu(self.fc2(h))  # a functional point: the runtime path needs its TorchFunctionMode
-        return self.fc3(_mut_bomb(h))
+        # after the last layer: an identity before fc3 would be followed as part of fc2's chain
+        # (it is channel-wise), and the ablation suffix would start after it
+        return _mut_bomb(self.fc3(h))
 
     def forward(self, x):
         return self.body(x)
@@ -259,13 +261,14 @@ def test_forward_raising_anywhere_is_a_fitcli_error(traceable, mut_bomb):
     kw = dict(layers=["fc2"], data=str(SAMPLES / "mlp_data.safetensors"), mode="mean", device="cpu",
               chunk_size=8, max_batches=2, whole_layer=True)
     # count the forwards of a normal run (the bomb sits in every forward, after fc2's point)
-    mut_bomb.update(armed=True, rows=0, nth=10**9, count=0)
+    # rows=2: discovery probes each channel-wise op on a 2-row input; those calls are not forwards
+    mut_bomb.update(armed=True, rows=2, nth=10**9, count=0)
     api.ablate(loaded, **kw)
     total = mut_bomb["count"]
     assert total >= 12, total  # 2 mean-pass + 2 x (base + 4 chunks + whole), + discovery for the fallback
     wrong = []
     for nth in range(1, total + 1):
-        mut_bomb.update(armed=True, rows=0, nth=nth, count=0, fired=0, where=None)
+        mut_bomb.update(armed=True, rows=2, nth=nth, count=0, fired=0, where=None)
         try:
             api.ablate(loaded, **kw)
         except (RuntimeAuditError, InputError) as e:

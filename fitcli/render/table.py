@@ -49,7 +49,7 @@ def _layers_table(report: dict) -> Table:
         nf = f" [{len(lay['nonfinite'])} non-finite]" if lay["nonfinite"] else ""
         t.add_row(Text(lay["name"]), Text(lay["type"]), str(lay["units"]), dead + nf,
                   "" if lay.get("final") or not dead_known else pct(lay["dead_fraction"]),
-                  Text(lay["activation_point"]), *cells, style=style)
+                  Text(lay.get("activation_chain") or lay["activation_point"]), *cells, style=style)
     return t
 
 
@@ -128,11 +128,11 @@ def render_inspect(info: dict) -> Group:
                 f"points found by {info['discovery']['method']}")
     t = Table(show_edge=False)
     for col, just in (("layer", "left"), ("type", "left"), ("units", "right"), ("activation point", "left"),
-                      ("parameters", "right"), ("final", "center")):
+                      ("parameters", "right"), ("final", "center"), ("chain", "left")):
         t.add_column(col, justify=just)
     for lay in info["layers"]:
-        t.add_row(Text(lay["name"]), Text(lay["type"]), str(lay["units"]), Text(lay["activation_point"]), f"{lay['parameters']:,}",
-                  "✓" if lay["final"] else "")
+        t.add_row(Text(lay["name"]), Text(lay["type"]), str(lay["units"]), Text(lay["activation_point"]),
+                  f"{lay['parameters']:,}", "✓" if lay["final"] else "", Text(lay.get("activation_chain") or ""))
     parts = [head, t]
     for n in info["discovery"].get("notes", []):
         parts.append(Text("note: " + n, style="dim"))
