@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from fitcli.data import Batch
-from fitcli.discovery import Layer, ModelGraph, getattr_path, unit_view
+from fitcli.discovery import Layer, ModelGraph, getattr_path, token_mask, unit_view
 from fitcli.errors import InputError, RuntimeAuditError, first_line, guarded, is_oom
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
@@ -173,18 +173,25 @@ def unit_means(graph: ModelGraph, names: list[str], layers: dict[str, Layer], da
     """E[h_i] over every observation of the data, per layer (a streamed sum + count)."""
     sums = {n: torch.zeros(layers[n].units, dtype=torch.float64, device=device) for n in names}
     counts = dict.fromkeys(names, 0)
+    current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def grab(n):
         def fn(t):
             v = unit_view(t.detach(), layers[n].unit_dim).to(torch.float64)  # [B, U, P]
+            m = token_mask(t, layers[n], current["mask"])
+            if m is not None:  # padding is not an observation
+                v = v.masked_fill(~m[:, None, :], 0.0)
+                counts[n] += int(m.sum())
+            else:
+                counts[n] += v.shape[0] * v.shape[2]
             sums[n] += v.sum(dim=(0, 2))
-            counts[n] += v.shape[0] * v.shape[2]
             return t
         return fn
 
     with torch.no_grad(), graph.tap({n: grab(n) for n in names}):
         for i, b in enumerate(data):
             b = b.to(device)
+            current["mask"] = b.mask
             guarded(b, graph, i, graph, b)
     return {n: (sums[n] / max(counts[n], 1)) for n in names}
 

@@ -123,7 +123,8 @@ def _settings(settings: Settings | None, options: dict[str, Any]) -> Settings:
 
 
 def _report_settings(s: Settings, **more: Any) -> dict[str, Any]:
-    return {"tau": float(s.tau), "seed": int(s.seed), "ablation_mode": s.ablation_mode, **more}
+    # model_mode: audits run the model in eval mode (BatchNorm running statistics, dropout off)
+    return {"tau": float(s.tau), "seed": int(s.seed), "ablation_mode": s.ablation_mode, "model_mode": "eval", **more}
 
 
 def _removable(report: dict, eps: float = REMOVABLE_EPS) -> None:

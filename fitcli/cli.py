@@ -58,7 +58,9 @@ TrustOpt = Annotated[bool | None, typer.Option("--trust-checkpoint", help="allow
 DataOpt = Annotated[str | None, typer.Option("--data", help="tensor file, module:callable, or random:SHAPE[,n=N][,seed=S]")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="samples per batch for tensor files [default: 64]")]
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batches", min=1, help="stop after N batches")]
-LossOpt = Annotated[str | None, typer.Option("--loss", help="cross_entropy, mse, or module:callable(outputs, targets) -> per-sample loss")]
+LossOpt = Annotated[str | None, typer.Option("--loss", help="cross_entropy, mse, lm (next token; the default for causal LMs), or module:callable(outputs, targets) -> per-sample loss")]
+TextOpt = Annotated[str | None, typer.Option("--text", help="text file (one sample per line, or .jsonl with 'text') tokenised with the Hugging Face folder's tokenizer")]
+SeqLenOpt = Annotated[int | None, typer.Option("--max-seq-len", min=2, help="truncate --text samples to N tokens [default: 128]")]
 LayerOpt = Annotated[list[str] | None, typer.Option("--layer", help="layer name or glob (repeatable) [default: every layer]")]
 MetricOpt = Annotated[list[str] | None, typer.Option("--metric", help="metric name (repeatable) [default: all whose needs are met]")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto [default: auto]")]
@@ -203,6 +205,23 @@ def _loss(spec: str | None) -> Any:
     return loss
 
 
+def _data(model: str, merged: dict[str, Any], settings) -> Any:
+    """--data SPEC, or --text FILE tokenised with the model folder's tokenizer."""
+    if merged.get("text") is None:
+        return merged.get("data")
+    if merged.get("data"):
+        raise UsageError("give --data or --text, not both")
+    from pathlib import Path
+
+    from fitcli.data import text_data
+    from fitcli.loading import hf_tokenizer
+
+    if not Path(model).is_dir():
+        raise UsageError("--text needs a Hugging Face model folder (its tokenizer turns the text into tokens)")
+    return text_data(merged["text"], hf_tokenizer(model), max_seq_len=merged.get("max_seq_len") or 128,
+                     batch_size=settings.batch_size, max_batches=settings.max_batches)
+
+
 def _model(model: str, merged: dict[str, Any]):
     from fitcli.api import load
 
@@ -307,7 +326,8 @@ METRICS_EXAMPLES = """Examples:
 @_guard
 def score(
     model: ModelArg, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None, trust_checkpoint: TrustOpt = None,
-    data: DataOpt = None, batch_size: BatchOpt = None, max_batches: MaxBatchOpt = None, loss: LossOpt = None,
+    data: DataOpt = None, text: TextOpt = None, max_seq_len: SeqLenOpt = None, batch_size: BatchOpt = None,
+    max_batches: MaxBatchOpt = None, loss: LossOpt = None,
     layer: LayerOpt = None, metric: MetricOpt = None, device: DeviceOpt = None, seed: SeedOpt = None,
     tau: TauOpt = None, top: TopOpt = None,
     rank_by: Annotated[str | None, typer.Option("--rank-by", help="metric for the ranked table (least fit first, in the metric's direction), or auto (best validated) [default: taylor, else act_mean, else weight_norm]")] = None,
@@ -321,6 +341,7 @@ def score(
 ) -> None:
     """Score every metric, show ranked dead-weight tables, write a report, optionally gate."""
     m = _merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
+                            text=text, max_seq_len=max_seq_len,
                             batch_size=batch_size, max_batches=max_batches, loss=loss, layers=layer,
                             metrics=metric, device=device, seed=seed, tau=tau, top=top, rank_by=rank_by,
                             format=fmt, output=output, baseline=baseline, max_dead=max_dead,
@@ -332,8 +353,9 @@ def score(
     loss_fn = _loss(m.get("loss"))
     loaded = _model(model, m)
     base = api.load(m["baseline"]) if m.get("baseline") else None
-    report = api.audit(loaded, m.get("data"), loss=loss_fn, baseline=base, settings=settings, progress=_progress(m))
-    _emit(report, m, [model, m.get("data"), m.get("baseline"), m.get("_config")])
+    report = api.audit(loaded, _data(model, m, settings), loss=loss_fn, baseline=base, settings=settings,
+                       progress=_progress(m))
+    _emit(report, m, [model, m.get("data"), m.get("text"), m.get("baseline"), m.get("_config")])
 
 
 @app.command(epilog=ABLATE_EXAMPLES)
@@ -345,7 +367,8 @@ def ablate(
     mode: ModeOpt = None,
     whole_layer: Annotated[bool | None, typer.Option("--whole-layer", help="also ablate each entire layer at once")] = None,
     chunk_size: ChunkOpt = None, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None,
-    trust_checkpoint: TrustOpt = None, data: DataOpt = None, batch_size: BatchOpt = None,
+    trust_checkpoint: TrustOpt = None, data: DataOpt = None, text: TextOpt = None, max_seq_len: SeqLenOpt = None,
+    batch_size: BatchOpt = None,
     max_batches: MaxBatchOpt = None, loss: LossOpt = None, device: DeviceOpt = None, seed: SeedOpt = None,
     tau: TauOpt = None, top: TopOpt = None, fmt: FormatOpt = None, output: OutputOpt = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
@@ -353,27 +376,27 @@ def ablate(
     """Exact ablation of each unit (and optionally whole layers): the loss change when it is masked."""
     m = _merge(config, dict(layers=layer, units=units, ablation_mode=mode, whole_layer=whole_layer,
                             chunk_size=chunk_size, arch=arch, arch_kwargs=arch_kwargs,
-                            trust_checkpoint=trust_checkpoint, data=data, batch_size=batch_size,
-                            max_batches=max_batches, loss=loss, device=device, seed=seed, tau=tau, top=top,
-                            format=fmt, output=output, quiet=quiet, verbose=verbose))
+                            trust_checkpoint=trust_checkpoint, data=data, text=text, max_seq_len=max_seq_len,
+                            batch_size=batch_size, max_batches=max_batches, loss=loss, device=device, seed=seed,
+                            tau=tau, top=top, format=fmt, output=output, quiet=quiet, verbose=verbose))
     if not m.get("layers"):
         raise UsageError("ablate needs --layer NAME (see `fitcli inspect MODEL` for the names)")
     settings = _settings(m)
     unit_list = parse_units(m.get("units"))
-    if not m.get("data"):
-        raise UsageError("ablate needs --data")
+    if not m.get("data") and not m.get("text"):
+        raise UsageError("ablate needs --data (or --text)")
     from fitcli import api
 
     loss_fn = _loss(m.get("loss"))
     loaded = _model(model, m)
     try:
-        report = api.ablate(loaded, m.get("data"), units=unit_list, loss=loss_fn, settings=settings,
+        report = api.ablate(loaded, _data(model, m, settings), units=unit_list, loss=loss_fn, settings=settings,
                             progress=_progress(m))
     except UsageError as e:
         if e.message.startswith("unit "):
             e.message = f"--units {m.get('units')!r}: {e.message}"
         raise
-    _emit(report, m, [model, m.get("data"), m.get("_config")])
+    _emit(report, m, [model, m.get("data"), m.get("text"), m.get("_config")])
 
 
 @app.command(epilog=GATE_EXAMPLES)

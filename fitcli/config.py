@@ -21,6 +21,7 @@ from fitcli.errors import InputError, UsageError, close_matches
 CLI_KEYS: dict[str, type | tuple[type, ...]] = {
     "arch": str, "arch_kwargs": (str, dict), "trust_checkpoint": bool, "data": str, "loss": str,
     "baseline": str, "format": str, "output": str, "quiet": bool, "verbose": bool, "units": str, "mode": str,
+    "text": str, "max_seq_len": int,
 }
 ALIASES = {"layer": "layers", "metric": "metrics", "mode": "ablation_mode"}
 

@@ -27,6 +27,15 @@ class Batch:
     targets: torch.Tensor | None = None
 
     @property
+    def mask(self) -> torch.Tensor | None:
+        """The real-token mask ``[batch, tokens]`` (bool) of token data, or None: padding positions
+        are not observations."""
+        m = self.kwargs.get("attention_mask")
+        if isinstance(m, torch.Tensor) and m.dim() == 2:
+            return m.bool()
+        return None
+
+    @property
     def size(self) -> int:
         for v in (*self.args, *self.kwargs.values()):
             if isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -157,8 +166,34 @@ def _tensor_file(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _token_source(path: Path, tensors: dict[str, torch.Tensor], batch_size: int) -> tuple[Any, int, bool]:
+    """Token data: ``input_ids`` [N, T] (+ ``attention_mask``, ``token_type_ids``, ``labels``)."""
+    ids = tensors["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0 or ids.is_floating_point():
+        raise InputError(f"{path}: 'input_ids' must be integer token ids of shape [samples, tokens]")
+    inputs = {k: tensors[k] for k in TOKEN_KEYS if isinstance(tensors.get(k), torch.Tensor)}
+    for k, v in inputs.items():
+        if v.shape != ids.shape:
+            raise InputError(f"{path}: '{k}' has shape {tuple(v.shape)}, 'input_ids' {tuple(ids.shape)}")
+    labels = tensors.get("labels", tensors.get("targets"))
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] != ids.shape[0]):
+        raise InputError(f"{path}: 'labels' must have one row per sample ({ids.shape[0]})")
+
+    def factory() -> Iterable[Batch]:
+        for i in range(0, ids.shape[0], batch_size):
+            yield Batch((), {k: v[i : i + batch_size] for k, v in inputs.items()},
+                        None if labels is None else labels[i : i + batch_size])
+
+    return factory, int(ids.shape[0]), labels is not None
+
+
 def _tensor_source(path: Path, batch_size: int) -> tuple[Any, int, bool]:
     tensors = _tensor_file(path)
+    if "input_ids" in tensors:
+        return _token_source(path, tensors, batch_size)
     inputs = tensors.get("inputs", tensors.get("x"))
     targets = tensors.get("targets", tensors.get("y"))
     if not isinstance(inputs, torch.Tensor):
@@ -257,3 +292,53 @@ def load_data(
         f"data {spec!r}: not a file, a 'module:callable' or a 'random:SHAPE' spec",
         hint="e.g. data.safetensors, or random:1x28x28,n=256",
     )
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Samples of a text file: one per non-empty line, or for ``.jsonl`` the ``text`` field of
+    each line's object."""
+    p = Path(path)
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise InputError(f"text file not found: {path}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read text file {path}: {e}") from e
+    lines = [ln for ln in raw.splitlines() if ln.strip()]
+    if p.suffix.lower() != ".jsonl":
+        texts = lines
+    else:
+        import json
+
+        texts = []
+        for i, ln in enumerate(lines, 1):
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path} line {i}: not JSON ({e.msg})") from e
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise InputError(f"{path} line {i}: expected an object with a 'text' string")
+            texts.append(obj["text"])
+    if not texts:
+        raise InputError(f"text file {path} holds no text")
+    return texts
+
+
+def text_data(path: str | Path, tokenizer: Any, max_seq_len: int = 128, batch_size: int = 16,
+              max_batches: int | None = None) -> DataSource:
+    """A text file tokenised with ``tokenizer`` (a Hugging Face tokenizer): batches of
+    ``input_ids`` and ``attention_mask``, padded on the right to the longest sample of the batch,
+    truncated to ``max_seq_len`` tokens. Padding is not an observation."""
+    if max_seq_len < 2:
+        raise UsageError("max_seq_len must be at least 2")
+    if batch_size <= 0:
+        raise UsageError("batch_size must be positive")
+    texts = read_texts(path)
+
+    def factory() -> Iterable[Batch]:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_seq_len,
+                            return_tensors="pt")
+            yield Batch((), {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+
+    return DataSource(str(path), factory, max_batches, has_targets=False, batches=-(-len(texts) // batch_size))

@@ -540,11 +540,13 @@ def _runtime_chains(rec: _Recorder, modules: dict[str, nn.Module], layers: list[
         probe = _probe(lay, t)
         chain: list[_Step] = []
         prev = lay.name
+        start = 0  # events of ``t`` already passed (a module that returned ``t`` itself: dropout in eval)
         while True:
-            evs = rec.consumers.get(id(t), [])
-            if len(evs) != 1 or not isinstance(evs[0].out, torch.Tensor):
+            evs = rec.consumers.get(id(t), [])[start:]
+            ev = evs[0] if evs else None
+            identity = ev is not None and ev.kind == "module" and ev.out is t
+            if ev is None or (len(evs) != 1 and not identity) or not isinstance(ev.out, torch.Tensor):
                 break
-            ev = evs[0]
             fn = _runtime_unary(ev, t, rec.produced, modules)
             if fn is None or not is_channelwise(fn, probe):
                 break
@@ -558,6 +560,7 @@ def _runtime_chains(rec: _Recorder, modules: dict[str, nn.Module], layers: list[
                 lay.point, lay.point_kind = f"{ev.name}({prev})", "function"
                 lay.chain.append(ev.name)
                 prev = lay.point
+            start = start + 1 if ev.out is t else 0
             t = ev.out
         steps[lay.name] = chain
         ends[lay.name] = t
@@ -861,6 +864,14 @@ def discover(model: nn.Module | None, state_dict: dict[str, torch.Tensor] | None
     g = _runtime_discover(model, example)
     g.notes.append(f"torch.fx could not trace the model ({trace_error}); activation points found at run time")
     return g
+
+
+def token_mask(t: torch.Tensor, lay: Layer, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The batch's real-token mask when ``t`` is a per-token activation ([batch, tokens, units]):
+    padding positions are not observations."""
+    if mask is None or lay.unit_dim != -1 or t.dim() != 3 or tuple(t.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.to(t.device)
 
 
 def unit_view(t: torch.Tensor, unit_dim: int) -> torch.Tensor:

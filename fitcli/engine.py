@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fitcli.data import Batch
-from fitcli.discovery import Layer, ModelGraph, discover, unit_view
+from fitcli.discovery import Layer, ModelGraph, discover, token_mask, unit_view
 from fitcli.errors import (
     FitcliError,
     InputError,
@@ -156,7 +156,7 @@ def _available(loaded, data, example: Batch | None, graph: ModelGraph, loss, bas
                ) -> tuple[dict[str, str | None], LossFn | None, str | None]:
     """For each need, None when this run can give it, else the reason it cannot."""
     have: dict[str, str | None] = dict.fromkeys(NEEDS)
-    have["graph"] = None if graph.method in ("fx", "export") else "the model was not traced, so consumers are unknown"
+    have["graph"] = None if graph.method != "weights" else "no model graph: the consumers of each unit are unknown"
     have["baseline"] = None if baseline is not None else "no baseline checkpoint"
     if not loaded.runnable:
         why = "no runnable model: give the architecture (" + ("; ".join(loaded.notes) or "bare state dict") + ")"
@@ -166,7 +166,7 @@ def _available(loaded, data, example: Batch | None, graph: ModelGraph, loss, bas
         have.update(dict.fromkeys(RUN_NEEDS, "no data"))
         return have, None, None
     targets = example.targets if example is not None else None
-    loss_fn, loss_name, why = resolve_loss(loss, targets)
+    loss_fn, loss_name, why = resolve_loss(loss, targets, getattr(loaded, "task", None))
     if why:
         have["gradients"] = have["ablation"] = why
     if targets is None or targets.is_floating_point():
@@ -231,9 +231,12 @@ def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | 
         for n, cls in classes.items():
             if cls.unavailable(lay) is None and not (lay.weight_only and data_driven(cls)):
                 state[lay.name][n] = cls(lay.units).to(dev)
+    notes = list(loaded.notes) + list(graph.notes)
+    if loss_name == "lm" and classes:
+        notes.append("loss lm: next-token cross-entropy; the targets (labels, else input_ids) are shifted by one "
+                     "token, and padding is ignored")
     p = AuditPlan(graph=graph, layers=chosen, classes=classes, state=state, have=have, skipped=skipped,
-                  device=dev, loss_fn=loss_fn, loss_name=loss_name,
-                  notes=list(loaded.notes) + list(graph.notes))
+                  device=dev, loss_fn=loss_fn, loss_name=loss_name, notes=notes)
     _weights_update(p, baseline)
     return p
 
@@ -247,9 +250,10 @@ class _Tap:
     the backward and lets the metrics take what they can from it while it is in cache."""
 
     def __init__(self, lay: Layer, metrics: list[Metric], pass_index: int, batch_index: int, grads: bool,
-                 scratch: Scratch, acts: dict[str, torch.Tensor], ubs: dict[str, UnitBatch]):
+                 scratch: Scratch, acts: dict[str, torch.Tensor], ubs: dict[str, UnitBatch],
+                 mask: torch.Tensor | None = None):
         self.lay, self.metrics, self.p, self.bi, self.grads = lay, metrics, pass_index, batch_index, grads
-        self.scratch, self.acts, self.ubs = scratch, acts, ubs
+        self.scratch, self.acts, self.ubs, self.mask = scratch, acts, ubs, mask
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if self.p > 0 and not self.metrics:
@@ -259,7 +263,7 @@ class _Tap:
         if self.p == 0:
             self.acts[self.lay.name] = t  # kept for the backward
         ub = UnitBatch(weight=self.lay.weight.detach(), act=unit_view(t.detach(), self.lay.unit_dim),
-                       pass_index=self.p, scratch=self.scratch)
+                       pass_index=self.p, scratch=self.scratch, mask=token_mask(t, self.lay, self.mask))
         with torch.no_grad():
             _feed(self.metrics, "prepare", ub, self.lay, self.bi)
         self.ubs[self.lay.name] = ub
@@ -303,7 +307,7 @@ def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_P
                 batch = cpu_batch.to(plan.device)
                 acts: dict[str, torch.Tensor] = {}
                 ubs: dict[str, UnitBatch] = {}
-                callbacks = {lay.name: _Tap(lay, fed[lay.name], p, bi, grads, scratch, acts, ubs)
+                callbacks = {lay.name: _Tap(lay, fed[lay.name], p, bi, grads, scratch, acts, ubs, batch.mask)
                              for lay in plan.layers if not lay.weight_only}
                 outputs, losses, g, wg = _forward(plan, batch, callbacks, use_grad, acts, result, bi)
                 if p == 0:

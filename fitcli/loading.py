@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fitcli.errors import InputError, UnsafeCheckpointError, UsageError
+from fitcli.errors import InputError, UnsafeCheckpointError, UsageError, first_line
 
 
 @dataclass
@@ -38,6 +38,7 @@ class LoadedModel:
     arch: str | None = None
     exported: Any = None
     notes: list[str] = field(default_factory=list)
+    task: str | None = None  # "causal-lm" for language models: the lm loss is the default
 
     @property
     def runnable(self) -> bool:
@@ -174,10 +175,17 @@ def module_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def model_task(module: nn.Module) -> str | None:
+    """"causal-lm" for a causal language model (its class or config says so), else None."""
+    names = [type(module).__name__, *(getattr(getattr(module, "config", None), "architectures", None) or [])]
+    return "causal-lm" if any(str(n).endswith(("ForCausalLM", "LMHeadModel")) for n in names) else None
+
+
 def from_module(module: nn.Module) -> LoadedModel:
     """A live ``nn.Module`` as the audit's model (nothing is copied)."""
     return LoadedModel(path=f"<{type(module).__name__} object>", format="module", sha256=module_digest(module),
-                       state_dict=dict(module.state_dict()), module=module, arch=arch_name(type(module)))
+                       state_dict=dict(module.state_dict()), module=module, arch=arch_name(type(module)),
+                       task=model_task(module))
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,28 +379,57 @@ def _load_export(p: Path, digest: str) -> LoadedModel:
     )
 
 
-def _load_hf_dir(p: Path, arch: str | None) -> LoadedModel:
+def _hf_class(config: Any) -> Any:
+    """The model class a folder's config names in ``architectures`` (its head), else AutoModel."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, str(name), None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def hf_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved in a Hugging Face folder (padding on the right; the end-of-text token
+    pads when the tokenizer has no padding token)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise InputError("text data needs the 'hf' extra (pip install 'fitcli[hf]') for the tokenizer") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:
+        raise InputError(f"{folder}: no usable tokenizer in the folder ({first_line(e)})") from e
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise InputError(f"{folder}: the tokenizer has neither a padding nor an end-of-text token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_hf_dir(p: Path, arch: Any) -> LoadedModel:
     if not (p / "config.json").is_file():
         raise InputError(f"{p} is a directory without config.json (expected a Hugging Face model folder)")
     weights = p / "model.safetensors"
     if not weights.is_file():
         raise InputError(f"{p}: no model.safetensors in the folder")
-    sd = _load_safetensors(weights)
     digest = sha256_of(weights)
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError:
         return LoadedModel(
-            path=str(p), format="hf", sha256=digest, state_dict=sd,
+            path=str(p), format="hf", sha256=digest, state_dict=_load_safetensors(weights),
             notes=["Hugging Face folder read as a bare state dict: install the 'hf' extra "
                    "(pip install 'fitcli[hf]') for activation metrics"],
         )
-    from transformers import AutoModel  # pragma: no cover - optional extra
-
-    try:  # pragma: no cover - optional extra
-        model = AutoModel.from_pretrained(str(p), local_files_only=True)
-    except Exception as e:  # pragma: no cover
-        raise InputError(f"{p}: transformers could not load it: {e}") from e
-    model.eval()  # pragma: no cover
-    return LoadedModel(path=str(p), format="hf", sha256=digest, state_dict=model.state_dict(),  # pragma: no cover
-                       module=model, arch="transformers.AutoModel")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+        cls = _hf_class(config)
+        model = cls.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:
+        raise InputError(f"{p}: transformers could not load it ({type(e).__name__}: {first_line(e)})") from e
+    model.eval()
+    return LoadedModel(path=str(p), format="hf", sha256=digest, state_dict=model.state_dict(), module=model,
+                       arch=f"transformers.{cls.__name__}", task=model_task(model))

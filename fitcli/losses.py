@@ -82,7 +82,27 @@ def mse(outputs: Any, batch: Batch) -> torch.Tensor:
     return _per_sample(F.mse_loss(out.float(), t.float(), reduction="none"), out.shape[0])
 
 
-BUILTIN: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse}
+def lm(outputs: Any, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy of a causal language model, per sample: the mean over the sample's
+    real target tokens. Targets are ``labels`` (Hugging Face convention: aligned with the inputs,
+    -100 ignored) or else ``input_ids``, shifted by one here; padding is never a target."""
+    logits = primary_output(outputs)
+    labels = batch.targets if batch.targets is not None and batch.targets.dim() == 2 else batch.kwargs.get("input_ids")
+    if not isinstance(labels, torch.Tensor) or logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise InputError(f"the lm loss needs logits [batch, tokens, vocab] and token ids [batch, tokens]; got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape) if isinstance(labels, torch.Tensor) else None}")
+    target = labels[:, 1:].to(logits.device).long().clone()
+    if batch.mask is not None:
+        target[~batch.mask[:, 1:].to(logits.device)] = -100
+    b, t, v = logits.shape
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), target.reshape(-1), ignore_index=-100,
+                         reduction="none").reshape(b, t - 1)
+    real = (target != -100).to(ce.dtype)
+    return (ce * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
+
+
+BUILTIN: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse, "lm": lm}
+NEEDS_NO_TARGETS = {"lm"}  # the token ids are the targets
 
 
 def check_loss(loss: Any) -> None:
@@ -92,7 +112,7 @@ def check_loss(loss: Any) -> None:
     if isinstance(loss, str):
         if loss not in BUILTIN:
             raise UsageError(f"unknown loss {loss!r}" + close_matches(loss, BUILTIN)
-                             + "; use cross_entropy, mse, or a callable (output, batch) -> per-sample losses")
+                             + "; use cross_entropy, mse, lm, or a callable (output, batch) -> per-sample losses")
         return
     raise UsageError(f"loss must be a name, a callable or a torch.nn loss module, not {type(loss).__name__}")
 
@@ -130,9 +150,15 @@ def _checked(fn: Callable[[Any, Batch], Any], name: str) -> LossFn:
     return user_loss
 
 
-def resolve_loss(loss: Any, example_targets: torch.Tensor | None) -> tuple[LossFn | None, str | None, str | None]:
-    """-> (loss function, its name, reason it is unavailable)."""
+def resolve_loss(loss: Any, example_targets: torch.Tensor | None, task: str | None = None
+                 ) -> tuple[LossFn | None, str | None, str | None]:
+    """-> (loss function, its name, reason it is unavailable). ``task``: "causal-lm" makes ``lm``
+    the default."""
     check_loss(loss)
+    if loss is None and task == "causal-lm":
+        return lm, "lm", None
+    if isinstance(loss, str) and loss in NEEDS_NO_TARGETS:
+        return BUILTIN[loss], loss, None
     if loss is None:
         if example_targets is None:
             return None, None, "no targets in the data (give a loss that needs none)"

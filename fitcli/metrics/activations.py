@@ -233,7 +233,7 @@ class ActEntropy(Metric):
             self._prepared = (batch, self._histogram(batch))
 
     def _histogram(self, batch: UnitBatch) -> torch.Tensor:
-        act = batch.act
+        act = batch.observed()  # real positions only
         dt = _bin_dtype(act)
         m = self._map
         if m is None or m[0] is not self.lo or m[1] is not self.hi or m[2] != (dt, act.device):

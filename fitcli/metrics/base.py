@@ -74,6 +74,7 @@ class UnitBatch:
     consumer_weights: list[torch.Tensor] | None = None
     correct: torch.Tensor | None = None
     pass_index: int = 0
+    mask: torch.Tensor | None = None  # [batch, positions] bool: real tokens; padding is not observed
     scratch: Scratch | None = field(default=None, repr=False)  # reusable temporaries (engine)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -85,14 +86,38 @@ class UnitBatch:
         return self._cache[key]
 
     def observations(self) -> int:
-        """Observations per unit in this batch: samples x positions."""
+        """Observations per unit in this batch: samples x positions (real positions only)."""
         assert self.act is not None
+        if self.mask is not None:
+            return int(self.mask.sum())
         return int(self.act.shape[0] * self.act.shape[2])
+
+    def observed(self) -> torch.Tensor:
+        """The activation at its observations only: ``act`` itself, or with a padding mask the real
+        positions packed as ``[observations, units, 1]``."""
+        if self.mask is None:
+            return self.act
+        return self._get("observed", lambda: self.act.transpose(1, 2)[self.mask].unsqueeze(2))
+
+    def _masked(self, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``t`` ([batch, units, positions]) with padding positions set to ``fill``."""
+        return t.masked_fill(~self.mask[:, None, :], fill)
+
+    def _masked_moments(self) -> dict[str, torch.Tensor]:
+        """The moments with a padding mask: plain float64 sums over real positions."""
+        a = self._masked(self.act.to(torch.float64))
+        m = self.mask[:, None, :]
+        sum_s = a.sum(dim=2)
+        return {"sum_s": sum_s, "sum": sum_s.sum(0), "abs": a.abs().sum(dim=(0, 2)),
+                "sumsq": a.square().sum(dim=(0, 2)),
+                "zeros": ((self.act == 0) & m).sum(dim=(0, 2)).to(torch.float64)}
 
     def sample_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's min and max over positions, per unit, in the activation's dtype. ``[batch, units]`` each"""
         def fn():
             a = self.act
+            if self.mask is not None:  # a sample without real positions gives (inf, -inf): no range
+                return self._masked(a, float("inf")).amin(dim=2), self._masked(a, float("-inf")).amax(dim=2)
             if a.shape[2] == 1:
                 return a[:, :, 0], a[:, :, 0]
             return a.amin(dim=2), a.amax(dim=2)  # two plain reductions beat one aminmax on CPU
@@ -109,6 +134,8 @@ class UnitBatch:
         nothing is zero, no zero count is taken.
         """
         def fn():
+            if self.mask is not None:
+                return self._masked_moments()
             a = self.act
             p = a.shape[2]
             rng = self._cache.get("range")  # known only when a metric shares it (entropy)
@@ -184,6 +211,8 @@ class UnitBatch:
         """Σ_p h·g per sample and unit in the activations' dtype; may be a view of the scratch
         pool (copy it before keeping it)."""
         a, g = self.act, self.grad
+        if self.mask is not None:
+            return self._masked(a * g).sum(dim=2)
         if a.shape != g.shape or a.dtype != g.dtype:
             return (a * g).sum(dim=2)
         prod = torch.mul(a, g, out=scratch_like(self.scratch, "f", a))
@@ -193,6 +222,8 @@ class UnitBatch:
         """Each sample's mean activation over positions. ``[batch, units]``"""
         def fn():
             p = self.act.shape[2]
+            if self.mask is not None:
+                return self._moments()["sum_s"] / self.mask.sum(dim=1, keepdim=True).clamp_min(1).to(torch.float64)
             return self._moments()["sum_s"] / p if p > 1 else self.act[:, :, 0].to(torch.float64)
         return self._get("hbar", fn)
 
@@ -200,7 +231,7 @@ class UnitBatch:
         """(Σ_x w_x·h̄_x, Σ_x h̄_x) per unit, float64, for sample weights ``w`` ([batch],
         float64). For Linear layers the activation is widened into the scratch pool, not kept."""
         p = self.act.shape[2]
-        if p > 1 or "hbar" in self._cache or self.scratch is None:
+        if p > 1 or "hbar" in self._cache or self.scratch is None or self.mask is not None:
             hb = self.hbar()
             return w @ hb, hb.sum(dim=0)
         v = self.act[:, :, 0]
