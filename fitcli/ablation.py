@@ -158,8 +158,16 @@ class _NotBatchFirst(Exception):
 # the engine
 
 
-def _losses_correct(outputs: Any, batch: Batch, loss_fn: LossFn, accuracy: bool):
-    losses = loss_fn(outputs, batch).detach().to(torch.float64)
+def _losses_correct(outputs: Any, batch: Batch, loss_fn: LossFn, accuracy: bool, reference: Any = None):
+    """Per-sample losses (and correctness). A loss that compares with the unablated output
+    (``reference = True``: the output-change loss) gets it as ``reference``; None means these are
+    the unablated outputs themselves, whose change is 0."""
+    if getattr(loss_fn, "reference", False):
+        n = primary_output(outputs).shape[0]
+        losses = (torch.zeros(n, dtype=torch.float64, device=primary_output(outputs).device) if reference is None
+                  else loss_fn.change(outputs, reference).detach().to(torch.float64))
+    else:
+        losses = loss_fn(outputs, batch).detach().to(torch.float64)
     correct = None
     targets = batch.targets
     if accuracy and targets is not None:
@@ -244,7 +252,8 @@ def _chunk(job: _Job, batch: Batch, us: list[int], loss_fn: LossFn, accuracy: bo
         return row_k, row_b, torch.zeros(0, dtype=torch.float64, device=dev), None
     us_t = torch.tensor(us, device=dev, dtype=torch.long)
     outs = job.run(row_b, us_t[row_k])
-    losses, correct = _losses_correct(outs, batch.select(row_b), loss_fn, accuracy)
+    losses, correct = _losses_correct(outs, batch.select(row_b), loss_fn, accuracy,
+                                      primary_output(job.base_out).index_select(0, row_b))
     return row_k, row_b, losses, correct
 
 
@@ -289,7 +298,7 @@ def _run_whole(graph: ModelGraph, job: _Job, batch: Batch, bi: int, units: list[
     n = job.lay.name
     base_losses, base_correct = _losses_correct(job.base_out, batch, loss_fn, accuracy)
     outs = guarded(batch, graph, bi, _whole, graph, job.plan, job.base, batch, job.lay, job.value, units, job.h)
-    wl, wc = _losses_correct(outs, batch, loss_fn, accuracy)
+    wl, wc = _losses_correct(outs, batch, loss_fn, accuracy, primary_output(job.base_out))
     res.whole_sum[n] += float((wl - base_losses).sum())
     if wc is not None:
         res.whole_acc[n] += float((wc - base_correct).sum())
@@ -334,6 +343,8 @@ def ablate_layers(
             res.batches += 1
     if res.batches == 0:
         raise InputError(f"data {getattr(data, 'spec', '')}: yields no batches (empty data)")
+    if getattr(loss_fn, "kind", None):
+        res.notes.append(f"ablation loss: how far the model's output moves ({loss_fn.kind}); the data has no targets")
     return res
 
 

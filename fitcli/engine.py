@@ -34,7 +34,7 @@ from fitcli.errors import (
     close_matches,
     forward_error,
 )
-from fitcli.losses import LossFn, primary_output, resolve_loss
+from fitcli.losses import LossFn, OutputChange, primary_output, resolve_loss
 from fitcli.metrics.base import NEEDS, Metric, Scratch, UnitBatch
 from fitcli.metrics.registry import default_metrics, get_metric
 from fitcli.progress import NO_PROGRESS, Progress
@@ -167,8 +167,14 @@ def _available(loaded, data, example: Batch | None, graph: ModelGraph, loss, bas
         return have, None, None
     targets = example.targets if example is not None else None
     loss_fn, loss_name, why = resolve_loss(loss, targets, getattr(loaded, "task", None))
-    if why:
+    if why and loss is None:  # no target at all: exact ablation measures how far the output moves
+        loss_fn, loss_name = OutputChange(), "output"
+        have["gradients"] = why
+    elif why:
         have["gradients"] = have["ablation"] = why
+    if isinstance(loss_fn, OutputChange):
+        have["gradients"] = have["gradients"] or ("the output-change loss is 0 with a zero gradient at the "
+                                                  "model itself: gradient metrics need targets or another loss")
     if targets is None or targets.is_floating_point():
         have["labels"] = "no integer class targets in the data"
     return have, loss_fn, loss_name

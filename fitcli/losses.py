@@ -101,6 +101,30 @@ def lm(outputs: Any, batch: Batch) -> torch.Tensor:
     return (ce * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
 
 
+class OutputChange:
+    """For models with no target (sentence-embedding models): the loss of an ablated forward is how
+    far its output moved from the unablated output, 1 − cosine for an embedding per sample
+    ([batch, dim]), else the mean squared change. It is 0, with a zero gradient, at the unablated
+    model: it serves exact ablation only, never gradient metrics."""
+
+    reference = True  # the ablation engine passes the unablated output
+
+    def __init__(self) -> None:
+        self.kind: str | None = None  # "1 - cosine" or "mean squared change", fixed at first use
+
+    def change(self, outputs: Any, reference: torch.Tensor) -> torch.Tensor:
+        out = primary_output(outputs).float()
+        ref = reference.to(out.device).float()
+        if self.kind is None:
+            self.kind = "1 - cosine" if out.dim() == 2 else "mean squared change"
+        if self.kind == "1 - cosine":
+            return 1.0 - F.cosine_similarity(out, ref, dim=1)
+        return (out - ref).square().reshape(out.shape[0], -1).mean(dim=1)
+
+    def __call__(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        return torch.zeros(primary_output(outputs).shape[0], dtype=torch.float32)
+
+
 BUILTIN: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse, "lm": lm}
 NEEDS_NO_TARGETS = {"lm"}  # the token ids are the targets
 
@@ -110,9 +134,9 @@ def check_loss(loss: Any) -> None:
     if loss is None or callable(loss):
         return
     if isinstance(loss, str):
-        if loss not in BUILTIN:
+        if loss not in BUILTIN and loss != "output":
             raise UsageError(f"unknown loss {loss!r}" + close_matches(loss, BUILTIN)
-                             + "; use cross_entropy, mse, lm, or a callable (output, batch) -> per-sample losses")
+                             + "; use cross_entropy, mse, lm, output, or a callable (output, batch) -> per-sample losses")
         return
     raise UsageError(f"loss must be a name, a callable or a torch.nn loss module, not {type(loss).__name__}")
 
@@ -159,6 +183,8 @@ def resolve_loss(loss: Any, example_targets: torch.Tensor | None, task: str | No
         return lm, "lm", None
     if isinstance(loss, str) and loss in NEEDS_NO_TARGETS:
         return BUILTIN[loss], loss, None
+    if loss == "output":
+        return OutputChange(), "output", None
     if loss is None:
         if example_targets is None:
             return None, None, "no targets in the data (give a loss that needs none)"

@@ -469,3 +469,41 @@ def test_unknown_parameterised_modules_bilinear_and_embedding():
     unsupported = {u["name"]: u for u in report.unsupported}
     assert unsupported["scale"]["type"] == "Scaler" and "not supported" in unsupported["scale"]["reason"]
     assert report.summary["units"] == 6  # embedding rows are not counted as audited units for dead %
+
+
+def test_a_model_without_targets_is_ablated_by_its_output_change():
+    """A sentence-embedding model: no target at all. Ablation measures 1 - cosine between the
+    embedding with and without the unit (the report says so); gradient metrics are skipped."""
+    class Embedder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(6, 12)
+            self.act = nn.ReLU()
+            self.fc2 = nn.Linear(12, 4)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    torch.manual_seed(0)
+    m = Embedder().eval()
+    with torch.no_grad():
+        m.fc1.weight[3] = 0.0
+        m.fc1.bias[3] = -1.0  # dead
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(4))
+    report = fitcli.audit(m, [x[:10], x[10:]], device="cpu")
+    skipped = {s["metric"]: s["reason"] for s in report.skipped}
+    assert "taylor" in skipped and "grad_norm" in skipped
+    ab = fitcli.ablate(m, [x[:10], x[10:]], layers=["fc1"], device="cpu")
+    assert any("1 - cosine" in n for n in ab["discovery"]["notes"])
+    with torch.no_grad():
+        base = m(x)
+        want = []
+        for u in range(12):
+            h = m.act.register_forward_hook(lambda mod, i, o, u=u: o.index_fill(1, torch.tensor([u]), 0.0))
+            out = m(x)
+            h.remove()
+            want.append(float((1 - F.cosine_similarity(out, base, dim=1)).mean()))
+    got = ab.layer("fc1").metrics["ablation"]
+    for u in range(12):
+        assert abs(float(got[u]) - want[u]) <= 1e-6, u
+    assert ab.removable["fc1"][0] == 3

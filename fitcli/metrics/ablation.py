@@ -13,7 +13,7 @@ from fitcli.metrics.base import Metric, UnitBatch, safe_div, zeros
 
 class Ablation(Metric):
     name = "ablation"
-    needs = frozenset({"activations", "gradients", "ablation"})
+    needs = frozenset({"activations", "ablation"})  # a loss, through the ablation need: not a gradient
     higher_is_better = True  # a larger loss increase when removed = more important
     opt_in = True  # a forward per unit: asked for explicitly
     cost = "1 forward per unit (batched; prefix once)"

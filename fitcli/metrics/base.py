@@ -24,7 +24,7 @@ NEEDS = {
     "activations": "a runnable model and data",
     "gradients": "a loss: targets in the data, or a loss that needs none",
     "labels": "integer class targets in the data",
-    "ablation": "an exact ablation pass (opt-in: ask for the ablation metric)",
+    "ablation": "an exact ablation pass and a loss (opt-in: ask for the ablation metric)",
 }
 
 
