@@ -165,7 +165,7 @@ def _losses_correct(outputs: Any, batch: Batch, loss_fn: LossFn, accuracy: bool,
     if getattr(loss_fn, "reference", False):
         n = primary_output(outputs).shape[0]
         losses = (torch.zeros(n, dtype=torch.float64, device=primary_output(outputs).device) if reference is None
-                  else loss_fn.change(outputs, reference).detach().to(torch.float64))
+                  else loss_fn.change(outputs, reference, batch).detach().to(torch.float64))
     else:
         losses = loss_fn(outputs, batch).detach().to(torch.float64)
     correct = None

@@ -102,11 +102,16 @@ def load_data(data: Any, *, batch_size: int = 64, max_batches: int | None = None
 
 @contextlib.contextmanager
 def _caller_state(model: nn.Module | None, seed: int, device: torch.device | None = None) -> Iterator[None]:
-    """The audit's own RNG (seeded) and eval mode; the caller's RNG state and every module's train
-    flag are restored on the way out, whatever happens."""
+    """The audit's own RNG (seeded), eval mode and no fused attention fast path; the caller's RNG
+    state, every module's train flag and the fast-path setting are restored on the way out,
+    whatever happens."""
     modes = [(m, m.training) for m in model.modules()] if model is not None else []
     devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    mha = getattr(torch.backends, "mha", None)
+    fast = mha.get_fastpath_enabled() if mha is not None else None
     try:
+        if mha is not None:  # the fused attention fast path bypasses the layers inside nn.Transformer*
+            mha.set_fastpath_enabled(False)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             if model is not None:
@@ -116,6 +121,8 @@ def _caller_state(model: nn.Module | None, seed: int, device: torch.device | Non
     finally:
         for m, flag in modes:
             m.training = flag
+        if mha is not None:
+            mha.set_fastpath_enabled(fast)
 
 
 def _settings(settings: Settings | None, options: dict[str, Any]) -> Settings:
@@ -174,8 +181,8 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
             validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn, units=s.validate_units,
                             seed=s.seed, device=result.device, chunk_size=s.chunk_size,
                             rank_auto=s.rank_by == "auto", top=s.top, progress=progress)
-    if s.max_dead is not None or s.max_dead_layer is not None:
-        rep.gate(report, s.max_dead, s.max_dead_layer)
+    if s.max_dead is not None or s.max_dead_layer is not None or s.min_coverage is not None:
+        rep.gate(report, s.max_dead, s.max_dead_layer, s.min_coverage)
     return AuditReport(report)
 
 
@@ -333,10 +340,11 @@ def inspect(model: Any, data: Any = None, *, arch: Any = None, arch_kwargs: dict
 
 
 def gate(report: AuditReport | dict | str | Path, max_dead: float | None = None,
-         max_dead_layer: float | None = None) -> GateResult:
-    """Check a report (or a saved report file) against dead-unit thresholds in percent. Without
-    thresholds, the ones the report was scored with. The verdict is also stored on the report."""
-    Settings.make(max_dead=max_dead, max_dead_layer=max_dead_layer).check()
+         max_dead_layer: float | None = None, min_coverage: float | None = None) -> GateResult:
+    """Check a report (or a saved report file) against dead-unit thresholds and a minimum coverage,
+    in percent. Without thresholds, the ones the report was scored with. It fails when no unit was
+    audited. The verdict is also stored on the report."""
+    Settings.make(max_dead=max_dead, max_dead_layer=max_dead_layer, min_coverage=min_coverage).check()
     if isinstance(report, (str, Path)):
         data = rep.read(report)
     elif isinstance(report, AuditReport):
@@ -345,15 +353,16 @@ def gate(report: AuditReport | dict | str | Path, max_dead: float | None = None,
         data = report
     else:
         raise UsageError(f"gate takes an AuditReport, a report dict or a path, not {type(report).__name__}")
-    if max_dead is None and max_dead_layer is None:
+    if max_dead is None and max_dead_layer is None and min_coverage is None:
         g = data.get("gate") or {}
-        max_dead, max_dead_layer = g.get("max_dead"), g.get("max_dead_layer")
-        if max_dead is None and max_dead_layer is None:
-            raise UsageError("gate needs max_dead and/or max_dead_layer (or a report that was scored with them)")
-    g = rep.gate(data, max_dead, max_dead_layer)
+        max_dead, max_dead_layer, min_coverage = g.get("max_dead"), g.get("max_dead_layer"), g.get("min_coverage")
+        if max_dead is None and max_dead_layer is None and min_coverage is None:
+            raise UsageError("gate needs max_dead, max_dead_layer and/or min_coverage "
+                             "(or a report that was scored with them)")
+    g = rep.gate(data, max_dead, max_dead_layer, min_coverage)
     if isinstance(report, AuditReport):
         report._meta["gate"] = g
-    return GateResult(g["passed"], g["failures"], max_dead, max_dead_layer)
+    return GateResult(g["passed"], g["failures"], max_dead, max_dead_layer, min_coverage)
 
 
 __all__ = ["audit", "ablate", "inspect", "gate", "load", "load_data", "Inspection", "as_batch"]

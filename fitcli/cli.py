@@ -55,7 +55,7 @@ ModelArg = Annotated[str, typer.Argument(help="checkpoint: .safetensors, .pt/.pt
 ArchOpt = Annotated[str | None, typer.Option("--arch", help="model factory: package.module:callable or file.py:callable")]
 ArchKwOpt = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON object of keyword arguments for --arch")]
 TrustOpt = Annotated[bool | None, typer.Option("--trust-checkpoint", help="allow unpickling a whole module (runs code from the file!)")]
-DataOpt = Annotated[str | None, typer.Option("--data", help="tensor file, module:callable, or random:SHAPE[,n=N][,seed=S]")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="tensor file, module:callable, random:SHAPE[,n=N][,seed=S], or random:tokens=VOCAB[,len=L][,n=N][,seed=S]")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="samples per batch for tensor files [default: 64]")]
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batches", min=1, help="stop after N batches")]
 LossOpt = Annotated[str | None, typer.Option("--loss", help="cross_entropy, mse, lm (next token; the default for causal LMs), or module:callable(outputs, targets) -> per-sample loss")]
@@ -74,6 +74,7 @@ VerboseOpt = Annotated[bool | None, typer.Option("--verbose", "-v", help="show t
 ConfigOpt = Annotated[str | None, typer.Option("--config", help="TOML config file [default: nearest fitcli.toml / pyproject [tool.fitcli]]")]
 MaxDeadOpt = Annotated[float | None, typer.Option("--max-dead", help="fail (exit 1) when more than PCT % of units are dead")]
 MaxDeadLayerOpt = Annotated[float | None, typer.Option("--max-dead-layer", help="fail (exit 1) when any layer has more than PCT % dead")]
+MinCoverageOpt = Annotated[float | None, typer.Option("--min-coverage", help="fail (exit 1) when the audited units own less than PCT % of the model's parameters")]
 ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", min=1, help="units per batched ablation pass [default: from free memory]")]
 ModeOpt = Annotated[Mode | None, typer.Option("--mode", help="ablation: zero, or the unit's mean activation [default: zero]")]
 
@@ -84,7 +85,9 @@ DEFAULTS: dict[str, Any] = {"format": Fmt.table, "trust_checkpoint": False, "qui
 CLI_WORDS = (("pass trust_checkpoint=True", "pass --trust-checkpoint"), ("give its architecture", "pass --arch"),
              ("give the architecture", "pass --arch"), ("(no architecture given)", "(no --arch)"),
              ("without an architecture", "without --arch"), ("give data to", "pass --data to"),
-             ("(needs data:", "(needs --data:"), ("validate=True", "--validate"))
+             ("(needs data:", "(needs --data:"), ("validate=True", "--validate"),
+             ("> max_dead_layer ", "> --max-dead-layer "), ("> max_dead ", "> --max-dead "),
+             ("< min_coverage ", "< --min-coverage "), ("set the batch size to ", "pass --batch-size "))
 
 
 def cli_words(text: str | None) -> str | None:
@@ -333,8 +336,8 @@ def score(
     rank_by: Annotated[str | None, typer.Option("--rank-by", help="metric for the ranked table (least fit first, in the metric's direction), or auto (best validated) [default: taylor, else act_mean, else weight_norm]")] = None,
     fmt: FormatOpt = None, output: OutputOpt = None,
     baseline: Annotated[str | None, typer.Option("--baseline", help="earlier checkpoint: enables weight_change")] = None,
-    max_dead: MaxDeadOpt = None, max_dead_layer: MaxDeadLayerOpt = None, mode: ModeOpt = None,
-    chunk_size: ChunkOpt = None,
+    max_dead: MaxDeadOpt = None, max_dead_layer: MaxDeadLayerOpt = None, min_coverage: MinCoverageOpt = None,
+    mode: ModeOpt = None, chunk_size: ChunkOpt = None,
     validate: Annotated[bool | None, typer.Option("--validate", help="measure each metric against exact ablation")] = None,
     validate_units: Annotated[int | None, typer.Option("--validate-units", min=2, help="ablate a stratified sample of K units per layer")] = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
@@ -345,7 +348,8 @@ def score(
                             batch_size=batch_size, max_batches=max_batches, loss=loss, layers=layer,
                             metrics=metric, device=device, seed=seed, tau=tau, top=top, rank_by=rank_by,
                             format=fmt, output=output, baseline=baseline, max_dead=max_dead,
-                            max_dead_layer=max_dead_layer, ablation_mode=mode, chunk_size=chunk_size,
+                            max_dead_layer=max_dead_layer, min_coverage=min_coverage, ablation_mode=mode,
+                            chunk_size=chunk_size,
                             validate=validate, validate_units=validate_units, quiet=quiet, verbose=verbose))
     settings = _settings(m)  # every setting checked before torch is even imported
     from fitcli import api
@@ -403,19 +407,21 @@ def ablate(
 @_guard
 def gate(
     report: Annotated[str, typer.Argument(help="a JSON report written by `fitcli score --output`")],
-    max_dead: MaxDeadOpt = None, max_dead_layer: MaxDeadLayerOpt = None, fmt: FormatOpt = None,
-    quiet: QuietOpt = None, verbose: VerboseOpt = None,
+    max_dead: MaxDeadOpt = None, max_dead_layer: MaxDeadLayerOpt = None, min_coverage: MinCoverageOpt = None,
+    fmt: FormatOpt = None, quiet: QuietOpt = None, verbose: VerboseOpt = None,
 ) -> None:
-    """CI gate on a saved report: exit 1 when a dead-unit threshold is exceeded."""
+    """CI gate on a saved report: exit 1 when a dead-unit threshold is exceeded, when no unit was
+    audited, or when the audit covers too little of the model (--min-coverage)."""
     from fitcli import api
     from fitcli import report as rep
     from fitcli.render import render_markdown
 
     data = rep.read(report)
     try:
-        result = api.gate(data, max_dead, max_dead_layer)
+        result = api.gate(data, max_dead, max_dead_layer, min_coverage)
     except UsageError as e:
-        e.message = e.message.replace("max_dead and/or max_dead_layer", "--max-dead and/or --max-dead-layer")
+        e.message = e.message.replace("max_dead, max_dead_layer and/or min_coverage",
+                                      "--max-dead, --max-dead-layer and/or --min-coverage")
         raise
     g = result.to_dict()
     if fmt is Fmt.json:
@@ -427,7 +433,7 @@ def gate(
         out.print(f"{s['dead']}/{s['units']} units dead ({100 * s['dead_fraction']:.2f}%): "
                   + ("gate passed" if g["passed"] else "gate FAILED"))
         for f in g["failures"]:
-            out.print(f"  {f}")
+            out.print(f"  {cli_words(f)}")
     if not g["passed"]:
         raise GateFailed("gate failed: " + "; ".join(g["failures"]))
 
@@ -526,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(e, GateFailed):
             err.print(f"fitcli: error: {cli_words(e.message)}", markup=False, highlight=False)
         else:
-            err.print(f"fitcli: {e.message}", markup=False, highlight=False)
+            err.print(f"fitcli: {cli_words(e.message)}", markup=False, highlight=False)
         if e.hint:
             err.print(f"  hint: {cli_words(e.hint)}", markup=False, highlight=False)
         code = e.exit_code

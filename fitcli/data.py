@@ -220,6 +220,50 @@ def _tensor_source(path: Path, batch_size: int) -> tuple[Any, int, bool]:
 _RANDOM = re.compile(r"^random:(?P<shape>\d{1,9}(?:x\d{1,9})*)(?P<rest>(?:,[a-z]+=[^,]+)*)$")
 
 
+_TOKENS = re.compile(r"^random:tokens=(?P<vocab>\d{1,9})(?P<rest>(?:,[a-z]+=[^,]+)*)$")
+
+
+def parse_random_tokens(spec: str) -> tuple[int, int, int, int | None]:
+    """``random:tokens=VOCAB,len=L,n=N,seed=S`` -> (vocab, length, samples, seed)."""
+    m = _TOKENS.match(spec.strip())
+    if not m:
+        raise InputError(f"data {spec!r}: expected random:tokens=VOCAB[,len=L][,n=N][,seed=S], "
+                         "e.g. random:tokens=50257,len=64,n=32")
+    vocab, length, n, seed = int(m.group("vocab")), 32, 64, None
+    for kv in filter(None, m.group("rest").split(",")):
+        k, _, v = kv.partition("=")
+        if k not in ("len", "n", "seed"):
+            raise InputError(f"data {spec!r}: unknown option {k!r} (allowed: len, n, seed)")
+        if not v.isdigit() or len(v) > 12:
+            raise InputError(f"data {spec!r}: {k} must be a non-negative integer, got {v!r}")
+        if k == "len":
+            length = int(v)
+        elif k == "n":
+            n = int(v)
+        else:
+            seed = int(v)
+    if vocab < 1 or length < 1 or n < 1:
+        raise InputError(f"data {spec!r}: tokens, len and n must be positive")
+    if n * length > 2**26:
+        raise InputError(f"data {spec!r}: {n * length} tokens is too many for synthetic data")
+    return vocab, length, n, seed
+
+
+def _random_tokens(spec: str, batch_size: int, max_batches: int | None, seed: int) -> DataSource:
+    """Synthetic token data: integer ids uniform in [0, VOCAB), every position real."""
+    vocab, length, n, s = parse_random_tokens(spec)
+    s = seed if s is None else s
+
+    def factory() -> Iterable[Batch]:
+        g = torch.Generator().manual_seed(s)
+        for i in range(0, n, batch_size):
+            k = min(batch_size, n - i)
+            ids = torch.randint(0, vocab, (k, length), generator=g, dtype=torch.int64)
+            yield Batch((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+    return DataSource(spec, factory, max_batches, has_targets=False, batches=-(-n // batch_size))
+
+
 def parse_random(spec: str) -> tuple[tuple[int, ...], int, int | None]:
     m = _RANDOM.match(spec.strip())
     if not m:
@@ -261,6 +305,8 @@ def load_data(
         raise UsageError("batch_size must be positive")
     if max_batches is not None and max_batches <= 0:
         raise UsageError("max_batches must be positive")
+    if spec.startswith("random:tokens="):
+        return _random_tokens(spec, batch_size, max_batches, seed)
     if spec.startswith("random:"):
         shape, n, s = parse_random(spec)
         s = seed if s is None else s

@@ -799,9 +799,9 @@ def weight_layers(state_dict: dict[str, torch.Tensor]) -> ModelGraph:
         layers.append(Layer(name=name, type=typ, units=int(w.shape[0]), unit_dim=-1 if w.dim() == 2 else 1,
                             parts=[(key, w, 0)], bias=state_dict.get(name + ".bias"), point="n/a",
                             point_kind="unknown", chain=[name]))
-    if layers:
-        layers[-1].final = True
-    return ModelGraph(layers, "weights", notes=["layers read from the state dict alone (no architecture given)"])
+    # sorted key names say nothing about which layer is the output: none is guessed
+    return ModelGraph(layers, "weights", notes=["layers read from the state dict alone (no architecture given): "
+                                                "the output layer is unknown, so every layer is counted"])
 
 
 class _Shapes(torch.fx.Interpreter):
@@ -813,6 +813,20 @@ class _Shapes(torch.fx.Interpreter):
         if isinstance(out, torch.Tensor):
             n.meta["fitcli_like"] = torch.empty(out.shape, dtype=out.dtype)
         return out
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer with ``torch.nn`` containers opened: its default keeps every ``torch.nn``
+    module a leaf, so the layers inside ``nn.TransformerEncoderLayer`` and the like would never be
+    seen. Leaves are modules without children (layers, norms, activations) and attention modules
+    (their heads are sliced by functional calls, not submodules)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.MultiheadAttention):
+            return True
+        if any(True for _ in m.children()):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def _shape_prop(gm: torch.fx.GraphModule, example: Any) -> None:
@@ -840,7 +854,7 @@ def discover(model: nn.Module | None, state_dict: dict[str, torch.Tensor] | None
         return g
     trace_error = None
     try:
-        gm = torch.fx.symbolic_trace(model)
+        gm = torch.fx.GraphModule(model, _Tracer().trace(model))
     except Exception as e:  # any tracing failure: fall back to runtime discovery
         trace_error = f"{type(e).__name__}: {first_line(e, 160)}"
         gm = None
@@ -853,12 +867,14 @@ def discover(model: nn.Module | None, state_dict: dict[str, torch.Tensor] | None
         g = ModelGraph(layers, "fx", runner=gm, unsupported=unsupported)
         g._probes = probes
         return g
-    if example is None:
-        g = weight_layers(dict(model.state_dict()))
-        for lay in g.layers:
-            lay.point = "unknown (needs data: the model does not trace with torch.fx)"
-        g.runner = model
-        g.method = "runtime"
+    if example is None:  # the layers from the modules themselves; where each unit is read needs a forward
+        mods = _layer_modules(dict(model.named_modules()))
+        layers = [_embedding_layer(n, m) if isinstance(m, nn.Embedding) else _layer_from_module(n, m)
+                  for n, m in mods.items()]
+        for lay in layers:
+            if not lay.weight_only:
+                lay.point, lay.point_kind = "unknown (needs data: the model does not trace with torch.fx)", "unknown"
+        g = ModelGraph(layers, "runtime", runner=model)
         g.notes = [f"torch.fx could not trace the model ({trace_error}); give data to find activation points"]
         return g
     g = _runtime_discover(model, example)

@@ -58,6 +58,8 @@ class AuditResult:
     notes: list[str] = field(default_factory=list)
     layer_extra: dict[str, dict] = field(default_factory=dict)  # per-layer report fields (ablate)
     loss_fn: LossFn | None = field(default=None, repr=False)  # the loss the audit used (for validation)
+    coverage: dict = field(default_factory=dict)  # what was audited, of what the model has
+    reached: set[str] = field(default_factory=set)  # layers whose activation got a gradient
 
 
 @dataclass
@@ -367,7 +369,9 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
     if not total.requires_grad:
         return losses.detach(), {}, {}
     gs = torch.autograd.grad(total, [acts[n] for n in names] + params, allow_unused=True)
-    grads = {n: (g if g is not None else torch.zeros_like(acts[n])).detach() for n, g in zip(names, gs[: len(names)], strict=True)}
+    # a None gradient: the activation does not reach the loss (off the loss path), not a zero
+    grads = {n: g.detach() for n, g in zip(names, gs[: len(names)], strict=True) if g is not None}
+    result.reached.update(grads)
     wgrads = {}
     rest = list(gs[len(names):])
     for lay in owners:
@@ -404,17 +408,76 @@ def feed_ablation(plan: AuditPlan, data, *, mode: str = "zero", chunk_size: int 
 # collect
 
 
-def collect(plan: AuditPlan, result: AuditResult) -> AuditResult:
+OFF_PATH = "no gradient: not on the loss path"
+
+
+def collect(plan: AuditPlan, result: AuditResult, streamed: bool = False) -> AuditResult:
+    off_path = {lay.name for lay in plan.layers
+                if streamed and plan.wants_gradients and not lay.weight_only and lay.name not in result.reached}
     for lay in plan.layers:
         result.values[lay.name] = {}
         for n, m in plan.state[lay.name].items():
+            if lay.name in off_path and "gradients" in m.needs:
+                result.skipped.append({"metric": n, "layer": lay.name, "reason": OFF_PATH})
+                continue
             result.values[lay.name][n] = m.compute().detach().cpu()
             info = m.info()
             if info:
                 result.metric_info.setdefault(n, {}).setdefault("layers", {})[lay.name] = info
     for n, cls in plan.classes.items():
         result.metric_info.setdefault(n, {}).update(cls.contract())
+    for name in off_path:
+        result.layer_extra.setdefault(name, {})["gradient"] = OFF_PATH
+    audited = [lay for lay in plan.layers if streamed and not lay.weight_only
+               and any(data_driven(m) and "activations" in m.needs for m in plan.state[lay.name].values())]
+    result.coverage = coverage(plan.graph, audited, plan.layers)
     return result
+
+
+def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer]) -> dict:
+    """How many units were audited from their activations, the share of the model's parameters
+    they own (their layers and the per-channel modules of their chains), and every parameterised
+    module that was not audited, with the reason."""
+    model = graph.runner
+    params: dict[int, int] = {}
+    owner: dict[str, list[int]] = {}
+    if model is not None:
+        for mname, mod in model.named_modules():
+            for p in mod.parameters(recurse=False):
+                params.setdefault(id(p), p.numel())
+                owner.setdefault(mname, []).append(id(p))
+    else:  # weights only: every tensor of the layers' state dict entries counts
+        for lay in graph.layers:
+            for _, t, _ in lay.parts:
+                params.setdefault(id(t), t.numel())
+    covered: set[int] = set()
+    for lay in audited:
+        covered.update(id(t) for t in lay.tensors)
+        if lay.bias is not None:
+            covered.add(id(lay.bias))
+        for m in lay.chain_modules:
+            covered.update(owner.get(m, []))
+    audited_names = {lay.name for lay in audited}
+    not_audited = []
+    for lay in graph.layers:
+        if lay.name in audited_names:
+            continue
+        if lay.weight_only:
+            why = "weights only: embedding rows have no activation (weight metrics only)"
+        elif lay not in chosen:
+            why = "not among the layers asked for"
+        elif graph.method == "weights":
+            why = "weights only: no runnable model, or no data"
+        else:
+            why = "no activation metric ran (no data, or none asked for)"
+        not_audited.append({"name": lay.name, "type": lay.type, "parameters": lay.n_params, "reason": why})
+    for u in graph.unsupported:
+        n = sum(params.get(i, 0) for i in owner.get(u["name"], []))
+        not_audited.append({"name": u["name"], "type": u.get("type", "?"), "parameters": n, "reason": u["reason"]})
+    total = sum(params.values())
+    got = sum(params[i] for i in covered if i in params)
+    return {"units": sum(lay.units for lay in audited), "layers": len(audited), "parameters": got,
+            "model_parameters": total, "fraction": got / total if total else 0.0, "not_audited": not_audited}
 
 
 def audit(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | None = None, loss=None,
@@ -432,4 +495,4 @@ def audit(loaded, data, *, metrics: list[str] | None = None, layers: list[str] |
         stream(p, data, result, progress)
     if p.have["ablation"] is None:
         feed_ablation(p, data, mode=ablation_mode, chunk_size=chunk_size, progress=progress)
-    return collect(p, result)
+    return collect(p, result, streamed=p.streams)

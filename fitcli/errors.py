@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -95,6 +96,12 @@ def forward_error(e: BaseException, batch, graph, index: int = 0) -> InputError:
         expect = (f"; its first layer {first.name} ({first.type}) expects "
                   + (f"[..., {w.shape[1]}]" if first.type == "Linear" else f"[batch, {w.shape[1]}, ...]"))
     which = "data batch" if index == 0 else f"data batch {index}"
+    fixed = re.search(r"size\(\)\[0\] == (\d+)", str(e))
+    if getattr(graph, "method", None) == "export" and fixed:
+        n = fixed.group(1)
+        return InputError(f"{which} has {batch.size} samples, but the .pt2 program was exported with a fixed batch "
+                          f"size of {n}: set the batch size to {n}, or export the model with a dynamic batch "
+                          "dimension (torch.export.Dim)")
     return InputError(f"{which} of shape {batch.describe()} does not fit the model "
                       f"({type(e).__name__}: {first_line(e)}){expect}")
 

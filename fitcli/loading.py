@@ -397,6 +397,10 @@ def hf_tokenizer(folder: str | Path) -> Any:
         from transformers import AutoTokenizer
     except ImportError as e:
         raise InputError("text data needs the 'hf' extra (pip install 'fitcli[hf]') for the tokenizer") from e
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model")
+    if not any((Path(folder) / f).is_file() for f in files):
+        raise InputError(f"{folder}: no tokenizer in the folder (none of {', '.join(files)}); tokenise the text "
+                         "yourself and give token data (input_ids, attention_mask)")
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:

@@ -41,8 +41,23 @@ def primary_output(outputs: Any) -> torch.Tensor:
     raise InputError(f"the model returned {type(outputs).__name__}, which holds no tensor to compute a loss on")
 
 
-def _per_sample(loss: torch.Tensor, batch: int) -> torch.Tensor:
-    return loss.reshape(batch, -1).mean(dim=1) if loss.dim() > 1 else loss
+def _per_sample(loss: torch.Tensor, batch: int, real: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's mean loss; with ``real`` ([batch, ...] bool, same shape as ``loss``) over the
+    real positions only (padding and ignored targets are not part of it)."""
+    if loss.dim() <= 1:
+        return loss
+    if real is None:
+        return loss.reshape(batch, -1).mean(dim=1)
+    r = real.reshape(batch, -1).to(loss.dtype)
+    return (loss.reshape(batch, -1) * r).sum(dim=1) / r.sum(dim=1).clamp_min(1)
+
+
+def _token_real(batch: Batch, shape: torch.Size, device) -> torch.Tensor | None:
+    """For per-token losses ([batch, tokens, ...]): which positions are real tokens."""
+    m = batch.mask
+    if m is None or len(shape) < 2 or tuple(shape[:2]) != tuple(m.shape):
+        return None
+    return m.to(device).reshape(*m.shape, *([1] * (len(shape) - 2))).expand(shape)
 
 
 def cross_entropy(outputs: Any, batch: Batch) -> torch.Tensor:
@@ -57,12 +72,18 @@ def cross_entropy(outputs: Any, batch: Batch) -> torch.Tensor:
         # [batch, ..., classes] layout (e.g. sequences): classes last
         out = out.movedim(-1, 1)
     if t.dim() == out.dim() - 1 and t.shape[0] == out.shape[0]:
-        if t.numel() and (t.min() < 0 or t.max() >= out.shape[1]):
+        valid = t != -100  # Hugging Face's "ignore" label
+        if t.numel() and bool(valid.any()) and (t[valid].min() < 0 or t[valid].max() >= out.shape[1]):
             raise InputError(
-                f"targets hold class ids in [{int(t.min())}, {int(t.max())}] but the model gives "
+                f"targets hold class ids in [{int(t[valid].min())}, {int(t[valid].max())}] but the model gives "
                 f"{out.shape[1]} classes"
             )
-        return _per_sample(F.cross_entropy(out.float(), t, reduction="none"), out.shape[0])
+        loss = F.cross_entropy(out.float(), t, reduction="none", ignore_index=-100)
+        real = valid
+        tok = _token_real(batch, t.shape, t.device)
+        if tok is not None:
+            real = real & tok
+        return _per_sample(loss, out.shape[0], real if loss.dim() > 1 else None)
     raise InputError(
         f"targets of shape {tuple(targets.shape)} do not fit model outputs of shape {tuple(out.shape)} "
         "for cross_entropy"
@@ -79,7 +100,8 @@ def mse(outputs: Any, batch: Batch) -> torch.Tensor:
         if t.numel() != out.numel():
             raise InputError(f"targets of shape {tuple(targets.shape)} do not fit model outputs of shape {tuple(out.shape)}")
         t = t.reshape(out.shape)
-    return _per_sample(F.mse_loss(out.float(), t.float(), reduction="none"), out.shape[0])
+    loss = F.mse_loss(out.float(), t.float(), reduction="none")
+    return _per_sample(loss, out.shape[0], _token_real(batch, loss.shape, loss.device))
 
 
 def lm(outputs: Any, batch: Batch) -> torch.Tensor:
@@ -112,14 +134,15 @@ class OutputChange:
     def __init__(self) -> None:
         self.kind: str | None = None  # "1 - cosine" or "mean squared change", fixed at first use
 
-    def change(self, outputs: Any, reference: torch.Tensor) -> torch.Tensor:
+    def change(self, outputs: Any, reference: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         out = primary_output(outputs).float()
         ref = reference.to(out.device).float()
         if self.kind is None:
             self.kind = "1 - cosine" if out.dim() == 2 else "mean squared change"
         if self.kind == "1 - cosine":
             return 1.0 - F.cosine_similarity(out, ref, dim=1)
-        return (out - ref).square().reshape(out.shape[0], -1).mean(dim=1)
+        sq = (out - ref).square()
+        return _per_sample(sq, out.shape[0], _token_real(batch, sq.shape, sq.device) if batch is not None else None)
 
     def __call__(self, outputs: Any, batch: Batch) -> torch.Tensor:
         return torch.zeros(primary_output(outputs).shape[0], dtype=torch.float32)

@@ -163,7 +163,9 @@ def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by
     layers = [_layer_entry(lay, result.values.get(lay.name, {}), info, tau, result.layer_extra.get(lay.name))
               for lay in result.layers]
     notes = list(result.notes) + _empty_group_notes(layers, info)
-    counted = [e for e in layers if not e["final"] and e.get("activation_point_kind") != "weights"]
+    # the units whose deadness is known: non-final layers with a dead-marking metric (activations)
+    counted = [e for e in layers if not e["final"] and e.get("activation_point_kind") != "weights"
+               and any((info.get(m) or {}).get("marks_dead") for m in e["metrics"])]
     units = sum(e["units"] for e in counted)
     dead = sum(len(e["dead"]) for e in counted)
     have_dead = any((info.get(m) or {}).get("marks_dead") for e in layers for m in e["metrics"])
@@ -188,15 +190,28 @@ def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by
         "ranked": rank_units(layers, rank_by, top, direction(rank_by, info), include_final) if rank_by else [],
         "skipped": result.skipped,
         "unsupported": result.graph.unsupported,
+        "coverage": getattr(result, "coverage", None) or {},
         "metric_info": {k: v for k, v in sorted(info.items())},
     }
     return report
 
 
-def gate(report: dict, max_dead: float | None, max_dead_layer: float | None) -> dict:
-    """Check dead percentages against thresholds (percent). Adds and returns ``report['gate']``."""
+def gate(report: dict, max_dead: float | None, max_dead_layer: float | None,
+         min_coverage: float | None = None) -> dict:
+    """Check dead percentages (and coverage) against thresholds in percent. A dead-unit gate never
+    passes on nothing: with no unit audited it fails, saying so. Adds and returns ``report['gate']``."""
     failures = []
     s = report["summary"]
+    if (max_dead is not None or max_dead_layer is not None) and not s.get("units"):
+        failures.append("no unit was audited, so none could be checked for dead ones: a gate cannot pass on "
+                        "nothing (the report's coverage lists what was not audited and why)")
+    if min_coverage is not None:
+        cov = report.get("coverage") or {}
+        if "fraction" not in cov:
+            failures.append("the report has no coverage figure (made by an older fitcli): min_coverage cannot hold")
+        elif 100.0 * cov["fraction"] < min_coverage:
+            failures.append(f"the audited units cover {100.0 * cov['fraction']:.2f}% of the model's parameters "
+                            f"< min_coverage {min_coverage:g}%")
     pct = 100.0 * s["dead_fraction"]
     if max_dead is not None and pct > max_dead:
         failures.append(f"{s['dead']}/{s['units']} units dead ({pct:.2f}%) > max_dead {max_dead:g}%")
@@ -206,6 +221,8 @@ def gate(report: dict, max_dead: float | None, max_dead_layer: float | None) -> 
             if not lay.get("final") and lp > max_dead_layer:
                 failures.append(f"layer {lay['name']}: {len(lay['dead'])}/{lay['units']} dead ({lp:.2f}%) > max_dead_layer {max_dead_layer:g}%")
     g = {"max_dead": max_dead, "max_dead_layer": max_dead_layer, "passed": not failures, "failures": failures}
+    if min_coverage is not None:
+        g["min_coverage"] = min_coverage
     report["gate"] = g
     return g
 
@@ -281,7 +298,7 @@ def _tensor(values: list[float | None]) -> torch.Tensor:
 
 
 _LAYER_FIELDS = ("name", "type", "units", "activation_point", "activation_point_kind", "final", "metrics",
-                 "aggregate", "dead", "dead_fraction", "nonfinite", "removable", "activation_chain")
+                 "aggregate", "dead", "dead_fraction", "nonfinite", "removable", "activation_chain", "members")
 
 
 @dataclass
@@ -301,6 +318,7 @@ class LayerReport:
     activation_point_kind: str | None = None
     activation_chain: str | None = None
     removable: list[int] | None = None
+    members: list[str] | None = None  # the layers a gated unit is made of
     extra: dict[str, Any] = field(default_factory=dict)  # further JSON fields (layer_ablation, ...)
 
     @classmethod
@@ -309,7 +327,7 @@ class LayerReport:
                    metrics={k: _tensor(v) for k, v in d["metrics"].items()}, aggregate=dict(d["aggregate"]),
                    dead=list(d["dead"]), dead_fraction=float(d["dead_fraction"]), nonfinite=list(d["nonfinite"]),
                    final=bool(d.get("final", False)), activation_point_kind=d.get("activation_point_kind"),
-                   activation_chain=d.get("activation_chain"),
+                   activation_chain=d.get("activation_chain"), members=d.get("members"),
                    removable=d.get("removable"),
                    extra={k: v for k, v in d.items() if k not in _LAYER_FIELDS})
 
@@ -325,6 +343,8 @@ class LayerReport:
                   "dead_fraction": self.dead_fraction})
         if self.removable is not None:
             d["removable"] = self.removable
+        if self.members is not None:
+            d["members"] = self.members
         d.update(self.extra)
         return d
 
@@ -337,13 +357,17 @@ class GateResult:
     failures: list[str]
     max_dead: float | None = None
     max_dead_layer: float | None = None
+    min_coverage: float | None = None
 
     def __bool__(self) -> bool:
         return self.passed
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_dead": self.max_dead, "max_dead_layer": self.max_dead_layer, "passed": self.passed,
-                "failures": list(self.failures)}
+        d = {"max_dead": self.max_dead, "max_dead_layer": self.max_dead_layer, "passed": self.passed,
+             "failures": list(self.failures)}
+        if self.min_coverage is not None:
+            d["min_coverage"] = self.min_coverage
+        return d
 
 
 class AuditReport:
@@ -417,7 +441,7 @@ class AuditReport:
     def gate_result(self) -> GateResult | None:
         g = self._meta.get("gate")
         return None if g is None else GateResult(bool(g["passed"]), list(g.get("failures", [])),
-                                                 g.get("max_dead"), g.get("max_dead_layer"))
+                                                 g.get("max_dead"), g.get("max_dead_layer"), g.get("min_coverage"))
 
     @property
     def metrics(self) -> list[str]:

@@ -38,6 +38,7 @@ class Settings:
     validate_units: int | None = None  # ablate a stratified sample of K units per layer
     max_dead: float | None = None  # gate: percent of dead units, model-wide
     max_dead_layer: float | None = None  # gate: percent of dead units in any layer
+    min_coverage: float | None = None  # gate: percent of the model's parameters the audited units own
 
     @classmethod
     def names(cls) -> list[str]:
@@ -68,6 +69,7 @@ class Settings:
                    why="a rank correlation needs two units")
         _check_number("max_dead", self.max_dead, low=0.0, optional=True)
         _check_number("max_dead_layer", self.max_dead_layer, low=0.0, optional=True)
+        _check_number("min_coverage", self.min_coverage, low=0.0, optional=True)
         if self.ablation_mode not in ABLATION_MODES:
             raise UsageError(f"ablation mode {self.ablation_mode!r}: use zero or mean")
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")

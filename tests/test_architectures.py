@@ -331,7 +331,7 @@ def test_llama_gated_units_with_grouped_query_attention():
     assert not any(n.endswith(("gate_proj", "up_proj")) for n in names)  # reported once, as the group
     lay = report.layer(gated)
     assert lay.type == "GatedLinear" and lay.units == 32
-    assert lay.extra["members"] == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    assert lay.members == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
     mlp = m.model.layers[1].mlp
     want_norm = (mlp.gate_proj.weight.double().norm(dim=1) ** 2 + mlp.up_proj.weight.double().norm(dim=1) ** 2).sqrt()
     assert torch.allclose(lay.metrics["weight_norm"], want_norm.detach(), atol=1e-9)

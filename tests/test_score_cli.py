@@ -338,8 +338,12 @@ def test_config_via_flag(_cli, tmp_path, monkeypatch):
     code, out, err = _cli(["score", MLP, "--config", conf])
     assert code == 1, err
     assert json.loads(out)["settings"]["metrics"] == ["act_mean", "dormant"]
-    code, out, err = _cli(["score", MLP, "--config", conf, "--max-dead", "50", "--metric", "weight_norm"])
+    code, out, err = _cli(["score", MLP, "--config", conf, "--max-dead", "50", "--metric", "dormant"])
     assert code == 0, err
+    assert json.loads(out)["settings"]["metrics"] == ["dormant"]
+    # weight metrics alone audit no unit's activity: a dead-unit gate does not pass on nothing
+    code, out, err = _cli(["score", MLP, "--config", conf, "--max-dead", "50", "--metric", "weight_norm"])
+    assert code == 1 and "no unit was audited" in err
     assert json.loads(out)["settings"]["metrics"] == ["weight_norm"]
 
 

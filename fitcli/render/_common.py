@@ -17,6 +17,17 @@ def pct(fraction: float) -> str:
     return f"{100.0 * fraction:.1f}%"
 
 
+def coverage_line(report: dict) -> str:
+    """'coverage: 64 units in 2 layers audited, 97.4% of the model's 2,212 parameters; 1 module not audited'."""
+    c = report.get("coverage") or {}
+    if "units" not in c:
+        return "coverage: not recorded (a report from an older fitcli)"
+    text = (f"coverage: {c['units']} units in {c['layers']} layers audited, {100.0 * c['fraction']:.1f}% of the "
+            f"model's {c['model_parameters']:,} parameters")
+    n = len(c.get("not_audited") or [])
+    return text + (f"; {n} module{'s' if n != 1 else ''} not audited" if n else "")
+
+
 def key_metrics(report: dict) -> list[str]:
     """The ranking metric, then the computed metrics with the highest declared rank priority."""
     present = set(report["settings"].get("metrics", []))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fitcli.render._common import fmt, key_metrics, pct
+from fitcli.render._common import coverage_line, fmt, key_metrics, pct
 
 
 def render_markdown(report: dict) -> str:
@@ -14,7 +14,15 @@ def render_markdown(report: dict) -> str:
         f"**{s['dead']} of {s['units']} units dead ({pct(s['dead_fraction'])})** across {s['layers']} layers "
         f"(τ = {report['settings']['tau']:g}, final layer excluded); data `{report['data']['spec']}`, "
         f"{report['data']['samples']} samples.",
+        "",
+        coverage_line(report) + ".",
     ]
+    missing = (report.get("coverage") or {}).get("not_audited") or []
+    if missing:
+        lines += ["", "<details><summary>Not audited</summary>", "", "| module | type | parameters | reason |",
+                  "|---|---|---:|---|"]
+        lines += [f"| {x['name']} | {x['type']} | {x['parameters']:,} | {x['reason']} |" for x in missing]
+        lines += ["", "</details>"]
     g = report.get("gate")
     if g:
         lines.append("")

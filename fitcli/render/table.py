@@ -6,7 +6,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from fitcli.render._common import fmt, key_metrics, pct
+from fitcli.render._common import coverage_line, fmt, key_metrics, pct
 
 
 def _header(report: dict) -> Text:
@@ -27,6 +27,8 @@ def _header(report: dict) -> Text:
         head.append(f" across {s['layers']} layers, τ = {report['settings']['tau']:g}, final layer excluded")
     else:
         head.append("dead units unknown: needs activations (pass --arch and --data)", style="yellow")
+    head.append("\n")
+    head.append(coverage_line(report), style="yellow" if not (report.get("coverage") or {}).get("units") else None)
     return head
 
 
@@ -101,7 +103,11 @@ def _footer(report: dict) -> list:
             f"{n} units {', '.join(map(str, u[:10]))}{' ...' if len(u) > 10 else ''}" for n, u in nonfinite), style="yellow"))
     if report.get("skipped"):
         parts.append(Text("skipped: " + "; ".join(f"{x['metric']} ({x['reason']})" for x in report["skipped"]), style="dim"))
-    if report.get("unsupported"):
+    missing = (report.get("coverage") or {}).get("not_audited")
+    if missing:
+        parts.append(Text("not audited: " + "; ".join(f"{x['name']} ({x['type']}: {x['reason']})" for x in missing),
+                          style="dim"))
+    elif report.get("unsupported"):
         parts.append(Text("not hooked: " + "; ".join(f"{x['name']} ({x['reason']})" for x in report["unsupported"]), style="dim"))
     g = report.get("gate")
     if g:
@@ -155,9 +161,34 @@ def render_metrics(rows: list[dict]) -> Table:
     return t
 
 
+WIDTH = 100  # validation tables fit a 100-column terminal
+
+
+def short_names(names: list[str], limit: int = 30) -> tuple[dict[str, str], str | None]:
+    """Names without their common dotted prefix (returned for a legend), each at most ``limit``
+    characters by dropping whole leading components ("…attention.self.query"), never cut inside."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    while parts and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    prefix = ".".join(parts[0][:common]) + "." if common else None
+    out = {}
+    for n, p in zip(names, parts, strict=True):
+        rest = p[common:]
+        while len(".".join(rest)) > limit and len(rest) > 1:
+            rest = rest[1:]
+        s = ".".join(rest)
+        out[n] = s if rest == p[common:] else "…" + s
+    return out, prefix
+
+
 def render_validation(v: dict) -> Group:
-    """Metric x layer Spearman with exact ablation; best per layer in bold."""
+    """Metric x layer Spearman with exact ablation; best per layer in bold. With more layers than
+    fit 100 columns: metrics down the side with the across-layer figure and the best and worst
+    layer (per-layer detail stays in the JSON report)."""
     layers = list(v["layers"])
+    if 16 + 9 * (len(layers) + 1) > WIDTH:
+        return _validation_compact(v)
     metrics = sorted(v["across_layers"])
     t = Table(show_edge=False)
     t.add_column("metric")
@@ -175,6 +206,31 @@ def render_validation(v: dict) -> Group:
         t.add_row(Text(m), *cells)
     return Group(Text(f"Validation: Spearman rank correlation with {v['oracle']}", style="bold"), t,
                  Text(v["recommendation"], style="bold"))
+
+
+def _validation_compact(v: dict) -> Group:
+    names, prefix = short_names(list(v["layers"]))
+    t = Table(show_edge=False, width=WIDTH)
+    for col, just in (("metric", "left"), ("across", "right"), ("bottom 10%", "right"), ("best layer", "left"),
+                      ("ρ", "right"), ("worst layer", "left"), ("ρ", "right")):
+        t.add_column(col, justify=just, no_wrap=True)
+    for m in sorted(v["across_layers"]):
+        per = [(c["spearman"], name) for name, d in v["layers"].items()
+               if (c := d["metrics"].get(m)) and c["spearman"] is not None]
+        best = max(per) if per else (None, None)
+        worst = min(per) if per else (None, None)
+        a = v["across_layers"][m]
+        t.add_row(Text(m), Text(fmt_corr(a["spearman"]), style="bold green" if v.get("best") == m else ""),
+                  fmt_corr(a.get("bottom10_overlap")), Text(names.get(best[1], "-")), fmt_corr(best[0]),
+                  Text(names.get(worst[1], "-")), fmt_corr(worst[0]))
+    head = Text(f"Validation: Spearman rank correlation with {v['oracle']}\n"
+                f"{len(names)} layers: the across-layer figure, and the best and worst layer (every layer in the "
+                "JSON report)", style="bold")
+    parts: list = [head, t]
+    if prefix:
+        parts.append(Text(f"layer names without their common prefix {prefix!r}", style="dim"))
+    parts.append(Text(v["recommendation"], style="bold"))
+    return Group(*parts)
 
 
 def fmt_corr(x: float | None) -> str:
