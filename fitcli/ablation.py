@@ -125,7 +125,9 @@ def make_plan(graph: ModelGraph, layer: Layer) -> _Plan | None:
     gm = graph.runner
     if graph.method not in ("fx", "export") or not isinstance(gm, fx.GraphModule):
         return None
-    probe_mod = graph._probes[layer.name]
+    probe_mod = graph._probes.get(layer.name)  # none for recurrent layers: they run inside their module
+    if probe_mod is None:
+        return None
     nodes = list(gm.graph.nodes)
     probe = next((n for n in nodes if n.op == "call_module" and gm.get_submodule(str(n.target)) is probe_mod), None)
     if probe is None:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from fitcli import recurrent
 from fitcli.elementwise import is_channelwise, probe_shape
 from fitcli.errors import InputError, first_line
 
@@ -81,6 +82,8 @@ class Layer:
     weight_only: bool = False  # no activation (embedding rows)
     members: list[str] | None = None  # the layers a gated unit is made of
     chain_modules: list[str] = field(default_factory=list)  # modules the chain passes through
+    gates: int = 1  # recurrent layers: the weight rows of unit i are row i of each gate block
+    rnn: tuple[str, str] | None = None  # recurrent layers: (module name, parameter suffix)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -91,10 +94,15 @@ class Layer:
     def rows(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``tensors`` (one per part, shaped like the parts: weights or their gradients) as
         ``[units, ...]`` rows."""
-        if len(self.parts) == 1 and self.parts[0][2] == 0:
+        if len(self.parts) == 1 and self.parts[0][2] == 0 and self.gates == 1:
             return tensors[0]
-        return torch.cat([t.detach().movedim(ax, 0).reshape(self.units, -1)
-                          for t, (_, _, ax) in zip(tensors, self.parts, strict=True)], dim=1)
+        return torch.cat([self._unit_rows(t, ax) for t, (_, _, ax) in zip(tensors, self.parts, strict=True)], dim=1)
+
+    def _unit_rows(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        t = t.detach().movedim(axis, 0)
+        if self.gates > 1:  # [gates * units, ...] -> [units, gates, ...]
+            t = t.reshape(self.gates, self.units, -1).transpose(0, 1)
+        return t.reshape(self.units, -1)
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -143,6 +151,13 @@ class ModelGraph:
         """Route each named layer's activation through its callback; always undone on exit."""
         if self.runner is None:
             raise InputError("this checkpoint has no runnable model (give its architecture)")
+        rnn = {lay.name: lay.rnn for lay in self.layers if lay.rnn is not None}
+        tapped = {n: f for n, f in callbacks.items() if n in rnn}
+        if tapped:
+            with recurrent.tap(dict(self.runner.named_modules()), rnn, tapped), \
+                    self.tap({n: f for n, f in callbacks.items() if n not in rnn}):
+                yield
+            return
         if self.method in ("fx", "export"):
             try:
                 for name, fn in callbacks.items():
@@ -182,6 +197,23 @@ def _layer_from_module(name: str, mod: nn.Module) -> Layer:
     return Layer(name=name, type=type(mod).__name__, units=int(mod.weight.shape[0]), unit_dim=1 if is_conv else -1,
                  parts=[(f"{name}.weight", mod.weight, 0)], bias=getattr(mod, "bias", None),
                  point=name, point_kind="output", chain=[name])
+
+
+def _recurrent_layers(name: str, mod: nn.Module) -> list[Layer]:
+    """One layer per layer and direction of an RNN/LSTM/GRU: units are hidden units."""
+    out = []
+    for _, _, sfx in recurrent.suffixes(mod):
+        lname = recurrent.layer_name(name, sfx)
+        parts = [(f"{name}.weight_ih{sfx}", getattr(mod, f"weight_ih{sfx}"), 0),
+                 (f"{name}.weight_hh{sfx}", getattr(mod, f"weight_hh{sfx}"), 0)]
+        out.append(Layer(name=lname, type=type(mod).__name__, units=int(mod.hidden_size), unit_dim=-1, parts=parts,
+                         bias=None, point=f"{lname} (hidden state at every step)", point_kind="recurrent",
+                         chain=[lname], chain_modules=[name], gates=recurrent.gates(mod), rnn=(name, sfx)))
+    return out
+
+
+def _is_recurrent(mod: nn.Module | None) -> bool:
+    return isinstance(mod, recurrent.RECURRENT_TYPES) and recurrent.supported(mod) is None
 
 
 def _embedding_layer(name: str, mod: nn.Embedding) -> Layer:
@@ -311,7 +343,9 @@ def _graph_layers(gm: torch.fx.GraphModule, exported: bool) -> list[tuple[torch.
     for node in gm.graph.nodes:
         if not exported and node.op == "call_module":
             mod = modules.get(str(node.target))
-            if mod is not None and is_layer_module(mod):
+            if _is_recurrent(mod):
+                found.extend((node, lay) for lay in _recurrent_layers(str(node.target), mod))
+            elif mod is not None and is_layer_module(mod):
                 found.append((node, _layer_from_module(str(node.target), mod)))
             elif isinstance(mod, nn.Embedding):
                 found.append((node, _embedding_layer(str(node.target), mod)))
@@ -395,10 +429,10 @@ def gated_layer(gate: Layer, up: Layer, down: str) -> Layer:
 def _instrument(gm: torch.fx.GraphModule, exported: bool) -> tuple[list[Layer], dict[str, Probe]]:
     modules = dict(gm.named_modules())
     found = _graph_layers(gm, exported)
-    layer_nodes = {node: lay.name for node, lay in found if not lay.weight_only}
+    layer_nodes = {node: lay.name for node, lay in found if not lay.weight_only and lay.rnn is None}
     points: list[tuple[torch.fx.Node, Layer]] = []
     for node, lay in found:
-        if not lay.weight_only:
+        if not lay.weight_only and lay.rnn is None:
             points.append((_follow(node, lay, gm, modules, set(layer_nodes)), lay))
     groups = _gate_groups(points, layer_nodes)
     order = [lay for _, lay in found]
@@ -419,8 +453,8 @@ def _instrument(gm: torch.fx.GraphModule, exported: bool) -> tuple[list[Layer], 
         point.replace_all_uses_with(pnode, delete_user_cb=lambda u, p=pnode: u is not p)
         probes[lay.name] = probe
     gm.recompile()
-    active = [lay for lay in order if not lay.weight_only]
-    if active:
+    active = [lay for lay in order if not lay.weight_only and lay.rnn is None]
+    if active and order and order[-1] is active[-1]:
         active[-1].final = True
     return order, probes
 
@@ -494,7 +528,9 @@ class _Recorder(TorchFunctionMode):
         if ev is not None:
             ev.out = out
         self._produce(out)
-        if (is_layer_module(mod) or isinstance(mod, nn.Embedding)) and name not in self.layer_out \
+        if _is_recurrent(mod) and name not in self.order:
+            self.order.append(name)
+        elif (is_layer_module(mod) or isinstance(mod, nn.Embedding)) and name not in self.layer_out \
                 and isinstance(out, torch.Tensor):
             self.order.append(name)
             self.layer_out[name] = out
@@ -761,8 +797,13 @@ def _runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
     modules = dict(model.named_modules())
     rec = _record(model, modules, example)
     lmods = _layer_modules(modules)
-    layers = [_embedding_layer(n, lmods[n]) if isinstance(lmods[n], nn.Embedding) else _layer_from_module(n, lmods[n])
-              for n in rec.order]
+    layers = []
+    for n in rec.order:
+        if _is_recurrent(modules[n]):
+            layers.extend(_recurrent_layers(n, modules[n]))
+        else:
+            layers.append(_embedding_layer(n, lmods[n]) if isinstance(lmods[n], nn.Embedding)
+                          else _layer_from_module(n, lmods[n]))
     steps, ends = _runtime_chains(rec, modules, layers)
     for gate, up, down in _runtime_gates(rec, layers, ends):
         g = gated_layer(gate, up, down)
@@ -774,8 +815,8 @@ def _runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
             evs = rec.consumers.get(id(ends[lay.name]), [])
             if evs and all(ev.kind == "module" and ev.name in by_name and ev.args[0] is ends[lay.name] for ev in evs):
                 lay.consumers = sorted({ev.name for ev in evs})
-    active = [lay for lay in layers if not lay.weight_only]
-    if active:
+    active = [lay for lay in layers if not lay.weight_only and lay.rnn is None]
+    if active and layers[-1] is active[-1]:
         active[-1].final = True
     covered = _covered(layers)
     unsupported = _unsupported(model, covered, "never called as a module during the forward pass, so it cannot be hooked")
