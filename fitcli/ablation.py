@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from fitcli.data import Batch
-from fitcli.discovery import Layer, ModelGraph, getattr_path, token_mask, unit_view
+from fitcli.discovery import Layer, ModelGraph, getattr_path, token_mask
 from fitcli.errors import InputError, RuntimeAuditError, first_line, guarded, is_oom
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
@@ -139,7 +139,7 @@ def make_plan(graph: ModelGraph, layer: Layer) -> _Plan | None:
             batch_nodes.add(n)
     start, weight = probe, None
     users = list(probe.users)
-    if len(users) == 1 and users[0].args and users[0].args[0] is probe and layer.unit_dim == -1:
+    if len(users) == 1 and users[0].args and users[0].args[0] is probe and layer.unit_dim == -1 and not layer.head_dim:
         u = users[0]
         if u.op == "call_module" and isinstance(gm.get_submodule(str(u.target)), nn.Linear):
             start, weight = u, gm.get_submodule(str(u.target)).weight
@@ -187,7 +187,7 @@ def unit_means(graph: ModelGraph, names: list[str], layers: dict[str, Layer], da
 
     def grab(n):
         def fn(t):
-            v = unit_view(t.detach(), layers[n].unit_dim).to(torch.float64)  # [B, U, P]
+            v = layers[n].view(t.detach()).to(torch.float64)  # [B, U, P]
             m = token_mask(t, layers[n], current["mask"])
             if m is not None:  # padding is not an observation
                 v = v.masked_fill(~m[:, None, :], 0.0)
@@ -357,7 +357,7 @@ def changed_rows(h: torch.Tensor, us: list[int], lay: Layer, value: torch.Tensor
     same tensor values, so the loss change is exactly zero (a ReLU unit that is off for a sample).
     """
     idx = torch.tensor(us, device=h.device, dtype=torch.long)
-    hu = h.movedim(lay.unit_dim, 1).index_select(1, idx)  # [B, K, ...positions]
+    hu = lay.units_view(h).index_select(1, idx)  # [B, K, ...positions]
     hu = hu.reshape(hu.shape[0], hu.shape[1], -1)
     if value is None:
         changed = (hu != 0).any(dim=2)
@@ -373,10 +373,10 @@ def _targets_for(value: torch.Tensor | None, row_unit: torch.Tensor, dtype) -> t
     return value.to(row_unit.device, dtype).index_select(0, row_unit)
 
 
-def _set_units(h_rows: torch.Tensor, row_unit: torch.Tensor, value, unit_dim: int) -> torch.Tensor:
+def _set_units(h_rows: torch.Tensor, row_unit: torch.Tensor, value, lay: Layer) -> torch.Tensor:
     """Copy of ``h_rows`` ([R, ...]) with row r's unit ``row_unit[r]`` set to its ablation value."""
     out = h_rows.clone()
-    view = out.movedim(unit_dim, 1)  # [R, U, ...positions], a view of out
+    view = lay.units_view(out)  # [R, U, ...positions], a view of out
     tgt = _targets_for(value, row_unit, out.dtype)
     r = torch.arange(out.shape[0], device=out.device)
     view[r, row_unit] = tgt.reshape(-1, *([1] * (view.dim() - 2))).expand_as(view[r, row_unit])
@@ -405,7 +405,7 @@ def _graph_rows(plan: _Plan, env: dict, h: torch.Tensor, row_b: torch.Tensor, ro
         start_val = torch.addcmul(z.index_select(0, row_b), dh.unsqueeze(-1),
                                   wc.reshape(wc.shape[0], *([1] * (z.dim() - 2)), -1), value=-1)
     else:
-        start_val = _set_units(h.index_select(0, row_b), row_unit, value, lay.unit_dim)
+        start_val = _set_units(h.index_select(0, row_b), row_unit, value, lay)
     return _run_suffix(plan, env, row_b, bsz, {plan.start: start_val})
 
 
@@ -423,10 +423,10 @@ def _run_suffix(plan: _Plan, env: dict, row_b: torch.Tensor, bsz: int, given: di
     return interp.run(*[init.get(p) for p in placeholders], initial_env=init)
 
 
-def _set_all(t: torch.Tensor, units: list[int], value, unit_dim: int) -> torch.Tensor:
+def _set_all(t: torch.Tensor, units: list[int], value, lay: Layer) -> torch.Tensor:
     """Copy of ``t`` with every unit in ``units`` set to its ablation value, for every sample."""
     out = t.clone()
-    view = out.movedim(unit_dim, 1)  # [B, U, ...positions]
+    view = lay.units_view(out)  # [B, U, ...positions]
     idx = torch.tensor(units, device=t.device, dtype=torch.long)
     tgt = _targets_for(value, idx, out.dtype)
     view[:, idx] = tgt.reshape(1, -1, *([1] * (view.dim() - 2))).expand_as(view[:, idx])
@@ -439,15 +439,15 @@ def _whole(graph: ModelGraph, plan: _Plan | None, base, batch: Batch, lay: Layer
         env, hh = base
         # the probe's value is replaced; the suffix (including a rank-1 plan's Linear) recomputes
         rows = torch.arange(batch.size, device=hh.device)
-        return _run_suffix(plan, env, rows, batch.size, {plan.probe: _set_all(hh, units, value, lay.unit_dim)})
-    with graph.tap({lay.name: lambda t: _set_all(t, units, value, lay.unit_dim)}):
+        return _run_suffix(plan, env, rows, batch.size, {plan.probe: _set_all(hh, units, value, lay)})
+    with graph.tap({lay.name: lambda t: _set_all(t, units, value, lay)}):
         return graph(batch)
 
 
 def _input_rows(graph: ModelGraph, batch: Batch, row_b: torch.Tensor, row_unit: torch.Tensor, lay: Layer, value):
     """Fallback: run the whole model on the rows' samples, each row with its unit ablated."""
     big = batch.select(row_b)
-    with graph.tap({lay.name: lambda t: _set_units(t, row_unit, value, lay.unit_dim)}):
+    with graph.tap({lay.name: lambda t: _set_units(t, row_unit, value, lay)}):
         return graph(big)
 
 

@@ -367,7 +367,7 @@ def score(
 def ablate(
     model: ModelArg,
     layer: Annotated[list[str] | None, typer.Option("--layer", help="layer name or glob to ablate (required, repeatable)")] = None,
-    units: Annotated[str | None, typer.Option("--units", help="units to ablate, e.g. 0,3,7-9 [default: all]")] = None,
+    units: Annotated[str | None, typer.Option("--units", help="units to ablate, e.g. 0,3,7-9, or heads: every attention head [default: all]")] = None,
     mode: ModeOpt = None,
     whole_layer: Annotated[bool | None, typer.Option("--whole-layer", help="also ablate each entire layer at once")] = None,
     chunk_size: ChunkOpt = None, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None,
@@ -383,6 +383,8 @@ def ablate(
                             trust_checkpoint=trust_checkpoint, data=data, text=text, max_seq_len=max_seq_len,
                             batch_size=batch_size, max_batches=max_batches, loss=loss, device=device, seed=seed,
                             tau=tau, top=top, format=fmt, output=output, quiet=quiet, verbose=verbose))
+    if m.get("units") == "heads":  # every attention head of the model (the layers named *.heads)
+        m["layers"], m["units"] = [*(m.get("layers") or []), "*.heads"], None
     if not m.get("layers"):
         raise UsageError("ablate needs --layer NAME (see `fitcli inspect MODEL` for the names)")
     settings = _settings(m)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from fitcli import recurrent
+from fitcli import attention, recurrent
 from fitcli.elementwise import is_channelwise, probe_shape
 from fitcli.errors import InputError, first_line
 
@@ -83,6 +83,8 @@ class Layer:
     members: list[str] | None = None  # the layers a gated unit is made of
     chain_modules: list[str] = field(default_factory=list)  # modules the chain passes through
     gates: int = 1  # recurrent layers: the weight rows of unit i are row i of each gate block
+    head_dim: int | None = None  # attention heads: a unit is a slice of head_dim features
+    mha: str | None = None  # heads of nn.MultiheadAttention: read inside its (replaced) forward
     rnn: tuple[str, str] | None = None  # recurrent layers: (module name, parameter suffix)
 
     @property
@@ -94,7 +96,7 @@ class Layer:
     def rows(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``tensors`` (one per part, shaped like the parts: weights or their gradients) as
         ``[units, ...]`` rows."""
-        if len(self.parts) == 1 and self.parts[0][2] == 0 and self.gates == 1:
+        if len(self.parts) == 1 and self.parts[0][2] == 0 and self.gates == 1 and tensors[0].shape[0] == self.units:
             return tensors[0]
         return torch.cat([self._unit_rows(t, ax) for t, (_, _, ax) in zip(tensors, self.parts, strict=True)], dim=1)
 
@@ -103,6 +105,20 @@ class Layer:
         if self.gates > 1:  # [gates * units, ...] -> [units, gates, ...]
             t = t.reshape(self.gates, self.units, -1).transpose(0, 1)
         return t.reshape(self.units, -1)
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """The activation as ``[batch, units, observations]`` (a head's observations are its
+        positions times its slice's features)."""
+        if self.head_dim:
+            b = t.shape[0]
+            return t.reshape(b, -1, self.units, self.head_dim).permute(0, 2, 1, 3).reshape(b, self.units, -1)
+        return unit_view(t, self.unit_dim)
+
+    def units_view(self, t: torch.Tensor) -> torch.Tensor:
+        """A view of ``t`` with units at dim 1 (writing into it writes into ``t``)."""
+        if self.head_dim:
+            return t.unflatten(-1, (self.units, self.head_dim)).movedim(-2, 1)
+        return t.movedim(self.unit_dim, 1)
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -152,10 +168,13 @@ class ModelGraph:
         if self.runner is None:
             raise InputError("this checkpoint has no runnable model (give its architecture)")
         rnn = {lay.name: lay.rnn for lay in self.layers if lay.rnn is not None}
+        mha = {lay.name: lay.mha for lay in self.layers if lay.mha is not None}
         tapped = {n: f for n, f in callbacks.items() if n in rnn}
-        if tapped:
-            with recurrent.tap(dict(self.runner.named_modules()), rnn, tapped), \
-                    self.tap({n: f for n, f in callbacks.items() if n not in rnn}):
+        heads = {mha[n]: f for n, f in callbacks.items() if n in mha}
+        if tapped or heads:
+            mods = dict(self.runner.named_modules())
+            with recurrent.tap(mods, rnn, tapped), attention.tap(mods, heads), \
+                    self.tap({n: f for n, f in callbacks.items() if n not in rnn and n not in mha}):
                 yield
             return
         if self.method in ("fx", "export"):
@@ -209,6 +228,59 @@ def _recurrent_layers(name: str, mod: nn.Module) -> list[Layer]:
         out.append(Layer(name=lname, type=type(mod).__name__, units=int(mod.hidden_size), unit_dim=-1, parts=parts,
                          bias=None, point=f"{lname} (hidden state at every step)", point_kind="recurrent",
                          chain=[lname], chain_modules=[name], gates=recurrent.gates(mod), rnn=(name, sfx)))
+    return out
+
+
+PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "proj", "dense", "output.dense", "out")
+
+
+def _int_attr(m: Any, names: tuple[str, ...]) -> int | None:
+    for n in names:
+        v = getattr(m, n, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _in_features(mod: nn.Module) -> int | None:
+    if is_hf_conv1d(mod):
+        return int(mod.weight.shape[0])
+    return int(mod.weight.shape[1]) if isinstance(mod, nn.Linear) else None
+
+
+def head_layers(model: nn.Module) -> list[tuple[Layer, str]]:
+    """Attention heads as units: for every module that says how wide its heads are (``head_dim``
+    or ``attention_head_size``: Hugging Face, timm), the output projection whose input is the
+    concatenated per-head context; head h is that input's slice h. (layer, projection name)."""
+    mods = dict(model.named_modules())
+    out = []
+    for name, m in mods.items():
+        if isinstance(m, nn.MultiheadAttention) and name and attention.supported(m) is None:
+            lay = Layer(name=f"{name}.heads", type="Heads", units=m.num_heads, unit_dim=-1,
+                        parts=[(f"{name}.out_proj.weight", m.out_proj.weight, 1)], bias=None,
+                        point=f"{name} (per-head context)", point_kind="heads",
+                        chain=[f"{name}: {m.num_heads} heads x {m.head_dim} -> out_proj"], head_dim=m.head_dim,
+                        mha=name, chain_modules=[name, f"{name}.out_proj"])
+            out.append((lay, name))
+            continue
+        d = _int_attr(m, ("head_dim", "attention_head_size"))
+        if not name or d is None or isinstance(m, nn.MultiheadAttention):
+            continue
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        candidates = [f"{name}.{p}" for p in PROJ_NAMES] + [f"{parent}.{p}" if parent else p for p in PROJ_NAMES]
+        proj = next((c for c in candidates if c in mods and _in_features(mods[c])), None)
+        if proj is None:
+            continue
+        width = _in_features(mods[proj])
+        h = _int_attr(m, ("num_heads", "num_attention_heads", "n_head", "n_heads")) or width // d
+        if h * d != width:
+            continue
+        pm = mods[proj]
+        axis = 0 if is_hf_conv1d(pm) else 1  # the projection's input features
+        lay = Layer(name=f"{name}.heads", type="Heads", units=h, unit_dim=-1, parts=[(f"{proj}.weight", pm.weight, axis)],
+                    bias=None, point=f"{proj} (input)", point_kind="heads",
+                    chain=[f"{name}: {h} heads x {d} -> {_short(proj, name)}"], head_dim=d, consumers=[proj])
+        out.append((lay, proj))
     return out
 
 
@@ -426,7 +498,34 @@ def gated_layer(gate: Layer, up: Layer, down: str) -> Layer:
                  chain_modules=gate.chain_modules + up.chain_modules)
 
 
-def _instrument(gm: torch.fx.GraphModule, exported: bool) -> tuple[list[Layer], dict[str, Probe]]:
+def _head_probes(gm: torch.fx.GraphModule, model: nn.Module | None, order: list[Layer],
+                 points: list[tuple[torch.fx.Node, Layer]]) -> list[tuple[torch.fx.Node, Layer]]:
+    """Head layers whose output projection is called as a module in the graph: their point is
+    that call's input. Inserted in ``order`` before the projection."""
+    if model is None:
+        return []
+    calls = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    layer_at = {str(n.target): index[n] for n in gm.graph.nodes if n.op == "call_module"}
+    found = []
+    for lay, proj in head_layers(model):
+        if lay.mha is not None:  # read inside the module's forward: no probe
+            if proj in calls:  # after the layers called before the attention
+                at = sum(1 for x in order if layer_at.get(x.name.rsplit(".", 1)[0] if x.rnn else x.name, -1)
+                         < index[calls[proj]])
+                order.insert(at, lay)
+            continue
+        node = calls.get(proj)
+        if node is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        found.append((node, lay))
+        at = next((i for i, x in enumerate(order) if x.name == proj), len(order))
+        order.insert(at, lay)
+    return found
+
+
+def _instrument(gm: torch.fx.GraphModule, exported: bool, model: nn.Module | None = None
+                ) -> tuple[list[Layer], dict[str, Probe]]:
     modules = dict(gm.named_modules())
     found = _graph_layers(gm, exported)
     layer_nodes = {node: lay.name for node, lay in found if not lay.weight_only and lay.rnn is None}
@@ -443,6 +542,7 @@ def _instrument(gm: torch.fx.GraphModule, exported: bool) -> tuple[list[Layer], 
         order.remove(up)
     for p, lay in points:  # consumers before probes change the graph
         lay.consumers = lay.consumers or _consumers(p, layer_nodes)
+    heads = _head_probes(gm, model, order, points) if not exported else []
     probes: dict[str, Probe] = {}
     for i, (point, lay) in enumerate(points):
         pname = f"_fitcli_probe_{i}"
@@ -452,8 +552,17 @@ def _instrument(gm: torch.fx.GraphModule, exported: bool) -> tuple[list[Layer], 
             pnode = gm.graph.call_module(pname, (point,))
         point.replace_all_uses_with(pnode, delete_user_cb=lambda u, p=pnode: u is not p)
         probes[lay.name] = probe
+    for j, (proj_node, lay) in enumerate(heads):  # a head's point: the projection's input, for it alone
+        pname = f"_fitcli_head_probe_{j}"
+        probe = Probe(lay.name)
+        gm.add_submodule(pname, probe)
+        src = proj_node.args[0]
+        with gm.graph.inserting_before(proj_node):
+            pnode = gm.graph.call_module(pname, (src,))
+        proj_node.replace_input_with(src, pnode)
+        probes[lay.name] = probe
     gm.recompile()
-    active = [lay for lay in order if not lay.weight_only and lay.rnn is None]
+    active = [lay for lay in order if not lay.weight_only and lay.rnn is None and lay.point_kind != "heads"]
     if active and order and order[-1] is active[-1]:
         active[-1].final = True
     return order, probes
@@ -502,6 +611,7 @@ class _Recorder(TorchFunctionMode):
         self.layer_out: dict[str, torch.Tensor] = {}
         self.order: list[str] = []
         self.stack: list[tuple[_Event | None, bool]] = []  # open module calls: (event, is leaf)
+        self.called: set[str] = set()
 
     def _consume(self, t: Any, ev: _Event) -> None:
         if isinstance(t, torch.Tensor):
@@ -517,6 +627,7 @@ class _Recorder(TorchFunctionMode):
         return bool(self.stack) and self.stack[-1][1]
 
     def pre(self, name: str, mod: nn.Module, args: tuple) -> None:
+        self.called.add(name)
         ev = None
         if args and not self.in_leaf():
             ev = _Event("module", name, tuple(args), {})
@@ -639,9 +750,13 @@ class _RuntimeTap:
 
     @contextlib.contextmanager
     def tap(self, callbacks: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
-        state = _TapState(self, callbacks)
+        heads = {n: f for n, f in callbacks.items() if self.layers[n].point_kind == "heads"}
+        state = _TapState(self, {n: f for n, f in callbacks.items() if n not in heads})
         handles = []
         try:
+            for n, f in heads.items():  # a head's point: its projection's input
+                proj = self.modules[(self.layers[n].consumers or [""])[0]]
+                handles.append(proj.register_forward_pre_hook(lambda m, args, f=f: (f(args[0]), *args[1:])))
             for mod_name, (pre, post) in state.hooks().items():
                 mod = self.modules[mod_name]
                 if pre is not None:
@@ -805,6 +920,11 @@ def _runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
             layers.append(_embedding_layer(n, lmods[n]) if isinstance(lmods[n], nn.Embedding)
                           else _layer_from_module(n, lmods[n]))
     steps, ends = _runtime_chains(rec, modules, layers)
+    called = rec.called
+    for lay, proj in head_layers(model):
+        if proj in called:
+            at = next((i for i, x in enumerate(layers) if x.name == proj), len(layers))
+            layers.insert(at, lay)
     for gate, up, down in _runtime_gates(rec, layers, ends):
         g = gated_layer(gate, up, down)
         layers[layers.index(gate)] = g
@@ -815,7 +935,7 @@ def _runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
             evs = rec.consumers.get(id(ends[lay.name]), [])
             if evs and all(ev.kind == "module" and ev.name in by_name and ev.args[0] is ends[lay.name] for ev in evs):
                 lay.consumers = sorted({ev.name for ev in evs})
-    active = [lay for lay in layers if not lay.weight_only and lay.rnn is None]
+    active = [lay for lay in layers if not lay.weight_only and lay.rnn is None and lay.point_kind != "heads"]
     if active and layers[-1] is active[-1]:
         active[-1].final = True
     covered = _covered(layers)
@@ -901,7 +1021,7 @@ def discover(model: nn.Module | None, state_dict: dict[str, torch.Tensor] | None
         gm = None
     if gm is not None:
         _shape_prop(gm, example)
-        layers, probes = _instrument(gm, exported=False)
+        layers, probes = _instrument(gm, exported=False, model=model)
         covered = _covered(layers)
         unsupported = _unsupported(model, covered, "never called as a module in the traced graph (e.g. used by "
                                                    "nn.MultiheadAttention through functional calls), so it cannot be hooked")
@@ -928,6 +1048,8 @@ def token_mask(t: torch.Tensor, lay: Layer, mask: torch.Tensor | None) -> torch.
     padding positions are not observations."""
     if mask is None or lay.unit_dim != -1 or t.dim() != 3 or tuple(t.shape[:2]) != tuple(mask.shape):
         return None
+    if lay.head_dim:  # a head's observations are (position, feature of its slice)
+        return mask.to(t.device).repeat_interleave(lay.head_dim, dim=1)
     return mask.to(t.device)
 
 

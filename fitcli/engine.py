@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fitcli.data import Batch
-from fitcli.discovery import Layer, ModelGraph, discover, token_mask, unit_view
+from fitcli.discovery import Layer, ModelGraph, discover, token_mask
 from fitcli.errors import (
     FitcliError,
     InputError,
@@ -110,8 +110,10 @@ def pick_device(spec: str = "auto") -> torch.device:
 
 
 def select_layers(graph: ModelGraph, patterns: list[str] | None) -> list[Layer]:
+    """Layers matching any of the patterns (names or globs); by default every layer except the
+    opt-in ones (attention heads: asked for by name or glob, e.g. ``*.heads``)."""
     if not patterns:
-        return list(graph.layers)
+        return [lay for lay in graph.layers if lay.point_kind != "heads"]
     names = [lay.name for lay in graph.layers]
     chosen: set[str] = set()
     for pat in patterns:
@@ -270,7 +272,7 @@ class _Tap:
             t = t.detach().requires_grad_(True)
         if self.p == 0:
             self.acts[self.lay.name] = t  # kept for the backward
-        ub = UnitBatch(weight=self.lay.weight.detach(), act=unit_view(t.detach(), self.lay.unit_dim),
+        ub = UnitBatch(weight=self.lay.weight.detach(), act=self.lay.view(t.detach()),
                        pass_index=self.p, scratch=self.scratch, mask=token_mask(t, self.lay, self.mask))
         with torch.no_grad():
             _feed(self.metrics, "prepare", ub, self.lay, self.bi)
@@ -327,7 +329,7 @@ def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_P
                     ub = ubs.get(lay.name)
                     if ub is None:
                         continue
-                    ub.grad = unit_view(g[lay.name], lay.unit_dim) if lay.name in g else None
+                    ub.grad = lay.view(g[lay.name]) if lay.name in g else None
                     ub.weight_grad = wg.get(lay.name)
                     ub.correct = correct
                     _feed(fed[lay.name], "update", ub, lay, bi)

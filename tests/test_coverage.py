@@ -98,7 +98,7 @@ def test_transformer_encoder_layers_are_audited_at_their_activation(activation):
     assert c["parameters"] == covered and c["model_parameters"] == _n([m])
     assert abs(c["fraction"] - covered / _n([m])) < 1e-12
     not_audited = {x["name"]: x for x in c["not_audited"]}
-    assert {"enc.layers.0.self_attn", "enc.layers.0.norm1", "enc.layers.1.norm2"} <= set(not_audited)
+    assert {"enc.layers.0.self_attn.heads", "enc.layers.0.norm1", "enc.layers.1.norm2"} <= set(not_audited)
     assert not_audited["enc.layers.0.norm1"]["parameters"] == 32
     assert "not an auditable layer type" in not_audited["enc.layers.0.norm1"]["reason"]
 
