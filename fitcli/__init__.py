@@ -20,7 +20,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "audit": "fitcli.api", "ablate": "fitcli.api", "inspect": "fitcli.api", "gate": "fitcli.api",
+    "audit": "fitcli.api", "ablate": "fitcli.api", "blocks": "fitcli.api", "inspect": "fitcli.api", "gate": "fitcli.api",
     "load": "fitcli.api", "load_data": "fitcli.api", "Inspection": "fitcli.api",
     "AuditReport": "fitcli.report", "LayerReport": "fitcli.report", "GateResult": "fitcli.report",
     "Settings": "fitcli.settings", "Batch": "fitcli.data",

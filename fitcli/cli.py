@@ -370,6 +370,8 @@ def ablate(
     units: Annotated[str | None, typer.Option("--units", help="units to ablate, e.g. 0,3,7-9, or heads: every attention head [default: all]")] = None,
     mode: ModeOpt = None,
     whole_layer: Annotated[bool | None, typer.Option("--whole-layer", help="also ablate each entire layer at once")] = None,
+    blocks: Annotated[bool | None, typer.Option("--blocks", help="residual blocks as units: each replaced by the identity")] = None,
+    greedy: Annotated[int | None, typer.Option("--greedy", min=0, help="with --blocks: remove the cheapest block N times, re-measuring exactly (layer-removal curve)")] = None,
     chunk_size: ChunkOpt = None, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None,
     trust_checkpoint: TrustOpt = None, data: DataOpt = None, text: TextOpt = None, max_seq_len: SeqLenOpt = None,
     batch_size: BatchOpt = None,
@@ -383,6 +385,14 @@ def ablate(
                             trust_checkpoint=trust_checkpoint, data=data, text=text, max_seq_len=max_seq_len,
                             batch_size=batch_size, max_batches=max_batches, loss=loss, device=device, seed=seed,
                             tau=tau, top=top, format=fmt, output=output, quiet=quiet, verbose=verbose))
+    if blocks:
+        settings = _settings({k: v for k, v in m.items() if k != "layers"})
+        from fitcli import api
+
+        report = api.blocks(_model(model, m), _data(model, m, settings), greedy=greedy or 0,
+                            loss=_loss(m.get("loss")), settings=settings, progress=_progress(m))
+        _emit(report, m, [model, m.get("data"), m.get("text"), m.get("_config")])
+        return
     if m.get("units") == "heads":  # every attention head of the model (the layers named *.heads)
         m["layers"], m["units"] = [*(m.get("layers") or []), "*.heads"], None
     if not m.get("layers"):

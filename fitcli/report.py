@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fitcli import __version__
+from fitcli import __version__  # noqa: F401 - also read by fitcli.api for block reports
 from fitcli.errors import InputError, UsageError
 
 SCHEMA_ID = "fitcli.report/1"

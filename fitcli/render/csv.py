@@ -7,6 +7,14 @@ import io
 
 
 def render_csv(report: dict) -> str:
+    if report.get("command") == "blocks":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["block", "block_influence", "angular_distance", "ablation", "ablation_accuracy"])
+        for r in report["blocks"]:
+            w.writerow([r["name"], *("" if r.get(k) is None else repr(float(r[k]))
+                                     for k in ("block_influence", "angular_distance", "ablation", "ablation_accuracy"))])
+        return buf.getvalue()
     metrics = sorted({m for lay in report["layers"] for m in lay["metrics"]})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -5,7 +5,21 @@ from __future__ import annotations
 from fitcli.render._common import coverage_line, fmt, key_metrics, pct
 
 
+def _blocks_markdown(report: dict) -> str:
+    lines = [f"## fitcli blocks: `{report['model']['path']}`", "", "| block | block influence | angular distance | Δloss removed |",
+             "|---|---:|---:|---:|"]
+    for r in sorted(report["blocks"], key=lambda r: (r["ablation"], r["name"])):
+        lines.append(f"| {r['name']} | {fmt(r.get('block_influence'))} | {fmt(r.get('angular_distance'))} | {fmt(r['ablation'])} |")
+    if report.get("greedy"):
+        lines += ["", "| step | removed | loss | Δloss | Block Influence would remove |", "|---:|---|---:|---:|---|"]
+        lines += [f"| {r['step']} | {r['removed']} | {fmt(r['loss'])} | {fmt(r['delta_loss'])} | {r.get('block_influence_pick') or ''} |"
+                  for r in report["greedy"]]
+    return "\n".join(lines) + "\n"
+
+
 def render_markdown(report: dict) -> str:
+    if report.get("command") == "blocks":
+        return _blocks_markdown(report)
     s = report["summary"]
     keys = key_metrics(report)
     lines = [

@@ -116,7 +116,39 @@ def _footer(report: dict) -> list:
     return parts
 
 
+def render_blocks(report: dict) -> Group:
+    """Residual blocks: Block Influence, angular distance, exact loss change when removed; and the
+    greedy layer-removal curve."""
+    base = report.get("base") or {}
+    head = Text()
+    head.append(f"fitcli blocks {report['model']['path']}", style="bold")
+    head.append(f"\ndata {report['data']['spec']}: {report['data']['samples']} samples; loss {fmt(base.get('loss'))}"
+                + (f", accuracy {fmt(base.get('accuracy'))}" if base.get("accuracy") is not None else ""))
+    t = Table(show_edge=False)
+    acc = any("ablation_accuracy" in r for r in report["blocks"])
+    for col in ("block", "block influence", "angular distance", "Δloss removed") + (("Δaccuracy",) if acc else ()):
+        t.add_column(col, justify="left" if col == "block" else "right")
+    for r in sorted(report["blocks"], key=lambda r: (r["ablation"], r["name"])):
+        cells = [Text(r["name"]), fmt(r.get("block_influence")), fmt(r.get("angular_distance")), fmt(r["ablation"])]
+        if acc:
+            cells.append(fmt(r.get("ablation_accuracy")))
+        t.add_row(*cells)
+    parts: list = [head, Text("Blocks, cheapest to remove first (exact: the block replaced by the identity)",
+                              style="bold"), t]
+    if report.get("greedy"):
+        c = Table(show_edge=False)
+        for col in ("step", "removed", "loss", "Δloss", "accuracy", "Block Influence would remove"):
+            c.add_column(col, justify="left" if col in ("removed", "Block Influence would remove") else "right")
+        for r in report["greedy"]:
+            c.add_row(str(r["step"]), Text(r["removed"]), fmt(r["loss"]), fmt(r["delta_loss"]),
+                      fmt(r["accuracy"]) if r.get("accuracy") is not None else "", Text(r.get("block_influence_pick") or ""))
+        parts += [Text("Layer-removal curve (greedy, re-measured exactly after each removal)", style="bold"), c]
+    return Group(*parts)
+
+
 def render_report(report: dict) -> Group:
+    if report.get("command") == "blocks":
+        return render_blocks(report)
     parts: list = [_header(report), Text("Layers", style="bold"), _layers_table(report)]
     ranked = report.get("ranked") or []
     if ranked:

@@ -1,0 +1,233 @@
+"""Residual blocks as units: which whole layers can go.
+
+A block is an item of an ``nn.ModuleList`` or ``nn.Sequential`` (ResNet stages, transformer layer
+stacks) whose output has its input's shape, so it can be replaced by the identity. Per block:
+
+- Block Influence (ShortGPT): ``1 − cos(x_in, x_out)`` per position (the cosine over features),
+  averaged over every position of every sample; low = the block changes little;
+- angular distance (Gromov et al.): ``arccos(cos(x_in, x_out)) / π``, averaged likewise;
+- exact ablation: the mean loss change (and accuracy change) with the block replaced by the
+  identity (its output is its input), by forward hooks: the model is never changed.
+
+``greedy`` removes the block whose removal changes the loss least (|Δloss|), re-measures the rest
+exactly with it removed, and repeats: the layer-removal curve, beside what Block Influence (lowest
+first) would have removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fitcli.data import Batch
+from fitcli.errors import guarded
+from fitcli.losses import LossFn, primary_output
+from fitcli.progress import NO_PROGRESS, Progress
+
+
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    return None
+
+
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    return kwargs.get("hidden_states") if isinstance(kwargs.get("hidden_states"), torch.Tensor) else None
+
+
+def candidates(model: nn.Module) -> list[str]:
+    """Items of every ModuleList / Sequential (the stacks blocks live in) that are themselves
+    made of modules (a lone BatchNorm or activation in a Sequential is not a block)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)):
+            out.extend(f"{name}.{k}" if name else k for k, c in m.named_children() if any(True for _ in c.children()))
+    return out
+
+
+@contextlib.contextmanager
+def _hooks(modules: dict[str, nn.Module], pre: dict[str, Any], post: dict[str, Any]) -> Iterator[None]:
+    handles = []
+    try:
+        for n, fn in pre.items():
+            handles.append(modules[n].register_forward_pre_hook(fn, with_kwargs=True))
+        for n, fn in post.items():
+            handles.append(modules[n].register_forward_hook(fn, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _identity(out: Any, x: torch.Tensor) -> Any:
+    """The block's output with its main tensor replaced by the block's input."""
+    if isinstance(out, torch.Tensor):
+        return x
+    if isinstance(out, tuple):
+        return (x, *out[1:])
+    if isinstance(out, list):
+        return [x, *out[1:]]
+    return out
+
+
+def find_blocks(model: nn.Module, example: Batch) -> list[str]:
+    """Candidates that ran on the example with an output of their input's shape."""
+    modules = dict(model.named_modules())
+    names = candidates(model)
+    ok: dict[str, bool] = {}
+
+    def pre(n):
+        def fn(m, args, kwargs):
+            ok.setdefault(n, False)
+            x = _input_of(args, kwargs)
+            m._fitcli_in = tuple(x.shape) if x is not None else None
+        return fn
+
+    def post(n):
+        def fn(m, args, kwargs, out):
+            y = _first_tensor(out)
+            ok[n] = ok.get(n, False) or (y is not None and getattr(m, "_fitcli_in", None) == tuple(y.shape))
+            m.__dict__.pop("_fitcli_in", None)
+        return fn
+
+    with torch.no_grad(), _hooks(modules, {n: pre(n) for n in names}, {n: post(n) for n in names}):
+        guarded(example, None, 0, lambda: model(*example.args, **example.kwargs))
+    found = [n for n in names if ok.get(n)]
+    # a stack inside a block is not itself a block list of the model's depth: keep outermost blocks
+    return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+
+
+@dataclass
+class BlockResult:
+    names: list[str]
+    influence: dict[str, float] = field(default_factory=dict)
+    angular: dict[str, float] = field(default_factory=dict)
+    delta: dict[str, float] = field(default_factory=dict)
+    accuracy: dict[str, float] = field(default_factory=dict)
+    base_loss: float = 0.0
+    base_accuracy: float | None = None
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    samples: int = 0
+    batches: int = 0
+
+
+def _cos_stats(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, float, int]:
+    """Σ(1 − cos) and Σ angle/π over positions (cosine over the feature dimension: last for
+    [batch, tokens, features], 1 for [batch, channels, ...]), and the number of positions."""
+    x, y = x.detach().to(torch.float64), y.detach().to(torch.float64)
+    dim = -1 if x.dim() == 3 or x.dim() == 2 else 1
+    cos = torch.nn.functional.cosine_similarity(x, y, dim=dim, eps=1e-12).clamp(-1.0, 1.0)
+    cos = torch.where((x == y).all(dim=dim), torch.ones_like(cos), cos)  # unchanged (even a zero vector): 1
+    if mask is not None and cos.shape == mask.shape:
+        cos = cos[mask.to(cos.device)]
+    return float((1 - cos).sum()), float((torch.arccos(cos) / math.pi).sum()), cos.numel()
+
+
+def _losses(model: nn.Module, batch: Batch, loss_fn: LossFn, accuracy: bool):
+    out = model(*batch.args, **batch.kwargs)
+    losses = loss_fn(out, batch).detach().to(torch.float64)
+    correct = None
+    if accuracy and batch.targets is not None:
+        o = primary_output(out)
+        correct = (o.argmax(dim=-1) == batch.targets.to(o.device)).to(torch.float64)
+    return losses, correct
+
+
+def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: LossFn, device: torch.device,
+            accuracy: bool, removed: list[str] = (), influence: bool = True,
+            progress: Progress = NO_PROGRESS) -> BlockResult:
+    """Block Influence / angular distance of each block and the exact loss change with each block
+    (in addition to ``removed``) replaced by the identity."""
+    modules = dict(model.named_modules())
+    res = BlockResult(list(names))
+    sums = {n: [0.0, 0.0, 0] for n in names}
+    dsum = dict.fromkeys(names, 0.0)
+    asum = dict.fromkeys(names, 0.0)
+    base_sum, base_acc = 0.0, 0.0
+    seen: dict[str, torch.Tensor] = {}
+    current: dict[str, Any] = {"mask": None}
+
+    def keep_in(n):
+        def fn(m, args, kwargs):
+            seen[n] = _input_of(args, kwargs)
+        return fn
+
+    def compare(n):
+        def fn(m, args, kwargs, out):
+            x, y = seen.pop(n, None), _first_tensor(out)
+            if x is not None and y is not None and x.shape == y.shape:
+                s = _cos_stats(x, y, current["mask"])
+                sums[n][0] += s[0]
+                sums[n][1] += s[1]
+                sums[n][2] += s[2]
+        return fn
+
+    def skip(m, args, kwargs, out):
+        x = _input_of(args, kwargs)
+        return _identity(out, x) if x is not None else out
+
+    gone = {n: skip for n in removed}
+    with torch.no_grad(), progress.task("blocks", None) as bar:
+        for bi, cpu_batch in enumerate(data):
+            batch = cpu_batch.to(device)
+            current["mask"] = batch.mask
+            post = {**gone, **({n: compare(n) for n in names} if influence else {})}
+            with _hooks(modules, {n: keep_in(n) for n in names} if influence else {}, post):
+                base, base_c = guarded(batch, None, bi, _losses, model, batch, loss_fn, accuracy)
+            base_sum += float(base.sum())
+            if base_c is not None:
+                base_acc += float(base_c.sum())
+            for n in names:
+                with _hooks(modules, {}, {**gone, n: skip}):
+                    losses, correct = guarded(batch, None, bi, _losses, model, batch, loss_fn, accuracy)
+                dsum[n] += float((losses - base).sum())
+                if correct is not None and base_c is not None:
+                    asum[n] += float((correct - base_c).sum())
+                bar.advance()
+            res.samples += batch.size
+            res.batches += 1
+    n_s = max(res.samples, 1)
+    res.base_loss = base_sum / n_s
+    res.base_accuracy = base_acc / n_s if accuracy else None
+    for n in names:
+        if influence and sums[n][2]:
+            res.influence[n] = sums[n][0] / sums[n][2]
+            res.angular[n] = sums[n][1] / sums[n][2]
+        res.delta[n] = dsum[n] / n_s
+        if accuracy:
+            res.accuracy[n] = asum[n] / n_s
+    return res
+
+
+def greedy(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: LossFn, device: torch.device,
+           accuracy: bool, steps: int, first: BlockResult, progress: Progress = NO_PROGRESS) -> list[dict[str, Any]]:
+    """Remove the least important block (its removal changes the loss least, |Δloss|), re-measure
+    the rest exactly with it removed, repeat ``steps`` times."""
+    curve = []
+    removed: list[str] = []
+    result = first
+    by_bi = sorted(first.influence, key=lambda n: (first.influence[n], n))
+    for step in range(1, min(steps, len(names)) + 1):
+        left = [n for n in names if n not in removed]
+        pick = min(left, key=lambda n: (abs(result.delta[n]), n))  # the least important: changes the loss least
+        bi_pick = next((n for n in by_bi if n not in removed), None)
+        removed.append(pick)
+        curve.append({"step": step, "removed": pick, "loss": result.base_loss + result.delta[pick],
+                      "delta_loss": result.base_loss + result.delta[pick] - first.base_loss,
+                      "accuracy": (result.base_accuracy + result.accuracy[pick]) if accuracy else None,
+                      "block_influence_pick": bi_pick, "block_influence": first.influence.get(pick)})
+        rest = [n for n in names if n not in removed]
+        if rest and step < steps:
+            result = measure(model, data, rest, loss_fn, device, accuracy, removed=removed, influence=False,
+                             progress=progress)
+    return curve
