@@ -350,9 +350,21 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
         "discovery": {"method": "runtime", "notes": list(loaded.notes)},
         "layers": [], "summary": {"layers": 0, "units": 0, "dead": 0, "dead_fraction": 0.0, "dead_known": False},
         "skipped": [], "blocks": rows, "base": {"loss": first.base_loss, "accuracy": first.base_accuracy},
-        "greedy": curve,
+        "greedy": curve, "block_validation": _block_validation(first, names),
     }
     return AuditReport(report)
+
+
+def _block_validation(first, names: list[str]) -> dict[str, Any]:
+    """How well Block Influence and angular distance rank blocks like exact removal does, beside a
+    random order."""
+    from fitcli.validate import _corr, random_baseline
+
+    oracle = torch.tensor([abs(first.delta[n]) for n in names], dtype=torch.float64)
+    scores = {key: _corr(torch.tensor([src.get(n, float("nan")) for n in names], dtype=torch.float64), oracle)
+              for key, src in (("block_influence", first.influence), ("angular_distance", first.angular))}
+    return {"oracle": "|Δloss| with the block replaced by the identity", "metrics": scores,
+            "random": random_baseline({"blocks": oracle})["across_layers"]}
 
 
 # --------------------------------------------------------------------------------------------

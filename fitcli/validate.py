@@ -128,7 +128,34 @@ def correlations(layers: dict[str, dict[str, torch.Tensor]], oracle: dict[str, t
             across[m] = _corr(torch.cat(xs), torch.cat(os_))
     scored = [(c["spearman"], m) for m, c in across.items() if c["spearman"] is not None]
     best = max(scored)[1] if scored else None
-    return {"layers": per_layer, "across_layers": across, "best": best}
+    return {"layers": per_layer, "across_layers": across, "best": best, "random": random_baseline(oracle)}
+
+
+RANDOM_DRAWS = 200
+
+
+def random_baseline(oracle: dict[str, torch.Tensor], draws: int = RANDOM_DRAWS, seed: int = 0) -> dict[str, Any]:
+    """What ranking units in a random order scores against the oracle (Budhraja et al. 2020: random
+    pruning is a strong baseline): the mean Spearman and bottom-10% overlap over ``draws`` seeded
+    random orders, per layer and across layers. A metric worth using beats it."""
+    g = torch.Generator().manual_seed(seed)
+
+    def stats(o: torch.Tensor) -> dict[str, Any]:
+        o = o.to(torch.float64)
+        o = o[torch.isfinite(o)]
+        if o.numel() < 2:
+            return {"spearman": None, "bottom10_overlap": None, "units": int(o.numel()), "draws": draws}
+        rho, overlap = [], []
+        for _ in range(draws):
+            r = torch.rand(o.numel(), generator=g, dtype=torch.float64)
+            rho.append(spearman(r, o))
+            overlap.append(bottom_overlap(r, o))
+        rho = [x for x in rho if x is not None]
+        return {"spearman": sum(rho) / len(rho) if rho else None, "bottom10_overlap": sum(overlap) / len(overlap),
+                "units": int(o.numel()), "draws": draws}
+
+    per = {name: stats(o) for name, o in oracle.items()}
+    return {"layers": per, "across_layers": stats(torch.cat([o for o in oracle.values()])) if oracle else None}
 
 
 def _oriented(report: dict, metric: str) -> dict[str, list[float | None]]:

@@ -144,3 +144,10 @@ def test_greedy_must_be_a_count(bad):
     m, data = _resnet()
     with pytest.raises(fitcli.UsageError):
         fitcli.blocks(m, data, greedy=bad)
+
+
+def test_block_validation_has_a_random_baseline():
+    m, data = _resnet(identity_block=1)
+    v = fitcli.blocks(m, data, device="cpu")["block_validation"]
+    assert set(v["metrics"]) == {"block_influence", "angular_distance"}
+    assert v["random"]["draws"] == 200 and v["random"]["units"] == 3

@@ -215,3 +215,22 @@ def test_heads_are_opt_in_and_selected_by_units_heads(tmp_path):
     report = json.loads(res.stdout)
     assert [lay["name"] for lay in report["layers"]] == ["attn.heads"]
     assert report["layers"][0]["removable"] == [1]
+
+
+def test_validation_covers_heads_with_a_random_baseline():
+    m, data, layer, *_ = _bert()
+    r = fitcli.audit(m, data, device="cpu", layers=[layer], validate=True)
+    v = r.validation
+    assert layer in v["layers"] and "taylor" in v["layers"][layer]["metrics"]
+    rnd = v["random"]["layers"][layer]
+    assert rnd["draws"] == 200 and rnd["units"] == 4
+    assert -1 <= rnd["spearman"] <= 1 and 0 <= rnd["bottom10_overlap"] <= 1
+
+
+def test_random_baseline_is_chance():
+    from fitcli.validate import random_baseline
+
+    o = torch.arange(200, dtype=torch.float64)
+    r = random_baseline({"x": o})["layers"]["x"]
+    assert abs(r["spearman"]) < 0.03  # a random order does not rank like the oracle
+    assert abs(r["bottom10_overlap"] - 0.1) < 0.03  # and its bottom 10% overlaps by chance: ~10%

@@ -236,6 +236,11 @@ def render_validation(v: dict) -> Group:
         a = v["across_layers"][m]["spearman"]
         cells.append(Text(fmt_corr(a), style="bold green" if v.get("best") == m else ""))
         t.add_row(Text(m), *cells)
+    rnd = v.get("random")
+    if rnd:  # a random order: the baseline every metric should beat
+        cells = [Text(fmt_corr((rnd["layers"].get(name) or {}).get("spearman")), style="dim") for name in layers]
+        t.add_row(Text("(random order)", style="dim"), *cells,
+                  Text(fmt_corr((rnd.get("across_layers") or {}).get("spearman")), style="dim"))
     return Group(Text(f"Validation: Spearman rank correlation with {v['oracle']}", style="bold"), t,
                  Text(v["recommendation"], style="bold"))
 
@@ -255,6 +260,10 @@ def _validation_compact(v: dict) -> Group:
         t.add_row(Text(m), Text(fmt_corr(a["spearman"]), style="bold green" if v.get("best") == m else ""),
                   fmt_corr(a.get("bottom10_overlap")), Text(names.get(best[1], "-")), fmt_corr(best[0]),
                   Text(names.get(worst[1], "-")), fmt_corr(worst[0]))
+    rnd = (v.get("random") or {}).get("across_layers") or {}
+    if rnd:
+        t.add_row(Text("(random)", style="dim"), Text(fmt_corr(rnd.get("spearman")), style="dim"),
+                  Text(fmt_corr(rnd.get("bottom10_overlap")), style="dim"), "", "", "", "")
     head = Text(f"Validation: Spearman rank correlation with {v['oracle']}\n"
                 f"{len(names)} layers: the across-layer figure, and the best and worst layer (every layer in the "
                 "JSON report)", style="bold")
