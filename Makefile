@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python bench/score.py --model cnn --batches 12
 	$(BIN)/python bench/score.py --model mlp --batches 60 --batch-size 1024
 	$(BIN)/python bench/ablation.py
+	$(BIN)/python bench/memory.py
 
 fuzz: setup
 	FITCLI_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider -q -s -W ignore::UserWarning

@@ -333,7 +333,8 @@ def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_P
                     ub.weight_grad = wg.get(lay.name)
                     ub.correct = correct
                     _feed(fed[lay.name], "update", ub, lay, bi)
-                del acts, ubs, outputs
+                # nothing of this batch outlives it: its gradients would sit beside the next batch's backward
+                del acts, ubs, outputs, g, wg, losses, callbacks, correct, batch, cpu_batch
                 bar.advance()
         if p == 0 and use_grad and result.batches and finite_batches == 0:
             raise RuntimeAuditError("the loss is non-finite (NaN or Inf) on every batch",
