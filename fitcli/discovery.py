@@ -326,7 +326,7 @@ def _unsupported(model: nn.Module, covered: set[str], reason_missing: str) -> li
     """Every module with parameters of its own that no layer or chain covers, with its type."""
     out = []
     for n, m in model.named_modules():
-        if not n or n in covered or not any(True for _ in m.parameters(recurse=False)):
+        if n in covered or not any(True for _ in m.parameters(recurse=False)):
             continue
         if is_layer_module(m) or isinstance(m, nn.Embedding):
             out.append({"name": n, "type": type(m).__name__, "reason": reason_missing})

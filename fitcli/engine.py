@@ -96,7 +96,8 @@ class AuditPlan:
 
     @property
     def streams(self) -> bool:
-        return self.have["activations"] is None and any(data_driven(c) for c in self.classes.values())
+        return bool(self.layers) and self.have["activations"] is None and any(
+            data_driven(c) for c in self.classes.values())
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -227,8 +228,9 @@ def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | 
     if data is not None and loaded.runnable and example is None:
         raise InputError(f"data {getattr(data, 'spec', '')!s}: yields no batches (empty data)".replace("  ", " "))
     graph = discover(loaded.module, loaded.state_dict, example=example, exported=loaded.format == "export")
-    if not graph.layers:
-        raise InputError(f"{loaded.path}: no auditable layers (nn.Linear or nn.ConvNd) found")
+    if not graph.layers:  # still a report: its coverage says that nothing was audited, and why
+        graph.notes.append("no auditable layer found (nn.Linear, nn.ConvNd, Conv1D, nn.Bilinear, recurrent, "
+                           "embedding): nothing was audited")
     chosen = select_layers(graph, layers)
     have, loss_fn, loss_name = _available(loaded, data, example, graph, loss, baseline)
     names = list(dict.fromkeys(metrics)) if metrics else default_metrics()
@@ -402,6 +404,7 @@ def feed_ablation(plan: AuditPlan, data, *, mode: str = "zero", chunk_size: int 
     assert data is not None and plan.loss_fn is not None
     ab = ablate_layers(plan.graph, names, data, plan.loss_fn, mode=mode, device=plan.device,
                        chunk_size=chunk_size, progress=progress)
+    plan.notes.extend(x for x in ab.notes if x not in plan.notes)
     for n in names:
         for m in wanting[n]:
             m.update_ablation(ab.delta_sum[n], ab.samples)
@@ -474,7 +477,7 @@ def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer]) -> di
         else:
             why = "no activation metric ran (no data, or none asked for)"
         not_audited.append({"name": lay.name, "type": lay.type, "parameters": lay.n_params, "reason": why})
-    for u in graph.unsupported:
+    for u in graph.unsupported:  # the model's own parameters (not in a submodule) are under the name ""
         n = sum(params.get(i, 0) for i in owner.get(u["name"], []))
         not_audited.append({"name": u["name"], "type": u.get("type", "?"), "parameters": n, "reason": u["reason"]})
     total = sum(params.values())

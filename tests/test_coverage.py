@@ -113,8 +113,14 @@ def test_a_model_with_no_auditable_layer_fails_the_gate(tmp_path):
         def forward(self, x):
             return self.norm(x) * self.scale
 
-    with pytest.raises(fitcli.InputError, match="no auditable layers"):
-        fitcli.audit(Norms(), [torch.randn(3, 4)])
+    r = fitcli.audit(Norms(), [torch.randn(3, 4)], device="cpu", max_dead=5)
+    c = r["coverage"]
+    assert (c["units"], c["layers"], c["parameters"], c["fraction"]) == (0, 0, 0, 0.0)
+    assert c["model_parameters"] == 12
+    assert {x["name"]: (x["type"], x["parameters"]) for x in c["not_audited"]} == {
+        "norm": ("LayerNorm", 8), "": ("Norms", 4)}  # "": the model's own parameter
+    assert any("no auditable layer" in n for n in r["discovery"]["notes"])
+    assert not r.gate_result.passed and "no unit was audited" in r.gate_result.failures[0]
     # a model whose only layer is the output: nothing can be checked for dead units
     out = fitcli.audit(nn.Sequential(nn.Linear(4, 2)), [torch.randn(3, 4)], device="cpu", max_dead=5)
     assert out.summary["units"] == 0
