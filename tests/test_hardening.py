@@ -537,7 +537,8 @@ def test_long_error_message_stays_on_two_lines(tmp_path, repo):
 
 
 @pytest.mark.parametrize("with_data", [False, True], ids=["no-data", "with-data"])
-def test_model_without_auditable_layers_is_exit_3(with_data, tmp_path, run_cli):
+def test_model_without_auditable_layers_is_reported_and_fails_a_gate(with_data, tmp_path, run_cli):
+    """Nothing to audit is a finding the report states (coverage 0), not a crash; a gate on it fails."""
     mod = write_module(tmp_path, "relu_only.py", """
         import torch.nn as nn
 
@@ -549,8 +550,13 @@ def test_model_without_auditable_layers_is_exit_3(with_data, tmp_path, run_cli):
     args = ["score", str(ckpt), "--arch", f"{mod}:build", "--device", "cpu"]
     if with_data:
         args += ["--data", "random:16,n=8"]
-    res = run_cli(args)
-    assert_error(res, 3, "no auditable layers")
+    res = run_cli(args + ["--format", "json"])
+    assert res.code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["coverage"]["units"] == 0 and report["layers"] == []
+    assert any("no auditable layer" in n for n in report["discovery"]["notes"])
+    res = run_cli(args + ["--max-dead", "5"])
+    assert res.code == 1 and "no unit was audited" in res.stderr
 
 
 def test_layer_glob_matching_nothing_is_exit_2(run_cli):
