@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/score.py --model mlp --batches 60 --batch-size 1024
 	$(BIN)/python bench/ablation.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/heads.py
 
 fuzz: setup
 	FITCLI_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider -q -s -W ignore::UserWarning
