@@ -220,12 +220,12 @@ class _Job:
 
 
 def _job(graph: ModelGraph, plans: dict[str, _Plan | None], n: str, lay: Layer, batch: Batch, bi: int,
-         value: torch.Tensor | None, res: AblationResult) -> _Job:
+         value: torch.Tensor | None, res: AblationResult, cache: dict | None = None) -> _Job:
     """Stage 1 (plan, per batch): the prefix once; the suffix (or the whole input, when the graph
     cannot be split at the unit) is what each chunk of ablated units reruns."""
     plan = plans[n]
     if plan is not None:
-        base = guarded(batch, graph, bi, _graph_base, plan, batch)
+        base = guarded(batch, graph, bi, _graph_base, plan, batch, cache)
         try:
             _check_batch_first(plan, base, batch.size)
         except _NotBatchFirst:
@@ -333,16 +333,18 @@ def ablate_layers(
     total = getattr(data, "total", None)
     chunks = total * sum(-(-len(sel[n]) // chunk_size) for n in names) if total and chunk_size else None
     with torch.no_grad(), progress.task("ablating", chunks) as bar:
+        cache: dict = {}  # the unablated run of the batch, shared by every layer
         for bi, cpu_batch in enumerate(data):
             batch = cpu_batch.to(dev)
             for n in names:
-                job = _job(graph, plans, n, layers[n], batch, bi, means.get(n), res)
+                job = _job(graph, plans, n, layers[n], batch, bi, means.get(n), res, cache)
                 k = chunk_size or res.chunk_sizes.get(n) or _auto_chunk(job.h, job.plan, job.base, len(sel[n]), dev)
                 res.chunk_sizes[n] = _run_layer(job, batch, sel[n], k, loss_fn, accuracy, dev, res, bar)
                 if whole_layer:
                     _run_whole(graph, job, batch, bi, sel[n], loss_fn, accuracy, res)
             res.samples += batch.size
             res.batches += 1
+            cache.clear()
     if res.batches == 0:
         raise InputError(f"data {getattr(data, 'spec', '')}: yields no batches (empty data)")
     if getattr(loss_fn, "kind", None):
@@ -455,11 +457,20 @@ def _output_node(gm: fx.GraphModule) -> fx.Node:
     return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
 
 
-def _graph_base(plan: _Plan, batch: Batch):
-    interp = _Interp(plan.gm)
-    out = interp.run(*batch.args, **batch.kwargs) if not batch.kwargs else _run_kwargs(interp, plan.gm, batch)
-    env = dict(interp.env)
-    env[_output_node(plan.gm)] = out
+def _graph_base(plan: _Plan, batch: Batch, cache: dict | None = None):
+    """Every node's value on the unablated batch (one run per batch, shared by every layer's plan:
+    they all split the same graph), and the value at this plan's point."""
+    key = (id(plan.gm), id(batch))
+    if cache is not None and key in cache:
+        env = cache[key]
+    else:
+        interp = _Interp(plan.gm)
+        out = interp.run(*batch.args, **batch.kwargs) if not batch.kwargs else _run_kwargs(interp, plan.gm, batch)
+        env = dict(interp.env)
+        env[_output_node(plan.gm)] = out
+        if cache is not None:
+            cache.clear()  # one batch at a time
+            cache[key] = env
     return env, env[plan.probe]
 
 
