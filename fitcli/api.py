@@ -342,10 +342,7 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
     rows = [{"name": n, "block_influence": first.influence.get(n), "angular_distance": first.angular.get(n),
              "ablation": first.delta[n], **({"ablation_accuracy": first.accuracy[n]} if acc else {})} for n in names]
     report = {
-        "schema": rep.SCHEMA_ID, "tool": {"name": "fitcli", "version": rep.__version__},
-        "created": rep._dt.datetime.now(rep._dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": "blocks",
-        "model": {"path": str(loaded.path), "format": loaded.format, "sha256": loaded.sha256, "arch": loaded.arch},
-        "data": {"spec": ds.spec, "samples": first.samples, "batches": first.batches},
+        **rep.envelope("blocks", loaded, ds, first.samples, first.batches),
         "settings": {**_report_settings(s), "metrics": [], "loss": loss_name, "device": str(dev), "greedy": greedy},
         "discovery": {"method": "runtime", "notes": list(loaded.notes)},
         "layers": [], "summary": {"layers": 0, "units": 0, "dead": 0, "dead_fraction": 0.0, "dead_known": False},

@@ -226,7 +226,7 @@ def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | 
     dev = device if isinstance(device, torch.device) else pick_device(device)
     example = peek(data) if data is not None and loaded.runnable else None
     if data is not None and loaded.runnable and example is None:
-        raise InputError(f"data {getattr(data, 'spec', '')!s}: yields no batches (empty data)".replace("  ", " "))
+        raise InputError(f"data {getattr(data, 'spec', '')}: yields no batches (empty data)")
     graph = discover(loaded.module, loaded.state_dict, example=example, exported=loaded.format == "export")
     if not graph.layers:  # still a report: its coverage says that nothing was audited, and why
         graph.notes.append("no auditable layer found (nn.Linear, nn.ConvNd, Conv1D, nn.Bilinear, recurrent, "

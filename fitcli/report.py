@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fitcli import __version__  # noqa: F401 - also read by fitcli.api for block reports
+from fitcli import __version__
 from fitcli.errors import InputError, UsageError
 
 SCHEMA_ID = "fitcli.report/1"
@@ -155,6 +155,19 @@ def _empty_group_notes(layers: list[dict], info: dict[str, dict]) -> list[str]:
     return []
 
 
+def envelope(command: str, loaded: Any, data: Any, samples: int, batches: int) -> dict[str, Any]:
+    """The fields every report starts with: schema, tool, time, command, model, data."""
+    return {
+        "schema": SCHEMA_ID,
+        "tool": {"name": "fitcli", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "model": {"path": str(loaded.path), "format": loaded.format, "sha256": loaded.sha256, "arch": loaded.arch},
+        "data": {"spec": getattr(data, "spec", None) if data is not None else None, "samples": samples,
+                 "batches": batches},
+    }
+
+
 def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by: str | None = None,
           top: int = 20, command: str = "score", include_final: bool = False) -> dict:
     """Report dict from an ``engine.AuditResult``."""
@@ -173,13 +186,7 @@ def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by
     if rank_by in (None, "auto") or rank_by not in available:
         rank_by = default_rank_by(available, info)
     report: dict[str, Any] = {
-        "schema": SCHEMA_ID,
-        "tool": {"name": "fitcli", "version": __version__},
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": command,
-        "model": {"path": str(loaded.path), "format": loaded.format, "sha256": loaded.sha256, "arch": loaded.arch},
-        "data": {"spec": getattr(data, "spec", None) if data is not None else None,
-                 "samples": result.samples, "batches": result.batches},
+        **envelope(command, loaded, data, result.samples, result.batches),
         "settings": {**settings, "metrics": sorted({m for e in layers for m in e["metrics"]}),
                      "rank_by": rank_by, "loss": result.loss_name, "device": result.device},
         "discovery": {"method": result.graph.method, "notes": notes},
