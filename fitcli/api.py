@@ -254,7 +254,7 @@ def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None, uni
 
 def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any, progress: Progress) -> dict:
     from fitcli.ablation import ablate_layers
-    from fitcli.engine import AuditResult
+    from fitcli.engine import AuditResult, coverage
 
     sel = _unit_selection(units, p.layers)
     example = peek(ds)
@@ -278,6 +278,7 @@ def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any,
             vals = {k: v.masked_fill(mask, float("nan")) for k, v in vals.items()}
         result.values[lay.name] = vals
         result.layer_extra[lay.name] = _ablate_extra(lay, ab, sel[lay.name], s.whole_layer)
+    result.coverage = coverage(p.graph, [lay for lay in p.layers if not lay.weight_only], p.layers)
     result.metric_info["ablation"] = {**p.classes["ablation"].contract(), "method": ab.method}
     if accuracy:
         result.metric_info["ablation_accuracy"] = {

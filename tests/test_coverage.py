@@ -275,3 +275,14 @@ def test_validate_table_fits_100_columns_with_whole_names(tmp_path):
         names = re.findall(r"(?:…)?[\w.]+\.(?:query|intermediate)\b", row)
         assert len(names) == 2, row
         assert not re.search(r"\w…", row), row
+
+
+def test_ablate_reports_say_what_was_ablated_of_the_model():
+    from fitcli.loading import resolve_callable
+
+    r = fitcli.ablate(str(SM / "mlp.safetensors"), str(SM / "mlp_data.safetensors"), layers=["fc2"],
+                      arch=resolve_callable(f"{SM / 'models.py'}:mlp"), device="cpu")
+    c = r["coverage"]
+    assert (c["units"], c["layers"], c["parameters"]) == (32, 1, 32 * 32 + 32)
+    assert {x["name"]: x["reason"] for x in c["not_audited"]} == {
+        "fc1": "not among the layers asked for", "fc3": "not among the layers asked for"}
