@@ -143,7 +143,8 @@ def run_cli(argv: list[str], timeout: float = TIMEOUT) -> Outcome:
 
     from rich.console import Console
 
-    import fitcli.cli as cli
+    import fitcli.clikit as cli
+    from fitcli.cli import main as cli_main
 
     out_buf, err_buf = io.StringIO(), io.StringIO()
     saved = (cli.out, cli.err)
@@ -162,7 +163,7 @@ def run_cli(argv: list[str], timeout: float = TIMEOUT) -> Outcome:
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
             try:
-                cli.main(list(argv))
+                cli_main(list(argv))
             except SystemExit as e:
                 code = e.code
     except FuzzTimeout:
