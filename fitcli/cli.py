@@ -52,6 +52,7 @@ from fitcli.clikit import (
     loss_of,
     merge,
     model_of,
+    no_html,
     parse_units,
     progress_of,
 )
@@ -204,6 +205,7 @@ def gate(
 ) -> None:
     """CI gate on a saved report: exit 1 when a dead-unit threshold is exceeded, when no unit was
     audited, or when the audit covers too little of the model (--min-coverage)."""
+    no_html(fmt)
     from fitcli import api
     from fitcli import report as rep
     from fitcli.render import render_markdown
@@ -243,6 +245,7 @@ def inspect(
 
     m = merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
                             format=fmt, quiet=quiet, verbose=verbose))
+    no_html(m["format"])
     info = api.inspect(model_of(model, m), m.get("data")).to_dict()
     if m["format"] is Fmt.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
@@ -265,6 +268,7 @@ def inspect(
 @guard
 def metrics(fmt: FormatOpt = None) -> None:
     """The metric registry: name, direction, needs, cost, one-line description (plugins included)."""
+    no_html(fmt)
     from fitcli.metrics.registry import load_registry
     from fitcli.render import render_metrics
 
@@ -280,6 +284,22 @@ def metrics(fmt: FormatOpt = None) -> None:
         sys.stdout.write(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
     else:
         clikit.out.print(render_metrics(rows))
+
+
+# Commands with a module of their own, fitcli/cmd_<name>.py: each defines ``command`` (its Typer
+# signature and docstring) and ``EXAMPLES`` (the --help epilog). Registered in this order.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _register(name: str) -> None:
+    import importlib
+
+    mod = importlib.import_module(f"fitcli.cmd_{name}")
+    app.command(name=name, epilog=mod.EXAMPLES)(guard(mod.command))
+
+
+for _name in COMMAND_MODULES:
+    _register(_name)
 
 
 def _version(value: bool) -> None:

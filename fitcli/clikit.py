@@ -31,6 +31,7 @@ class Fmt(str, Enum):
     json = "json"
     markdown = "markdown"
     csv = "csv"
+    html = "html"
 
 
 class Mode(str, Enum):
@@ -55,7 +56,7 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda or au
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="random seed [default: 0]")]
 TauOpt = Annotated[float | None, typer.Option("--tau", help="dead threshold on the dormancy score [default: 0]")]
 TopOpt = Annotated[int | None, typer.Option("--top", min=0, help="rows in the ranked table [default: 20]")]
-FormatOpt = Annotated[Fmt | None, typer.Option("--format", help="stdout format [default: table]")]
+FormatOpt = Annotated[Fmt | None, typer.Option("--format", help="table, json, markdown, csv, or html (a self-contained page; with -o it goes to the file instead of the JSON report) [default: table]")]
 OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="write the JSON report to this file (atomically)")]
 QuietOpt = Annotated[bool | None, typer.Option("--quiet", "-q", help="no progress bar or notes on stderr")]
 VerboseOpt = Annotated[bool | None, typer.Option("--verbose", "-v", help="show tracebacks on errors")]
@@ -83,6 +84,11 @@ def cli_words(text: str | None) -> str | None:
         for lib, flag in CLI_WORDS:
             text = text.replace(lib, flag)
     return text
+
+
+def no_html(fmt) -> None:
+    if fmt is Fmt.html:
+        raise UsageError("--format html is for reports (score, ablate, compare, render); use table, json, markdown or csv")
 
 
 def guard(fn):
@@ -114,7 +120,7 @@ def merge(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
     merged = dict(DEFAULTS)
     merged.update(cfg)
     merged.update({k: v for k, v in given.items() if v is not None and v != []})
-    for key, enum, choices in (("format", Fmt, "table, json, markdown or csv"), ("ablation_mode", Mode, "zero or mean")):
+    for key, enum, choices in (("format", Fmt, "table, json, markdown, csv or html"), ("ablation_mode", Mode, "zero or mean")):
         if isinstance(merged.get(key), str):
             try:
                 merged[key] = enum(merged[key])
@@ -246,24 +252,33 @@ def progress_of(s: dict[str, Any]):
 
 
 def emit(report, s: dict[str, Any], protect: list[str | None]) -> None:
+    """The report to stdout in --format, and to --output: the JSON report, or with --format html
+    the HTML page (``fitcli render`` turns a saved JSON report into HTML later)."""
     from fitcli import report as rep
     from fitcli.render import render_csv, render_markdown, render_report
 
     data = report.to_dict()
+    fmt = s["format"]
+    if fmt is Fmt.html:
+        from fitcli.render.html import render_html
+
+        page = render_html(data)
+        if not s.get("output"):
+            sys.stdout.write(page)
     if s.get("output"):
         try:
-            rep.write_atomic(s["output"], rep.dumps(data), protect=[p for p in protect if p])
+            rep.write_atomic(s["output"], page if fmt is Fmt.html else rep.dumps(data),
+                             protect=[p for p in protect if p])
         except UsageError as e:
             e.message = "-" + "-" + e.message if e.message.startswith("output ") else e.message
             raise
-    fmt = s["format"]
     if fmt is Fmt.json:
         sys.stdout.write(rep.dumps(data))
     elif fmt is Fmt.markdown:
         sys.stdout.write(render_markdown(data))
     elif fmt is Fmt.csv:
         sys.stdout.write(render_csv(data))
-    else:
+    elif fmt is Fmt.table:
         out.print(render_report(data))
     if not s.get("quiet"):
         for note in data.get("discovery", {}).get("notes", []):
