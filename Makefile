@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python bench/ablation.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/heads.py
+	$(BIN)/python bench/blocks.py
 
 fuzz: setup
 	FITCLI_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider -q -s -W ignore::UserWarning

@@ -143,11 +143,82 @@ def _losses(model: nn.Module, batch: Batch, loss_fn: LossFn, accuracy: bool):
     return losses, correct
 
 
+def _clone(out: Any) -> Any:
+    """A copy of a block's output, so in-place code after the block cannot change the cache."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_clone(o) for o in out)
+    return out
+
+
+@contextlib.contextmanager
+def _replaced(modules: dict[str, nn.Module], forwards: dict[str, Any]) -> Iterator[None]:
+    """Give modules another ``forward`` for a while (an instance attribute, removed afterwards;
+    the weights are not touched). Used to replay cached block outputs instead of recomputing them."""
+    saved: dict[str, Any] = {}
+    try:
+        for n, fn in forwards.items():
+            m = modules[n]
+            saved[n] = m.__dict__.get("forward", _MISSING)
+            m.forward = fn
+        yield
+    finally:
+        for n, old in saved.items():
+            if old is _MISSING:
+                modules[n].__dict__.pop("forward", None)
+            else:
+                modules[n].forward = old
+
+
+_MISSING = object()
+
+
+class _Replay:
+    """The unablated run of a batch, remembered block by block: each block's output, and the order
+    the blocks finished in. Replacing block ``n`` by the identity leaves every block that finished
+    before it unchanged, so their outputs are replayed from the cache instead of recomputed: an
+    ablation costs the blocks after ``n`` (and the cheap code between blocks), not a whole forward.
+    Exact: the replayed tensors are the ones the same inputs produced. Off when a block ran other
+    than once (shared or conditional blocks), which falls back to rerunning everything."""
+
+    def __init__(self, blocks: list[str]):
+        self.blocks = blocks
+        self.out: dict[str, Any] = {}
+        self.order: list[str] = []
+
+    def hooks(self) -> dict[str, Any]:
+        def record(n):
+            def fn(m, args, kwargs, out):
+                self.out[n] = out
+                self.order.append(n)
+            return fn
+        return {n: record(n) for n in self.blocks}
+
+    @property
+    def usable(self) -> bool:
+        return sorted(self.order) == sorted(self.blocks)
+
+    def forwards(self, target: str, removed: list[str]) -> dict[str, Any]:
+        """``forward`` replacements for ablating ``target`` with ``removed`` already gone."""
+        before = self.order[: self.order.index(target)]
+        fw: dict[str, Any] = {n: (lambda *a, _o=self.out[n], **k: _clone(_o)) for n in before}
+
+        def identity(n):
+            def fn(*args, **kwargs):
+                x = _input_of(args, kwargs)
+                return _identity(_clone(self.out[n]), x)
+            return fn
+        fw.update({n: identity(n) for n in [target, *removed] if n not in before})
+        return fw
+
+
 def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: LossFn, device: torch.device,
             accuracy: bool, removed: list[str] = (), influence: bool = True,
             progress: Progress = NO_PROGRESS) -> BlockResult:
     """Block Influence / angular distance of each block and the exact loss change with each block
-    (in addition to ``removed``) replaced by the identity."""
+    (in addition to ``removed``) replaced by the identity. The blocks before the one ablated are
+    replayed from the unablated run (``_Replay``), not recomputed."""
     modules = dict(model.named_modules())
     res = BlockResult(list(names))
     sums = {n: [0.0, 0.0, 0] for n in names}
@@ -182,18 +253,25 @@ def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: 
             batch = cpu_batch.to(device)
             current["mask"] = batch.mask
             post = {**gone, **({n: compare(n) for n in names} if influence else {})}
-            with _hooks(modules, {n: keep_in(n) for n in names} if influence else {}, post):
+            replay = _Replay([*names, *removed])
+            with _hooks(modules, {n: keep_in(n) for n in names} if influence else {}, post), \
+                    _hooks(modules, {}, replay.hooks()):
                 base, base_c = guarded(batch, None, bi, _losses, model, batch, loss_fn, accuracy)
             base_sum += float(base.sum())
             if base_c is not None:
                 base_acc += float(base_c.sum())
             for n in names:
-                with _hooks(modules, {}, {**gone, n: skip}):
+                if replay.usable:
+                    ctx = _replaced(modules, replay.forwards(n, list(removed)))
+                else:
+                    ctx = _hooks(modules, {}, {**gone, n: skip})
+                with ctx:
                     losses, correct = guarded(batch, None, bi, _losses, model, batch, loss_fn, accuracy)
                 dsum[n] += float((losses - base).sum())
                 if correct is not None and base_c is not None:
                     asum[n] += float((correct - base_c).sum())
                 bar.advance()
+            del replay
             res.samples += batch.size
             res.batches += 1
     n_s = max(res.samples, 1)

@@ -107,6 +107,25 @@ def test_residual_cnn_blocks_influence_ablation_and_greedy():
     fitcli.report.validate(r.to_dict())
 
 
+def test_blocks_before_the_ablated_one_are_replayed_not_recomputed():
+    """Ablating block i leaves blocks 0..i-1 as they were, so their outputs come from the unablated
+    run: the first block's convolution runs once per batch (the unablated run), not once per ablation."""
+    m, data = _resnet(identity_block=1)
+    calls = []
+    h = m.layer1[0].conv1.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        r = fitcli.blocks(m, data, device="cpu")
+    finally:
+        h.remove()
+    assert len(calls) == len(data) + 1  # + the probe that finds the blocks on the first batch
+    assert "forward" not in m.layer1[0].__dict__  # the replacements are gone again
+    with torch.no_grad():  # and the values are still those of the model without each block
+        base = torch.cat([F.cross_entropy(m(x), y, reduction="none") for x, y in data])
+        c = _without(m, 2)
+        want = float((torch.cat([F.cross_entropy(c(x), y, reduction="none") for x, y in data]) - base).mean())
+    assert abs({b["name"]: b for b in r["blocks"]}["layer1.2"]["ablation"] - want) <= TOL
+
+
 def test_gpt2_blocks_equal_the_model_without_them():
     m, data = _gpt2()
     r = fitcli.blocks(m, data, device="cpu")
