@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import fitcli
-from fitcli import cli
+from fitcli import clikit as cli
 from fitcli.loading import LoadedModel
 
 
@@ -24,7 +24,7 @@ def score(model: Any, *, arch: str | None = None, arch_kwargs: str | None = None
     options.pop("progress", None)
     loaded = _model(model, arch, arch_kwargs, trust_checkpoint)
     base = fitcli.load(baseline) if baseline else None
-    return fitcli.audit(loaded, data, loss=cli._loss(loss), baseline=base, **options).to_dict()
+    return fitcli.audit(loaded, data, loss=cli.loss_of(loss), baseline=base, **options).to_dict()
 
 
 def ablate(model: Any, *, arch: str | None = None, arch_kwargs: str | None = None, trust_checkpoint: bool = False,
@@ -33,12 +33,12 @@ def ablate(model: Any, *, arch: str | None = None, arch_kwargs: str | None = Non
         options["ablation_mode"] = options.pop("mode")
     options.pop("progress", None)
     loaded = _model(model, arch, arch_kwargs, trust_checkpoint)
-    return fitcli.ablate(loaded, data, units=cli.parse_units(units), loss=cli._loss(loss), **options).to_dict()
+    return fitcli.ablate(loaded, data, units=cli.parse_units(units), loss=cli.loss_of(loss), **options).to_dict()
 
 
 def load_model(path: Any, arch: str | None = None, arch_kwargs: str | None = None,
                trust_checkpoint: bool = False) -> LoadedModel:
     """``fitcli.load`` with ``--arch``/``--arch-kwargs`` strings parsed as the CLI parses them."""
-    a = cli._arch({"arch": arch, "arch_kwargs": arch_kwargs})
+    a = cli.arch_of({"arch": arch, "arch_kwargs": arch_kwargs})
     return fitcli.load(path, arch=a["arch"], arch_kwargs=a["arch_kwargs"], trust_checkpoint=trust_checkpoint,
                        arch_label=a.get("arch_label"))
