@@ -1,0 +1,186 @@
+"""``fitcli prune MODEL --data D --remove dead|removable|LAYER:UNITS | --budget PCT -o OUT``:
+physical removal of units (``fitcli.prune``), with the before/after table on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from fitcli import clikit
+from fitcli.clikit import (
+    ArchKwOpt,
+    ArchOpt,
+    BatchOpt,
+    ConfigOpt,
+    DataOpt,
+    DeviceOpt,
+    Fmt,
+    FormatOpt,
+    LossOpt,
+    MaxBatchOpt,
+    QuietOpt,
+    SeedOpt,
+    TauOpt,
+    TrustOpt,
+    VerboseOpt,
+    checked_settings,
+    cli_words,
+    loss_of,
+    merge,
+    model_of,
+    parse_units,
+)
+from fitcli.errors import UsageError
+
+EXAMPLES = """Examples:
+
+\b
+  fitcli prune model.safetensors --arch models.py:Net --data val.safetensors --remove dead -o pruned
+  fitcli prune model.pt --arch models.py:Net --data val.pt --remove removable -o pruned --format json
+  fitcli prune model.pt --arch models.py:Net --data val.pt --remove fc1:3,17 --remove fc2:5-7 -o pruned
+  fitcli prune model.pt --arch models.py:Net --data val.pt --budget 10 --rank-by apoz -o pruned
+"""
+
+RemoveOpt = Annotated[list[str] | None, typer.Option("--remove", help="dead (dead and constant units), removable (exact ablation |Δloss| ≤ 1e-6, and constant units), or LAYER:UNITS such as fc1:3,7-9 (repeatable) [default: dead]")]
+BudgetOpt = Annotated[float | None, typer.Option("--budget", help="remove PCT % of the prunable units, least fit first by --rank-by")]
+RankOpt = Annotated[str | None, typer.Option("--rank-by", help="metric ranking the units for --budget [default: the audit's: taylor, else act_mean, else weight_norm]")]
+OutOpt = Annotated[str | None, typer.Option("--output", "-o", help="write OUT.pt2 (torch.export: runs without your code) and OUT.safetensors (the pruned weights), atomically")]
+
+
+def parse_remove(values: list[str] | None):
+    """--remove values -> "dead", "removable" or {layer: [units]}."""
+    if not values:
+        return "dead"
+    words = [v for v in values if v in ("dead", "removable")]
+    if words:
+        if len(values) > 1:
+            raise UsageError("--remove dead or removable stands alone (not with other --remove values)")
+        return words[0]
+    out: dict[str, list[int]] = {}
+    for v in values:
+        layer, sep, spec = v.rpartition(":")
+        if not sep or not layer:
+            raise UsageError(f"--remove {v!r}: use dead, removable or LAYER:UNITS (e.g. fc1:3,7-9)")
+        try:
+            units = parse_units(spec) or []
+        except UsageError as e:
+            e.message = e.message.replace("--units", f"--remove {layer}:", 1)
+            raise
+        out[layer] = sorted(set(out.get(layer, [])) | set(units))
+    return out
+
+
+def _fmt(v, kind: str) -> str:
+    if v is None:
+        return "n/a"
+    if kind == "int":
+        return f"{int(v):,}"
+    if kind == "pct":
+        return f"{100 * v:.2f}%"
+    return f"{v:.6g}"
+
+
+def _change(before, after, kind: str) -> str:
+    if before is None or after is None:
+        return "n/a"
+    d = after - before
+    if kind == "int":
+        return f"{d:+,}" + (f" ({100 * d / before:+.1f}%)" if before else "")
+    if kind == "pct":
+        return f"{100 * d:+.2f} pts"
+    return f"{d:+.3g}"
+
+
+def rows(d: dict) -> list[list[str]]:
+    lo, acc = d["loss"], d["accuracy"]
+    pred = lo["predicted_change"]
+    return [
+        ["parameters", _fmt(d["parameters"]["before"], "int"), _fmt(d["parameters"]["after"], "int"),
+         _change(d["parameters"]["before"], d["parameters"]["after"], "int"), ""],
+        ["FLOPs (one batch)", _fmt(d["flops"]["before"], "int"), _fmt(d["flops"]["after"], "int"),
+         _change(d["flops"]["before"], d["flops"]["after"], "int"), ""],
+        ["loss", _fmt(lo["before"], "f"), _fmt(lo["after"], "f"), _change(lo["before"], lo["after"], "f"),
+         "n/a" if pred is None else f"{pred:+.3g}"],
+        ["accuracy", _fmt(acc["before"], "pct"), _fmt(acc["after"], "pct"),
+         _change(acc["before"], acc["after"], "pct"), ""],
+    ]
+
+
+def units_text(d: dict) -> list[str]:
+    out = []
+    for layer, units in d["removed"].items():
+        folded = d["folded"].get(layer, {})
+        shown = [f"{u} (folded: {folded[str(u)]:.4g})" if str(u) in folded else str(u) for u in units]
+        out.append(f"removed from {layer}: {', '.join(shown)}")
+    if not d["removed"]:
+        out.append("removed: nothing")
+    for r in d["refused"]:
+        out.append(f"refused {r['layer']} unit(s) {','.join(map(str, r['units']))}: {r['reason']}")
+    return out
+
+
+def render(d: dict, fmt: Fmt) -> str:
+    head = ["", "before", "after", "change", "predicted (exact ablation)"]
+    body = rows(d)
+    if fmt is Fmt.markdown:
+        lines = ["| " + " | ".join(head) + " |", "|---|---:|---:|---:|---:|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        lines += [""] + [f"- {t}" for t in units_text(d)]
+        return "\n".join(lines) + "\n"
+    if fmt is Fmt.csv:
+        return "\n".join(",".join(x.replace(",", "") for x in r) for r in [head, *body]) + "\n"
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [head, *body]]
+    lines += [f"selection: {d['selection']}"] + units_text(d)
+    return "\n".join(lines) + "\n"
+
+
+def command(
+    model: clikit.ModelArg, remove: RemoveOpt = None, budget: BudgetOpt = None, rank_by: RankOpt = None,
+    output: OutOpt = None, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None, trust_checkpoint: TrustOpt = None,
+    data: DataOpt = None, batch_size: BatchOpt = None, max_batches: MaxBatchOpt = None, loss: LossOpt = None,
+    device: DeviceOpt = None, seed: SeedOpt = None, tau: TauOpt = None, fmt: FormatOpt = None,
+    quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
+) -> None:
+    """Physically remove units (dead, removable, named, or a budget of the least fit) and write the
+    smaller model as OUT.pt2 (torch.export) and OUT.safetensors; prints parameters, FLOPs, loss and
+    accuracy before/after beside the change exact ablation predicted."""
+    m = merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
+                            batch_size=batch_size, max_batches=max_batches, loss=loss, device=device, seed=seed,
+                            tau=tau, rank_by=rank_by, format=fmt, quiet=quiet, verbose=verbose))
+    if m["format"] is Fmt.html:
+        raise UsageError("--format html is for reports; prune prints table, json, markdown or csv")
+    if not output:
+        raise UsageError("prune needs -o OUT: the pruned model is written to OUT.pt2 and OUT.safetensors")
+    if not m.get("data"):
+        raise UsageError("prune needs --data (units are chosen, folded and checked on it)")
+    if budget is not None and remove:
+        raise UsageError("give --remove or --budget, not both")
+    if budget is not None and not 0 <= budget <= 100:
+        raise UsageError(f"--budget {budget:g}: give a percentage between 0 and 100")
+    how = parse_remove(remove)
+    settings = checked_settings(m)
+    from fitcli.prune import check_outputs, prune
+
+    protect = [p for p in (model, m.get("data"), m.get("_config")) if p]
+    try:
+        check_outputs(output, protect)  # before anything is loaded
+    except UsageError as e:
+        e.message = "-" + "-" + e.message if e.message.startswith("output ") else e.message
+        raise
+    loaded = model_of(model, m)
+    result = prune(loaded, m["data"], remove=how, budget=budget, loss=loss_of(m.get("loss")), settings=settings)
+    written = result.save(output, protect=protect)
+    d = result.to_dict()
+    if m["format"] is Fmt.json:
+        sys.stdout.write(json.dumps({**d, "written": [str(p) for p in written]}, indent=2) + "\n")
+    else:
+        sys.stdout.write(render(d, m["format"]))
+    if not m.get("quiet"):
+        for note in d["notes"]:
+            clikit.err.print(f"note: {cli_words(note)}", style="dim")
+        clikit.err.print(f"written {', '.join(str(p) for p in written)}", style="dim")

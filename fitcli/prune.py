@@ -1,0 +1,671 @@
+"""Physical removal of units: ``prune(model, data, remove=...) -> PruneResult``.
+
+The pruned model is a deep copy (the caller's module is never touched). Per layer, the chosen
+units' rows go from the producing layer (with their BatchNorm entries and bias), their columns
+from every consuming layer; a unit whose value at its consumers is constant on the data is
+folded into the consumers' bias first (``b += W[:, j] * c``), so its removal changes nothing.
+Removing a unit otherwise equals zero-ablating it at its activation point, which is what the
+predicted loss change measures (all chosen units masked together, with hooks, on the original).
+
+The dependency graph (which parameters hold a unit's channel, through flatten, BatchNorm,
+concatenation...) is Torch-Pruning's (the ``prune`` extra); what a unit may not take part in is
+decided here: a channel coupled to other layers' outputs (a residual stream, a gated product),
+a final layer's outputs, attention heads, and a constant that a padded convolution would not
+see as constant are refused, each with its reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fitcli.data import Batch
+from fitcli.errors import InputError, UsageError, guarded
+from fitcli.losses import primary_output
+from fitcli.settings import Settings
+
+CONST_TOL = 1e-6  # a unit is constant when max - min <= CONST_TOL * (1 + |mean|) over the data
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class PruneRefused(InputError):
+    """Units the caller named cannot be removed exactly: a coupling the surgery cannot follow."""
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` did. ``module``: the pruned deep copy; ``removed``: units taken out of
+    each layer (original indices), ``folded``: those among them whose constant value went
+    into the consumers' bias ({layer: {unit: value}}); ``refused``: {layer, units, reason}."""
+
+    module: nn.Module
+    removed: dict[str, list[int]]
+    folded: dict[str, dict[int, float]]
+    refused: list[dict[str, Any]]
+    selection: str
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    loss_before: float | None
+    loss_after: float | None
+    predicted_loss_change: float | None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    rank_by: str | None = None
+    loss_name: str | None = None
+    notes: list[str] = field(default_factory=list)
+    example: Batch | None = field(default=None, repr=False)
+    inputs: list[str] = field(default_factory=list, repr=False)  # files never to overwrite
+
+    @property
+    def loss_change(self) -> float | None:
+        if self.loss_before is None or self.loss_after is None:
+            return None
+        return self.loss_after - self.loss_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "selection": self.selection, "rank_by": self.rank_by, "loss_name": self.loss_name,
+            "removed": self.removed,
+            "folded": {k: {str(u): c for u, c in v.items()} for k, v in self.folded.items()},
+            "refused": self.refused,
+            "parameters": {"before": self.params_before, "after": self.params_after},
+            "flops": {"before": self.flops_before, "after": self.flops_after},
+            "loss": {"before": self.loss_before, "after": self.loss_after, "change": self.loss_change,
+                     "predicted_change": self.predicted_loss_change},
+            "accuracy": {"before": self.accuracy_before, "after": self.accuracy_after},
+            "notes": self.notes,
+        }
+
+    def save(self, out: str | Path, protect: list[str | Path] = ()) -> list[Path]:
+        """``OUT.pt2`` (``torch.export`` of the pruned model on an example batch, with a dynamic
+        batch dimension where it exports) and ``OUT.safetensors`` (its weights), each written
+        atomically and never over an input file."""
+        pt2, st = check_outputs(out, [*self.inputs, *protect])
+        program = export_program(self.module, self.example)
+        _write_atomic(pt2, lambda f: torch.export.save(program, f))
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().contiguous().clone() for k, v in self.module.state_dict().items()}
+        _write_atomic(st, lambda f: save_file(sd, f))
+        return [pt2, st]
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def output_paths(out: str | Path) -> tuple[Path, Path]:
+    """``OUT`` (or ``OUT.pt2`` / ``OUT.safetensors``) -> (``OUT.pt2``, ``OUT.safetensors``)."""
+    stem = Path(out)
+    if stem.suffix in (".pt2", ".safetensors"):
+        stem = stem.with_suffix("")
+    return Path(f"{stem}.pt2"), Path(f"{stem}.safetensors")
+
+
+def check_outputs(out: str | Path, protect: list[str | Path]) -> tuple[Path, Path]:
+    """The two output paths, checked: not an input file, not a folder, in a folder that exists."""
+    paths = output_paths(out)
+    for p in paths:
+        _check_target(p, protect)
+    return paths
+
+
+def _check_target(p: Path, protect: list[str | Path]) -> None:
+    for q in protect:
+        if q and Path(q).exists() and p.exists() and os.path.samefile(p, q):
+            raise UsageError(f"output {p} is one of the inputs; refusing to overwrite it")
+        if q and Path(q).resolve() == p.resolve():
+            raise UsageError(f"output {p} is one of the inputs; refusing to overwrite it")
+    if p.is_dir():
+        raise UsageError(f"output {p} is a directory")
+    if not (p.parent if str(p.parent) else Path(".")).exists():
+        raise UsageError(f"output {p}: folder {p.parent} does not exist")
+
+
+def _write_atomic(p: Path, write: Callable[[str], Any]) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``p``, then a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}", dir=p.parent if str(p.parent) else ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def export_program(module: nn.Module, example: Batch | None):
+    """``torch.export`` of ``module`` on ``example``: the batch dimension dynamic when that
+    exports, else fixed at the example's size."""
+    if example is None:
+        raise InputError("exporting the pruned model needs an example batch")
+    module = module.eval()
+    args, kwargs = tuple(example.args), dict(example.kwargs)
+    try:
+        return torch.export.export(module, args, kwargs or None,
+                                   dynamic_shapes=_dynamic(module, args, kwargs, torch.export.Dim("batch", min=1)))
+    except Exception:
+        pass
+    try:
+        return torch.export.export(module, args, kwargs or None)
+    except Exception as e:
+        raise InputError(f"the pruned model does not export with torch.export ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+
+
+def _dynamic(module: nn.Module, args: tuple, kwargs: dict, dyn: Any) -> Any:
+    """A dynamic first dimension for every tensor input, keyed by the forward's parameter names."""
+    import inspect
+
+    def spec(v: Any) -> Any:
+        return {0: dyn} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    return {k: spec(v) for k, v in bound.arguments.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_flops(module: nn.Module, example: Batch) -> int:
+    """FLOPs of one forward on ``example`` (``torch.utils.flop_counter``: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fcm:
+        module(*example.args, **example.kwargs)
+    return int(fcm.get_total_flops())
+
+
+def evaluate(run: Callable[[Batch], Any], data, loss_fn, device: torch.device, graph=None
+             ) -> tuple[float | None, float | None]:
+    """Mean per-sample loss and accuracy (class targets) of ``run(batch)`` over the data."""
+    total = correct = 0.0
+    n = 0
+    acc_known = True
+    with torch.no_grad():
+        for i, b in enumerate(data):
+            b = b.to(device)
+            out = guarded(b, graph, i, run, b) if graph is not None else run(b)
+            if loss_fn is not None:
+                total += float(loss_fn(out, b).detach().to(torch.float64).sum())
+            o = primary_output(out)
+            t = b.targets
+            if t is not None and not t.is_floating_point() and t.dim() == 1 and o.dim() == 2:
+                correct += float((o.argmax(dim=-1) == t.to(o.device)).sum())
+            else:
+                acc_known = False
+            n += b.size
+    if n == 0:
+        raise InputError("the data yields no batches (empty data)")
+    return (total / n if loss_fn is not None else None), (correct / n if acc_known else None)
+
+
+def unit_ranges(graph, names: list[str], data, device: torch.device, loss_fn
+                ) -> tuple[dict[str, tuple[torch.Tensor, ...]], tuple[float | None, float | None]]:
+    """Per unit of each layer, over every observation at its activation point: (min, max, mean);
+    and the model's loss and accuracy on the data (the same pass)."""
+    lays = {lay.name: lay for lay in graph.layers}
+    acc: dict[str, list[Any]] = {}
+
+    def grab(n: str):
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            v = lays[n].view(t.detach()).to(torch.float64)  # [B, U, P]
+            lo, hi, s, k = v.amin(dim=(0, 2)), v.amax(dim=(0, 2)), v.sum(dim=(0, 2)), v.shape[0] * v.shape[2]
+            a = acc.setdefault(n, [lo, hi, s * 0, 0])
+            a[0], a[1], a[2], a[3] = torch.minimum(a[0], lo), torch.maximum(a[1], hi), a[2] + s, a[3] + k
+            return t
+        return fn
+
+    with graph.tap({n: grab(n) for n in names}):
+        base = evaluate(graph, data, loss_fn, device, graph)
+    return {n: (a[0].cpu(), a[1].cpu(), (a[2] / max(a[3], 1)).cpu()) for n, a in acc.items()}, base
+
+
+def is_constant(lo: float, hi: float, mean: float) -> bool:
+    return math.isfinite(lo) and math.isfinite(hi) and hi - lo <= CONST_TOL * (1.0 + abs(mean))
+
+
+# --------------------------------------------------------------------------------------------
+# the dependency graph (Torch-Pruning) and what may be removed
+
+
+def _tp():
+    try:
+        import torch_pruning as tp
+    except ImportError as e:
+        raise InputError("pruning needs the 'prune' extra (pip install 'fitcli[prune]': torch-pruning, "
+                         "for the dependency graph)") from e
+    return tp
+
+
+def _out_fn(tp, mod: nn.Module):
+    if isinstance(mod, nn.Linear):
+        return tp.prune_linear_out_channels
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups == 1:
+        return tp.prune_conv_out_channels
+    return None
+
+
+@dataclass
+class _Plan:
+    """One layer's surgery: its module, and per unit the consumers' input columns."""
+
+    layer: str
+    module: nn.Module
+    consumers: dict[int, list[tuple[str, list[int]]]]  # unit -> [(consumer module name, input idxs)]
+
+
+def _layer_reason(lay, mod: nn.Module | None, tp) -> str | None:
+    if lay.final:
+        return "it is the final layer: its units are the model's outputs"
+    if lay.point_kind == "heads":
+        return "attention heads: the surgery of in/out projections per head is not supported yet"
+    if lay.members or lay.point_kind in ("gated", "recurrent") or lay.weight_only:
+        return f"{lay.type} units (gated, recurrent or embedding rows) are not supported yet"
+    if mod is None or _out_fn(tp, mod) is None:
+        return f"{lay.type} layers are not supported (Linear and ungrouped ConvNd are)"
+    return None
+
+
+def _group_of(dg, tp, mod: nn.Module, fn, idxs: list[int], names: dict[nn.Module, str], layer: str
+              ) -> tuple[list[tuple[str, list[int]]], str | None]:
+    """The consumers' input columns of ``idxs``, or the reason the channel cannot go alone."""
+    try:
+        group = dg.get_pruning_group(mod, fn, idxs=idxs)
+    except Exception as e:
+        return [], f"the dependency graph does not hold it ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    consumers, coupled = [], []
+    for dep, didx in group:
+        target, handler = dep.target.module, getattr(dep.handler, "__name__", str(dep.handler))
+        name = names.get(target)
+        if name is None:  # Torch-Pruning's own nodes for functions (elementwise, reshape, concat)
+            continue
+        if "out_channels" in handler and name != layer and not isinstance(target, _NORMS):
+            coupled.append(name)
+        elif "in_channels" in handler:
+            consumers.append((name, [int(i) for i in didx]))
+    if coupled:
+        return [], (f"its channels are coupled to {', '.join(sorted(set(coupled))[:4])}"
+                    + (" ..." if len(set(coupled)) > 4 else "")
+                    + ": its outputs join theirs (a residual sum or a shared stream), so a channel could only "
+                    "go from all of them at once")
+    if not consumers:
+        return [], "its outputs reach the model's output without passing a layer"
+    return consumers, None
+
+
+def dependency_graph(module: nn.Module, example: Batch):
+    """Torch-Pruning's dependency graph of ``module``, from one forward on ``example``."""
+    return _tp().DependencyGraph().build_dependency(module, example_inputs=example,
+                                                    forward_fn=lambda m, b: m(*b.args, **b.kwargs), verbose=False)
+
+
+def plan_layers(dg, module: nn.Module, graph, chosen: dict[str, list[int]],
+                folds: set[tuple[str, int]] = frozenset()) -> tuple[dict[str, _Plan], list[dict[str, Any]]]:
+    """Per chosen layer of ``module``: its plan, or its refusal with the reason. The coupling is
+    checked on the group of all the layer's chosen units at once; each unit in ``folds`` (a
+    nonzero constant at its point) gets its own consumers' columns, to fold it."""
+    tp = _tp()
+    mods = dict(module.named_modules())
+    names = {m: n for n, m in mods.items()}
+    lays = {lay.name: lay for lay in graph.layers}
+    plans: dict[str, _Plan] = {}
+    refused: list[dict[str, Any]] = []
+    for lname, units in chosen.items():
+        if not units:
+            continue
+        lay = lays[lname]
+        mod = mods.get(lname)
+        reason = _layer_reason(lay, mod, tp)
+        per_unit: dict[int, list[tuple[str, list[int]]]] = {}
+        if reason is None and len(units) >= lay.units:
+            reason = "it would remove every unit of the layer (the layer itself would go)"
+        if reason is None:
+            fn = _out_fn(tp, mod)
+            _, reason = _group_of(dg, tp, mod, fn, list(units), names, lname)
+            for u in units:
+                if reason is None and (lname, u) in folds:
+                    per_unit[u], reason = _group_of(dg, tp, mod, fn, [u], names, lname)
+        if reason is not None:
+            refused.append({"layer": lname, "units": list(units), "reason": reason})
+            continue
+        plans[lname] = _Plan(lname, mod, per_unit)
+    return plans, refused
+
+
+def consumer_constants(module: nn.Module, plans: dict[str, _Plan], data, device: torch.device
+                       ) -> dict[tuple[str, int], list[torch.Tensor] | None]:
+    """Per (layer, unit): the constant value of each of its consumers' input columns over the
+    data (one tensor per consumer), or None where some column varies."""
+    mods = dict(module.named_modules())
+    cols: dict[str, set[int]] = {}
+    for p in plans.values():
+        for lst in p.consumers.values():
+            for cname, idxs in lst:
+                cols.setdefault(cname, set()).update(idxs)
+    index = {c: sorted(s) for c, s in cols.items()}
+    if not index:  # no unit to fold: no pass over the data
+        return {}
+    stats: dict[str, list[torch.Tensor]] = {}
+
+    def pre(cname: str):
+        conv = not isinstance(mods[cname], nn.Linear)
+
+        def hook(m, args):
+            x = args[0].detach().to(torch.float64)
+            idx = torch.tensor(index[cname], device=x.device)
+            v = x.index_select(1 if conv else x.dim() - 1, idx)
+            v = v.movedim(1, -1) if conv else v
+            v = v.reshape(-1, len(index[cname]))
+            lo, hi, s = v.amin(0), v.amax(0), v.sum(0)
+            if cname not in stats:
+                stats[cname] = [lo, hi, s, torch.tensor(float(v.shape[0]), dtype=torch.float64)]
+            else:
+                a = stats[cname]
+                stats[cname] = [torch.minimum(a[0], lo), torch.maximum(a[1], hi), a[2] + s, a[3] + v.shape[0]]
+        return hook
+
+    handles = [mods[c].register_forward_pre_hook(pre(c)) for c in index]
+    try:
+        with torch.no_grad():
+            for b in data:
+                b = b.to(device)
+                module(*b.args, **b.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[tuple[str, int], list[torch.Tensor] | None] = {}
+    for p in plans.values():
+        for u, lst in p.consumers.items():
+            vals: list[torch.Tensor] | None = []  # (a unit's consumers: listed only for fold candidates)
+            for cname, idxs in lst:
+                lo, hi, s, n = stats[cname]
+                pos = torch.tensor([index[cname].index(i) for i in idxs])
+                mean = (s / n)[pos]
+                if not all(is_constant(float(a), float(b), float(c)) for a, b, c in zip(lo[pos], hi[pos], mean, strict=True)):
+                    vals = None
+                    break
+                assert vals is not None
+                vals.append(mean.cpu())
+            out[(p.layer, u)] = vals
+    return out
+
+
+def _fold_reason(mod: nn.Module, c: torch.Tensor) -> str | None:
+    if isinstance(mod, nn.Linear):
+        return None
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if mod.groups != 1:
+            return "its consumer is a grouped convolution"
+        pad = mod.padding if isinstance(mod.padding, tuple) else (mod.padding,)
+        if isinstance(mod.padding, str) and mod.padding != "valid":
+            pad = (1,)
+        if all(p == 0 for p in pad) or bool((c == 0).all()):
+            return None
+        return (f"its constant value feeds the padded convolution {type(mod).__name__}: the padding makes its "
+                "contribution vary at the borders, so it cannot be folded into the bias exactly")
+    return f"its consumer {type(mod).__name__} has no bias to fold a constant into"
+
+
+def fold(mod: nn.Module, idxs: list[int], c: torch.Tensor) -> None:
+    """``bias += W[:, idxs] · c`` (a ConvNd without padding: summed over the kernel too)."""
+    if bool((c == 0).all()):
+        return
+    w = mod.weight.detach().to(torch.float64)[:, idxs]
+    cc = c.to(torch.float64).to(w.device)
+    add = (w * cc.reshape(1, -1, *([1] * (w.dim() - 2)))).sum(dim=tuple(range(1, w.dim())))
+    with torch.no_grad():
+        if mod.bias is None:
+            mod.bias = nn.Parameter(torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype, device=mod.weight.device))
+        mod.bias.add_(add.to(mod.bias.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# choosing units
+
+
+def _parse_remove(remove: Any) -> str | dict[str, list[int]]:
+    if isinstance(remove, str):
+        if remove not in ("dead", "removable"):
+            raise UsageError(f"remove {remove!r}: use 'dead', 'removable' or {{layer: [units]}}")
+        return remove
+    if isinstance(remove, dict):
+        out: dict[str, list[int]] = {}
+        for k, v in remove.items():
+            if not isinstance(k, str) or not isinstance(v, (list, tuple, set, range)):
+                raise UsageError("remove must map layer names to lists of unit indices")
+            for i in v:
+                if isinstance(i, bool) or not isinstance(i, int):
+                    raise UsageError(f"unit {i!r} of {k} is not an index")
+            out[k] = sorted(set(v))
+        return out
+    raise UsageError(f"remove must be 'dead', 'removable' or {{layer: [units]}}, not {type(remove).__name__}")
+
+
+def _check_units(chosen: dict[str, list[int]], graph) -> None:
+    from fitcli.errors import close_matches
+
+    lays = {lay.name: lay for lay in graph.layers}
+    for name, units in chosen.items():
+        if name not in lays:
+            raise UsageError(f"layer {name!r} is not an auditable layer" + close_matches(name, list(lays)),
+                             hint="`fitcli inspect MODEL` lists the layers")
+        for i in units:
+            if not 0 <= i < lays[name].units:
+                raise UsageError(f"unit {i} is out of range for {name} (the layer has {lays[name].units} units: "
+                                 f"0-{lays[name].units - 1})")
+
+
+def _constant_units(ranges: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, list[int]]:
+    return {n: [i for i in range(lo.numel()) if is_constant(float(lo[i]), float(hi[i]), float(m[i]))]
+            for n, (lo, hi, m) in ranges.items()}
+
+
+def _union(*dicts: dict[str, list[int]]) -> dict[str, list[int]]:
+    out: dict[str, set[int]] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out.setdefault(k, set()).update(v)
+    return {k: sorted(v) for k, v in out.items() if v}
+
+
+def _choose(how: str | dict, budget: float | None, loaded, ds, loss, s: Settings, candidates: list[str],
+            ranges) -> tuple[dict[str, list[int]], str, str | None]:
+    """-> ({layer: units}, a description of the choice, the ranking metric for a budget)."""
+    from fitcli import api
+
+    if budget is not None:
+        report = api.audit(loaded, ds, loss=loss, metrics=[s.rank_by] if s.rank_by else None, settings=s)
+        by = report.settings.get("rank_by")
+        rows = [r for r in report.ranked(by=by, top=None) if r["layer"] in candidates]
+        total = sum(len(ranges[n][0]) for n in candidates)
+        k = int(math.floor(budget / 100.0 * total + 1e-9))
+        picked: dict[str, list[int]] = {}
+        for r in rows[:k]:
+            picked.setdefault(r["layer"], []).append(int(r["unit"]))
+        return _union(picked), f"budget {budget:g}% ({k} of {total} units, least fit by {by})", by
+    consts = {n: v for n, v in _constant_units(ranges).items() if n in candidates}
+    if how == "dead" and s.tau == 0:  # dormancy 0 = exactly zero on every observation: constant 0
+        return consts, "dead (zero on all the data) and constant units", None
+    if how == "dead":
+        report = api.audit(loaded, ds, loss=loss, metrics=["dormant"], settings=s)
+        dead = {n: v for n, v in report.dead.items() if n in candidates}
+        return _union(dead, consts), f"dead (dormancy ≤ τ = {s.tau:g}) and constant units", None
+    if how == "removable":
+        report = api.audit(loaded, ds, loss=loss, metrics=["ablation"], settings=s)
+        rem = {n: v for n, v in report.removable.items() if n in candidates}
+        return _union(rem, consts), "removable (exact ablation |Δloss| ≤ 1e-6) and constant units", None
+    assert isinstance(how, dict)
+    return {k: v for k, v in how.items() if v}, "units given", None
+
+
+# --------------------------------------------------------------------------------------------
+# prune
+
+
+def _mask_fns(graph, zeroed: dict[str, list[int]]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    lays = {lay.name: lay for lay in graph.layers}
+
+    def fn(lay, units):
+        def mask(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            lay.units_view(t)[:, units] = 0
+            return t
+        return mask
+
+    return {n: fn(lays[n], us) for n, us in zeroed.items() if us}
+
+
+def _decide(plans: dict[str, _Plan], chosen: dict[str, list[int]], consts, mods: dict[str, nn.Module]
+            ) -> tuple[dict[str, list[int]], dict[str, dict[int, float]], list[dict[str, Any]]]:
+    """Per planned layer: the units removed, those folded (with their constant), those refused."""
+    removed: dict[str, list[int]] = {}
+    folded: dict[str, dict[int, float]] = {}
+    refused: list[dict[str, Any]] = []
+    for lname, p in plans.items():
+        for u in chosen[lname]:
+            vals = consts.get((lname, u))
+            if vals is not None and any(bool((v != 0).any()) for v in vals):
+                why = next((r for (cname, _), v in zip(p.consumers[u], vals, strict=True)
+                            if (r := _fold_reason(mods[cname], v)) is not None), None)
+                if why is not None:
+                    refused.append({"layer": lname, "units": [u], "reason": why})
+                    continue
+                folded.setdefault(lname, {})[u] = float(vals[0].mean())
+            removed.setdefault(lname, []).append(u)
+    return removed, folded, refused
+
+
+def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float | None = None, loss: Any = None,
+          arch: Any = None, arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
+          settings: Settings | None = None, **options: Any) -> PruneResult:
+    """Physically remove units from a deep copy of ``model``; see the module docstring.
+
+    ``remove``: ``"dead"`` (the audit's dead units and every unit constant on the data),
+    ``"removable"`` (exact ablation changes the loss by ≤ 1e-6, and constant units), or
+    ``{layer: [units]}``. ``budget``: remove this percent of the prunable units, least fit first
+    by the audit's ranking (``rank_by``, default the audit's). Units named in ``{layer: [units]}``
+    that cannot be removed exactly raise ``PruneRefused``; chosen by the audit, they are listed in
+    ``refused`` with the reason.
+    """
+    from fitcli import api
+    from fitcli.discovery import discover
+    from fitcli.engine import peek, pick_device
+    from fitcli.losses import check_loss, resolve_loss
+
+    s = Settings.make(settings, **options).check()
+    how = _parse_remove(remove)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0 <= budget <= 100):
+        raise UsageError(f"budget must be a percentage between 0 and 100, got {budget!r}")
+    if budget is not None and isinstance(how, dict):
+        raise UsageError("give units to remove or a budget, not both")
+    check_loss(loss)
+    loaded = api.load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    if not loaded.runnable or loaded.format == "export":
+        raise InputError(f"{loaded.path}: pruning needs the model's module (a .pt2 program cannot be edited); "
+                         "give its architecture")
+    ds = api.load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed)
+    if ds is None:
+        raise UsageError("pruning needs data")
+    dev = pick_device(s.device)
+    original = loaded.module
+    with api._caller_state(original, s.seed):
+        original.to(dev)
+        example = peek(ds)
+        if example is None:
+            raise InputError("the data yields no batches (empty data)")
+        example = example.to(dev)
+        loss_fn, loss_name, _why = resolve_loss(loss, example.targets, loaded.task)
+        graph = discover(original, loaded.state_dict, example=example)
+        candidates = [lay.name for lay in graph.active if not lay.final and lay.point_kind not in ("heads", "unknown")]
+        ranges, base = unit_ranges(graph, candidates, ds, dev, loss_fn)
+        pruned = copy.deepcopy(original).eval()
+        dg = dependency_graph(pruned, example)
+        if budget is not None:  # only layers whose units can go count towards the budget
+            ok, _ = plan_layers(dg, pruned, graph, {n: [0] for n in candidates})
+            candidates = [n for n in candidates if n in ok]
+        chosen, selection, by = _choose(how, budget, loaded, ds, loss, s, candidates, ranges)
+        _check_units(chosen, graph)
+        folds = {(n, u) for n, us in chosen.items() if n in ranges for u in us
+                 if is_constant(*(float(t[u]) for t in ranges[n])) and float(ranges[n][2][u]) != 0}
+        plans, refused = plan_layers(dg, pruned, graph, chosen, folds)
+        _refuse_named(how, refused)
+        consts = consumer_constants(pruned, plans, ds, dev)
+        removed, folded, refused_fold = _decide(plans, chosen, consts, dict(pruned.named_modules()))
+        refused += refused_fold
+        _refuse_named(how, refused)
+        zeroed = {n: [u for u in us if u not in folded.get(n, {})] for n, us in removed.items()}
+        predicted = None
+        if loss_fn is not None and all(float(ranges[n][0][u]) == 0 == float(ranges[n][1][u])
+                                       for n, us in zeroed.items() for u in us):
+            predicted = 0.0  # every zeroed unit is 0 on the whole data already: masking it changes nothing
+        elif loss_fn is not None:
+            with graph.tap(_mask_fns(graph, zeroed)):
+                masked = evaluate(graph, ds, loss_fn, dev, graph)
+            predicted = masked[0] - base[0]
+        params_before, flops_before = count_params(original), count_flops(original, example)
+        _surgery(pruned, dg, plans, removed, folded, consts)
+        after = evaluate(lambda b: pruned(*b.args, **b.kwargs), ds, loss_fn, dev)
+        result = PruneResult(
+            module=pruned, removed=removed, folded=folded, refused=refused, selection=selection,
+            params_before=params_before, params_after=count_params(pruned), flops_before=flops_before,
+            flops_after=count_flops(pruned, example), loss_before=base[0], loss_after=after[0],
+            predicted_loss_change=predicted, accuracy_before=base[1], accuracy_after=after[1], rank_by=by,
+            loss_name=loss_name, example=example,
+            inputs=[p for p in (loaded.path, data if isinstance(data, (str, Path)) else None) if p])
+        if loss_fn is None:
+            result.notes.append(f"no loss: {_why}")
+    return result
+
+
+def _refuse_named(how: Any, refused: list[dict[str, Any]]) -> None:
+    """Units the caller named are removed exactly or not at all."""
+    if refused and isinstance(how, dict):
+        r = refused[0]
+        raise PruneRefused(f"cannot remove unit(s) {_short_units(r['units'])} of {r['layer']}: {r['reason']}")
+
+
+def _short_units(units: list[int]) -> str:
+    return ",".join(str(u) for u in units[:8]) + (",..." if len(units) > 8 else "")
+
+
+def _surgery(pruned: nn.Module, dg, plans: dict[str, _Plan], removed: dict[str, list[int]],
+             folded: dict[str, dict[int, float]], consts) -> None:
+    """Fold every constant first (indices are the original ones), then remove layer by layer
+    with Torch-Pruning, which takes each unit's rows, BatchNorm entries and consumer columns."""
+    tp = _tp()
+    mods = dict(pruned.named_modules())
+    for lname, units in folded.items():
+        for u in units:
+            for (cname, idxs), c in zip(plans[lname].consumers[u], consts[(lname, u)], strict=True):
+                fold(mods[cname], idxs, c)
+    for lname, units in removed.items():
+        mod = mods[lname]
+        dg.get_pruning_group(mod, _out_fn(tp, mod), idxs=sorted(units)).prune()
+
+
+__all__ = ["prune", "PruneResult", "PruneRefused", "export_program", "count_flops", "count_params"]
