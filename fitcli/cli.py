@@ -288,7 +288,7 @@ def metrics(fmt: FormatOpt = None) -> None:
 
 # Commands with a module of their own, fitcli/cmd_<name>.py: each defines ``command`` (its Typer
 # signature and docstring) and ``EXAMPLES`` (the --help epilog). Registered in this order.
-COMMAND_MODULES: tuple[str, ...] = ("compare", "prune")
+COMMAND_MODULES: tuple[str, ...] = ("compare", "prune", "render")
 
 
 def _register(name: str) -> None:

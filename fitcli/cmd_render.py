@@ -1,0 +1,84 @@
+"""``fitcli render REPORT.json``: a saved report as an HTML page (or markdown, CSV, a table)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from fitcli.clikit import Fmt, QuietOpt, VerboseOpt
+from fitcli.errors import InputError, UsageError
+
+EXAMPLES = """Examples:
+
+\b
+  fitcli score model.pt --arch models.py:Net --data val.pt -o report.json
+  fitcli render report.json -o report.html
+  fitcli render report.json --format markdown >> "$GITHUB_STEP_SUMMARY"
+  fitcli render report.json --format csv -o units.csv
+"""
+
+COMPARE_SCHEMA = "fitcli.compare/1"
+
+
+def read_any(path: str) -> dict:
+    """An audit report (checked against its schema) or a comparison report."""
+    from fitcli import report as rep
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = json.load(f)
+    except FileNotFoundError as e:
+        raise InputError(f"report not found: {path}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read report {path}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    if isinstance(head, dict) and head.get("schema") == COMPARE_SCHEMA:
+        return head
+    return rep.read(path)
+
+
+def command(
+    report: Annotated[str, typer.Argument(help="a JSON report written by `fitcli score/ablate/compare --output`")],
+    fmt: Annotated[Fmt | None, typer.Option("--format", help="html (a self-contained page), markdown, csv or table [default: html]")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="write the rendered report to this file (atomically) instead of stdout")] = None,
+    quiet: QuietOpt = None, verbose: VerboseOpt = None,
+) -> None:
+    """Render a saved JSON report: a self-contained HTML page (default), markdown, CSV or a table."""
+    from fitcli import clikit
+    from fitcli import report as rep
+    from fitcli.render import render_csv, render_markdown, render_report
+
+    fmt = fmt or Fmt.html
+    if fmt is Fmt.json:
+        raise UsageError("--format json: the report is JSON already; use html, markdown, csv or table")
+    data = read_any(report)
+    compare = data.get("schema") == COMPARE_SCHEMA
+    if compare and fmt is not Fmt.html:
+        raise UsageError(f"--format {fmt.value}: a comparison report renders as html only")
+    if fmt is Fmt.html:
+        from fitcli.render.html import render_html
+
+        text = render_html(data)
+    elif fmt is Fmt.markdown:
+        text = render_markdown(data)
+    elif fmt is Fmt.csv:
+        text = render_csv(data)
+    elif output:
+        raise UsageError("--format table prints to the terminal; use html, markdown or csv with --output")
+    else:
+        clikit.out.print(render_report(data))
+        return
+    if output:
+        try:
+            rep.write_atomic(output, text, protect=[report])
+        except UsageError as e:
+            e.message = "--" + e.message if e.message.startswith("output ") else e.message
+            raise
+        if not quiet:
+            clikit.err.print(f"{fmt.value} written to {output}", style="dim")
+    else:
+        sys.stdout.write(text)

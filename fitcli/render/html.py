@@ -1,0 +1,577 @@
+"""HTML: one self-contained page for a report (``--format html``, ``fitcli render``).
+
+The page is a Jinja2 template (``templates/report.html.j2``) with its stylesheet and script
+(``assets/``) and the Vega/Vega-Lite/vega-embed runtime inlined once, so it opens offline in any
+current browser. The runtime comes from the installed ``vl-convert-python`` package (the ``html``
+extra) at render time; it costs about 0.9 MB per page. Charts are Vega-Lite specs built here from
+the report dict; the page embeds each chart when it scrolls into view, so large reports stay
+smooth. Unit-level plots are binned past a threshold (and the page says so):
+
+- unit maps show at most ``MAP_CELLS`` cells per layer (consecutive units grouped, the least-fit
+  unit of a group colours its cell);
+- the ranked table lists the ``TABLE_ROWS`` least-fit units;
+- the validation scatter plots show at most ``SCATTER_POINTS`` units per metric (an even sample).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import json
+import math
+from importlib import resources
+from typing import Any
+
+from fitcli.errors import UsageError
+from fitcli.render._common import coverage_line, key_metrics
+
+MAP_CELLS = 1024
+MAP_COLUMNS = 64
+TABLE_ROWS = 2000
+SCATTER_POINTS = 2000
+HIST_BINS = 30
+LOG_SPAN = 1e3  # a metric whose nonzero |values| span more than this many times gets a log (symlog) axis
+
+
+# ---- runtime and assets ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def vega_bundle() -> str:
+    """Vega, Vega-Lite and vega-embed as one offline script (from vl-convert-python)."""
+    try:
+        import vl_convert
+    except ImportError as e:
+        raise UsageError("the HTML report needs the 'html' extra: pip install 'fitcli[html]'") from e
+    return vl_convert.javascript_bundle().replace("</script", "<\\/script")
+
+
+def _asset(name: str) -> str:
+    return resources.files("fitcli").joinpath(f"render/assets/{name}").read_text(encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=1)
+def _template():
+    try:
+        import jinja2
+    except ImportError as e:
+        raise UsageError("the HTML report needs the 'html' extra: pip install 'fitcli[html]'") from e
+    env = jinja2.Environment(loader=jinja2.PackageLoader("fitcli", "render/templates"),
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = _num_text
+    env.filters["pct"] = lambda x: "" if x is None else f"{100.0 * x:.1f}%"
+    return env
+
+
+def script_json(obj: Any) -> str:
+    """JSON safe inside a <script> element (no '<', '>' or '&' left to end it early)."""
+    text = json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+# ---- numbers --------------------------------------------------------------------------------------
+
+def _r(v: float | None, digits: int = 4) -> float | None:
+    """Round to ``digits`` significant digits (the page shows no more; the JSON report keeps all)."""
+    if v is None or not math.isfinite(v):
+        return None
+    return float(f"{v:.{digits}g}")
+
+
+def _num_text(v: float | None) -> str:
+    from fitcli.render._common import fmt
+
+    return "" if v is None else fmt(v)
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _symlog_constant(values: list[float]) -> float | None:
+    """A symlog constant when the nonzero |values| span more than LOG_SPAN, else None (linear)."""
+    nz = sorted(abs(v) for v in values if v != 0)
+    if len(nz) < 2 or nz[-1] / nz[0] <= LOG_SPAN:
+        return None
+    return nz[max(0, len(nz) // 20)]  # the 5th percentile: the linear zone around 0 stays narrow
+
+
+def _fwd(v: float, c: float | None) -> float:
+    return v if c is None else math.copysign(math.log1p(abs(v) / c), v)
+
+
+def _back(t: float, c: float | None) -> float:
+    return t if c is None else math.copysign(c * math.expm1(abs(t)), t)
+
+
+def histogram(values: list[float], lo: float, hi: float, bins: int, c: float | None) -> list[tuple[float, float, int]]:
+    """Counts of ``values`` in ``bins`` equal bins of [lo, hi] (in symlog space when ``c``): (start, end, n)."""
+    tl, th = _fwd(lo, c), _fwd(hi, c)
+    if th <= tl:
+        return [(lo, hi, len(values))] if values else []
+    width = (th - tl) / bins
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, max(0, int((_fwd(v, c) - tl) / width)))] += 1
+    return [(_back(tl + k * width, c), _back(tl + (k + 1) * width, c), n) for k, n in enumerate(counts) if n]
+
+
+def percentile_fitness(fit: list[float | None]) -> list[float | None]:
+    """Each unit's place among its layer's finite fitness values: 0 the least fit, 1 the fittest
+    (ties share the lower place)."""
+    finite = sorted(v for v in fit if v is not None)
+    if not finite:
+        return [None] * len(fit)
+    top = max(1, len(finite) - 1)
+    return [None if v is None else bisect.bisect_left(finite, v) / top for v in fit]
+
+
+# ---- charts ---------------------------------------------------------------------------------------
+
+def _spec(**kw: Any) -> dict:
+    return {"config": {"view": {"stroke": None}, "axis": {"labelLimit": 240}}, **kw}
+
+
+def dead_fraction_chart(layers: list[dict]) -> dict:
+    rows = [{"layer": lay["name"], "dead": len(lay["dead"]), "units": lay["units"], "fraction": _r(lay["dead_fraction"])}
+            for lay in layers if not lay.get("final") and lay.get("activation_point_kind") != "weights"]
+    return _spec(
+        data={"values": rows}, mark={"type": "bar", "tooltip": True},
+        width=480, height={"step": 16},
+        encoding={"y": {"field": "layer", "type": "nominal", "sort": None, "title": None},
+                  "x": {"field": "fraction", "type": "quantitative", "title": "dead fraction",
+                        "axis": {"format": "%"}},
+                  "color": {"value": "#d62728"},
+                  "tooltip": [{"field": "layer"}, {"field": "dead"}, {"field": "units"},
+                              {"field": "fraction", "format": ".1%", "title": "dead fraction"}]})
+
+
+def distribution_chart(layers: list[dict], metric: str) -> tuple[dict, str]:
+    """Histograms of ``metric`` per layer (small multiples sharing the x axis), and a caption."""
+    series = {lay["name"]: _finite(lay["metrics"][metric]) for lay in layers if metric in lay["metrics"]}
+    every = [v for vals in series.values() for v in vals]
+    if not every:
+        return {}, f"{metric}: no finite values"
+    lo, hi = min(every), max(every)
+    c = _symlog_constant(every)
+    rows = [{"layer": name, "a": _r(a, 6), "b": _r(b, 6), "n": n}
+            for name, vals in series.items() for a, b, n in histogram(vals, lo, hi, HIST_BINS, c)]
+    scale = {"type": "symlog", "constant": _r(c, 6)} if c else {"type": "linear"}
+    caption = (f"{metric}: symlog axis (nonzero values span {_decades(every)} decades)" if c
+               else f"{metric}: linear axis")
+    spec = _spec(
+        data={"values": rows},
+        facet={"field": "layer", "type": "nominal", "sort": list(series), "title": None,
+               "header": {"labelLimit": 200, "labelFontSize": 11}},
+        columns=4, resolve={"scale": {"y": "independent"}},
+        spec={"width": 190, "height": 80, "mark": {"type": "rect", "tooltip": True, "color": "#4c78a8"},
+              "encoding": {"x": {"field": "a", "type": "quantitative", "scale": scale, "title": metric},
+                           "x2": {"field": "b"},
+                           "y": {"field": "n", "type": "quantitative", "title": "units"},
+                           "tooltip": [{"field": "a", "title": "from", "format": ".4g"},
+                                       {"field": "b", "title": "to", "format": ".4g"},
+                                       {"field": "n", "title": "units"}]}})
+    return spec, caption
+
+
+def _decades(values: list[float]) -> str:
+    nz = [abs(v) for v in values if v != 0]
+    return f"{math.log10(max(nz) / min(nz)):.0f}"
+
+
+def unit_cells(fit: list[float | None], raw: list[float | None], dead: set[int], cells: int = MAP_CELLS) -> tuple[list[dict], int]:
+    """Cells of a unit map: one per unit, or per group of ``g`` consecutive units past ``cells``
+    (the group's least-fit unit gives its colour and value; ``d`` counts its dead units)."""
+    pct = percentile_fitness(fit)
+    n = len(fit)
+    g = max(1, math.ceil(n / cells))
+    out = []
+    for i, start in enumerate(range(0, n, g)):
+        members = range(start, min(n, start + g))
+        finite = [u for u in members if pct[u] is not None]
+        worst = min(finite, key=lambda u: pct[u]) if finite else None
+        out.append({"i": i, "a": start, "b": members[-1], "f": None if worst is None else _r(pct[worst], 3),
+                    "v": None if worst is None else _r(raw[worst]), "d": sum(1 for u in members if u in dead)})
+    return out, g
+
+
+def unit_map_chart(cells: list[dict], metric: str, group: int, legend: bool = True) -> dict:
+    cols = min(MAP_COLUMNS, len(cells))
+    unit_tip = {"field": "a", "title": "unit"} if group == 1 else {"field": "units", "title": "units"}
+    return _spec(
+        data={"values": cells},
+        transform=[{"calculate": f"datum.i % {cols}", "as": "x"}, {"calculate": f"floor(datum.i / {cols})", "as": "y"},
+                   {"calculate": "datum.a + '-' + datum.b", "as": "units"}],
+        width={"step": 11}, height={"step": 11},
+        mark={"type": "rect", "tooltip": True, "stroke": "white", "strokeWidth": 0.5},
+        encoding={"x": {"field": "x", "type": "ordinal", "axis": None},
+                  "y": {"field": "y", "type": "ordinal", "axis": None},
+                  "color": {"condition": [{"test": "datum.d > 0", "value": "#d62728"},
+                                          {"test": "datum.f === null", "value": "#bbbbbb"}],
+                            "field": "f", "type": "quantitative", "title": f"{metric} fitness (0 = least fit)",
+                            "scale": {"scheme": "viridis", "domain": [0, 1]}, **({} if legend else {"legend": None})},
+                  "tooltip": [unit_tip, {"field": "v", "title": metric, "format": ".4g"},
+                              {"field": "f", "title": "fitness place", "format": ".2f"},
+                              {"field": "d", "title": "dead"}]})
+
+
+def heads_chart(layers: list[dict], metric: str, fit: dict[str, list[float | None]]) -> dict:
+    rows = []
+    for lay in layers:
+        pct = percentile_fitness(fit.get(lay["name"], [None] * lay["units"]))
+        raw = lay["metrics"].get(metric, [None] * lay["units"])
+        dead = set(lay["dead"])
+        rows += [{"layer": lay["name"], "head": h, "f": _r(pct[h], 3), "v": _r(raw[h]), "d": int(h in dead)}
+                 for h in range(lay["units"])]
+    return _spec(
+        data={"values": rows}, width={"step": 22}, height={"step": 18},
+        mark={"type": "rect", "tooltip": True, "stroke": "white"},
+        encoding={"x": {"field": "head", "type": "ordinal"},
+                  "y": {"field": "layer", "type": "nominal", "sort": None, "title": None},
+                  "color": {"condition": [{"test": "datum.d > 0", "value": "#d62728"},
+                                          {"test": "datum.f === null", "value": "#bbbbbb"}],
+                            "field": "f", "type": "quantitative", "title": f"{metric} fitness (0 = least fit)",
+                            "scale": {"scheme": "viridis", "domain": [0, 1]}},
+                  "tooltip": [{"field": "layer"}, {"field": "head"}, {"field": "v", "title": metric, "format": ".4g"},
+                              {"field": "d", "title": "dead"}]})
+
+
+def _normalised(vals: list[float | None]) -> list[float | None]:
+    norm = math.sqrt(sum(v * v for v in vals if v is not None))
+    return [None if v is None else (v / norm if norm > 0 else 0.0) for v in vals]
+
+
+def validation_points(report: dict) -> tuple[dict[str, list[dict]], str, bool]:
+    """Per validated metric, points (per-layer ℓ2-normalised fitness, |ablation| normalised the same
+    way) for the validated units; where the ablation values came from ('' when the report has none);
+    whether the points were sampled (more than SCATTER_POINTS units)."""
+    from fitcli.report import direction, fitness_values
+
+    v = report["validation"]
+    by_name = {lay["name"]: lay for lay in report["layers"]}
+    oracle: dict[str, tuple[list[int], list[float | None]]] = {}
+    source = ""
+    for name, entry in v["layers"].items():
+        units = entry.get("units") or []
+        if isinstance(entry.get("ablation"), list):
+            oracle[name], source = (units, [None if x is None else abs(x) for x in entry["ablation"]]), "validation"
+        elif "ablation" in by_name.get(name, {}).get("metrics", {}):
+            full = by_name[name]["metrics"]["ablation"]
+            oracle[name], source = (units, [None if full[u] is None else abs(full[u]) for u in units]), source or "metrics"
+    points: dict[str, list[dict]] = {}
+    sampled = False
+    for metric in v["across_layers"]:
+        fit = fitness_values(report["layers"], metric, direction(metric, report.get("metric_info")))
+        rows = []
+        for name, (units, ab) in oracle.items():
+            if name not in fit:
+                continue
+            xs, ys = _normalised([fit[name][u] for u in units]), _normalised(ab)
+            rows += [{"layer": name, "unit": u, "x": _r(x), "y": _r(y)}
+                     for u, x, y in zip(units, xs, ys, strict=True) if x is not None and y is not None]
+        step = max(1, math.ceil(len(rows) / SCATTER_POINTS))
+        points[metric] = rows[::step]
+        sampled = sampled or step > 1
+    return points, source, sampled
+
+
+def scatter_chart(points: list[dict], metric: str, corr: dict) -> dict:
+    rho = corr.get("spearman")
+    title = f"{metric}: Spearman {'n/a' if rho is None else f'{rho:+.2f}'} ({corr.get('units', 0)} units)"
+    return _spec(
+        title={"text": title, "fontSize": 12}, data={"values": points}, width=230, height=170,
+        mark={"type": "point", "tooltip": True, "filled": True, "size": 28, "opacity": 0.7},
+        encoding={"x": {"field": "x", "type": "quantitative", "title": f"{metric} (fitness, ℓ2-normalised)"},
+                  "y": {"field": "y", "type": "quantitative", "title": "|ablation| (ℓ2-normalised)"},
+                  "color": {"field": "layer", "type": "nominal", "legend": None},
+                  "tooltip": [{"field": "layer"}, {"field": "unit"}, {"field": "x", "format": ".3g"},
+                              {"field": "y", "format": ".3g"}]})
+
+
+def correlation_chart(v: dict) -> dict:
+    rows = [{"metric": m, "scope": "across layers", "rho": _r(c.get("spearman"))} for m, c in v["across_layers"].items()]
+    rows += [{"metric": m, "scope": name, "rho": _r(c.get("spearman"))}
+             for name, entry in v["layers"].items() for m, c in entry["metrics"].items()]
+    rows = [r for r in rows if r["rho"] is not None]
+    return _spec(
+        data={"values": rows}, width=420, height={"step": 14},
+        mark={"type": "point", "tooltip": True, "filled": True, "size": 50},
+        encoding={"y": {"field": "metric", "type": "nominal", "title": None,
+                        "sort": {"field": "rho", "op": "max", "order": "descending"}},
+                  "x": {"field": "rho", "type": "quantitative", "title": "Spearman with exact ablation",
+                        "scale": {"domain": [-1, 1]}},
+                  "color": {"condition": {"test": "datum.scope === 'across layers'", "value": "#d62728"},
+                            "value": "#6baed6"},
+                  "size": {"condition": {"test": "datum.scope === 'across layers'", "value": 90}, "value": 40},
+                  "tooltip": [{"field": "metric"}, {"field": "scope"}, {"field": "rho", "format": "+.2f"}]})
+
+
+def blocks_chart(blocks: list[dict]) -> dict:
+    fields = [k for k in ("block_influence", "angular_distance", "ablation", "ablation_accuracy")
+              if any(b.get(k) is not None for b in blocks)]
+    rows = [{"block": b["name"], **{k: _r(b.get(k)) for k in fields}} for b in blocks]
+    return _spec(
+        data={"values": rows}, repeat=fields, columns=2,
+        spec={"width": 300, "height": {"step": 16}, "mark": {"type": "bar", "tooltip": True},
+              "encoding": {"y": {"field": "block", "type": "nominal", "sort": None, "title": None},
+                           "x": {"field": {"repeat": "repeat"}, "type": "quantitative"},
+                           "tooltip": [{"field": "block"}, {"field": {"repeat": "repeat"}, "type": "quantitative",
+                                                            "format": ".4g"}]}})
+
+
+# ---- page -----------------------------------------------------------------------------------------
+
+class _Charts:
+    def __init__(self) -> None:
+        self.specs: dict[str, dict] = {}
+
+    def add(self, spec: dict) -> str:
+        cid = f"c{len(self.specs)}"
+        self.specs[cid] = spec
+        return cid
+
+
+def _text(v: Any) -> str:
+    return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _provenance(report: dict) -> list[tuple[str, str]]:
+    m, d, s = report.get("model") or {}, report.get("data") or {}, report.get("settings") or {}
+    rows = [("command", str(report.get("command", ""))),
+            ("fitcli", f"{(report.get('tool') or {}).get('version', '')}, report created {report.get('created', '')}"),
+            ("model", str(m.get("path"))), ("format", str(m.get("format"))), ("sha256", str(m.get("sha256"))),
+            ("architecture", str(m.get("arch"))),
+            ("data", f"{d.get('spec')} ({d.get('samples')} samples in {d.get('batches')} batches)"),
+            ("discovery", str((report.get("discovery") or {}).get("method", "")))]
+    for k, v in s.items():
+        rows.append((f"settings.{k}", _text(v)))
+    return rows
+
+
+def _ranked_rows(report: dict, rank_by: str | None, metrics: list[str]) -> tuple[list[dict], int]:
+    from fitcli.report import direction, rank_units
+
+    layers = report["layers"]
+    if not rank_by or not any(rank_by in lay["metrics"] for lay in layers):
+        return [], 0
+    include_final = report.get("command") == "ablate"
+    total = sum(1 for lay in layers if rank_by in lay["metrics"] and (include_final or not lay.get("final"))
+                for v in lay["metrics"][rank_by] if v is not None)
+    rows = rank_units(layers, rank_by, TABLE_ROWS, direction(rank_by, report.get("metric_info")), include_final)
+    by_name = {lay["name"]: lay for lay in layers}
+    for i, r in enumerate(rows, 1):
+        lay = by_name[r["layer"]]
+        r["rank"] = i
+        r["values"] = [lay["metrics"][m][r["unit"]] if m in lay["metrics"] else None for m in metrics]
+    return rows, total
+
+
+def _audit_sections(report: dict, charts: _Charts) -> dict[str, Any]:
+    from fitcli.report import direction, fitness_values
+
+    layers = report["layers"]
+    rank_by = report["settings"].get("rank_by")
+    keys = key_metrics(report) or sorted({m for lay in layers for m in lay["metrics"]})[:3]
+    ctx: dict[str, Any] = {"keys": keys, "rank_by": rank_by}
+    known = (report.get("summary") or {}).get("dead_known", True)
+    ctx["dead_chart"] = charts.add(dead_fraction_chart(layers)) if known else None
+    if report.get("command") == "ablate":
+        ab = [v for lay in layers for v in (lay["metrics"].get("ablation") or []) if v is not None]
+        ctx["ablated"] = {"units": len(ab), "layers": sum(1 for lay in layers if "ablation" in lay["metrics"]),
+                          "removable": sum(len(lay.get("removable") or []) for lay in layers)}
+    ctx["distributions"] = [(charts.add(spec), caption) for spec, caption in
+                            (distribution_chart(layers, m) for m in keys) if spec]
+    map_metric = rank_by if any(rank_by in lay["metrics"] for lay in layers) else (keys[0] if keys else None)
+    maps, grouped = [], []
+    if map_metric:
+        fit = fitness_values(layers, map_metric, direction(map_metric, report.get("metric_info")),
+                             include_final=report.get("command") == "ablate")
+        for lay in layers:
+            if lay["name"] not in fit or lay.get("activation_point_kind") == "heads":
+                continue
+            cells, g = unit_cells(fit[lay["name"]], lay["metrics"][map_metric], set(lay["dead"]))
+            maps.append({"layer": lay, "chart": charts.add(unit_map_chart(cells, map_metric, g, legend=not maps)), "group": g})
+            if g > 1:
+                grouped.append(lay["name"])
+        heads = [lay for lay in layers if lay.get("activation_point_kind") == "heads" and lay["name"] in fit]
+        ctx["heads_chart"] = charts.add(heads_chart(heads, map_metric, fit)) if heads else None
+    else:
+        ctx["heads_chart"] = None
+    ctx.update(map_metric=map_metric, maps=maps, grouped=grouped)
+    ctx["rows"], ctx["total_units"] = _ranked_rows(report, rank_by, keys)
+    ctx["validation"] = _validation_context(report, charts) if report.get("validation") else None
+    return ctx
+
+
+def _validation_context(report: dict, charts: _Charts) -> dict[str, Any]:
+    v = report["validation"]
+    points, source, sampled = validation_points(report)
+    scatters = [charts.add(scatter_chart(pts, m, v["across_layers"][m]))
+                for m, pts in sorted(points.items(), key=lambda kv: -(v["across_layers"][kv[0]].get("spearman") or -2))
+                if pts]
+    return {"v": v, "scatters": scatters, "source": source, "corr_chart": charts.add(correlation_chart(v)),
+            "capped": sampled}
+
+
+# ---- comparison (fitcli.compare/1) -----------------------------------------------------------------
+
+COMPARE_SCHEMA = "fitcli.compare/1"
+STATES = ("died", "revived", "nonfinite", "dead", "alive")  # a binned cell shows the first its group has
+STATE_COLOURS = ("#d62728", "#2ca02c", "#ff7f0e", "#555555", "#dfe6ee")
+
+
+def change_cells(lay: dict, cells: int = MAP_CELLS) -> tuple[list[dict], int]:
+    """Cells of a unit-change map: each unit's state (died, revived, became non-finite, dead on
+    both sides, alive), grouped past ``cells`` units (a group shows its first state in STATES)."""
+    n = lay.get("units") or 0
+    died, revived = set(lay.get("died") or []), set(lay.get("revived") or [])
+    bad, dead = set(lay.get("became_nonfinite") or []), set(lay.get("dead_new") or [])
+
+    def state(u: int) -> int:
+        return 0 if u in died else 1 if u in revived else 2 if u in bad else 3 if u in dead else 4
+
+    g = max(1, math.ceil(n / cells))
+    out = []
+    for i, start in enumerate(range(0, n, g)):
+        members = range(start, min(n, start + g))
+        out.append({"i": i, "a": start, "b": members[-1], "s": STATES[min(state(u) for u in members)]})
+    return out, g
+
+
+def change_map_chart(cells: list[dict], group: int, legend: bool) -> dict:
+    cols = min(MAP_COLUMNS, len(cells))
+    tip = {"field": "a", "title": "unit"} if group == 1 else {"field": "units", "title": "units"}
+    return _spec(
+        data={"values": cells},
+        transform=[{"calculate": f"datum.i % {cols}", "as": "x"}, {"calculate": f"floor(datum.i / {cols})", "as": "y"},
+                   {"calculate": "datum.a + '-' + datum.b", "as": "units"}],
+        width={"step": 11}, height={"step": 11},
+        mark={"type": "rect", "tooltip": True, "stroke": "white", "strokeWidth": 0.5},
+        encoding={"x": {"field": "x", "type": "ordinal", "axis": None},
+                  "y": {"field": "y", "type": "ordinal", "axis": None},
+                  "color": {"field": "s", "type": "nominal", "title": "unit",
+                            "scale": {"domain": list(STATES), "range": list(STATE_COLOURS)},
+                            **({} if legend else {"legend": None})},
+                  "tooltip": [tip, {"field": "s", "title": "change"}]})
+
+
+def compare_dead_chart(layers: list[dict]) -> dict:
+    rows = [{"layer": lay["name"], "side": side, "fraction": _r(lay[f"dead_fraction_{side}"]),
+             "dead": len(lay.get(f"dead_{side}") or [])}
+            for lay in layers for side in ("base", "new") if lay.get(f"dead_fraction_{side}") is not None]
+    return _spec(
+        data={"values": rows}, mark={"type": "bar", "tooltip": True}, width=480, height={"step": 12},
+        encoding={"y": {"field": "layer", "type": "nominal", "sort": None, "title": None},
+                  "yOffset": {"field": "side", "sort": ["base", "new"]},
+                  "x": {"field": "fraction", "type": "quantitative", "title": "dead fraction", "axis": {"format": "%"}},
+                  "color": {"field": "side", "type": "nominal", "scale": {"domain": ["base", "new"],
+                                                                          "range": ["#9ecae1", "#d62728"]}},
+                  "tooltip": [{"field": "layer"}, {"field": "side"}, {"field": "dead"},
+                              {"field": "fraction", "format": ".1%"}]})
+
+
+def drift_chart(layers: list[dict]) -> dict | None:
+    rows = [{"layer": lay["name"], "metric": m, "drift": _r(max(d["drift"] for d in ds)),
+             "unit": max(ds, key=lambda d: d["drift"])["unit"]}
+            for lay in layers for m, ds in (lay.get("drifts") or {}).items() if ds]
+    if not rows:
+        return None
+    return _spec(
+        data={"values": rows}, mark={"type": "rect", "tooltip": True}, width={"step": 60}, height={"step": 16},
+        encoding={"x": {"field": "metric", "type": "nominal", "title": None, "axis": {"labelAngle": -40}},
+                  "y": {"field": "layer", "type": "nominal", "sort": None, "title": None},
+                  "color": {"field": "drift", "type": "quantitative", "title": "largest drift",
+                            "scale": {"type": "symlog", "scheme": "orangered"}},
+                  "tooltip": [{"field": "layer"}, {"field": "metric"}, {"field": "unit"},
+                              {"field": "drift", "format": ".3g"}]})
+
+
+def _compare_context(data: dict, charts: _Charts) -> dict[str, Any]:
+    layers = data.get("layers") or []
+    maps, grouped = [], []
+    for lay in layers:
+        if lay.get("status") != "compared" or lay.get("died") is None or not lay.get("units"):
+            continue
+        cells, g = change_cells(lay)
+        maps.append({"layer": lay, "chart": charts.add(change_map_chart(cells, g, legend=not maps)), "group": g})
+        if g > 1:
+            grouped.append(lay["name"])
+    rows = [{"layer": lay["name"], "metric": m, **d} for lay in layers for m, ds in (lay.get("drifts") or {}).items()
+            for d in ds]
+    rows.sort(key=lambda r: (-r["drift"], r["layer"], r["metric"], r["unit"]))
+    chart = drift_chart(layers)
+    sides = data.get("base") or {}, data.get("new") or {}
+    prov = []
+    for key, get in (("input", lambda x: f"{x.get('kind')}: {x.get('source')}"),
+                     ("model", lambda x: (x.get("model") or {}).get("path")),
+                     ("sha256", lambda x: (x.get("model") or {}).get("sha256")),
+                     ("architecture", lambda x: (x.get("model") or {}).get("arch")),
+                     ("data", lambda x: (x.get("data") or {}).get("spec")),
+                     ("created", lambda x: x.get("created"))):
+        prov.append((key, str(get(sides[0])), str(get(sides[1]))))
+    for k in sorted(set(sides[0].get("settings") or {}) | set(sides[1].get("settings") or {})):
+        prov.append((f"settings.{k}", *(_text((x.get("settings") or {}).get(k, "")) for x in sides)))
+    return {"dead_chart": charts.add(compare_dead_chart(layers)), "maps": maps, "grouped": grouped,
+            "drift_chart": charts.add(chart) if chart else None, "rows": rows[:TABLE_ROWS],
+            "total_rows": len(rows), "provenance": prov}
+
+
+def render_html(data: dict) -> str:
+    """The page for a report dict (``AuditReport.to_dict()``, a block report, or a comparison)."""
+    charts = _Charts()
+    report = data
+    env = _template()
+    common = {"r": data, "css": _asset("report.css"), "js": _asset("report.js"), "vega": vega_bundle(),
+              "limits": {"cells": MAP_CELLS, "table": TABLE_ROWS, "scatter": SCATTER_POINTS}}
+    if data.get("schema") == COMPARE_SCHEMA:
+        cmp = _compare_context(data, charts)
+        return env.get_template("compare.html.j2").render(**common, **cmp, charts_json=script_json(charts.specs))
+    ctx: dict[str, Any] = {"coverage": coverage_line(report) if report.get("layers") else "",
+                           "provenance": _provenance(report), "kind": "audit"}
+    if report.get("command") == "blocks":
+        ctx["kind"] = "blocks"
+        ctx["blocks_chart"] = charts.add(blocks_chart(report.get("blocks") or []))
+    else:
+        ctx.update(_audit_sections(report, charts))
+    return env.get_template("report.html.j2").render(**common, **ctx, charts_json=script_json(charts.specs))
+
+
+# ---- headless browser check (tests, bench) ---------------------------------------------------------
+
+BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome", "headless_shell")
+
+
+def find_chromium() -> str | None:
+    """A headless-capable Chromium on PATH, or None."""
+    import shutil
+
+    return next((p for p in map(shutil.which, BROWSERS) if p), None)
+
+
+def browser_check(path: str, browser: str, *, fragment: str = "all", screenshot: str | None = None,
+                  size: tuple[int, int] = (1280, 2400), budget_ms: int = 15000, timeout: float = 60.0) -> dict:
+    """Load the page at ``path`` in headless Chromium with the network cut off and return what the
+    page recorded: ``errors``, ``warnings``, ``rendered`` and ``charts`` (counts), ``dom`` (the DOM
+    after scripts ran; with the default ``fragment`` ``#all`` every chart is drawn) and ``stderr``.
+    With ``screenshot``, the same run also writes a PNG of the first ``size`` pixels."""
+    import html as _html
+    import re
+    import subprocess
+    from pathlib import Path
+
+    url = Path(path).resolve().as_uri() + (f"#{fragment}" if fragment else "")
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+           "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9", "--disable-extensions",
+           f"--virtual-time-budget={budget_ms}", f"--window-size={size[0]},{size[1]}"]
+    if screenshot:
+        cmd.append(f"--screenshot={screenshot}")
+    run = subprocess.run([*cmd, "--dump-dom", url], capture_output=True, text=True, timeout=timeout)
+    dom = run.stdout
+    m = re.search(r"<html([^>]*)>", dom)
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', m.group(1))) if m else {}
+
+    def j(name: str) -> list:
+        return json.loads(_html.unescape(attrs.get(name, "null"))) or []
+
+    return {"errors": j("data-errors") if m else [f"no page loaded (exit {run.returncode}): {run.stderr[-500:]}"],
+            "warnings": j("data-warnings"), "rendered": int(attrs.get("data-rendered", -1)),
+            "charts": int(attrs.get("data-charts", -1)), "dom": dom, "stderr": run.stderr}
