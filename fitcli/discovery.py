@@ -936,7 +936,8 @@ def _runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
             if evs and all(ev.kind == "module" and ev.name in by_name and ev.args[0] is ends[lay.name] for ev in evs):
                 lay.consumers = sorted({ev.name for ev in evs})
     active = [lay for lay in layers if not lay.weight_only and lay.rnn is None and lay.point_kind != "heads"]
-    if active and layers[-1] is active[-1]:
+    order = [lay for lay in layers if lay.point_kind != "heads"]  # head layers are appended after the rest
+    if active and order and order[-1] is active[-1]:
         active[-1].final = True
     covered = _covered(layers)
     unsupported = _unsupported(model, covered, "never called as a module during the forward pass, so it cannot be hooked")

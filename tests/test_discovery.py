@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -361,3 +363,18 @@ def test_score_through_runtime_hooks_equals_score_through_fx():
         for name, v in rt.values[layer].items():
             assert torch.allclose(metrics[name], v, rtol=1e-6, atol=1e-9, equal_nan=True), (layer, name)
         assert float(metrics["act_mean"].sum()) > 0 and float(metrics["taylor"].sum()) > 0  # fed, not empty
+
+
+def test_runtime_discovery_marks_the_output_layer_final_when_heads_are_found():
+    """Run-time discovery lists attention-head layers after the others; the output layer is still
+    the final one (its units are the outputs: never dead weight)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
+    from models import resmlp
+
+    from fitcli.discovery import _runtime_discover
+
+    g = _runtime_discover(resmlp().eval(), Batch((torch.randn(4, 6, 8),)))
+    assert [lay.name for lay in g.layers][-2:] == ["blocks.0.attn.heads", "blocks.1.attn.heads"]
+    assert [lay.name for lay in g.layers if lay.final] == ["head"]
