@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "sample_models"))
 import models  # noqa: E402  (sample_models/models.py)
 
 import fitcli  # noqa: E402
-from fitcli.prune import prune  # noqa: E402
+from fitcli.pruning import prune  # noqa: E402
 
 PRIOR = torch.tensor([0.4, 0.0, -0.2, -0.4])
 HIDDEN = (("fc1", "fc2"), ("fc2", "fc3"))  # (layer, the layer reading its units)

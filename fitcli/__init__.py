@@ -27,6 +27,9 @@ _PUBLIC = {
     "Metric": "fitcli.metrics.base", "UnitBatch": "fitcli.metrics.base",
     "FitcliError": "fitcli.errors", "InputError": "fitcli.errors", "UsageError": "fitcli.errors",
     "RuntimeAuditError": "fitcli.errors",
+    "compare": "fitcli.comparison", "Comparison": "fitcli.comparison",
+    "prune": "fitcli.pruning", "PruneResult": "fitcli.pruning", "PruneRefused": "fitcli.pruning",
+    "Tracker": "fitcli.tracker",
 }
 
 __all__ = ["__version__", *_PUBLIC]

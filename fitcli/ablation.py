@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fitcli import distributed
 from fitcli.data import Batch
 from fitcli.discovery import Layer, ModelGraph, getattr_path, token_mask
 from fitcli.errors import InputError, RuntimeAuditError, first_line, guarded, is_oom
@@ -179,8 +180,22 @@ def _losses_correct(outputs: Any, batch: Batch, loss_fn: LossFn, accuracy: bool,
 
 
 def unit_means(graph: ModelGraph, names: list[str], layers: dict[str, Layer], data: Iterable[Batch],
-               device: torch.device) -> dict[str, torch.Tensor]:
-    """E[h_i] over every observation of the data, per layer (a streamed sum + count)."""
+               device: torch.device, group: Any = None) -> dict[str, torch.Tensor]:
+    """E[h_i] over every observation of the data, per layer (a streamed sum + count). With a
+    process group each rank sums its shard and the sums and counts are all-reduced first."""
+    d = group if group is None or isinstance(group, distributed.Dist) else distributed.of(group)
+    with distributed.phase(d):
+        sums, counts = _unit_sums(graph, names, layers, distributed.shard(data, d), device)
+    if d is not None:
+        got = distributed.all_reduce(d, [sums[n] for n in names]
+                                     + [torch.tensor([float(counts[n]) for n in names], dtype=torch.float64)])
+        sums = dict(zip(names, got[:-1], strict=True))
+        counts = dict(zip(names, (int(c) for c in got[-1].tolist()), strict=True))
+    return {n: (sums[n] / max(counts[n], 1)) for n in names}
+
+
+def _unit_sums(graph: ModelGraph, names: list[str], layers: dict[str, Layer], data: Iterable[Batch],
+               device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     sums = {n: torch.zeros(layers[n].units, dtype=torch.float64, device=device) for n in names}
     counts = dict.fromkeys(names, 0)
     current: dict[str, torch.Tensor | None] = {"mask": None}
@@ -203,7 +218,7 @@ def unit_means(graph: ModelGraph, names: list[str], layers: dict[str, Layer], da
             b = b.to(device)
             current["mask"] = b.mask
             guarded(b, graph, i, graph, b)
-    return {n: (sums[n] / max(counts[n], 1)) for n in names}
+    return sums, counts
 
 
 @dataclass
@@ -318,17 +333,39 @@ def ablate_layers(
     units: dict[str, list[int] | None] | None = None,
     whole_layer: bool = False,
     accuracy: bool = False,
+    group: Any = None,
 ) -> AblationResult:
     """Exact ablation of every (selected) unit of each named layer over all of ``data``: per batch
     and layer, plan (the prefix once), chunk (units per pass from free memory), run (the suffix
-    on the changed rows)."""
+    on the changed rows).
+
+    ``group``: a process group. Each rank ablates every selected unit on its shard of the batches
+    (batch i on rank i % world) and the float64 sums and counts are all-reduced: every rank ends
+    with the single-process result (to float64 rounding). Mean mode all-reduces the means first."""
+    d = group if group is None or isinstance(group, distributed.Dist) else distributed.of(group)
     dev = torch.device(device)
     layers = {lay.name: lay for lay in graph.layers}
     units = units or {}
     sel = {n: (units.get(n) if units.get(n) is not None else list(range(layers[n].units))) for n in names}
-    means = unit_means(graph, names, layers, data, dev) if mode == "mean" else {}
+    means = unit_means(graph, names, layers, data, dev, group=d) if mode == "mean" else {}
     res = AblationResult(names, {n: layers[n].units for n in names}, dev)
     res.accuracy_known = accuracy
+    local = distributed.shard(data, d)
+    with distributed.phase(d):
+        _ablate_batches(graph, names, layers, sel, local, loss_fn, dev, chunk_size, progress, whole_layer,
+                        accuracy, means, res)
+    if d is not None:
+        distributed.reduce_ablation(d, res)
+    if res.batches == 0:
+        raise InputError(f"data {getattr(data, 'spec', '')}: yields no batches (empty data)")
+    if getattr(loss_fn, "kind", None):
+        res.notes.append(f"ablation loss: how far the model's output moves ({loss_fn.kind}); the data has no targets")
+    return res
+
+
+def _ablate_batches(graph: ModelGraph, names: list[str], layers: dict[str, Layer], sel: dict[str, list[int]],
+                    data: Iterable[Batch], loss_fn: LossFn, dev: torch.device, chunk_size: int | None,
+                    progress: Progress, whole_layer: bool, accuracy: bool, means: dict, res: AblationResult) -> None:
     plans = {n: make_plan(graph, layers[n]) for n in names}
     total = getattr(data, "total", None)
     chunks = total * sum(-(-len(sel[n]) // chunk_size) for n in names) if total and chunk_size else None
@@ -345,11 +382,6 @@ def ablate_layers(
             res.samples += batch.size
             res.batches += 1
             cache.clear()
-    if res.batches == 0:
-        raise InputError(f"data {getattr(data, 'spec', '')}: yields no batches (empty data)")
-    if getattr(loss_fn, "kind", None):
-        res.notes.append(f"ablation loss: how far the model's output moves ({loss_fn.kind}); the data has no targets")
-    return res
 
 
 def changed_rows(h: torch.Tensor, us: list[int], lay: Layer, value: torch.Tensor | None):

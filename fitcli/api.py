@@ -22,11 +22,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from fitcli import distributed
 from fitcli import report as rep
 from fitcli.data import Batch, DataSource, as_batch
 from fitcli.data import load_data as load_data_spec
+from fitcli.engine import (
+    HALF,
+    Float32Loss,
+    cast_model,
+    dtype_name,
+    half_data,
+    model_dtype,
+    peek,
+    plan,
+)
 from fitcli.engine import audit as run_audit
-from fitcli.engine import peek, plan
 from fitcli.errors import InputError, UsageError
 from fitcli.loading import LoadedModel, from_module, load_model
 from fitcli.losses import check_loss
@@ -129,9 +139,24 @@ def _settings(settings: Settings | None, options: dict[str, Any]) -> Settings:
     return Settings.make(settings, **options).check()
 
 
-def _report_settings(s: Settings, **more: Any) -> dict[str, Any]:
-    # model_mode: audits run the model in eval mode (BatchNorm running statistics, dropout off)
-    return {"tau": float(s.tau), "seed": int(s.seed), "ablation_mode": s.ablation_mode, "model_mode": "eval", **more}
+def _report_settings(s: Settings, loaded: LoadedModel | None = None, **more: Any) -> dict[str, Any]:
+    # model_mode: audits run the model in eval mode (BatchNorm running statistics, dropout off);
+    # dtype: the floating dtype the model computed in (statistics accumulate in float32/float64)
+    out = {"tau": float(s.tau), "seed": int(s.seed), "ablation_mode": s.ablation_mode, "model_mode": "eval"}
+    dt = dtype_name(model_dtype(loaded.module)) if loaded is not None else None
+    if dt is not None:
+        out["dtype"] = dt
+    return {**out, **more}
+
+
+def _distributed(report: dict, d: distributed.Dist | None) -> None:
+    """The report says how many ranks ran it (``data.samples``/``batches`` are the global totals)."""
+    if d is not None:
+        report["distributed"] = distributed.report_field(d)
+
+
+def _group(group: Any) -> distributed.Dist | None:
+    return distributed.of(group)
 
 
 def _removable(report: dict, eps: float = REMOVABLE_EPS) -> None:
@@ -153,7 +178,8 @@ def _removable(report: dict, eps: float = REMOVABLE_EPS) -> None:
 def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] | None = None,
           layers: list[str] | None = None, baseline: Any = None, arch: Any = None,
           arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
-          settings: Settings | None = None, progress: Progress | None = None, **options: Any) -> AuditReport:
+          settings: Settings | None = None, progress: Progress | None = None, group: Any = None,
+          **options: Any) -> AuditReport:
     """Score every chosen metric of every audited layer on ``data``; returns an ``AuditReport``.
 
     ``model``: an ``nn.Module`` or a checkpoint path (``arch`` builds the module a state dict
@@ -161,26 +187,32 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
     data spec. ``loss``: a callable ``(output, batch) -> per-sample losses``, a ``torch.nn`` loss
     module, a name (``cross_entropy``, ``mse``), or None (chosen from the targets).
     ``metrics``/``layers``: names (layers: globs too). Further keyword options are the fields of
-    ``fitcli.Settings`` (``tau``, ``device``, ``rank_by``, ``validate``, ``max_dead``...).
+    ``fitcli.Settings`` (``tau``, ``device``, ``rank_by``, ``validate``, ``max_dead``, ``dtype``...).
+
+    ``group``: a ``torch.distributed`` process group the caller initialised (every rank calls
+    ``audit`` with the same arguments): each rank reads its shard of the batches, the metric
+    states are all-reduced, and every rank returns the same report (``docs/distributed.md``).
     """
     s = _settings(settings, dict(options, metrics=metrics, layers=layers))
     check_loss(loss)
+    d = _group(group)
     progress = progress or NO_PROGRESS
-    loaded = load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint), s.dtype)
     base = load(baseline) if baseline is not None else None
-    ds = load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed)
+    ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
     with _caller_state(loaded.module, s.seed):
         result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=base,
                            device=s.device, progress=progress, ablation_mode=s.ablation_mode,
-                           chunk_size=s.chunk_size, rank_by=s.rank_by)
-        report = rep.build(result, loaded, ds, _report_settings(s), rank_by=s.rank_by, top=s.top)
+                           chunk_size=s.chunk_size, rank_by=s.rank_by, group=d)
+        report = rep.build(result, loaded, ds, _report_settings(s, loaded), rank_by=s.rank_by, top=s.top)
         _removable(report)
+        _distributed(report, d)
         if s.validate:
             from fitcli.validate import validate_report
 
             validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn, units=s.validate_units,
                             seed=s.seed, device=result.device, chunk_size=s.chunk_size,
-                            rank_auto=s.rank_by == "auto", top=s.top, progress=progress)
+                            rank_auto=s.rank_by == "auto", top=s.top, progress=progress, group=d)
     if s.max_dead is not None or s.max_dead_layer is not None or s.min_coverage is not None:
         rep.gate(report, s.max_dead, s.max_dead_layer, s.min_coverage)
     return AuditReport(report)
@@ -224,35 +256,39 @@ def _ablate_extra(lay, ab, sel: list[int] | None, whole_layer: bool) -> dict[str
 def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None, units: Any = None,
            loss: Any = None, arch: Any = None, arch_kwargs: dict[str, Any] | None = None,
            trust_checkpoint: bool = False, settings: Settings | None = None, progress: Progress | None = None,
-           **options: Any) -> AuditReport:
+           group: Any = None, **options: Any) -> AuditReport:
     """Exact ablation of each unit of ``layers`` (and of each whole layer with ``whole_layer=True``):
     the mean loss change when the unit is masked at its activation point. Returns an
     ``AuditReport`` whose layers carry ``metrics["ablation"]`` (and ``ablation_accuracy`` for class
-    targets) and ``removable``. ``units``: a list of indices, or ``{layer: indices}``."""
+    targets) and ``removable``. ``units``: a list of indices, or ``{layer: indices}``. ``group``: a
+    process group; the batches are sharded over its ranks and the sums all-reduced."""
     s = _settings(settings, dict(options, layers=layers, metrics=["ablation"]))
     if not s.layers:
         raise UsageError("ablation needs at least one layer", hint="`fitcli inspect MODEL` lists the layers")
     check_loss(loss)
+    d = _group(group)
     progress = progress or NO_PROGRESS
-    loaded = load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint), s.dtype)
     if not loaded.runnable:
         raise InputError(f"{loaded.path}: ablation needs a runnable model; give its architecture"
                          + (" (" + "; ".join(loaded.notes) + ")" if loaded.notes else ""))
-    ds = load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed)
+    ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
     if ds is None:
         raise UsageError("ablation needs data")
     with _caller_state(loaded.module, s.seed):
-        p = plan(loaded, ds, metrics=["ablation"], layers=s.layers, loss=loss, device=s.device)
-        wonly = [lay.name for lay in p.layers if lay.weight_only]
-        if wonly:
-            raise UsageError(f"{wonly[0]} has weight-only units (embedding rows): there is no activation to ablate")
-        if p.have["ablation"] is not None:
-            raise InputError(f"ablation needs a loss: {p.have['ablation']}")
-        report = _run_ablate(loaded, ds, p, s, units, progress)
+        with distributed.phase(d):  # every rank plans on batch 0; a failure on one is every rank's
+            p = plan(loaded, ds, metrics=["ablation"], layers=s.layers, loss=loss, device=s.device)
+            wonly = [lay.name for lay in p.layers if lay.weight_only]
+            if wonly:
+                raise UsageError(f"{wonly[0]} has weight-only units (embedding rows): there is no activation to ablate")
+            if p.have["ablation"] is not None:
+                raise InputError(f"ablation needs a loss: {p.have['ablation']}")
+        report = _run_ablate(loaded, ds, p, s, units, progress, d)
     return AuditReport(report)
 
 
-def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any, progress: Progress) -> dict:
+def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any, progress: Progress,
+                d: distributed.Dist | None = None) -> dict:
     from fitcli.ablation import ablate_layers
     from fitcli.engine import AuditResult, coverage
 
@@ -263,7 +299,7 @@ def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any,
         p.graph.runner.to(p.device)
     ab = ablate_layers(p.graph, [lay.name for lay in p.layers], ds, p.loss_fn, mode=s.ablation_mode,
                        device=p.device, chunk_size=s.chunk_size, progress=progress, units=sel,
-                       whole_layer=s.whole_layer, accuracy=accuracy)
+                       whole_layer=s.whole_layer, accuracy=accuracy, group=d)
     result = AuditResult(graph=p.graph, layers=p.layers, values={}, metric_info={}, skipped=[], device=str(p.device),
                          loss_name=p.loss_name, notes=p.notes + ab.notes, samples=ab.samples, batches=ab.batches)
     for lay in p.layers:
@@ -284,7 +320,7 @@ def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any,
         result.metric_info["ablation_accuracy"] = {
             "description": "accuracy(ablated) − accuracy: change in the fraction of correct predictions",
             "needs": ["activations", "labels", "ablation"], "higher_is_better": True}
-    settings = _report_settings(s, whole_layer=s.whole_layer)
+    settings = _report_settings(s, loaded, whole_layer=s.whole_layer)
     report = rep.build(result, loaded, ds, settings, rank_by="ablation", top=s.top, command="ablate",
                        include_final=True)
     for row in report["ranked"]:
@@ -296,6 +332,7 @@ def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any,
             keep = set(sel[lay["name"]])
             lay["nonfinite"] = [u for u in lay["nonfinite"] if u in keep]
     _removable(report)
+    _distributed(report, d)
     return report
 
 
@@ -318,10 +355,10 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
     if not isinstance(greedy, int) or isinstance(greedy, bool) or greedy < 0:
         raise UsageError(f"greedy must be a non-negative number of blocks, got {greedy!r}")
     check_loss(loss)
-    loaded = load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
+    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint), s.dtype)
     if not loaded.runnable:
         raise InputError(f"{loaded.path}: block ablation needs a runnable model; give its architecture")
-    ds = load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed)
+    ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
     if ds is None:
         raise UsageError("block ablation needs data")
     dev = pick_device(s.device)
@@ -332,6 +369,8 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
         loss_fn, loss_name, why = resolve_loss(loss, example.targets, loaded.task)
         if loss_fn is None:
             raise InputError(f"block ablation needs a loss: {why}")
+        if model_dtype(loaded.module) in HALF:
+            loss_fn = Float32Loss(loss_fn)  # half-precision outputs: the losses in float32
         module = loaded.module.to(dev)
         names = blk.find_blocks(module, example.to(dev))
         if not names:
@@ -344,7 +383,7 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
              "ablation": first.delta[n], **({"ablation_accuracy": first.accuracy[n]} if acc else {})} for n in names]
     report = {
         **rep.envelope("blocks", loaded, ds, first.samples, first.batches),
-        "settings": {**_report_settings(s), "metrics": [], "loss": loss_name, "device": str(dev), "greedy": greedy},
+        "settings": {**_report_settings(s, loaded), "metrics": [], "loss": loss_name, "device": str(dev), "greedy": greedy},
         "discovery": {"method": "runtime", "notes": list(loaded.notes)},
         "layers": [], "summary": {"layers": 0, "units": 0, "dead": 0, "dead_fraction": 0.0, "dead_known": False},
         "skipped": [], "blocks": rows, "base": {"loss": first.base_loss, "accuracy": first.base_accuracy},

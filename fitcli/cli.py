@@ -7,6 +7,7 @@ commands share (options, consoles, settings from flags) is in ``fitcli/clikit.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -24,6 +25,8 @@ from fitcli.clikit import (
     ConfigOpt,
     DataOpt,
     DeviceOpt,
+    DistTimeoutOpt,
+    DtypeOpt,
     Fmt,
     FormatOpt,
     LayerOpt,
@@ -48,6 +51,7 @@ from fitcli.clikit import (
     cli_words,
     data_of,
     emit,
+    emit_ranked,
     guard,
     loss_of,
     merge,
@@ -121,26 +125,31 @@ def score(
     mode: ModeOpt = None, chunk_size: ChunkOpt = None,
     validate: Annotated[bool | None, typer.Option("--validate", help="measure each metric against exact ablation")] = None,
     validate_units: Annotated[int | None, typer.Option("--validate-units", min=2, help="ablate a stratified sample of K units per layer")] = None,
+    dtype: DtypeOpt = None, dist_timeout: DistTimeoutOpt = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
 ) -> None:
-    """Score every metric, show ranked dead-weight tables, write a report, optionally gate."""
+    """Score every metric, show ranked dead-weight tables, write a report, optionally gate.
+    Under torchrun the batches are sharded over the ranks; rank 0 prints and writes the report."""
     m = merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
                             text=text, max_seq_len=max_seq_len,
                             batch_size=batch_size, max_batches=max_batches, loss=loss, layers=layer,
                             metrics=metric, device=device, seed=seed, tau=tau, top=top, rank_by=rank_by,
                             format=fmt, output=output, baseline=baseline, max_dead=max_dead,
                             max_dead_layer=max_dead_layer, min_coverage=min_coverage, ablation_mode=mode,
-                            chunk_size=chunk_size,
+                            chunk_size=chunk_size, dtype=dtype, dist_timeout=dist_timeout,
                             validate=validate, validate_units=validate_units, quiet=quiet, verbose=verbose))
     settings = checked_settings(m)  # every setting checked before torch is even imported
-    from fitcli import api
+    from fitcli import api, distributed
 
-    loss_fn = loss_of(m.get("loss"))
-    loaded = model_of(model, m)
-    base = api.load(m["baseline"]) if m.get("baseline") else None
-    report = api.audit(loaded, data_of(model, m, settings), loss=loss_fn, baseline=base, settings=settings,
-                       progress=progress_of(m))
-    emit(report, m, [model, m.get("data"), m.get("text"), m.get("baseline"), m.get("_config")])
+    with distributed.launched(settings.device, m.get("dist_timeout")) as (group, device):
+        settings = dataclasses.replace(settings, device=device)
+        with distributed.phase(distributed.of(group)):  # a checkpoint one rank cannot read stops all
+            loss_fn = loss_of(m.get("loss"))
+            loaded = model_of(model, m)
+            base = api.load(m["baseline"]) if m.get("baseline") else None
+        report = api.audit(loaded, data_of(model, m, settings), loss=loss_fn, baseline=base, settings=settings,
+                           progress=progress_of(m), group=group)
+        emit_ranked(report, m, [model, m.get("data"), m.get("text"), m.get("baseline"), m.get("_config")], group)
 
 
 @app.command(epilog=ABLATE_EXAMPLES)
@@ -158,15 +167,22 @@ def ablate(
     batch_size: BatchOpt = None,
     max_batches: MaxBatchOpt = None, loss: LossOpt = None, device: DeviceOpt = None, seed: SeedOpt = None,
     tau: TauOpt = None, top: TopOpt = None, fmt: FormatOpt = None, output: OutputOpt = None,
+    dtype: DtypeOpt = None, dist_timeout: DistTimeoutOpt = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
 ) -> None:
-    """Exact ablation of each unit (and optionally whole layers): the loss change when it is masked."""
+    """Exact ablation of each unit (and optionally whole layers): the loss change when it is masked.
+    Under torchrun the batches are sharded over the ranks; rank 0 prints and writes the report."""
     m = merge(config, dict(layers=layer, units=units, ablation_mode=mode, whole_layer=whole_layer,
                             chunk_size=chunk_size, arch=arch, arch_kwargs=arch_kwargs,
                             trust_checkpoint=trust_checkpoint, data=data, text=text, max_seq_len=max_seq_len,
                             batch_size=batch_size, max_batches=max_batches, loss=loss, device=device, seed=seed,
-                            tau=tau, top=top, format=fmt, output=output, quiet=quiet, verbose=verbose))
+                            tau=tau, top=top, format=fmt, output=output, dtype=dtype, dist_timeout=dist_timeout,
+                            quiet=quiet, verbose=verbose))
     if blocks:
+        from fitcli.distributed import torchrun_env
+
+        if torchrun_env() is not None:
+            raise UsageError("--blocks does not run under torchrun: run it as one process")
         settings = checked_settings({k: v for k, v in m.items() if k != "layers"})
         from fitcli import api
 
@@ -182,18 +198,21 @@ def ablate(
     unit_list = parse_units(m.get("units"))
     if not m.get("data") and not m.get("text"):
         raise UsageError("ablate needs --data (or --text)")
-    from fitcli import api
+    from fitcli import api, distributed
 
-    loss_fn = loss_of(m.get("loss"))
-    loaded = model_of(model, m)
-    try:
-        report = api.ablate(loaded, data_of(model, m, settings), units=unit_list, loss=loss_fn, settings=settings,
-                            progress=progress_of(m))
-    except UsageError as e:
-        if e.message.startswith("unit "):
-            e.message = f"--units {m.get('units')!r}: {e.message}"
-        raise
-    emit(report, m, [model, m.get("data"), m.get("text"), m.get("_config")])
+    with distributed.launched(settings.device, m.get("dist_timeout")) as (group, device):
+        settings = dataclasses.replace(settings, device=device)
+        with distributed.phase(distributed.of(group)):  # a checkpoint one rank cannot read stops all
+            loss_fn = loss_of(m.get("loss"))
+            loaded = model_of(model, m)
+        try:
+            report = api.ablate(loaded, data_of(model, m, settings), units=unit_list, loss=loss_fn,
+                                settings=settings, progress=progress_of(m), group=group)
+        except UsageError as e:
+            if e.message.startswith("unit "):
+                e.message = f"--units {m.get('units')!r}: {e.message}"
+            raise
+        emit_ranked(report, m, [model, m.get("data"), m.get("text"), m.get("_config")], group)
 
 
 @app.command(epilog=GATE_EXAMPLES)
@@ -288,7 +307,7 @@ def metrics(fmt: FormatOpt = None) -> None:
 
 # Commands with a module of their own, fitcli/cmd_<name>.py: each defines ``command`` (its Typer
 # signature and docstring) and ``EXAMPLES`` (the --help epilog). Registered in this order.
-COMMAND_MODULES: tuple[str, ...] = ("compare", "prune", "render")
+COMMAND_MODULES: tuple[str, ...] = ("compare", "prune", "history", "render")
 
 
 def _register(name: str) -> None:

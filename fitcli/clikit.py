@@ -66,6 +66,8 @@ MaxDeadLayerOpt = Annotated[float | None, typer.Option("--max-dead-layer", help=
 MinCoverageOpt = Annotated[float | None, typer.Option("--min-coverage", help="fail (exit 1) when the audited units own less than PCT % of the model's parameters")]
 ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", min=1, help="units per batched ablation pass [default: from free memory]")]
 ModeOpt = Annotated[Mode | None, typer.Option("--mode", help="ablation: zero, or the unit's mean activation [default: zero]")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="cast the model's floating weights for the audit: float32, bfloat16 or float16 (statistics still accumulate in float32/float64) [default: the checkpoint's]")]
+DistTimeoutOpt = Annotated[float | None, typer.Option("--dist-timeout", min=0.001, help="under torchrun: seconds a rank waits for the others before giving up (exit 4) [default: $FITCLI_DIST_TIMEOUT, else 120]")]
 
 DEFAULTS: dict[str, Any] = {"format": Fmt.table, "trust_checkpoint": False, "quiet": False, "verbose": False}
 
@@ -248,7 +250,32 @@ class RichProgress:
 
 
 def progress_of(s: dict[str, Any]):
-    return RichProgress() if not s.get("quiet") and sys.stderr.isatty() else None
+    return RichProgress() if not s.get("quiet") and sys.stderr.isatty() and is_rank0() else None
+
+
+def is_rank0() -> bool:
+    """True unless this process is a rank other than 0 of a torchrun audit."""
+    from fitcli.distributed import rank
+
+    return rank() == 0
+
+
+def emit_ranked(report, s: dict[str, Any], protect: list[str | None], group: Any = None) -> None:
+    """``emit`` on rank 0 only (the others print and write nothing); every rank ends with the
+    same outcome: a failed gate, or rank 0 failing to write the report, is every rank's error."""
+    if group is None:
+        emit(report, s, protect)
+        return
+    from fitcli import distributed
+
+    d = distributed.of(group)
+    with distributed.phase(d):
+        if d.rank == 0:
+            emit(report, s, protect)
+        else:
+            g = report.get("gate")
+            if g and not g["passed"]:
+                raise GateFailed("gate failed: " + "; ".join(g["failures"]))
 
 
 def emit(report, s: dict[str, Any], protect: list[str | None]) -> None:

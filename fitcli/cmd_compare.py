@@ -133,7 +133,7 @@ def command(
                             output=output, quiet=quiet, verbose=verbose))
     _check_inputs(base, new, m)
     settings = checked_settings({k: v for k, v in m.items() if k != "top"})  # --top here counts drifts
-    from fitcli.compare import compare
+    from fitcli.comparison import compare
 
     sides = {p: (p if _is_report(p) else model_of(p, m)) for p in dict.fromkeys((base, new))}
     try:

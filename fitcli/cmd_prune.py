@@ -164,7 +164,7 @@ def command(
         raise UsageError(f"--budget {budget:g}: give a percentage between 0 and 100")
     how = parse_remove(remove)
     settings = checked_settings(m)
-    from fitcli.prune import check_outputs, prune
+    from fitcli.pruning import check_outputs, prune
 
     protect = [p for p in (model, m.get("data"), m.get("_config")) if p]
     try:

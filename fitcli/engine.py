@@ -16,13 +16,17 @@ fed comes from its declared contract.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fnmatch
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from fitcli import distributed
 from fitcli.data import Batch
 from fitcli.discovery import Layer, ModelGraph, discover, token_mask
 from fitcli.errors import (
@@ -40,6 +44,8 @@ from fitcli.metrics.registry import default_metrics, get_metric
 from fitcli.progress import NO_PROGRESS, Progress
 
 DATA_NEEDS = frozenset({"activations", "gradients", "labels"})
+HALF = (torch.float16, torch.bfloat16)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUN_NEEDS = ("activations", "gradients", "labels", "ablation")  # what a forward over data gives
 
 
@@ -233,6 +239,8 @@ def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | 
                            "embedding): nothing was audited")
     chosen = select_layers(graph, layers)
     have, loss_fn, loss_name = _available(loaded, data, example, graph, loss, baseline)
+    if loss_fn is not None and model_dtype(loaded.module) in HALF and not isinstance(loss_fn, Float32Loss):
+        loss_fn = Float32Loss(loss_fn)  # a half-precision output: the per-sample losses in float32
     names = list(dict.fromkeys(metrics)) if metrics else default_metrics()
     classes, skipped = _choose(names, have)
     if rank_by not in (None, "auto") and rank_by not in classes:
@@ -274,7 +282,7 @@ class _Tap:
             t = t.detach().requires_grad_(True)
         if self.p == 0:
             self.acts[self.lay.name] = t  # kept for the backward
-        ub = UnitBatch(weight=self.lay.weight.detach(), act=self.lay.view(t.detach()),
+        ub = UnitBatch(weight=self.lay.weight.detach(), act=widen(self.lay.view(t.detach())),
                        pass_index=self.p, scratch=self.scratch, mask=token_mask(t, self.lay, self.mask))
         with torch.no_grad():
             _feed(self.metrics, "prepare", ub, self.lay, self.bi)
@@ -306,41 +314,187 @@ def _correct(outputs, batch: Batch) -> torch.Tensor | None:
     return None
 
 
-def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_PROGRESS) -> None:
-    """Every batch of ``data`` through the model, once per pass, feeding the planned metrics."""
+def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_PROGRESS, group: Any = None) -> None:
+    """Every batch of ``data`` through the model, once per pass, feeding the planned metrics.
+
+    ``group``: a process group (or ``distributed.Dist``): this rank streams its shard of the
+    batches (batch i on rank i % world), and after each pass the metric states and counts are
+    all-reduced with their declared reductions, so every rank ends with the global states."""
+    d = _dist(group)
+    local = distributed.shard(data, d)
     grads = plan.wants_gradients
-    finite_batches = 0
     scratch = Scratch()  # temporaries reused across batches and layers
+    metrics = [m for lay in plan.layers for m in plan.state[lay.name].values()]
+    # the states the plan left (weights) are the same on every rank: not to be summed again
+    snap = distributed.snapshot(metrics) if d is not None else None
+    finite_batches = 0
     for p in range(plan.passes):
-        fed = {lay.name: plan.fed(lay.name, p) for lay in plan.layers}
-        use_grad = p == 0 and grads
-        with progress.task("scoring" if p == 0 else "entropy pass", getattr(data, "total", None)) as bar:
-            for bi, cpu_batch in enumerate(data):
-                batch = cpu_batch.to(plan.device)
-                acts: dict[str, torch.Tensor] = {}
-                ubs: dict[str, UnitBatch] = {}
-                callbacks = {lay.name: _Tap(lay, fed[lay.name], p, bi, grads, scratch, acts, ubs, batch.mask)
-                             for lay in plan.layers if not lay.weight_only}
-                outputs, losses, g, wg = _forward(plan, batch, callbacks, use_grad, acts, result, bi)
-                if p == 0:
-                    result.batches += 1
-                    result.samples += batch.size
-                    finite_batches += int(losses is not None and bool(torch.isfinite(losses).any()))
-                correct = _correct(outputs, batch) if plan.wants_labels else None
-                for lay in plan.layers:
-                    ub = ubs.get(lay.name)
-                    if ub is None:
-                        continue
-                    ub.grad = lay.view(g[lay.name]) if lay.name in g else None
-                    ub.weight_grad = wg.get(lay.name)
-                    ub.correct = correct
-                    _feed(fed[lay.name], "update", ub, lay, bi)
-                # nothing of this batch outlives it: its gradients would sit beside the next batch's backward
-                del acts, ubs, outputs, g, wg, losses, callbacks, correct, batch, cpu_batch
-                bar.advance()
-        if p == 0 and use_grad and result.batches and finite_batches == 0:
+        with distributed.phase(d):
+            finite = _stream_pass(plan, local, result, p, grads, scratch, progress)
+        if p == 0:
+            finite_batches = finite
+        if d is not None:
+            if p == 0:
+                finite_batches = _reduce_counts(d, plan, result, finite)
+            snap = distributed.reduce_states(d, metrics, snap)
+        if p == 0 and grads and result.batches and finite_batches == 0:
             raise RuntimeAuditError("the loss is non-finite (NaN or Inf) on every batch",
                                     hint="check the model's weights and the data for NaN/Inf")
+
+
+def _stream_pass(plan: AuditPlan, data, result: AuditResult, p: int, grads: bool, scratch: Scratch,
+                 progress: Progress) -> int:
+    """One pass over ``data``; returns how many batches had a finite loss (pass 0)."""
+    fed = {lay.name: plan.fed(lay.name, p) for lay in plan.layers}
+    use_grad = p == 0 and grads
+    finite_batches = 0
+    with progress.task("scoring" if p == 0 else "entropy pass", getattr(data, "total", None)) as bar:
+        for bi, cpu_batch in enumerate(data):
+            batch = cpu_batch.to(plan.device)
+            acts: dict[str, torch.Tensor] = {}
+            ubs: dict[str, UnitBatch] = {}
+            callbacks = {lay.name: _Tap(lay, fed[lay.name], p, bi, grads, scratch, acts, ubs, batch.mask)
+                         for lay in plan.layers if not lay.weight_only}
+            outputs, losses, g, wg = _forward(plan, batch, callbacks, use_grad, acts, result, bi)
+            if p == 0:
+                result.batches += 1
+                result.samples += batch.size
+                finite_batches += int(losses is not None and bool(torch.isfinite(losses).any()))
+            correct = _correct(outputs, batch) if plan.wants_labels else None
+            for lay in plan.layers:
+                ub = ubs.get(lay.name)
+                if ub is None:
+                    continue
+                ub.grad = widen(lay.view(g[lay.name])) if lay.name in g else None
+                ub.weight_grad = wg.get(lay.name)
+                ub.correct = correct
+                _feed(fed[lay.name], "update", ub, lay, bi)
+            # nothing of this batch outlives it: its gradients would sit beside the next batch's backward
+            del acts, ubs, outputs, g, wg, losses, callbacks, correct, batch, cpu_batch
+            bar.advance()
+    return finite_batches
+
+
+def _reduce_counts(d: distributed.Dist, plan: AuditPlan, result: AuditResult, finite: int) -> int:
+    """Batches, samples and the loss flags summed over the ranks; the layers whose activation got
+    a gradient on any rank. Returns the global count of batches with a finite loss."""
+    batches, samples, nonfinite, finite_all = distributed.reduce_counts(
+        d, [result.batches, result.samples, result.nonfinite_loss_batches, finite])
+    result.batches, result.samples, result.nonfinite_loss_batches = int(batches), int(samples), int(nonfinite)
+    if plan.layers:
+        flags = torch.tensor([float(lay.name in result.reached) for lay in plan.layers], dtype=torch.float64)
+        got = distributed.all_reduce(d, [flags], "max")[0]
+        result.reached = {lay.name for lay, f in zip(plan.layers, got.tolist(), strict=True) if f > 0}
+    return int(finite_all)
+
+
+def _dist(group: Any) -> distributed.Dist | None:
+    return group if group is None or isinstance(group, distributed.Dist) else distributed.of(group)
+
+
+# --------------------------------------------------------------------------------------------
+# half precision: the model computes in its dtype, every statistic accumulates in float32/float64
+
+
+def model_dtype(module: Any) -> torch.dtype | None:
+    """The floating dtype of a model's first floating parameter (or buffer); None without one."""
+    if module is None or not hasattr(module, "parameters"):
+        return None
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """A half-precision activation or gradient as float32, for the statistics (the model itself
+    ran in half precision); anything else as it is."""
+    return t.float() if t.dtype in HALF else t
+
+
+def _widen_outputs(outputs: Any) -> Any:
+    if isinstance(outputs, torch.Tensor):
+        return widen(outputs)
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_widen_outputs(v) for v in outputs)
+    if isinstance(outputs, dict) or hasattr(outputs, "keys"):
+        return {k: _widen_outputs(outputs[k]) for k in outputs.keys()}
+    return outputs
+
+
+class Float32Loss:
+    """A loss on a half-precision model's outputs, computed on their float32 copies: the
+    per-sample losses (and the exact-ablation loss changes, differences of nearby losses) are
+    not rounded to 8 or 11 bits. The gradient still flows into the model in its own dtype."""
+
+    def __init__(self, fn: LossFn):
+        self.fn = fn
+
+    def __call__(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        return self.fn(_widen_outputs(outputs), batch)
+
+    def change(self, outputs: Any, reference: Any, batch: Batch) -> torch.Tensor:
+        return self.fn.change(_widen_outputs(outputs), _widen_outputs(reference), batch)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "fn":
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+
+class HalfData:
+    """The batches of ``data`` with their floating inputs cast to the model's half dtype (integer
+    inputs such as token ids and the targets are left as they are)."""
+
+    def __init__(self, data: Any, dtype: torch.dtype):
+        self.data, self.dtype = data, dtype
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("data", "dtype"):
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+    def __iter__(self) -> Iterator[Batch]:
+        def cast(v: Any) -> Any:
+            return v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        for b in self.data:
+            yield Batch(tuple(cast(a) for a in b.args), {k: cast(v) for k, v in b.kwargs.items()}, b.targets)
+
+
+def half_data(data: Any, loaded: Any) -> Any:
+    """``data`` fed to a half-precision model: floating inputs in the model's dtype."""
+    dt = model_dtype(getattr(loaded, "module", None))
+    if data is None or dt not in HALF or isinstance(data, HalfData):
+        return data
+    return HalfData(data, dt)
+
+
+def cast_model(loaded: Any, dtype: str | torch.dtype | None) -> Any:
+    """``loaded`` with its floating weights in ``dtype`` for the audit. A live module the caller
+    gave is copied first (the caller's model is never changed); a model loaded from a file is
+    ours and is cast in place."""
+    if dtype is None:
+        return loaded
+    target = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    module = loaded.module
+    if module is None:
+        sd = {k: v.to(target) if v.is_floating_point() else v for k, v in loaded.state_dict.items()}
+        return dataclasses.replace(loaded, state_dict=sd)
+    if model_dtype(module) == target:
+        return loaded
+    if loaded.format == "module":
+        try:
+            module = copy.deepcopy(module)
+        except Exception as e:
+            raise UsageError(f"dtype {dtype_name(target)}: the model cannot be copied to cast it "
+                             f"({type(e).__name__}); give a model already in that dtype") from e
+    module = module.to(target)
+    return dataclasses.replace(loaded, module=module, state_dict=dict(module.state_dict()))
 
 
 def _feed(metrics: list[Metric], method: str, ub: UnitBatch, lay: Layer, batch_index: int) -> None:
@@ -392,7 +546,7 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
 
 
 def feed_ablation(plan: AuditPlan, data, *, mode: str = "zero", chunk_size: int | None = None,
-                  progress: Progress = NO_PROGRESS) -> None:
+                  progress: Progress = NO_PROGRESS, group: Any = None) -> None:
     """Exact ablation of every chosen layer, handed to the metrics that need it."""
     wanting = {lay.name: [m for m in plan.state[lay.name].values() if "ablation" in m.needs]
                for lay in plan.layers if not lay.weight_only}
@@ -403,7 +557,7 @@ def feed_ablation(plan: AuditPlan, data, *, mode: str = "zero", chunk_size: int 
 
     assert data is not None and plan.loss_fn is not None
     ab = ablate_layers(plan.graph, names, data, plan.loss_fn, mode=mode, device=plan.device,
-                       chunk_size=chunk_size, progress=progress)
+                       chunk_size=chunk_size, progress=progress, group=group)
     plan.notes.extend(x for x in ab.notes if x not in plan.notes)
     for n in names:
         for m in wanting[n]:
@@ -488,17 +642,22 @@ def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer]) -> di
 
 def audit(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | None = None, loss=None,
           baseline=None, device: str | torch.device = "auto", progress: Progress = NO_PROGRESS,
-          ablation_mode: str = "zero", chunk_size: int | None = None, rank_by: str | None = None) -> AuditResult:
+          ablation_mode: str = "zero", chunk_size: int | None = None, rank_by: str | None = None,
+          group: Any = None) -> AuditResult:
     """Plan, stream, collect: every chosen metric over the data in one streamed pass (plus one for
-    entropy, plus exact ablation for the metrics that need it)."""
-    p = plan(loaded, data, metrics=metrics, layers=layers, loss=loss, baseline=baseline, device=device,
-             rank_by=rank_by)
-    result = AuditResult(graph=p.graph, layers=p.layers, values={}, metric_info={}, skipped=p.skipped,
-                         device=str(p.device), loss_name=p.loss_name, notes=p.notes, loss_fn=p.loss_fn)
-    if p.graph.runner is not None and (p.streams or p.have["ablation"] is None):
-        p.graph.runner.to(p.device)
+    entropy, plus exact ablation for the metrics that need it). ``group``: a process group; each
+    rank streams its shard and every rank ends with the global result (``fitcli.distributed``)."""
+    d = _dist(group)
+    data = half_data(data, loaded)
+    with distributed.phase(d):  # discovery reads batch 0 on every rank (a probe: no statistics)
+        p = plan(loaded, data, metrics=metrics, layers=layers, loss=loss, baseline=baseline, device=device,
+                 rank_by=rank_by)
+        result = AuditResult(graph=p.graph, layers=p.layers, values={}, metric_info={}, skipped=p.skipped,
+                             device=str(p.device), loss_name=p.loss_name, notes=p.notes, loss_fn=p.loss_fn)
+        if p.graph.runner is not None and (p.streams or p.have["ablation"] is None):
+            p.graph.runner.to(p.device)
     if p.streams:
-        stream(p, data, result, progress)
+        stream(p, data, result, progress, group=d)
     if p.have["ablation"] is None:
-        feed_ablation(p, data, mode=ablation_mode, chunk_size=chunk_size, progress=progress)
+        feed_ablation(p, data, mode=ablation_mode, chunk_size=chunk_size, progress=progress, group=d)
     return collect(p, result, streamed=p.streams)

@@ -16,6 +16,7 @@ from typing import Any
 from fitcli.errors import UsageError, close_matches
 
 ABLATION_MODES = ("zero", "mean")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Settings:
     max_dead: float | None = None  # gate: percent of dead units, model-wide
     max_dead_layer: float | None = None  # gate: percent of dead units in any layer
     min_coverage: float | None = None  # gate: percent of the model's parameters the audited units own
+    dtype: str | None = None  # cast the model's floating weights for the audit; None = its own dtype
 
     @classmethod
     def names(cls) -> list[str]:
@@ -72,6 +74,8 @@ class Settings:
         _check_number("min_coverage", self.min_coverage, low=0.0, optional=True)
         if self.ablation_mode not in ABLATION_MODES:
             raise UsageError(f"ablation mode {self.ablation_mode!r}: use zero or mean")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UsageError(f"dtype {self.dtype!r}: use float32, bfloat16 or float16")
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
                                                      or self.device.startswith("cuda:")):
             raise UsageError(f"device {self.device!r}: use cpu, cuda, cuda:N or auto")
@@ -124,4 +128,4 @@ def _check_int(name: str, value: Any, low: int | None, optional: bool = False, w
         raise UsageError(f"{name} must be at least {low}, got {value}" + (f" ({why})" if why else ""))
 
 
-__all__ = ["Settings", "ABLATION_MODES"]
+__all__ = ["Settings", "ABLATION_MODES", "DTYPES"]

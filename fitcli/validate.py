@@ -166,8 +166,10 @@ def _oriented(report: dict, metric: str) -> dict[str, list[float | None]]:
 
 
 def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, seed: int,
-                    device, chunk_size: int | None, rank_auto: bool, top: int, progress=None) -> dict:
-    """Add ``report['validation']`` (and re-rank when ranking is ``auto``)."""
+                    device, chunk_size: int | None, rank_auto: bool, top: int, progress=None,
+                    group=None) -> dict:
+    """Add ``report['validation']`` (and re-rank when ranking is ``auto``). ``group``: a process
+    group; the exact ablation is sharded over its ranks (every rank gets the same validation)."""
     from fitcli.ablation import ablate_layers
     from fitcli.errors import InputError
     from fitcli.progress import NO_PROGRESS
@@ -191,7 +193,8 @@ def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, se
     if not names:
         raise InputError("validation: no non-final layer to validate")
     ab = ablate_layers(graph, names, data, loss_fn, mode=report["settings"].get("ablation_mode", "zero"),
-                       device=device, chunk_size=chunk_size, progress=progress or NO_PROGRESS, units=sel)
+                       device=device, chunk_size=chunk_size, progress=progress or NO_PROGRESS, units=sel,
+                       group=group)
     metrics_seen = {m for lay in report["layers"] if lay["name"] in names for m in lay["metrics"]} - exclude
     fit = {m: _oriented(report, m) for m in metrics_seen}
     per_metric: dict[str, dict[str, torch.Tensor]] = {}

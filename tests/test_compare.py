@@ -1,4 +1,4 @@
-"""``fitcli compare BASE NEW`` and ``fitcli.compare.compare`` (issue 14): units the test kills in a
+"""``fitcli compare BASE NEW`` and ``fitcli.compare`` (issue 14): units the test kills in a
 copy of the sample MLP are reported as died, exactly; a planted dead unit the test revives as
 revived; the --max-new-dead gate on either side of a threshold computed by hand; markdown, JSON,
 layers on one side only and resized layers."""
@@ -95,7 +95,7 @@ def test_the_brute_force_sees_exactly_the_units_the_test_changed(case, truth):
 
 
 def test_library_reports_exactly_the_killed_units_as_died(case):
-    from fitcli.compare import compare
+    from fitcli.comparison import compare
 
     died, revived = _expected(case)
     cmp = compare(case["reports"]["base"], case["reports"]["new"])
@@ -230,7 +230,7 @@ def test_json_fields_and_drift_measure(case, run_cli):
 
 
 def test_layers_on_one_side_and_resized_layers_are_listed(case):
-    from fitcli.compare import compare
+    from fitcli.comparison import compare
 
     base = case["reports"]["base"].to_dict()
     new = json.loads(json.dumps(case["reports"]["new"].to_dict()))
@@ -260,7 +260,7 @@ def test_layers_on_one_side_and_resized_layers_are_listed(case):
 
 
 def test_models_are_audited_with_the_same_settings_and_left_untouched(case):
-    from fitcli.compare import compare
+    from fitcli.comparison import compare
 
     base, new = case["factory"](), case["factory"]()
     base.load_state_dict(case["base_sd"])
@@ -327,7 +327,7 @@ def test_html_is_the_renderers_page_or_a_clear_usage_error(case, run_cli):
 
 
 def test_library_input_errors_name_no_flag(case):
-    from fitcli.compare import compare
+    from fitcli.comparison import compare
     from fitcli.errors import UsageError
 
     base = case["reports"]["base"].to_dict()

@@ -197,7 +197,7 @@ def changed_copy(rep: dict) -> dict:
 
 
 def _compare_report(base: dict) -> dict:
-    from fitcli.compare import compare
+    from fitcli.comparison import compare
 
     return compare(base, changed_copy(base), max_new_dead=1).to_dict()
 

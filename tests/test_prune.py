@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from fitcli.prune import PruneRefused, prune
+from fitcli.pruning import PruneRefused, prune
 
 LIVE = {"mlp": {"fc1": [0, 1, 2], "fc2": [0, 1]}, "cnn": {"conv1": [0, 1], "conv2": [0, 3]}}
 

@@ -5,7 +5,7 @@ alive in ``base``) and revived (the reverse), units that became non-finite, and 
 of every metric both sides computed. A gate (``max_new_dead``, percent) fails when more of the
 compared units died than allowed.
 
->>> cmp = fitcli.compare.compare("main.json", "branch.json", max_new_dead=1)
+>>> cmp = fitcli.compare("main.json", "branch.json", max_new_dead=1)
 >>> cmp.died                 # {"fc1": [8], "fc2": [1, 12]}
 >>> cmp.gate.passed, cmp.to_dict()["summary"]
 
@@ -348,7 +348,7 @@ def _validate(report: dict, which: str) -> None:
 
 def _check(report: dict, which: str) -> None:
     if report.get("command") == "blocks":
-        raise UsageError(f"{which} is a blocks report (ablate --blocks): it has no units to compare; "
+        raise UsageError(f"{which} is a blocks report (residual blocks as units): it has no units to compare; "
                          "compare reports of score or ablate")
     layers = report.get("layers")
     if not isinstance(layers, list) or not all(isinstance(x, dict) and {"name", "units", "metrics", "dead"} <= set(x)

@@ -1,0 +1,524 @@
+"""``Tracker``: the streaming metrics of an audit, collected during the caller's own training steps.
+
+>>> with fitcli.Tracker(model, "history.jsonl", every=100, optimizer=opt) as tracker:
+...     for x, y in loader:
+...         loss = F.cross_entropy(model(x), y)      # mean over the batch: loss_reduction="mean"
+...         opt.zero_grad(); loss.backward(); opt.step()   # the optimizer's step advances the tracker
+
+What it observes (no extra forward or backward of its own):
+
+- the *steps*: counted by ``tracker.step()``, or by the optimizer's ``step()`` when ``optimizer``
+  is given. Steps 0, N, 2N, ... (``every=N``) are observed; every training-mode forward of the
+  model during an observed step (several with gradient accumulation) is one batch of that step;
+- each forward's activations at the activation points discovery finds (forward hooks, and for
+  functional nonlinearities a ``TorchFunctionMode`` active during the model's forward only);
+- the backward the caller runs, if any: tensor hooks on those activations and on the audited
+  weights read the gradients and return ``None``, so every gradient the caller sees is unchanged.
+
+At the end of an observed step (the next ``step()``, or ``close()``) one JSON line is appended to
+the history file: the step, per layer and metric one value per unit, and the dead units (dormancy
+score ≤ ``tau``, final layer excluded). The values are those an offline ``fitcli.audit`` of the
+step's batches gives with the weights of that step and the per-sample loss whose reduction the
+caller's loss is (``loss_reduction``): gradients are rescaled to per-sample-loss gradients.
+
+Activation points are found by run-time discovery (``fitcli.discovery``) on the first observed
+forward's inputs, with one extra forward of that batch in eval mode under ``torch.no_grad`` and a
+forked RNG (so the caller's random stream and BatchNorm statistics are untouched), or on
+``example`` when one is given. Nothing of the model is changed; ``close()`` (or leaving the
+``with`` block) removes every hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fitcli.data import Batch
+from fitcli.discovery import Layer, ModelGraph, _runtime_discover, token_mask
+from fitcli.engine import _feed, data_driven, select_layers
+from fitcli.errors import InputError, UsageError
+from fitcli.metrics.base import Metric, Scratch, UnitBatch
+from fitcli.metrics.registry import default_metrics, get_metric
+
+FORMAT = "fitcli.history/1"
+TRACKABLE_NEEDS = frozenset({"weights", "graph", "activations", "gradients"})
+STREAMING_NEEDS = frozenset({"activations", "gradients"})
+
+
+def trackable(cls: type[Metric]) -> str | None:
+    """Why a metric cannot be tracked from training steps alone, or None when it can."""
+    extra = sorted(cls.needs - TRACKABLE_NEEDS)
+    if extra:
+        return f"it needs {', '.join(extra)}, which a training step does not give"
+    if cls.passes != 1:
+        return f"it needs {cls.passes} passes over the same data (a training step has one forward)"
+    return None
+
+
+def _metric_classes(names: list[str] | None) -> dict[str, type[Metric]]:
+    if names is None:  # the streaming ones: they need the step's activations or gradients
+        return {n: c for n in default_metrics()
+                if trackable(c := get_metric(n)) is None and c.needs & STREAMING_NEEDS}
+    out = {}
+    for n in dict.fromkeys(names):
+        cls = get_metric(n)  # UsageError for an unknown name
+        why = trackable(cls)
+        if why:
+            raise UsageError(f"metric {n!r} cannot be tracked: {why}")
+        out[n] = cls
+    return out
+
+
+def _check_loss(loss_reduction: str, loss_scale: float) -> None:
+    if loss_reduction not in ("mean", "sum"):
+        raise UsageError(f"loss_reduction {loss_reduction!r}: use 'mean' (the loss is the batch mean of the "
+                         "per-sample losses) or 'sum' (their sum)")
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale) \
+            or loss_scale <= 0:
+        raise UsageError(f"loss_scale must be a positive number, not {loss_scale!r}")
+
+
+def _floats_of(values: dict[str, torch.Tensor]) -> dict[str, list[float | None]]:
+    """Each metric's values as a JSON list (None where not finite), in one transfer."""
+    if not values:
+        return {}
+    rows = torch.stack([v.detach().to("cpu", torch.float64).reshape(-1) for v in values.values()]).tolist()
+    return {n: [v if math.isfinite(v) else None for v in row] for n, row in zip(values, rows, strict=True)}
+
+
+class _Window:
+    """The metric states of one observed step, and the batches waiting for their gradients."""
+
+    def __init__(self, step: int, state: dict[str, dict[str, Metric]]):
+        self.step, self.state = step, state
+        self.batches = self.samples = 0
+        self.size = 0  # samples of the current batch
+        self.pending: list[tuple[Layer, UnitBatch]] = []
+        self.wgrads: dict[str, list[torch.Tensor | None]] = {}  # layer -> one gradient per part
+        self.reached: set[str] = set()  # layers whose activation got a gradient
+        self.handles: list[Any] = []  # parameter gradient hooks of the current batch
+
+
+class Tracker:
+    """Streaming fitness metrics of ``model`` during the caller's training loop (see the module
+    docstring). ``history``: the JSON-lines file each observed step appends one record to (None:
+    records are kept in ``tracker.records`` only). ``every``: observe steps 0, N, 2N, ...
+    ``metrics``/``layers``: names (layers: globs too); by default the streaming metrics: every
+    registered default metric that needs the step's activations or gradients and that one
+    training step can feed (weight-only metrics such as ``weight_norm`` on request). ``loss_reduction``: how
+    the caller's loss relates to the per-sample losses L_x: ``"mean"`` (1/B·Σ_x L_x over the B
+    samples of the batch, dimension 0 of the inputs) or ``"sum"`` (Σ_x L_x); ``loss_scale``: a
+    factor on top (the loss backpropagated is ``loss_scale`` times that: 1/k when k accumulated
+    micro-batches are averaged, an AMP GradScaler's scale). ``optimizer``: its ``step()`` advances the tracker.
+    ``train_only``: observe only forwards with ``model.training`` set (not evaluation).
+    ``example``: a batch (a tensor, a tuple of positional inputs, or a dict of keyword inputs)
+    to discover the activation points on now, instead of on the first observed forward."""
+
+    def __init__(self, model: nn.Module, history: str | os.PathLike | None = None, *, every: int = 1,
+                 metrics: list[str] | None = None, layers: list[str] | None = None, tau: float = 0.0,
+                 loss_reduction: str = "mean", loss_scale: float = 1.0, optimizer: torch.optim.Optimizer | None = None,
+                 train_only: bool = True, example: Any = None):
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"model must be an nn.Module, not {type(model).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise UsageError(f"every must be a positive integer, not {every!r}")
+        if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau < 0:
+            raise UsageError(f"tau must be a finite number ≥ 0, not {tau!r}")
+        self.model, self.every, self.tau, self.train_only = model, every, float(tau), train_only
+        _check_loss(loss_reduction, loss_scale)
+        self.loss_reduction, self.loss_scale = loss_reduction, float(loss_scale)
+        self.classes = _metric_classes(metrics)
+        self.layer_patterns = list(layers) if layers else None
+        self.history = Path(history) if history is not None else None
+        self.records: list[dict] = []
+        self.last: dict | None = None
+        self.steps = 0  # steps completed (the index of the current step)
+        self.graph: ModelGraph | None = None
+        self.layers: list[Layer] = []
+        self._window: _Window | None = None
+        self._made: dict[str, dict[str, Metric]] | None = None  # the metric states, reset per window
+        self._scratch = Scratch()
+        self._gbufs: dict[str, torch.Tensor] = {}  # per layer: the rescaled activation gradient
+        self._busy = False  # inside discovery's own forward
+        self._tap: contextlib.ExitStack | None = None
+        self._file = None
+        self._handles: list[Any] = []
+        try:
+            if self.history is not None:
+                try:
+                    self._file = open(self.history, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+                except OSError as e:
+                    raise UsageError(f"history file {history}: cannot be opened for appending "
+                                     f"({e.strerror or type(e).__name__})") from e
+            if example is not None:
+                self._discover(_as_batch(example))
+            self._handles.append(model.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._post, always_call=True))
+            if optimizer is not None:
+                self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step()))
+        except BaseException:
+            self._remove()
+            raise
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:  # the loop failed: its open step is partial, so it is not recorded
+            self._remove()
+            self._window = None
+        self.close()
+
+    def close(self) -> None:
+        """Write the record of an observed step still open, and remove every hook. Calling it
+        again does nothing."""
+        try:
+            if self._window is not None and self._window.batches:
+                self._finish()
+        finally:
+            self._remove()
+            self._window = None
+
+    def _remove(self) -> None:
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
+        if self._window is not None:
+            for h in self._window.handles:
+                h.remove()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # ---- steps ---------------------------------------------------------------------------------
+    @property
+    def observing(self) -> bool:
+        """Is the current step one that is observed?"""
+        return self.steps % self.every == 0
+
+    def step(self) -> dict | None:
+        """End the current training step (call it once per step, after the optimizer's step, unless
+        the tracker was given the optimizer). Returns the record written for it, if observed."""
+        rec = None
+        if self._window is not None and self._window.batches:
+            rec = self._finish()
+        self._window = None
+        self.steps += 1
+        return rec
+
+    # ---- discovery -------------------------------------------------------------------------------
+    def _discover(self, batch: Batch) -> None:
+        """Layers and activation points, from one forward of ``batch`` in eval mode without
+        gradients and with a forked RNG: the model's state and the caller's RNG are untouched."""
+        model = self.model
+        modes = [(m, m.training) for m in model.modules()]
+        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        self._busy = True
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                model.eval()
+                graph = _runtime_discover(model, batch)
+        finally:
+            for m, flag in modes:
+                m.training = flag
+            self._busy = False
+        _mark_final(graph)
+        chosen = [lay for lay in select_layers(graph, self.layer_patterns)
+                  if not lay.weight_only and lay.point_kind != "unknown"]
+        if not chosen:
+            raise InputError("no auditable layer with an activation point was found in the model")
+        self.graph, self.layers = graph, chosen
+
+    def _states(self) -> dict[str, dict[str, Metric]]:
+        """Fresh metric states for a window: made once, reset for each window after."""
+        if self._made is None:
+            self._made = {lay.name: {n: cls(lay.units).to(lay.weight.device) for n, cls in self.classes.items()
+                                     if cls.unavailable(lay) is None} for lay in self.layers}
+        else:
+            for ms in self._made.values():
+                for m in ms.values():
+                    m.reset()
+        return self._made
+
+    def _weights_update(self, w: _Window) -> None:
+        """The weights-only metrics, from the weights as they are at the step's first forward."""
+        assert self.graph is not None
+        for lay in self.layers:
+            cons = [x for c in (lay.consumers or []) if (x := self.graph.layer(c).in_weight) is not None]
+            ub = UnitBatch(weight=lay.weight.detach(), consumer_weights=[c.detach() for c in cons] or None)
+            _feed([m for m in w.state[lay.name].values() if "weights" in m.all_needs()], "update", ub, lay, -1)
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._busy or self._tap is not None or not self.observing or (self.train_only and not module.training):
+            return
+        batch = Batch(tuple(args), dict(kwargs))
+        if self.graph is None:
+            self._discover(batch)
+        w = self._window
+        if w is None:
+            w = self._window = _Window(self.steps, self._states())
+            self._weights_update(w)
+        self._flush(w)
+        w.batches += 1
+        w.samples += batch.size
+        scale = self._grad_scale(batch.size)
+        mask = batch.mask
+        callbacks = {lay.name: self._callback(w, lay, scale, mask) for lay in self.layers}
+        self._param_hooks(w)
+        w.size = batch.size
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(self.graph.tap(callbacks))
+        except BaseException:
+            stack.close()
+            raise
+        self._tap = stack
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._tap is not None and not self._busy:
+            tap, self._tap = self._tap, None
+            tap.close()
+
+    def _grad_scale(self, size: int) -> float:
+        """Factor turning the gradient of the caller's loss into that of Σ_x L_x."""
+        per_sample = float(size) if self.loss_reduction == "mean" else 1.0
+        return per_sample / self.loss_scale
+
+    def _callback(self, w: _Window, lay: Layer, scale: float, mask: torch.Tensor | None):
+        metrics = [m for m in w.state[lay.name].values() if data_driven(m)]
+        bi = w.batches - 1
+        wants_grad = any("gradients" in m.all_needs() for m in metrics)
+
+        def tap(t: torch.Tensor) -> torch.Tensor:
+            ub = UnitBatch(weight=lay.weight.detach(), act=lay.view(t.detach()), scratch=self._scratch,
+                           mask=token_mask(t, lay, mask))
+            with torch.no_grad():
+                _feed(metrics, "prepare", ub, lay, bi)
+            w.pending.append((lay, ub))
+            if wants_grad and t.requires_grad:
+                def on_grad(g: torch.Tensor) -> None:  # reads only: the caller's gradient is unchanged
+                    g = lay.view(self._scaled(lay.name, g.detach(), scale, first=ub.grad is None))
+                    ub.grad = g if ub.grad is None else ub.grad + g
+                    w.reached.add(lay.name)
+                t.register_hook(on_grad)
+            return t  # the very tensor: the model computes exactly what it would without the tracker
+
+        return tap
+
+    def _scaled(self, name: str, g: torch.Tensor, scale: float, first: bool) -> torch.Tensor:
+        """``g * scale`` (a per-sample-loss gradient) in a buffer kept per layer: a fresh tensor the
+        size of an activation on every step costs more in page faults than the multiply."""
+        if scale == 1.0 and first:
+            return g
+        buf = self._gbufs.get(name)
+        if not first or buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
+            buf = torch.empty_like(g, memory_format=torch.contiguous_format)
+            if first:
+                self._gbufs[name] = buf
+        return torch.mul(g, scale, out=buf)
+
+    def _param_hooks(self, w: _Window) -> None:
+        """Per batch: the gradient of the batch-mean loss w.r.t. each audited weight (grad_norm)."""
+        if not any("gradients" in m.all_needs() and "weights" in m.all_needs()
+                   for ms in w.state.values() for m in ms.values()):
+            return
+        for lay in self.layers:
+            parts: list[torch.Tensor | None] = [None] * len(lay.parts)
+            w.wgrads[lay.name] = parts
+            for i, t in enumerate(lay.tensors):
+                if t.requires_grad:
+                    w.handles.append(t.register_hook(self._param_grad(parts, i)))
+
+    @staticmethod
+    def _param_grad(parts: list[torch.Tensor | None], i: int):
+        def hook(g: torch.Tensor) -> None:
+            g = g.detach()
+            parts[i] = g.clone() if parts[i] is None else parts[i] + g
+        return hook
+
+    # ---- feeding and records -------------------------------------------------------------------
+    def _flush(self, w: _Window) -> None:
+        """Feed the metrics the batch of the previous forward (its backward has run, if any)."""
+        for h in w.handles:
+            h.remove()
+        w.handles.clear()
+        pending, w.pending = w.pending, []
+        size = w.size
+        for lay, ub in pending:
+            parts = w.wgrads.get(lay.name)
+            if parts is not None and any(p is not None for p in parts):
+                full = [p if p is not None else torch.zeros_like(t) for p, t in zip(parts, lay.tensors, strict=True)]
+                ub.weight_grad = lay.rows(full) * (self._grad_scale(size) / size)
+            with torch.no_grad():
+                _feed([m for m in w.state[lay.name].values() if data_driven(m)], "update", ub, lay, w.batches - 1)
+        w.wgrads.clear()
+
+    def _finish(self) -> dict:
+        w = self._window
+        assert w is not None
+        self._flush(w)
+        self._window = None
+        layers: dict[str, dict] = {}
+        for lay in self.layers:
+            computed, skipped = {}, {}
+            for n, m in w.state[lay.name].items():
+                if "gradients" in m.needs and lay.name not in w.reached:
+                    skipped[n] = "no gradient: no backward reached this layer during the step"
+                    continue
+                computed[n] = m.compute()
+            values = _floats_of(computed)
+            entry: dict[str, Any] = {"units": lay.units, "final": bool(lay.final), "metrics": values}
+            if "dormant" in values and not lay.final:
+                entry["dead"] = [i for i, v in enumerate(values["dormant"]) if v is not None and v <= self.tau]
+            if skipped:
+                entry["skipped"] = skipped
+            layers[lay.name] = entry
+        rec = {"format": FORMAT, "step": w.step, "time": round(time.time(), 3), "batches": w.batches,
+               "samples": w.samples, "tau": self.tau, "layers": layers}
+        if self._file is not None:
+            self._file.write(json.dumps(rec, allow_nan=False, separators=(",", ":")) + "\n")
+            self._file.flush()
+        else:
+            self.records.append(rec)
+        self.last = rec
+        return rec
+
+
+def _mark_final(graph: ModelGraph) -> None:
+    """The output layer: the last layer called, when it has an activation point. (Run-time
+    discovery appends attention heads after it, which hides it; heads are never the output.)"""
+    order = [lay for lay in graph.layers if lay.point_kind != "heads"]
+    if order and not order[-1].weight_only and order[-1].rnn is None:
+        order[-1].final = True
+
+
+def _as_batch(example: Any) -> Batch:
+    if isinstance(example, Batch):
+        return example
+    if isinstance(example, torch.Tensor):
+        return Batch((example,), {})
+    if isinstance(example, dict):
+        return Batch((), dict(example))
+    if isinstance(example, (tuple, list)):
+        return Batch(tuple(example), {})
+    raise UsageError(f"example must be a tensor, a tuple of inputs or a dict of keyword inputs, "
+                     f"not {type(example).__name__}")
+
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# reading a history file back
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """The records of a history file, in file order. A missing or unreadable file, or a line that
+    is not a record, is an ``InputError`` naming the line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise InputError(f"history file not found: {path}") from e
+    except IsADirectoryError as e:
+        raise InputError(f"history file {path} is a directory") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"history file {path} cannot be read ({type(e).__name__})") from e
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise InputError(f"history file {path}, line {n}: not JSON ({e.args[0] if e.args else e})") from e
+        why = _record_problem(rec)
+        if why:
+            raise InputError(f"history file {path}, line {n}: not a {FORMAT} record ({why})")
+        records.append(rec)
+    if not records:
+        raise InputError(f"history file {path} holds no records")
+    return records
+
+
+def _record_problem(rec: Any) -> str | None:
+    if not isinstance(rec, dict):
+        return "not an object"
+    if rec.get("format") != FORMAT:
+        return f"format {rec.get('format')!r}"
+    if not isinstance(rec.get("step"), int) or isinstance(rec.get("step"), bool):
+        return "no integer step"
+    layers = rec.get("layers")
+    if not isinstance(layers, dict):
+        return "no layers"
+    for name, lay in layers.items():
+        if not isinstance(lay, dict) or not isinstance(lay.get("units"), int) or not isinstance(lay.get("metrics"), dict):
+            return f"layer {name!r} has no units or metrics"
+        dead = lay.get("dead")
+        if dead is not None and (not isinstance(dead, list) or
+                                 not all(isinstance(i, int) and 0 <= i < lay["units"] for i in dead)):
+            return f"layer {name!r}: dead units out of range"
+    return None
+
+
+def died_at(dead_sets: list[set[int] | None], steps: list[int]) -> dict[int, int]:
+    """Unit -> the step it died at: the first record from which the unit is dead in that record
+    and in every later one (so a unit dead in the last record only). Records without dead units
+    (no dormancy score) interrupt nothing; they are skipped."""
+    out: dict[int, int] = {}
+    known = [(s, d) for s, d in zip(steps, dead_sets, strict=True) if d is not None]
+    if not known:
+        return out
+    for unit in sorted(known[-1][1]):
+        first = known[-1][0]
+        for s, d in reversed(known):
+            if unit not in d:
+                break
+            first = s
+        out[unit] = first
+    return out
+
+
+def history_summary(records: list[dict], layers: list[str] | None = None) -> dict:
+    """Dead fraction per layer over the records' steps, and the step each unit died at
+    (``died_at``). ``layers``: names or globs (None: every layer)."""
+    import fnmatch
+
+    names: list[str] = []
+    for rec in records:
+        names.extend(n for n in rec["layers"] if n not in names)
+    if layers:
+        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in layers)]
+        if not chosen:
+            raise UsageError(f"layer {layers[0]!r} matches no layer of the history",
+                             hint="the history's layers: " + ", ".join(names[:20]))
+        names = chosen
+    steps = [rec["step"] for rec in records]
+    out_layers = []
+    for name in names:
+        entries = [rec["layers"].get(name) for rec in records]
+        first = next(e for e in entries if e is not None)
+        dead_sets = [set(e["dead"]) if e is not None and e.get("dead") is not None else None for e in entries]
+        fractions = [len(d) / e["units"] if d is not None and e is not None and e["units"] else None
+                     for d, e in zip(dead_sets, entries, strict=True)]
+        died = died_at(dead_sets, steps)
+        out_layers.append({"name": name, "units": first["units"], "final": bool(first.get("final")),
+                           "dead_fraction": fractions, "dead": [sorted(d) if d is not None else None for d in dead_sets],
+                           "died_at": {str(u): s for u, s in sorted(died.items())}})
+    return {"format": "fitcli.history-summary/1", "records": len(records), "steps": steps,
+            "tau": records[-1].get("tau"), "layers": out_layers}
+
+__all__ = ["Tracker", "FORMAT", "trackable", "read_history", "history_summary", "died_at"]
