@@ -31,6 +31,7 @@ from torch import nn
 from fitcli.data import Batch
 from fitcli.errors import InputError, UsageError, guarded
 from fitcli.losses import primary_output
+from fitcli.report import new_file_mode
 from fitcli.settings import Settings
 
 CONST_TOL = 1e-6  # a unit is constant when max - min <= CONST_TOL * (1 + |mean|) over the data
@@ -141,6 +142,7 @@ def _write_atomic(p: Path, write: Callable[[str], Any]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode(p))
         os.replace(tmp, p)
     except BaseException:
         try:

@@ -8,6 +8,7 @@ import heapq
 import json
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -262,6 +263,17 @@ def read(path: str | Path) -> dict:
     return obj
 
 
+def new_file_mode(p: Path) -> int:
+    """The permissions the written file gets: those of the file it replaces, else what a plain
+    ``open()`` would give a new file (0666 less the umask). ``mkstemp`` makes its file 0600."""
+    try:
+        return stat.S_IMODE(p.stat().st_mode)
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def write_atomic(path: str | Path, text: str, protect: list[str | Path] = ()) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder and a rename.
 
@@ -287,6 +299,7 @@ def write_atomic(path: str | Path, text: str, protect: list[str | Path] = ()) ->
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode(p))
         os.replace(tmp, p)
     except BaseException:
         try:

@@ -200,6 +200,7 @@ def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, se
     per_metric: dict[str, dict[str, torch.Tensor]] = {}
     oracle: dict[str, torch.Tensor] = {}
     chosen: dict[str, list[int]] = {}
+    signed: dict[str, list[float | None]] = {}  # each validated unit's loss change, for plots
     for lay in report["layers"]:
         if lay["name"] not in names:
             continue
@@ -207,6 +208,7 @@ def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, se
         chosen[lay["name"]] = idx
         full = ab.delta(lay["name"])
         oracle[lay["name"]] = full[idx].abs()
+        signed[lay["name"]] = [float(x) if math.isfinite(x) else None for x in full[idx].tolist()]
         per_metric[lay["name"]] = {
             m: torch.tensor([float("nan") if fit[m][lay["name"]][i] is None else fit[m][lay["name"]][i] for i in idx],
                             dtype=torch.float64)
@@ -215,6 +217,7 @@ def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, se
     v = correlations(per_metric, oracle)
     for name in v["layers"]:
         v["layers"][name]["units"] = chosen[name]
+        v["layers"][name]["ablation"] = signed[name]
     best = v["best"]
     rho = v["across_layers"].get(best, {}).get("spearman") if best else None
     v["oracle"] = "|ablation| (" + report["settings"].get("ablation_mode", "zero") + " mode, exact)"

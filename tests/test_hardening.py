@@ -315,6 +315,24 @@ def test_output_replaces_existing_report_atomically(tmp_path, run_cli):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """A new report gets 0666 less the umask, as ``open()`` would give it (the temporary file is
+    0600); a replaced one keeps the mode it had."""
+    from fitcli import report as rep
+
+    old = os.umask(0o022)
+    try:
+        rep.write_atomic(tmp_path / "new.json", "{}\n")
+        kept = tmp_path / "kept.json"
+        kept.write_text("old\n")
+        kept.chmod(0o640)
+        rep.write_atomic(kept, "{}\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
+    assert kept.stat().st_mode & 0o777 == 0o640
+
+
 def test_write_atomic_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     from fitcli import report as rep
 
