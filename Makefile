@@ -47,6 +47,8 @@ bench: setup
 	$(BIN)/python bench/heads.py
 	$(BIN)/python bench/blocks.py
 	$(BIN)/python bench/html_size.py
+	$(BIN)/python bench/tracker.py
+	$(BIN)/python bench/distributed.py --threads 1 --repeat 2
 
 fuzz: setup
 	FITCLI_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider -q -s -W ignore::UserWarning
