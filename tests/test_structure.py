@@ -126,7 +126,7 @@ def test_readme_starts_with_the_two_commands():
     assert "make demo" in head and "make test" in head
 
 
-@pytest.mark.parametrize("command", ["score", "ablate", "gate", "inspect", "metrics", "compare", "prune", "render"])
+@pytest.mark.parametrize("command", ["score", "ablate", "gate", "inspect", "metrics", "compare", "prune", "render", "history"])
 def test_each_command_help_ends_with_examples(command, run_cli):
     res = run_cli([command, "--help"])
     assert res.code == 0
