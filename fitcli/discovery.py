@@ -85,6 +85,9 @@ class Layer:
     gates: int = 1  # recurrent layers: the weight rows of unit i are row i of each gate block
     head_dim: int | None = None  # attention heads: a unit is a slice of head_dim features
     mha: str | None = None  # heads of nn.MultiheadAttention: read inside its (replaced) forward
+    # heads: (attention module, how its probabilities are reached: "mha" (asked of the module) or
+    # "output" (a Hugging Face module in eager mode returns them)), or None when out of reach
+    attention: tuple[str, str] | None = None
     rnn: tuple[str, str] | None = None  # recurrent layers: (module name, parameter suffix)
 
     @property
@@ -248,6 +251,11 @@ def _in_features(mod: nn.Module) -> int | None:
     return int(mod.weight.shape[1]) if isinstance(mod, nn.Linear) else None
 
 
+def _eager(m: nn.Module) -> bool:
+    """A Hugging Face attention module that returns its attention probabilities (eager mode)."""
+    return getattr(getattr(m, "config", None), "_attn_implementation", None) == "eager"
+
+
 def head_layers(model: nn.Module) -> list[tuple[Layer, str]]:
     """Attention heads as units: for every module that says how wide its heads are (``head_dim``
     or ``attention_head_size``: Hugging Face, timm), the output projection whose input is the
@@ -260,7 +268,7 @@ def head_layers(model: nn.Module) -> list[tuple[Layer, str]]:
                         parts=[(f"{name}.out_proj.weight", m.out_proj.weight, 1)], bias=None,
                         point=f"{name} (per-head context)", point_kind="heads",
                         chain=[f"{name}: {m.num_heads} heads x {m.head_dim} -> out_proj"], head_dim=m.head_dim,
-                        mha=name, chain_modules=[name, f"{name}.out_proj"])
+                        mha=name, chain_modules=[name, f"{name}.out_proj"], attention=(name, "mha"))
             out.append((lay, name))
             continue
         d = _int_attr(m, ("head_dim", "attention_head_size"))
@@ -279,7 +287,8 @@ def head_layers(model: nn.Module) -> list[tuple[Layer, str]]:
         axis = 0 if is_hf_conv1d(pm) else 1  # the projection's input features
         lay = Layer(name=f"{name}.heads", type="Heads", units=h, unit_dim=-1, parts=[(f"{proj}.weight", pm.weight, axis)],
                     bias=None, point=f"{proj} (input)", point_kind="heads",
-                    chain=[f"{name}: {h} heads x {d} -> {_short(proj, name)}"], head_dim=d, consumers=[proj])
+                    chain=[f"{name}: {h} heads x {d} -> {_short(proj, name)}"], head_dim=d, consumers=[proj],
+                    attention=(name, "output") if _eager(m) else None)
         out.append((lay, proj))
     return out
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import inspect
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,10 +44,10 @@ from fitcli.metrics.base import NEEDS, Metric, Scratch, UnitBatch
 from fitcli.metrics.registry import default_metrics, get_metric
 from fitcli.progress import NO_PROGRESS, Progress
 
-DATA_NEEDS = frozenset({"activations", "gradients", "labels"})
+DATA_NEEDS = frozenset({"activations", "gradients", "labels", "attention"})
 HALF = (torch.float16, torch.bfloat16)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RUN_NEEDS = ("activations", "gradients", "labels", "ablation")  # what a forward over data gives
+RUN_NEEDS = ("activations", "gradients", "labels", "ablation", "attention")  # what a forward over data gives
 
 
 @dataclass
@@ -251,6 +252,10 @@ def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | 
         for n, cls in classes.items():
             if cls.unavailable(lay) is None and not (lay.weight_only and data_driven(cls)):
                 state[lay.name][n] = cls(lay.units).to(dev)
+    for n, cls in classes.items():  # asked for by name and possible on none of the chosen layers: say why
+        if metrics and n in metrics and chosen and not any(n in state[lay.name] for lay in chosen):
+            why = sorted({cls.unavailable(lay) or "no activations on weight-only layers" for lay in chosen})
+            skipped.append({"metric": n, "reason": "; ".join(why)})
     notes = list(loaded.notes) + list(graph.notes)
     if loss_name == "lm" and classes:
         notes.append("loss lm: next-token cross-entropy; the targets (labels, else input_ids) are shifted by one "
@@ -342,6 +347,59 @@ def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_P
                                     hint="check the model's weights and the data for NaN/Inf")
 
 
+@contextmanager
+def attention_probabilities(plan: AuditPlan, fed: dict[str, list[Metric]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Attention probabilities ``[batch, heads, queries, keys]`` of the head layers whose metrics
+    need them, read from the attention module's output during the forward (forward hooks, always
+    removed). ``nn.MultiheadAttention`` is asked for per-head weights and still returns to its
+    caller what the caller asked for; a Hugging Face module in eager mode returns them anyway."""
+    probs: dict[str, torch.Tensor] = {}
+    wanted = [lay for lay in plan.layers if lay.attention is not None
+              and any("attention" in m.all_needs() for m in fed.get(lay.name, []))]
+    if not wanted:
+        yield probs
+        return
+    mods = dict(plan.graph.runner.named_modules())
+    handles = []
+    try:
+        for lay in wanted:
+            name, how = lay.attention
+            handles.extend(_attention_hooks(mods[name], how, lay.name, probs))
+        yield probs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+_MHA_SIGNATURE = inspect.signature(torch.nn.MultiheadAttention.forward)
+
+
+def _attention_hooks(mod: torch.nn.Module, how: str, layer: str, probs: dict[str, torch.Tensor]) -> list:
+    asked: dict[str, Any] = {}
+
+    def pre(m, args, kwargs):  # ask nn.MultiheadAttention for per-head weights; remember what the caller asked
+        a = _MHA_SIGNATURE.bind(m, *args, **kwargs)
+        a.apply_defaults()
+        asked["need"], asked["average"] = a.arguments["need_weights"], a.arguments["average_attn_weights"]
+        call = {k: v for k, v in a.arguments.items() if k != "self"}
+        return (), {**call, "need_weights": True, "average_attn_weights": False}
+
+    def post(m, args, kwargs, out):
+        w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        if isinstance(w, torch.Tensor) and w.dim() == 4:
+            probs[layer] = w.detach()
+        if how != "mha":
+            return out
+        if not asked["need"]:
+            return out[0], None
+        return out[0], (w.mean(dim=1) if asked["average"] and w is not None else w)
+
+    hs = [mod.register_forward_hook(post, with_kwargs=True, prepend=True)]  # before the user's hooks: they see what was asked
+    if how == "mha":
+        hs.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+    return hs
+
+
 def _stream_pass(plan: AuditPlan, data, result: AuditResult, p: int, grads: bool, scratch: Scratch,
                  progress: Progress) -> int:
     """One pass over ``data``; returns how many batches had a finite loss (pass 0)."""
@@ -355,7 +413,8 @@ def _stream_pass(plan: AuditPlan, data, result: AuditResult, p: int, grads: bool
             ubs: dict[str, UnitBatch] = {}
             callbacks = {lay.name: _Tap(lay, fed[lay.name], p, bi, grads, scratch, acts, ubs, batch.mask)
                          for lay in plan.layers if not lay.weight_only}
-            outputs, losses, g, wg = _forward(plan, batch, callbacks, use_grad, acts, result, bi)
+            with attention_probabilities(plan, fed) as probs:
+                outputs, losses, g, wg = _forward(plan, batch, callbacks, use_grad, acts, result, bi)
             if p == 0:
                 result.batches += 1
                 result.samples += batch.size
@@ -368,9 +427,11 @@ def _stream_pass(plan: AuditPlan, data, result: AuditResult, p: int, grads: bool
                 ub.grad = widen(lay.view(g[lay.name])) if lay.name in g else None
                 ub.weight_grad = wg.get(lay.name)
                 ub.correct = correct
+                ub.attention = probs.get(lay.name)
+                ub.query_mask = batch.mask if ub.attention is not None else None
                 _feed(fed[lay.name], "update", ub, lay, bi)
             # nothing of this batch outlives it: its gradients would sit beside the next batch's backward
-            del acts, ubs, outputs, g, wg, losses, callbacks, correct, batch, cpu_batch
+            del acts, ubs, outputs, g, wg, losses, callbacks, correct, batch, cpu_batch, probs
             bar.advance()
     return finite_batches
 
@@ -584,8 +645,9 @@ def collect(plan: AuditPlan, result: AuditResult, streamed: bool = False) -> Aud
             info = m.info()
             if info:
                 result.metric_info.setdefault(n, {}).setdefault("layers", {})[lay.name] = info
-    for n, cls in plan.classes.items():
-        result.metric_info.setdefault(n, {}).update(cls.contract())
+    for n, cls in plan.classes.items():  # the metrics computed on some layer (not those no chosen layer can have)
+        if any(n in plan.state[lay.name] for lay in plan.layers):
+            result.metric_info.setdefault(n, {}).update(cls.contract())
     for name in off_path:
         result.layer_extra.setdefault(name, {})["gradient"] = OFF_PATH
     audited = [lay for lay in plan.layers if streamed and not lay.weight_only

@@ -43,8 +43,12 @@ def random_batches(units: int = 5, batches: int = 4, batch: int = 6, positions: 
         grad = torch.randn(batch, units, positions, generator=g, dtype=torch.float64)
         correct = torch.arange(batch) % 2 == (i % 2)  # both groups present in every batch
         wg = torch.randn(units, fan_in, generator=g, dtype=torch.float64)
+        # head layers: attention probabilities [batch, heads = units, queries, keys], some queries padding
+        attn = torch.softmax(2 * torch.randn(batch, units, positions, positions + 1, generator=g, dtype=torch.float64), -1)
+        queries = torch.rand(batch, positions, generator=g) < 0.8
+        queries[:, 0] = True
         out.append(UnitBatch(weight=weight, act=act, grad=grad, weight_grad=wg, baseline_weight=base,
-                             consumer_weights=[consumer], correct=correct))
+                             consumer_weights=[consumer], correct=correct, attention=attn, query_mask=queries))
     return out
 
 
@@ -62,6 +66,7 @@ def concat(batches: list[UnitBatch]) -> UnitBatch:
         act=torch.cat([b.act for b in batches]), grad=torch.cat([b.grad for b in batches]),
         weight_grad=sum(b.weight_grad * b.act.shape[0] for b in batches) / sum(b.act.shape[0] for b in batches),
         correct=torch.cat([b.correct for b in batches]),
+        attention=torch.cat([b.attention for b in batches]), query_mask=torch.cat([b.query_mask for b in batches]),
     )
 
 

@@ -5,6 +5,8 @@ equals the gradient of an explicit per-sample head-mask variable computed here (
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,3 +236,89 @@ def test_random_baseline_is_chance():
     r = random_baseline({"x": o})["layers"]["x"]
     assert abs(r["spearman"]) < 0.03  # a random order does not rank like the oracle
     assert abs(r["bottom10_overlap"] - 0.1) < 0.03  # and its bottom 10% overlaps by chance: ~10%
+
+
+def _sharpen(m, name):
+    """Random-init attention is near uniform; give the queries and keys unit-scale weights so the
+    heads' distributions differ."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        if name == "mha":
+            m.attn.in_proj_weight[:32] = torch.randn(32, 16, generator=g)
+            return
+        if name == "gpt2":
+            w = m.transformer.h[0].attn.c_attn.weight  # Conv1D [in, q | k | v]
+            w[:, :32] = torch.randn(16, 32, generator=g)
+            return
+        att = m.bert.encoder.layer[1].attention.self if name == "bert" else m.model.layers[1].self_attn
+        for lin in (att.query, att.key) if name == "bert" else (att.q_proj, att.k_proj):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
+
+
+def _hand_entropy(p, mask):
+    """Per head: -sum_k p log p of each real query position, averaged over those positions."""
+    b, h, q, _ = p.shape
+    out = []
+    for head in range(h):
+        total, n = 0.0, 0
+        for i in range(b):
+            for j in range(q):
+                if mask is not None and not bool(mask[i, j]):
+                    continue
+                total += -sum(float(x) * math.log(float(x)) for x in p[i, head, j].double() if float(x) > 0)
+                n += 1
+        out.append(total / n)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_attention_entropy_per_head_equals_a_hand_computation(name):
+    """The model's own attention probabilities (need_weights / output_attentions), entropy by hand;
+    padding queries excluded (BERT has padding)."""
+    m, data, layer, *_ = BUILDERS[name]()
+    _sharpen(m, name)
+    if name != "mha":
+        m.config._attn_implementation = "eager"
+    r = fitcli.audit(m, data, layers=[layer], metrics=["attn_entropy"], device="cpu")
+    got = r.layer(layer).metrics["attn_entropy"]
+    sums, counts = torch.zeros(4, dtype=torch.float64), 0
+    with torch.no_grad():
+        ps, masks = [], []
+        for b in data:
+            if name == "mha":
+                h = m.embed(b[0])
+                ps.append(m.attn(h, h, h, need_weights=True, average_attn_weights=False)[1])
+                masks.append(None)
+            else:
+                out = m(**{k: v for k, v in b.items() if k != "labels"}, output_attentions=True)
+                idx = 0 if name == "gpt2" else 1
+                ps.append(out.attentions[idx])
+                masks.append(b["attention_mask"].bool())
+    for p, mk in zip(ps, masks, strict=True):
+        n = p.shape[0] * p.shape[2] if mk is None else int(mk.sum())
+        sums += _hand_entropy(p, mk) * n
+        counts += n
+    want = sums / counts
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-9), (got, want)
+    assert float(want.max() - want.min()) > 0.05  # the heads really differ: not a uniform-attention fluke
+
+
+def test_attention_entropy_needs_reachable_weights():
+    """Under fused (sdpa) attention the probabilities never exist: the metric is skipped, with how to
+    get it; an nn.MultiheadAttention whose caller asked for no weights still gets none back."""
+    m, data, layer, *_ = _bert()
+    r = fitcli.audit(m, data, layers=[layer], metrics=["attn_entropy", "act_mean"], device="cpu")
+    assert "attn_entropy" not in r.layer(layer).metrics
+    assert any(s["metric"] == "attn_entropy" and "eager" in s["reason"] for s in r.to_dict()["skipped"])
+    mm, mdata, mlayer, *_ = _mha()
+    seen = []
+    hook = mm.attn.register_forward_hook(lambda mod, a, out: seen.append(out[1]))
+    try:
+        fitcli.audit(mm, mdata, layers=[mlayer], metrics=["attn_entropy"], device="cpu")
+        x = mdata[0][0]
+        h = mm.embed(x)
+        _, w = mm.attn(h, h, h, need_weights=False)
+    finally:
+        hook.remove()
+    assert w is None and seen[-1] is None  # asked for none, got none
+    assert len(seen) >= len(mdata) + 1 and all(x.dim() == 3 for x in seen[:-1])  # the model asked for averaged weights

@@ -25,6 +25,7 @@ NEEDS = {
     "gradients": "a loss: targets in the data, or a loss that needs none",
     "labels": "integer class targets in the data",
     "ablation": "an exact ablation pass and a loss (opt-in: ask for the ablation metric)",
+    "attention": "attention probabilities: heads of nn.MultiheadAttention, or of Hugging Face attention in eager mode",
 }
 
 
@@ -75,6 +76,8 @@ class UnitBatch:
     correct: torch.Tensor | None = None
     pass_index: int = 0
     mask: torch.Tensor | None = None  # [batch, positions] bool: real tokens; padding is not observed
+    attention: torch.Tensor | None = None  # head layers: probabilities [batch, heads, queries, keys]
+    query_mask: torch.Tensor | None = None  # with attention: [batch, queries] bool, the real query positions
     scratch: Scratch | None = field(default=None, repr=False)  # reusable temporaries (engine)
     _cache: dict = field(default_factory=dict, repr=False)
 
