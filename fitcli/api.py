@@ -52,9 +52,11 @@ REMOVABLE_EPS = 1e-6
 
 
 def load(model: Any, *, arch: Any = None, arch_kwargs: dict[str, Any] | None = None,
-         trust_checkpoint: bool = False, arch_label: str | None = None) -> LoadedModel:
+         trust_checkpoint: bool = False, arch_label: str | None = None, lazy: bool = False) -> LoadedModel:
     """An ``nn.Module``, a loaded model, or a checkpoint path (with ``arch``: a callable returning
-    the ``nn.Module`` that its state dict fills) -> the model an audit runs on."""
+    the ``nn.Module`` that its state dict fills) -> the model an audit runs on. ``lazy``: a
+    ``.safetensors`` file's weights are not read now but mapped block by block during an audit with
+    ``max_memory`` (models larger than memory)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, nn.Module):
@@ -63,7 +65,7 @@ def load(model: Any, *, arch: Any = None, arch_kwargs: dict[str, Any] | None = N
         return from_module(model)
     if isinstance(model, (str, Path)):
         return load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                          arch_label=arch_label)
+                          arch_label=arch_label, lazy=lazy)
     raise UsageError(f"model must be an nn.Module or a checkpoint path, not {type(model).__name__}")
 
 
@@ -135,6 +137,26 @@ def _caller_state(model: nn.Module | None, seed: int, device: torch.device | Non
             mha.set_fastpath_enabled(fast)
 
 
+@contextlib.contextmanager
+def _offload(loaded: LoadedModel, s: Settings) -> Iterator[Any]:
+    """With ``max_memory``: the audit runs with the weights memory-mapped from the checkpoint, at
+    most that many bytes of them resident, block by block (``fitcli.offload``)."""
+    if s.max_memory is None or loaded.module is None:
+        if loaded.lazy:
+            raise UsageError("this model was loaded without its weights (lazy): audit it with max_memory")
+        yield None
+        return
+    if loaded.format != "safetensors" or not loaded.path or not Path(loaded.path).is_file():
+        raise UsageError("max_memory maps the weights from a .safetensors checkpoint; this model is not one")
+    from fitcli.engine import pick_device
+    from fitcli.offload import offloaded
+
+    if pick_device(s.device).type != "cpu":
+        raise UsageError("max_memory: the block-by-block audit runs on the cpu device for now")
+    with offloaded(loaded.module, max_bytes=s.max_memory, source=loaded.path) as off:
+        yield off
+
+
 def _settings(settings: Settings | None, options: dict[str, Any]) -> Settings:
     return Settings.make(settings, **options).check()
 
@@ -147,6 +169,13 @@ def _report_settings(s: Settings, loaded: LoadedModel | None = None, **more: Any
     if dt is not None:
         out["dtype"] = dt
     return {**out, **more}
+
+
+def _offloaded(report: dict, off: Any) -> None:
+    """A block-by-block audit (max_memory) says so, with the most weight bytes resident at once."""
+    if off is not None:
+        report["offload"] = {"max_memory": int(off.max_bytes), "high_water": int(off.high_water),
+                             "blocks": len(off.blocks), "loads": int(off.loads), "recomputed": int(off.recomputed)}
 
 
 def _distributed(report: dict, d: distributed.Dist | None) -> None:
@@ -200,7 +229,7 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
     loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint), s.dtype)
     base = load(baseline) if baseline is not None else None
     ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
-    with _caller_state(loaded.module, s.seed):
+    with _caller_state(loaded.module, s.seed), _offload(loaded, s) as off:
         result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=base,
                            device=s.device, progress=progress, ablation_mode=s.ablation_mode,
                            chunk_size=s.chunk_size, rank_by=s.rank_by, group=d)
@@ -213,6 +242,7 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
             validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn, units=s.validate_units,
                             seed=s.seed, device=result.device, chunk_size=s.chunk_size,
                             rank_auto=s.rank_by == "auto", top=s.top, progress=progress, group=d)
+        _offloaded(report, off)
     if s.max_dead is not None or s.max_dead_layer is not None or s.min_coverage is not None:
         rep.gate(report, s.max_dead, s.max_dead_layer, s.min_coverage)
     return AuditReport(report)
@@ -275,7 +305,7 @@ def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None, uni
     ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
     if ds is None:
         raise UsageError("ablation needs data")
-    with _caller_state(loaded.module, s.seed):
+    with _caller_state(loaded.module, s.seed), _offload(loaded, s):
         with distributed.phase(d):  # every rank plans on batch 0; a failure on one is every rank's
             p = plan(loaded, ds, metrics=["ablation"], layers=s.layers, loss=loss, device=s.device)
             wonly = [lay.name for lay in p.layers if lay.weight_only]
@@ -362,7 +392,7 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
     if ds is None:
         raise UsageError("block ablation needs data")
     dev = pick_device(s.device)
-    with _caller_state(loaded.module, s.seed):
+    with _caller_state(loaded.module, s.seed), _offload(loaded, s):
         example = peek(ds)
         if example is None:
             raise InputError("the data yields no batches (empty data)")

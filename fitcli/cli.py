@@ -34,6 +34,7 @@ from fitcli.clikit import (
     MaxBatchOpt,
     MaxDeadLayerOpt,
     MaxDeadOpt,
+    MaxMemoryOpt,
     MetricOpt,
     MinCoverageOpt,
     ModelArg,
@@ -47,6 +48,7 @@ from fitcli.clikit import (
     TopOpt,
     TrustOpt,
     VerboseOpt,
+    auto_max_memory,
     checked_settings,
     cli_words,
     data_of,
@@ -125,7 +127,7 @@ def score(
     mode: ModeOpt = None, chunk_size: ChunkOpt = None,
     validate: Annotated[bool | None, typer.Option("--validate", help="measure each metric against exact ablation")] = None,
     validate_units: Annotated[int | None, typer.Option("--validate-units", min=2, help="ablate a stratified sample of K units per layer")] = None,
-    dtype: DtypeOpt = None, dist_timeout: DistTimeoutOpt = None,
+    dtype: DtypeOpt = None, dist_timeout: DistTimeoutOpt = None, max_memory: MaxMemoryOpt = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
 ) -> None:
     """Score every metric, show ranked dead-weight tables, write a report, optionally gate.
@@ -136,9 +138,11 @@ def score(
                             metrics=metric, device=device, seed=seed, tau=tau, top=top, rank_by=rank_by,
                             format=fmt, output=output, baseline=baseline, max_dead=max_dead,
                             max_dead_layer=max_dead_layer, min_coverage=min_coverage, ablation_mode=mode,
-                            chunk_size=chunk_size, dtype=dtype, dist_timeout=dist_timeout,
+                            chunk_size=chunk_size, dtype=dtype, dist_timeout=dist_timeout, max_memory=max_memory,
                             validate=validate, validate_units=validate_units, quiet=quiet, verbose=verbose))
     settings = checked_settings(m)  # every setting checked before torch is even imported
+    if auto_max_memory(model, m):  # too big for memory: block by block
+        settings = checked_settings(m)
     from fitcli import api, distributed
 
     with distributed.launched(settings.device, m.get("dist_timeout")) as (group, device):
@@ -167,7 +171,7 @@ def ablate(
     batch_size: BatchOpt = None,
     max_batches: MaxBatchOpt = None, loss: LossOpt = None, device: DeviceOpt = None, seed: SeedOpt = None,
     tau: TauOpt = None, top: TopOpt = None, fmt: FormatOpt = None, output: OutputOpt = None,
-    dtype: DtypeOpt = None, dist_timeout: DistTimeoutOpt = None,
+    dtype: DtypeOpt = None, dist_timeout: DistTimeoutOpt = None, max_memory: MaxMemoryOpt = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
 ) -> None:
     """Exact ablation of each unit (and optionally whole layers): the loss change when it is masked.
@@ -176,7 +180,7 @@ def ablate(
                             chunk_size=chunk_size, arch=arch, arch_kwargs=arch_kwargs,
                             trust_checkpoint=trust_checkpoint, data=data, text=text, max_seq_len=max_seq_len,
                             batch_size=batch_size, max_batches=max_batches, loss=loss, device=device, seed=seed,
-                            tau=tau, top=top, format=fmt, output=output, dtype=dtype, dist_timeout=dist_timeout,
+                            tau=tau, top=top, format=fmt, output=output, dtype=dtype, dist_timeout=dist_timeout, max_memory=max_memory,
                             quiet=quiet, verbose=verbose))
     if blocks:
         from fitcli.distributed import torchrun_env
@@ -195,6 +199,8 @@ def ablate(
     if not m.get("layers"):
         raise UsageError("ablate needs --layer NAME (see `fitcli inspect MODEL` for the names)")
     settings = checked_settings(m)
+    if auto_max_memory(model, m):  # too big for memory: block by block
+        settings = checked_settings(m)
     unit_list = parse_units(m.get("units"))
     if not m.get("data") and not m.get("text"):
         raise UsageError("ablate needs --data (or --text)")

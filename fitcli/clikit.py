@@ -64,6 +64,7 @@ ConfigOpt = Annotated[str | None, typer.Option("--config", help="TOML config fil
 MaxDeadOpt = Annotated[float | None, typer.Option("--max-dead", help="fail (exit 1) when more than PCT % of units are dead")]
 MaxDeadLayerOpt = Annotated[float | None, typer.Option("--max-dead-layer", help="fail (exit 1) when any layer has more than PCT % dead")]
 MinCoverageOpt = Annotated[float | None, typer.Option("--min-coverage", help="fail (exit 1) when the audited units own less than PCT % of the model's parameters")]
+MaxMemoryOpt = Annotated[str | None, typer.Option("--max-memory", metavar="SIZE", help="audit block by block with at most SIZE of weights in memory (e.g. 2GB, 500MiB), memory-mapped from the .safetensors checkpoint [default: all]")]
 ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", min=1, help="units per batched ablation pass [default: from free memory]")]
 ModeOpt = Annotated[Mode | None, typer.Option("--mode", help="ablation: zero, or the unit's mean activation [default: zero]")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="cast the model's floating weights for the audit: float32, bfloat16 or float16 (statistics still accumulate in float32/float64) [default: the checkpoint's]")]
@@ -78,7 +79,9 @@ CLI_WORDS = (("pass trust_checkpoint=True", "pass --trust-checkpoint"), ("give i
              ("without an architecture", "without --arch"), ("give data to", "pass --data to"),
              ("(needs data:", "(needs --data:"), ("validate=True", "--validate"),
              ("> max_dead_layer ", "> --max-dead-layer "), ("> max_dead ", "> --max-dead "),
-             ("< min_coverage ", "< --min-coverage "), ("set the batch size to ", "pass --batch-size "))
+             ("< min_coverage ", "< --min-coverage "),
+             ("max memory ", "--max-memory "), ("max_memory maps", "--max-memory maps"), ("max_memory:", "--max-memory:"),
+             ("with max_memory", "with --max-memory"), ("dtype and max_memory together", "--dtype and --max-memory together"), ("set the batch size to ", "pass --batch-size "))
 
 
 def cli_words(text: str | None) -> str | None:
@@ -132,11 +135,28 @@ def merge(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+              "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(text: Any) -> int:
+    """``2GB``, ``500MiB``, ``1.5G``, ``1048576`` -> bytes (k/M/G alone are binary)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,9})?)\s*([a-zA-Z]{0,3})\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in SIZE_UNITS or float(m.group(1)) * SIZE_UNITS[unit] < 1:
+        raise UsageError(f"--max-memory {text!r}: give a size such as 2GB, 500MiB or 1.5G")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
+
+
 def checked_settings(merged: dict[str, Any]):
     """The one settings object, checked before anything is loaded (a bad name costs a second)."""
     from fitcli.settings import Settings
 
     fields = {k: merged.get(k) for k in Settings.names()}
+    if fields.get("max_memory") is not None:
+        fields["max_memory"] = parse_size(fields["max_memory"])
     if isinstance(fields.get("ablation_mode"), Mode):
         fields["ablation_mode"] = fields["ablation_mode"].value
     try:
@@ -225,8 +245,29 @@ def model_of(model: str, merged: dict[str, Any]):
     from fitcli.api import load
 
     a = arch_of(merged)
+    lazy = merged.get("max_memory") is not None and str(model).lower().endswith(".safetensors")
     return load(model, arch=a["arch"], arch_kwargs=a["arch_kwargs"], trust_checkpoint=bool(merged["trust_checkpoint"]),
-                arch_label=a.get("arch_label"))
+                arch_label=a.get("arch_label"), lazy=lazy)
+
+
+def auto_max_memory(model: str, merged: dict[str, Any]) -> bool:
+    """No --max-memory, and a .safetensors model whose weights do not fit the memory available:
+    audit it block by block anyway, with half of that memory for the weights (and say so)."""
+    if merged.get("max_memory") is not None or not merged.get("arch") or not str(model).lower().endswith(".safetensors"):
+        return False
+    from fitcli.offload import auto_max_bytes, file_bytes, human
+
+    try:
+        cap = auto_max_bytes(file_bytes(model), "cpu")
+    except Exception:  # an unreadable file: the loader says what is wrong with it
+        return False
+    if cap is not None and merged.get("dtype") is None:
+        merged["max_memory"] = cap
+        if not merged.get("quiet"):
+            err.print(f"note: the weights do not fit the memory available: auditing block by block with at most "
+                      f"{human(cap)} of them in memory (--max-memory sets the cap)", style="dim")
+        return True
+    return False
 
 
 class RichProgress:

@@ -6,12 +6,14 @@ caller passes ``trust_checkpoint=True``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import pickle
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ class LoadedModel:
     exported: Any = None
     notes: list[str] = field(default_factory=list)
     task: str | None = None  # "causal-lm" for language models: the lm loss is the default
+    lazy: bool = False  # parameters not read: only valid inside fitcli.offload (max_memory)
 
     @property
     def runnable(self) -> bool:
@@ -294,10 +297,13 @@ def load_model(
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
     arch_label: str | None = None,
+    lazy: bool = False,
 ) -> LoadedModel:
     """Load any supported checkpoint. ``arch``: a callable returning the ``nn.Module`` the state
     dict fills (``arch_label`` names it in the report). Raises InputError/UsageError with a
-    one-line message."""
+    one-line message. ``lazy`` (a ``.safetensors`` file with ``arch``): the weights are not read;
+    the model's parameters stay unread allocations until ``fitcli.offload`` maps them from the file
+    (a block-by-block audit, ``max_memory``); buffers are read."""
     p = Path(path)
     try:
         exists, is_dir = p.exists(), p.is_dir()
@@ -313,6 +319,8 @@ def load_model(
     suffix = p.suffix.lower()
     notes: list[str] = []
 
+    if suffix == ".safetensors" and lazy and arch is not None:
+        return _load_lazy(p, digest, arch, arch_kwargs, arch_label)
     if suffix == ".safetensors":
         sd = _load_safetensors(p)
         fmt = "safetensors"
@@ -359,6 +367,66 @@ def load_model(
         path=str(path), format=fmt, sha256=digest, state_dict=model.state_dict(), module=model,
         arch=label, notes=notes,
     )
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built here get their parameters on the meta device (no memory, no init work);
+    buffers, persistent or computed in ``__init__``, are made as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            cls = type(module._parameters[name])
+            module._parameters[name] = cls(module._parameters[name].to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _load_lazy(p: Path, digest: str, arch: Any, arch_kwargs: dict[str, Any] | None, arch_label: str | None
+               ) -> LoadedModel:
+    """The architecture with unread parameters (``torch.empty``: no page is touched until the offload
+    maps the file) and its persistent buffers from the file; names and shapes checked against the
+    file's header."""
+    from safetensors import safe_open
+
+    label = arch_label or arch_name(arch)
+    with _parameters_on_meta():
+        model = build_arch(arch, arch_kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            for n, t in list(m._parameters.items()):
+                if t is not None and t.device.type == "meta":
+                    m._parameters[n] = type(t)(torch.empty(t.shape, dtype=t.dtype), requires_grad=t.requires_grad)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            keys = set(f.keys())
+            own = set(model.state_dict())
+            missing, unexpected = sorted(own - keys), sorted(keys - own)
+            if missing or unexpected:
+                raise InputError(f"{p} does not fit {label}: " + "; ".join(
+                    x for x in (f"missing keys {missing[:5]}" if missing else "",
+                                f"unexpected keys {unexpected[:5]}" if unexpected else "") if x))
+            persistent = set(model.state_dict()) - {n for n, _ in model.named_parameters(remove_duplicate=False)}
+            for name, buf in model.named_buffers():
+                if name in persistent:
+                    t = f.get_tensor(name)
+                    if t.shape != buf.shape:
+                        raise InputError(f"{p}: {name} is {list(t.shape)}, the model's buffer is {list(buf.shape)}")
+                    buf.copy_(t)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{p}: not a readable safetensors file ({_first_line(e)})") from e
+    model.eval()
+    return LoadedModel(path=str(p), format="safetensors", sha256=digest, state_dict=dict(model.state_dict(keep_vars=True)),
+                       module=model, arch=label, lazy=True,
+                       notes=["weights not read: they are mapped from the file block by block during the audit"])
 
 
 def _load_export(p: Path, digest: str) -> LoadedModel:

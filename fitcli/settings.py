@@ -41,6 +41,7 @@ class Settings:
     max_dead_layer: float | None = None  # gate: percent of dead units in any layer
     min_coverage: float | None = None  # gate: percent of the model's parameters the audited units own
     dtype: str | None = None  # cast the model's floating weights for the audit; None = its own dtype
+    max_memory: int | None = None  # bytes of weights resident at once: a block-by-block audit; None = all
 
     @classmethod
     def names(cls) -> list[str]:
@@ -67,6 +68,7 @@ class Settings:
         _check_int("batch_size", self.batch_size, low=1)
         _check_int("max_batches", self.max_batches, low=1, optional=True)
         _check_int("chunk_size", self.chunk_size, low=1, optional=True)
+        _check_int("max_memory", self.max_memory, low=1, optional=True)
         _check_int("validate_units", self.validate_units, low=2, optional=True,
                    why="a rank correlation needs two units")
         _check_number("max_dead", self.max_dead, low=0.0, optional=True)
@@ -76,6 +78,8 @@ class Settings:
             raise UsageError(f"ablation mode {self.ablation_mode!r}: use zero or mean")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UsageError(f"dtype {self.dtype!r}: use float32, bfloat16 or float16")
+        if self.dtype is not None and self.max_memory is not None:
+            raise UsageError("dtype and max_memory together are not supported: the mapped weights are used as stored")
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
                                                      or self.device.startswith("cuda:")):
             raise UsageError(f"device {self.device!r}: use cpu, cuda, cuda:N or auto")
