@@ -97,6 +97,12 @@ class AuditPlan:
         return self.have["gradients"] is None and self.loss_fn is not None and any(
             "gradients" in m.all_needs() for ms in self.state.values() for m in ms.values())
 
+    def weight_grad_layers(self) -> list[Layer]:
+        """The layers with a metric that reads the weight gradient (one that needs both the weights
+        and gradients: grad_norm, the composite); the backward asks autograd for those alone."""
+        return [lay for lay in self.layers if not lay.weight_only
+                and any({"weights", "gradients"} <= m.all_needs() for m in self.state[lay.name].values())]
+
     @property
     def wants_labels(self) -> bool:
         return self.have["labels"] is None
@@ -287,7 +293,9 @@ class _Tap:
             t = t.detach().requires_grad_(True)
         if self.p == 0:
             self.acts[self.lay.name] = t  # kept for the backward
-        ub = UnitBatch(weight=self.lay.weight.detach(), act=widen(self.lay.view(t.detach())),
+        # the weights only for a metric that reads them (a Conv1D's are a transposed copy per batch)
+        w = self.lay.weight.detach() if any("weights" in m.all_needs() for m in self.metrics) else None
+        ub = UnitBatch(weight=w, act=widen(self.lay.view(t.detach())),
                        pass_index=self.p, scratch=self.scratch, mask=token_mask(t, self.lay, self.mask))
         with torch.no_grad():
             _feed(self.metrics, "prepare", ub, self.lay, self.bi)
@@ -301,9 +309,10 @@ def _forward(plan: AuditPlan, batch: Batch, callbacks: dict, use_grad: bool, act
         with plan.graph.tap(callbacks), torch.set_grad_enabled(use_grad):
             if not use_grad:
                 return plan.graph(batch), None, {}, {}
-            with weights_require_grad([lay for lay in plan.layers if not lay.weight_only]):
+            owners = plan.weight_grad_layers()
+            with weights_require_grad(owners):
                 outputs = plan.graph(batch)
-                return (outputs, *_backward(outputs, batch, plan.loss_fn, plan.layers, acts, result))
+                return (outputs, *_backward(outputs, batch, plan.loss_fn, owners, acts, result))
     except (InputError, RuntimeAuditError):
         raise
     except Exception as e:  # the model or the data: an input problem, with both shapes
@@ -584,7 +593,7 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
         result.nonfinite_loss_batches += 1
     total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
     names = [n for n in acts if acts[n].requires_grad]
-    owners = [lay for lay in chosen if not lay.weight_only]
+    owners = [lay for lay in chosen if not lay.weight_only]  # the layers whose weight gradient a metric reads
     params = [t for lay in owners for t in lay.tensors]
     if not total.requires_grad:
         return losses.detach(), {}, {}

@@ -63,11 +63,12 @@ class UnitBatch:
     """Everything one batch offers one layer. Tensors are float64 on the audit device.
 
     ``act``/``grad``: ``[batch, units, positions]`` at the activation point; ``grad`` is the
-    gradient of each sample's own loss. ``weight_grad``: gradient of the batch-mean loss w.r.t.
+    gradient of each sample's own loss. ``weight`` is given to metrics that need "weights";
+    ``weight_grad`` to metrics that need "weights" and "gradients": the gradient of the batch-mean loss w.r.t.
     the weight (``[units, ...]``). ``correct``: ``[batch]`` bool, prediction == label.
     """
 
-    weight: torch.Tensor
+    weight: torch.Tensor | None  # None for a metric that does not need "weights"
     act: torch.Tensor | None = None
     grad: torch.Tensor | None = None
     weight_grad: torch.Tensor | None = None
