@@ -226,7 +226,8 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
     check_loss(loss)
     d = _group(group)
     progress = progress or NO_PROGRESS
-    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint), s.dtype)
+    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
+                             lazy=s.max_memory is not None), s.dtype)
     base = load(baseline) if baseline is not None else None
     ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
     with _caller_state(loaded.module, s.seed), _offload(loaded, s) as off:
@@ -298,7 +299,8 @@ def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None, uni
     check_loss(loss)
     d = _group(group)
     progress = progress or NO_PROGRESS
-    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint), s.dtype)
+    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
+                             lazy=s.max_memory is not None), s.dtype)
     if not loaded.runnable:
         raise InputError(f"{loaded.path}: ablation needs a runnable model; give its architecture"
                          + (" (" + "; ".join(loaded.notes) + ")" if loaded.notes else ""))
@@ -385,7 +387,8 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
     if not isinstance(greedy, int) or isinstance(greedy, bool) or greedy < 0:
         raise UsageError(f"greedy must be a non-negative number of blocks, got {greedy!r}")
     check_loss(loss)
-    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint), s.dtype)
+    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
+                             lazy=s.max_memory is not None), s.dtype)
     if not loaded.runnable:
         raise InputError(f"{loaded.path}: block ablation needs a runnable model; give its architecture")
     ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
