@@ -49,6 +49,8 @@ bench: setup
 	$(BIN)/python bench/html_size.py
 	$(BIN)/python bench/tracker.py
 	$(BIN)/python bench/distributed.py --threads 1 --repeat 2
+	$(BIN)/python bench/offload.py --arch opt
+	$(BIN)/python bench/offload.py
 
 fuzz: setup
 	FITCLI_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider -q -s -W ignore::UserWarning
