@@ -53,6 +53,7 @@ class AblationResult:
         self.chunk_sizes: dict[str, int] = {}
         self.notes: list[str] = []
         self.accuracy_known = False  # accuracy changes were measured (class targets)
+        self.partition: str | None = None  # across ranks: "batches" (sharded) or "units" (partitioned)
 
     def delta(self, name: str) -> torch.Tensor:
         """Mean loss change per unit, ``[units]`` float64 on the CPU."""
@@ -341,7 +342,10 @@ def ablate_layers(
 
     ``group``: a process group. Each rank ablates every selected unit on its shard of the batches
     (batch i on rank i % world) and the float64 sums and counts are all-reduced: every rank ends
-    with the single-process result (to float64 rounding). Mean mode all-reduces the means first."""
+    with the single-process result (to float64 rounding). With fewer batches than ranks the units
+    are partitioned instead (unit j of a layer's selection on rank j % world; every rank reads every
+    batch; whole layers on rank 0): the sums of disjoint units add up to the same result. Mean mode
+    all-reduces the means first."""
     d = group if group is None or isinstance(group, distributed.Dist) else distributed.of(group)
     dev = torch.device(device)
     layers = {lay.name: lay for lay in graph.layers}
@@ -350,12 +354,18 @@ def ablate_layers(
     means = unit_means(graph, names, layers, data, dev, group=d) if mode == "mean" else {}
     res = AblationResult(names, {n: layers[n].units for n in names}, dev)
     res.accuracy_known = accuracy
-    local = distributed.shard(data, d)
+    total = getattr(data, "total", None)
+    by_units = d is not None and total is not None and total < d.world
+    if by_units:  # fewer batches than ranks: each rank reads them all and ablates its share of the units
+        mine, local = {n: sel[n][d.rank::d.world] for n in names}, data
+    else:
+        mine, local = sel, distributed.shard(data, d)
     with distributed.phase(d):
-        _ablate_batches(graph, names, layers, sel, local, loss_fn, dev, chunk_size, progress, whole_layer,
-                        accuracy, means, res)
+        _ablate_batches(graph, names, layers, mine, local, loss_fn, dev, chunk_size, progress,
+                        whole_layer and not (by_units and d.rank != 0), accuracy, means, res, whole_units=sel)
     if d is not None:
-        distributed.reduce_ablation(d, res)
+        distributed.reduce_ablation(d, res, counts=not by_units)
+    res.partition = "units" if by_units else ("batches" if d is not None else None)
     if res.batches == 0:
         raise InputError(f"data {getattr(data, 'spec', '')}: yields no batches (empty data)")
     if getattr(loss_fn, "kind", None):
@@ -365,7 +375,8 @@ def ablate_layers(
 
 def _ablate_batches(graph: ModelGraph, names: list[str], layers: dict[str, Layer], sel: dict[str, list[int]],
                     data: Iterable[Batch], loss_fn: LossFn, dev: torch.device, chunk_size: int | None,
-                    progress: Progress, whole_layer: bool, accuracy: bool, means: dict, res: AblationResult) -> None:
+                    progress: Progress, whole_layer: bool, accuracy: bool, means: dict, res: AblationResult,
+                    whole_units: dict[str, list[int]] | None = None) -> None:
     plans = {n: make_plan(graph, layers[n]) for n in names}
     total = getattr(data, "total", None)
     chunks = total * sum(-(-len(sel[n]) // chunk_size) for n in names) if total and chunk_size else None
@@ -378,7 +389,7 @@ def _ablate_batches(graph: ModelGraph, names: list[str], layers: dict[str, Layer
                 k = chunk_size or res.chunk_sizes.get(n) or _auto_chunk(job.h, job.plan, job.base, len(sel[n]), dev)
                 res.chunk_sizes[n] = _run_layer(job, batch, sel[n], k, loss_fn, accuracy, dev, res, bar)
                 if whole_layer:
-                    _run_whole(graph, job, batch, bi, sel[n], loss_fn, accuracy, res)
+                    _run_whole(graph, job, batch, bi, (whole_units or sel)[n], loss_fn, accuracy, res)
             res.samples += batch.size
             res.batches += 1
             cache.clear()

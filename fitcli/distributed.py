@@ -255,8 +255,9 @@ def reduce_counts(d: Dist, values: list[float]) -> list[float]:
     return [float(x) for x in t.tolist()]
 
 
-def reduce_ablation(d: Dist, res: Any) -> None:
-    """All-reduce an ``AblationResult``'s sums and counts in place."""
+def reduce_ablation(d: Dist, res: Any, counts: bool = True) -> None:
+    """All-reduce an ``AblationResult``'s sums and counts in place. ``counts=False``: every rank saw
+    every batch (the units were partitioned), so samples and batches are not added up."""
     names = list(res.delta_sum)
     sums = all_reduce(d, [res.delta_sum[n] for n in names] + [res.acc_sum[n] for n in names], "sum")
     for i, n in enumerate(names):
@@ -265,7 +266,8 @@ def reduce_ablation(d: Dist, res: Any) -> None:
     tot = reduce_counts(d, flat)
     for i, n in enumerate(names):
         res.whole_sum[n], res.whole_acc[n] = tot[i], tot[len(names) + i]
-    res.samples, res.batches = int(tot[-2]), int(tot[-1])
+    if counts:
+        res.samples, res.batches = int(tot[-2]), int(tot[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +336,7 @@ def rank() -> int:
 
 def report_field(d: Dist) -> dict[str, Any]:
     return {"ranks": d.world, "backend": d.backend, "sharding": "batch i on rank i % ranks",
+            "ablation": "batches sharded likewise; with fewer batches than ranks, unit j of each layer on rank j % ranks",
             "reduction": "metric states all-reduced with their declared sum/max/min; float64 sums"}
 
 

@@ -94,9 +94,10 @@ def test_torchrun_score_with_validation_equals_one_process(repo, truth, tmp_path
     assert dist["layers"][0]["dead"] == sorted(t["dead"]["fc1"])
 
 
-def test_torchrun_ablate_mean_mode_equals_one_process(repo, truth, tmp_path, run_cli, in_repo):
+@pytest.mark.parametrize("batch_size", ["100", "100000"])  # 6 batches: sharded; 1 batch: units partitioned
+def test_torchrun_ablate_mean_mode_equals_one_process(repo, truth, tmp_path, run_cli, in_repo, batch_size):
     t = truth["cnn"]
-    args = ["ablate", t["checkpoint"], "--arch", t["arch"], "--data", t["data"], "--batch-size", "100",
+    args = ["ablate", t["checkpoint"], "--arch", t["arch"], "--data", t["data"], "--batch-size", batch_size,
             "--layer", "conv2", "--layer", "fc1", "--mode", "mean", "--whole-layer", "--units", "0-11",
             "--format", "json", "--device", "cpu"]
     proc = _torchrun(repo, args)
