@@ -32,6 +32,7 @@ from fitcli.discovery import Layer, ModelGraph, getattr_path, token_mask
 from fitcli.errors import InputError, RuntimeAuditError, first_line, guarded, is_oom
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
+from fitcli.runtime import available_bytes
 
 CPU_CHUNK_BYTES = 192 << 20
 
@@ -70,17 +71,9 @@ class AblationResult:
 
 
 def free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2 << 30
+    """Free memory of the device (2 GiB when it cannot be known)."""
+    free = available_bytes(device)
+    return free if free is not None else 2 << 30
 
 
 def _tensors_nbytes(values: Any) -> int:

@@ -51,6 +51,7 @@ from torch.overrides import TorchFunctionMode
 
 from fitcli.errors import InputError, UsageError
 from fitcli.residual import candidates
+from fitcli.runtime import available_bytes
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -464,24 +465,6 @@ def offloaded(module: nn.Module, *, max_bytes: int, source: str | os.PathLike, b
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of the module's parameters (shared ones once)."""
     return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def available_bytes(device: str | torch.device = "cpu") -> int | None:
-    """Free memory of the device: ``torch.cuda.mem_get_info`` for CUDA, ``MemAvailable`` of
-    ``/proc/meminfo`` for the CPU; None when it cannot be known."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.mem_get_info(dev)[0]) if torch.cuda.is_available() else None
-    if dev.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def needs_offload(model: nn.Module | int, device: str | torch.device = "cpu", *, headroom: float = 0.8) -> bool:

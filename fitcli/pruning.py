@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ from torch import nn
 from fitcli.data import Batch
 from fitcli.errors import InputError, UsageError, guarded
 from fitcli.losses import primary_output
-from fitcli.report import new_file_mode
+from fitcli.report import check_output, replace_atomically
 from fitcli.settings import Settings
 
 CONST_TOL = 1e-6  # a unit is constant when max - min <= CONST_TOL * (1 + |mean|) over the data
@@ -94,11 +92,11 @@ class PruneResult:
         atomically and never over an input file."""
         pt2, st = check_outputs(out, [*self.inputs, *protect])
         program = export_program(self.module, self.example)
-        _write_atomic(pt2, lambda f: torch.export.save(program, f))
+        replace_atomically(pt2, lambda f: torch.export.save(program, f))
         from safetensors.torch import save_file
 
         sd = {k: v.detach().contiguous().clone() for k, v in self.module.state_dict().items()}
-        _write_atomic(st, lambda f: save_file(sd, f))
+        replace_atomically(st, lambda f: save_file(sd, f))
         return [pt2, st]
 
 
@@ -118,38 +116,8 @@ def check_outputs(out: str | Path, protect: list[str | Path]) -> tuple[Path, Pat
     """The two output paths, checked: not an input file, not a folder, in a folder that exists."""
     paths = output_paths(out)
     for p in paths:
-        _check_target(p, protect)
+        check_output(p, protect)
     return paths
-
-
-def _check_target(p: Path, protect: list[str | Path]) -> None:
-    for q in protect:
-        if q and Path(q).exists() and p.exists() and os.path.samefile(p, q):
-            raise UsageError(f"output {p} is one of the inputs; refusing to overwrite it")
-        if q and Path(q).resolve() == p.resolve():
-            raise UsageError(f"output {p} is one of the inputs; refusing to overwrite it")
-    if p.is_dir():
-        raise UsageError(f"output {p} is a directory")
-    if not (p.parent if str(p.parent) else Path(".")).exists():
-        raise UsageError(f"output {p}: folder {p.parent} does not exist")
-
-
-def _write_atomic(p: Path, write: Callable[[str], Any]) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``p``, then a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}", dir=p.parent if str(p.parent) else ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode(p))
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def export_program(module: nn.Module, example: Batch | None):

@@ -274,11 +274,9 @@ def new_file_mode(p: Path) -> int:
         return 0o666 & ~mask
 
 
-def write_atomic(path: str | Path, text: str, protect: list[str | Path] = ()) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename.
-
-    ``protect``: input files that must never be overwritten (the checkpoint, the data...).
-    """
+def check_output(path: str | Path, protect: list[str | Path] = ()) -> Path:
+    """An output path that may be written: not one of the inputs in ``protect`` (the checkpoint,
+    the data...), not a folder, in a folder that exists."""
     p = Path(path)
     for q in protect:
         try:
@@ -293,11 +291,20 @@ def write_atomic(path: str | Path, text: str, protect: list[str | Path] = ()) ->
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise UsageError(f"output {path}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    return p
+
+
+def replace_atomically(path: str | Path, write: Any) -> None:
+    """``write(temporary path)`` fills a temporary file beside ``path``, which then replaces it by a
+    rename (with the permissions a plain write would give it): a reader never sees half a file, and
+    a failure leaves the old file and no temporary."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp" + p.suffix, dir=parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, new_file_mode(p))
         os.replace(tmp, p)
@@ -307,6 +314,20 @@ def write_atomic(path: str | Path, text: str, protect: list[str | Path] = ()) ->
         except OSError:
             pass
         raise
+
+
+def write_atomic(path: str | Path, text: str, protect: list[str | Path] = ()) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename.
+
+    ``protect``: input files that must never be overwritten (the checkpoint, the data...).
+    """
+    p = check_output(path, protect)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    replace_atomically(p, write)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import ctypes
 import os
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 # glibc <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -51,3 +52,24 @@ def keep_freed_memory(env: Mapping[str, str] | None = None) -> bool:
     mallopt.restype = ctypes.c_int
     # the mmap threshold first: setting either one turns glibc's dynamic thresholds off
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def available_bytes(device: Any = "cpu") -> int | None:
+    """Free memory of a device: ``torch.cuda.mem_get_info`` for CUDA, ``MemAvailable`` of
+    ``/proc/meminfo`` for the CPU; None when it cannot be known."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0]) if torch.cuda.is_available() else None
+    if dev.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
