@@ -15,13 +15,12 @@ import importlib.util
 import json
 import math
 import re
+import sys
 import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
 import fitcli
 from fitcli.render import html as H
@@ -134,27 +133,12 @@ def _sample(name: str, truth: dict):
     return ckpt, resolve_callable(arch, "arch"), data
 
 
-class MHANet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(6, 16)
-        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = self.embed(x)
-        a, _ = self.attn(h, h, h)
-        return self.head((h + a).mean(1))
-
-
 def _heads_report() -> dict:
-    torch.manual_seed(0)
-    m = MHANet().eval()
-    with torch.no_grad():  # head 1's values are 0: its context is 0, the head is dead
-        m.attn.in_proj_weight[32 + 4:32 + 8] = 0.0
-        m.attn.in_proj_bias[32 + 4:32 + 8] = 0.0
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(5, 7, 6, generator=g), torch.randint(0, 3, (5,), generator=g)) for _ in range(2)]
+    """The nn.MultiheadAttention model of test_heads.py: head 1's values are 0, so it is dead."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_heads import _mha
+
+    m, data, *_ = _mha()
     return fitcli.audit(m, data, device="cpu", layers=["embed", "attn.heads", "head"]).to_dict()
 
 

@@ -194,9 +194,10 @@ def unit_cells(fit: list[float | None], raw: list[float | None], dead: set[int],
     return out, g
 
 
-def unit_map_chart(cells: list[dict], metric: str, group: int, legend: bool = True) -> dict:
+def _grid_chart(cells: list[dict], group: int, color: dict, tooltip: list[dict]) -> dict:
+    """Units as a grid of squares, MAP_COLUMNS wide (a cell is ``group`` units past the threshold)."""
     cols = min(MAP_COLUMNS, len(cells))
-    unit_tip = {"field": "a", "title": "unit"} if group == 1 else {"field": "units", "title": "units"}
+    tip = {"field": "a", "title": "unit"} if group == 1 else {"field": "units", "title": "units"}
     return _spec(
         data={"values": cells},
         transform=[{"calculate": f"datum.i % {cols}", "as": "x"}, {"calculate": f"floor(datum.i / {cols})", "as": "y"},
@@ -205,13 +206,16 @@ def unit_map_chart(cells: list[dict], metric: str, group: int, legend: bool = Tr
         mark={"type": "rect", "tooltip": True, "stroke": "white", "strokeWidth": 0.5},
         encoding={"x": {"field": "x", "type": "ordinal", "axis": None},
                   "y": {"field": "y", "type": "ordinal", "axis": None},
-                  "color": {"condition": [{"test": "datum.d > 0", "value": "#d62728"},
-                                          {"test": "datum.f === null", "value": "#bbbbbb"}],
-                            "field": "f", "type": "quantitative", "title": f"{metric} fitness (0 = least fit)",
-                            "scale": {"scheme": "viridis", "domain": [0, 1]}, **({} if legend else {"legend": None})},
-                  "tooltip": [unit_tip, {"field": "v", "title": metric, "format": ".4g"},
-                              {"field": "f", "title": "fitness place", "format": ".2f"},
-                              {"field": "d", "title": "dead"}]})
+                  "color": color, "tooltip": [tip, *tooltip]})
+
+
+def unit_map_chart(cells: list[dict], metric: str, group: int, legend: bool = True) -> dict:
+    color = {"condition": [{"test": "datum.d > 0", "value": "#d62728"}, {"test": "datum.f === null", "value": "#bbbbbb"}],
+             "field": "f", "type": "quantitative", "title": f"{metric} fitness (0 = least fit)",
+             "scale": {"scheme": "viridis", "domain": [0, 1]}, **({} if legend else {"legend": None})}
+    return _grid_chart(cells, group, color, [{"field": "v", "title": metric, "format": ".4g"},
+                                             {"field": "f", "title": "fitness place", "format": ".2f"},
+                                             {"field": "d", "title": "dead"}])
 
 
 def heads_chart(layers: list[dict], metric: str, fit: dict[str, list[float | None]]) -> dict:
@@ -438,20 +442,9 @@ def change_cells(lay: dict, cells: int = MAP_CELLS) -> tuple[list[dict], int]:
 
 
 def change_map_chart(cells: list[dict], group: int, legend: bool) -> dict:
-    cols = min(MAP_COLUMNS, len(cells))
-    tip = {"field": "a", "title": "unit"} if group == 1 else {"field": "units", "title": "units"}
-    return _spec(
-        data={"values": cells},
-        transform=[{"calculate": f"datum.i % {cols}", "as": "x"}, {"calculate": f"floor(datum.i / {cols})", "as": "y"},
-                   {"calculate": "datum.a + '-' + datum.b", "as": "units"}],
-        width={"step": 11}, height={"step": 11},
-        mark={"type": "rect", "tooltip": True, "stroke": "white", "strokeWidth": 0.5},
-        encoding={"x": {"field": "x", "type": "ordinal", "axis": None},
-                  "y": {"field": "y", "type": "ordinal", "axis": None},
-                  "color": {"field": "s", "type": "nominal", "title": "unit",
-                            "scale": {"domain": list(STATES), "range": list(STATE_COLOURS)},
-                            **({} if legend else {"legend": None})},
-                  "tooltip": [tip, {"field": "s", "title": "change"}]})
+    color = {"field": "s", "type": "nominal", "title": "unit",
+             "scale": {"domain": list(STATES), "range": list(STATE_COLOURS)}, **({} if legend else {"legend": None})}
+    return _grid_chart(cells, group, color, [{"field": "s", "title": "change"}])
 
 
 def compare_dead_chart(layers: list[dict]) -> dict:
