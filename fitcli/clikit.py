@@ -319,6 +319,17 @@ def emit_ranked(report, s: dict[str, Any], protect: list[str | None], group: Any
                 raise GateFailed("gate failed: " + "; ".join(g["failures"]))
 
 
+def write_output(path: str, text: str, protect: list[str | None]) -> None:
+    """``-o PATH``: written atomically, never over an input; the refusal names the flag."""
+    from fitcli import report as rep
+
+    try:
+        rep.write_atomic(path, text, protect=[p for p in protect if p])
+    except UsageError as e:
+        e.message = "--" + e.message if e.message.startswith("output ") else e.message
+        raise
+
+
 def emit(report, s: dict[str, Any], protect: list[str | None]) -> None:
     """The report to stdout in --format, and to --output: the JSON report, or with --format html
     the HTML page (``fitcli render`` turns a saved JSON report into HTML later)."""
@@ -334,12 +345,7 @@ def emit(report, s: dict[str, Any], protect: list[str | None]) -> None:
         if not s.get("output"):
             sys.stdout.write(page)
     if s.get("output"):
-        try:
-            rep.write_atomic(s["output"], page if fmt is Fmt.html else rep.dumps(data),
-                             protect=[p for p in protect if p])
-        except UsageError as e:
-            e.message = "-" + "-" + e.message if e.message.startswith("output ") else e.message
-            raise
+        write_output(s["output"], page if fmt is Fmt.html else rep.dumps(data), protect)
     if fmt is Fmt.json:
         sys.stdout.write(rep.dumps(data))
     elif fmt is Fmt.markdown:

@@ -94,12 +94,7 @@ def _write(cmp, m: dict, protect: list[str | None]) -> None:
     fmt = m["format"]
     page = _page(data) if fmt is Fmt.html else None
     if m.get("output"):
-        try:
-            rep.write_atomic(m["output"], page if page is not None else rep.dumps(data),
-                             protect=[p for p in protect if p])
-        except UsageError as e:
-            e.message = "--" + e.message if e.message.startswith("output ") else e.message
-            raise
+        clikit.write_output(m["output"], page if page is not None else rep.dumps(data), protect)
     if page is not None and not m.get("output"):
         sys.stdout.write(page)
     elif fmt is Fmt.json:

@@ -49,7 +49,6 @@ def command(
 ) -> None:
     """Render a saved JSON report: a self-contained HTML page (default), markdown, CSV or a table."""
     from fitcli import clikit
-    from fitcli import report as rep
     from fitcli.render import render_csv, render_markdown, render_report
 
     fmt = fmt or Fmt.html
@@ -73,11 +72,7 @@ def command(
         clikit.out.print(render_report(data))
         return
     if output:
-        try:
-            rep.write_atomic(output, text, protect=[report])
-        except UsageError as e:
-            e.message = "--" + e.message if e.message.startswith("output ") else e.message
-            raise
+        clikit.write_output(output, text, [report])
         if not quiet:
             clikit.err.print(f"{fmt.value} written to {output}", style="dim")
     else:
