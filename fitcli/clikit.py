@@ -81,7 +81,7 @@ CLI_WORDS = (("pass trust_checkpoint=True", "pass --trust-checkpoint"), ("give i
              ("> max_dead_layer ", "> --max-dead-layer "), ("> max_dead ", "> --max-dead "),
              ("< min_coverage ", "< --min-coverage "),
              ("max memory ", "--max-memory "), ("max_memory maps", "--max-memory maps"), ("max_memory:", "--max-memory:"),
-             ("with max_memory", "with --max-memory"), ("dtype and max_memory together", "--dtype and --max-memory together"), ("set the batch size to ", "pass --batch-size "))
+             ("with max_memory", "with --max-memory"), ("and dtype together", "and --dtype together"), ("set the batch size to ", "pass --batch-size "))
 
 
 def cli_words(text: str | None) -> str | None:

@@ -79,7 +79,7 @@ class Settings:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise UsageError(f"dtype {self.dtype!r}: use float32, bfloat16 or float16")
         if self.dtype is not None and self.max_memory is not None:
-            raise UsageError("dtype and max_memory together are not supported: the mapped weights are used as stored")
+            raise UsageError("max_memory and dtype together are not supported: the mapped weights are used as stored")
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
                                                      or self.device.startswith("cuda:")):
             raise UsageError(f"device {self.device!r}: use cpu, cuda, cuda:N or auto")

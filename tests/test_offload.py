@@ -446,6 +446,8 @@ def test_cli_max_memory_equals_the_in_memory_audit(repo, run_cli, tmp_path):
     assert small.code == 2 and "--max-memory" in small.stderr and "largest block" in small.stderr
     bad = run_cli([*args, "--max-memory", "lots"])
     assert bad.code == 2 and "give a size" in bad.stderr
+    both = run_cli([*args, "--max-memory", "12KiB", "--dtype", "bfloat16"])
+    assert both.code == 2 and "--max-memory and --dtype together" in both.stderr
 
 
 @pytest.mark.parametrize(("text", "size"), [("2GB", 2 * 1000**3), ("500MiB", 500 * 1024**2), ("1.5G", int(1.5 * 1024**3)),
