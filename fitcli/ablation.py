@@ -167,8 +167,8 @@ def _losses_correct(outputs: Any, batch: Batch, loss_fn: LossFn, accuracy: bool,
         losses = loss_fn(outputs, batch).detach().to(torch.float64)
     correct = None
     targets = batch.targets
-    if accuracy and targets is not None:
-        out = primary_output(outputs)
+    out = primary_output(outputs) if accuracy and targets is not None else None
+    if out is not None and targets.dim() == 1 and out.dim() == 2:
         correct = (out.argmax(dim=-1) == targets.to(out.device)).to(torch.float64)
     return losses, correct
 

@@ -171,6 +171,13 @@ def _report_settings(s: Settings, loaded: LoadedModel | None = None, **more: Any
     return {**out, **more}
 
 
+def _class_targets(example: Batch | None) -> bool:
+    """One integer class id per sample: accuracy changes can be measured (token labels of a
+    language model are not: their loss is per token)."""
+    t = example.targets if example is not None else None
+    return t is not None and not t.is_floating_point() and t.dim() == 1
+
+
 def _offloaded(report: dict, off: Any) -> None:
     """A block-by-block audit (max_memory) says so, with the most weight bytes resident at once."""
     if off is not None:
@@ -326,7 +333,7 @@ def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any,
 
     sel = _unit_selection(units, p.layers)
     example = peek(ds)
-    accuracy = example is not None and example.targets is not None and not example.targets.is_floating_point()
+    accuracy = _class_targets(example)
     if p.graph.runner is not None:
         p.graph.runner.to(p.device)
     ab = ablate_layers(p.graph, [lay.name for lay in p.layers], ds, p.loss_fn, mode=s.ablation_mode,
@@ -409,7 +416,7 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
         if not names:
             raise InputError("no residual block found: no item of an nn.ModuleList or nn.Sequential keeps its "
                              "input's shape")
-        acc = example.targets is not None and not example.targets.is_floating_point()
+        acc = _class_targets(example)
         first = blk.measure(module, ds, names, loss_fn, dev, acc, progress=progress or NO_PROGRESS)
         curve = blk.greedy(module, ds, names, loss_fn, dev, acc, greedy, first, progress or NO_PROGRESS) if greedy else []
     rows = [{"name": n, "block_influence": first.influence.get(n), "angular_distance": first.angular.get(n),

@@ -322,3 +322,22 @@ def test_attention_entropy_needs_reachable_weights():
         hook.remove()
     assert w is None and seen[-1] is None  # asked for none, got none
     assert len(seen) >= len(mdata) + 1 and all(x.dim() == 3 for x in seen[:-1])  # the model asked for averaged weights
+
+
+def test_language_model_labels_are_not_class_targets():
+    """A causal LM's batches may carry ``labels`` (one per token): ablation uses the lm loss and
+    reports no accuracy change (there is no per-sample class to be right about)."""
+    m, data, *_ = _gpt2()
+    data = [dict(b, labels=b["input_ids"]) for b in data]
+    r = fitcli.ablate(m, data, layers=["transformer.h.0.mlp.c_fc"], units=[0, 1, 2], device="cpu")
+    lay = r.layer("transformer.h.0.mlp.c_fc")
+    assert "ablation_accuracy" not in lay.metrics
+    lm = [{k: v for k, v in b.items() if k != "labels"} for b in data]  # labels = input_ids: the lm loss
+    with torch.no_grad():  # unit 1 zeroed by hand: the same loss change
+        base = torch.cat([_loss(m, b, _run(m, b)) for b in lm]).double()
+        h = m.transformer.h[0].mlp.c_fc.register_forward_hook(lambda mod, a, o: o.index_fill(-1, torch.tensor([1]), 0.0))
+        try:
+            abl = torch.cat([_loss(m, b, _run(m, b)) for b in lm]).double()
+        finally:
+            h.remove()
+    assert abs(float(lay.metrics["ablation"][1]) - float((abl - base).mean())) <= TOL
