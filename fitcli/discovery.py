@@ -917,7 +917,7 @@ def _record(model: nn.Module, modules: dict[str, nn.Module], example: Any) -> _R
     return rec
 
 
-def _runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
+def runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
     modules = dict(model.named_modules())
     rec = _record(model, modules, example)
     lmods = _layer_modules(modules)
@@ -1048,7 +1048,7 @@ def discover(model: nn.Module | None, state_dict: dict[str, torch.Tensor] | None
         g = ModelGraph(layers, "runtime", runner=model)
         g.notes = [f"torch.fx could not trace the model ({trace_error}); give data to find activation points"]
         return g
-    g = _runtime_discover(model, example)
+    g = runtime_discover(model, example)
     g.notes.append(f"torch.fx could not trace the model ({trace_error}); activation points found at run time")
     return g
 

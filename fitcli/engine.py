@@ -298,7 +298,7 @@ class _Tap:
         ub = UnitBatch(weight=w, act=widen(self.lay.view(t.detach())),
                        pass_index=self.p, scratch=self.scratch, mask=token_mask(t, self.lay, self.mask))
         with torch.no_grad():
-            _feed(self.metrics, "prepare", ub, self.lay, self.bi)
+            feed_metrics(self.metrics, "prepare", ub, self.lay, self.bi)
         self.ubs[self.lay.name] = ub
         return t
 
@@ -438,7 +438,7 @@ def _stream_pass(plan: AuditPlan, data, result: AuditResult, p: int, grads: bool
                 ub.correct = correct
                 ub.attention = probs.get(lay.name)
                 ub.query_mask = batch.mask if ub.attention is not None else None
-                _feed(fed[lay.name], "update", ub, lay, bi)
+                feed_metrics(fed[lay.name], "update", ub, lay, bi)
             # nothing of this batch outlives it: its gradients would sit beside the next batch's backward
             del acts, ubs, outputs, g, wg, losses, callbacks, correct, batch, cpu_batch, probs
             bar.advance()
@@ -567,7 +567,7 @@ def cast_model(loaded: Any, dtype: str | torch.dtype | None) -> Any:
     return dataclasses.replace(loaded, module=module, state_dict=dict(module.state_dict()))
 
 
-def _feed(metrics: list[Metric], method: str, ub: UnitBatch, lay: Layer, batch_index: int) -> None:
+def feed_metrics(metrics: list[Metric], method: str, ub: UnitBatch, lay: Layer, batch_index: int) -> None:
     """Call ``prepare`` or ``update`` of each metric. A metric that raises (a plugin's bug) is
     named as such, not mistaken for a data/model mismatch (prepare() runs inside the forward)."""
     m = None

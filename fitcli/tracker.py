@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from fitcli.data import Batch
-from fitcli.discovery import Layer, ModelGraph, _runtime_discover, token_mask
-from fitcli.engine import _feed, data_driven, select_layers
+from fitcli.discovery import Layer, ModelGraph, runtime_discover, token_mask
+from fitcli.engine import data_driven, feed_metrics, select_layers
 from fitcli.errors import InputError, UsageError
 from fitcli.metrics.base import Metric, Scratch, UnitBatch
 from fitcli.metrics.registry import default_metrics, get_metric
@@ -229,7 +229,7 @@ class Tracker:
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 model.eval()
-                graph = _runtime_discover(model, batch)
+                graph = runtime_discover(model, batch)
         finally:
             for m, flag in modes:
                 m.training = flag
@@ -258,7 +258,7 @@ class Tracker:
         for lay in self.layers:
             cons = [x for c in (lay.consumers or []) if (x := self.graph.layer(c).in_weight) is not None]
             ub = UnitBatch(weight=lay.weight.detach(), consumer_weights=[c.detach() for c in cons] or None)
-            _feed([m for m in w.state[lay.name].values() if "weights" in m.all_needs()], "update", ub, lay, -1)
+            feed_metrics([m for m in w.state[lay.name].values() if "weights" in m.all_needs()], "update", ub, lay, -1)
 
     # ---- hooks ---------------------------------------------------------------------------------
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -306,7 +306,7 @@ class Tracker:
             ub = UnitBatch(weight=lay.weight.detach(), act=lay.view(t.detach()), scratch=self._scratch,
                            mask=token_mask(t, lay, mask))
             with torch.no_grad():
-                _feed(metrics, "prepare", ub, lay, bi)
+                feed_metrics(metrics, "prepare", ub, lay, bi)
             w.pending.append((lay, ub))
             if wants_grad and t.requires_grad:
                 def on_grad(g: torch.Tensor) -> None:  # reads only: the caller's gradient is unchanged
@@ -363,7 +363,7 @@ class Tracker:
                 full = [p if p is not None else torch.zeros_like(t) for p, t in zip(parts, lay.tensors, strict=True)]
                 ub.weight_grad = lay.rows(full) * (self._grad_scale(size) / size)
             with torch.no_grad():
-                _feed([m for m in w.state[lay.name].values() if data_driven(m)], "update", ub, lay, w.batches - 1)
+                feed_metrics([m for m in w.state[lay.name].values() if data_driven(m)], "update", ub, lay, w.batches - 1)
         w.wgrads.clear()
 
     def _finish(self) -> dict:

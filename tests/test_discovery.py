@@ -373,8 +373,8 @@ def test_runtime_discovery_marks_the_output_layer_final_when_heads_are_found():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
     from models import resmlp
 
-    from fitcli.discovery import _runtime_discover
+    from fitcli.discovery import runtime_discover
 
-    g = _runtime_discover(resmlp().eval(), Batch((torch.randn(4, 6, 8),)))
+    g = runtime_discover(resmlp().eval(), Batch((torch.randn(4, 6, 8),)))
     assert [lay.name for lay in g.layers][-2:] == ["blocks.0.attn.heads", "blocks.1.attn.heads"]
     assert [lay.name for lay in g.layers if lay.final] == ["head"]

@@ -246,7 +246,7 @@ def test_forward_raising_mid_chunk_leaves_model_intact(traceable, layer, mode, m
     assert lay_again["metrics"]["ablation"] == lay_ok["metrics"]["ablation"]
 
 
-_MUT_PHASES = ("_runtime_discover", "unit_means", "_graph_base", "_graph_rows", "_input_rows", "_whole",
+_MUT_PHASES = ("runtime_discover", "unit_means", "_graph_base", "_graph_rows", "_input_rows", "_whole",
                "ablate_layers")
 
 
