@@ -56,7 +56,7 @@ fuzz: setup
 	FITCLI_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider -q -s -W ignore::UserWarning
 
 lint: setup
-	$(BIN)/ruff check fitcli tests bench
+	$(BIN)/ruff check fitcli tests bench examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
