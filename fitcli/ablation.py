@@ -120,7 +120,7 @@ def make_plan(graph: ModelGraph, layer: Layer) -> _Plan | None:
     gm = graph.runner
     if graph.method not in ("fx", "export") or not isinstance(gm, fx.GraphModule):
         return None
-    probe_mod = graph._probes.get(layer.name)  # none for recurrent layers: they run inside their module
+    probe_mod = graph.probes.get(layer.name)  # none for recurrent layers: they run inside their module
     if probe_mod is None:
         return None
     nodes = list(gm.graph.nodes)

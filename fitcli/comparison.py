@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fitcli import __version__
+from fitcli.discovery.kinds import entry_kind
 from fitcli.errors import UsageError
 from fitcli.report import SCHEMA_ID as REPORT_SCHEMA_ID
 from fitcli.report import AuditReport, GateResult, dumps, write_atomic
@@ -253,7 +254,7 @@ def _drifts(base: dict, new: dict, top: int) -> dict[str, list[Drift]]:
 
 def _dead_known(lay: dict, report: dict) -> bool:
     """Whether the layer's dead list was decided (the units ``report.build`` counts)."""
-    if lay.get("final") or lay.get("activation_point_kind") == "weights":
+    if lay.get("final") or entry_kind(lay).weight_only:
         return False
     if not report.get("summary", {}).get("dead_known", True):
         return False

@@ -127,7 +127,7 @@ def select_layers(graph: ModelGraph, patterns: list[str] | None) -> list[Layer]:
     """Layers matching any of the patterns (names or globs); by default every layer except the
     opt-in ones (attention heads: asked for by name or glob, e.g. ``*.heads``)."""
     if not patterns:
-        return [lay for lay in graph.layers if lay.point_kind != "heads"]
+        return [lay for lay in graph.layers if not lay.kind.opt_in]
     names = [lay.name for lay in graph.layers]
     chosen: set[str] = set()
     for pat in patterns:

@@ -49,8 +49,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from fitcli.discovery.blocks import candidates
 from fitcli.errors import InputError, UsageError
-from fitcli.residual import candidates
 from fitcli.runtime import available_bytes
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -132,7 +132,7 @@ class Group:
 
 
 def outermost_blocks(module: nn.Module) -> list[str]:
-    """Blocks as ``fitcli.residual`` sees them (items of ModuleList/Sequential made of modules),
+    """Blocks as ``fitcli.discovery.blocks`` lists them (items of ModuleList/Sequential made of modules),
     outermost only: a stack inside a block belongs to the block."""
     found = candidates(module)
     return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]

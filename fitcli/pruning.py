@@ -251,10 +251,8 @@ class _Plan:
 def _layer_reason(lay, mod: nn.Module | None, tp) -> str | None:
     if lay.final:
         return "it is the final layer: its units are the model's outputs"
-    if lay.point_kind == "heads":
-        return "attention heads: the surgery of in/out projections per head is not supported yet"
-    if lay.members or lay.point_kind in ("gated", "recurrent") or lay.weight_only:
-        return f"{lay.type} units (gated, recurrent or embedding rows) are not supported yet"
+    if lay.kind.removal(lay) is not None:
+        return lay.kind.removal(lay)
     if mod is None or _out_fn(tp, mod) is None:
         return f"{lay.type} layers are not supported (Linear and ungrouped ConvNd are)"
     return None
@@ -571,7 +569,7 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
         example = example.to(dev)
         loss_fn, loss_name, _why = resolve_loss(loss, example.targets, loaded.task)
         graph = discover(original, loaded.state_dict, example=example)
-        candidates = [lay.name for lay in graph.active if not lay.final and lay.point_kind not in ("heads", "unknown")]
+        candidates = [lay.name for lay in graph.active if not lay.final and not lay.kind.opt_in and lay.kind.tappable(lay)]
         ranges, base = unit_ranges(graph, candidates, ds, dev, loss_fn)
         pruned = copy.deepcopy(original).eval()
         dg = dependency_graph(pruned, example)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fitcli import __version__
+from fitcli.discovery.kinds import entry_kind
 from fitcli.errors import InputError, UsageError
 
 SCHEMA_ID = "fitcli.report/1"
@@ -178,7 +179,7 @@ def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by
               for lay in result.layers]
     notes = list(result.notes) + _empty_group_notes(layers, info)
     # the units whose deadness is known: non-final layers with a dead-marking metric (activations)
-    counted = [e for e in layers if not e["final"] and e.get("activation_point_kind") != "weights"
+    counted = [e for e in layers if not e["final"] and not entry_kind(e).weight_only
                and any((info.get(m) or {}).get("marks_dead") for m in e["metrics"])]
     units = sum(e["units"] for e in counted)
     dead = sum(len(e["dead"]) for e in counted)

@@ -1,7 +1,8 @@
 """Residual blocks as units: which whole layers can go.
 
-A block is an item of an ``nn.ModuleList`` or ``nn.Sequential`` (ResNet stages, transformer layer
-stacks) whose output has its input's shape, so it can be replaced by the identity. Per block:
+A block (found by ``fitcli.discovery.blocks``) is a module whose output has its input's shape and
+whose input is added back to its output, or an item of an ``nn.ModuleList`` / ``nn.Sequential``
+keeping its input's shape: it can be replaced by the identity. Per block:
 
 - Block Influence (ShortGPT): ``1 − cos(x_in, x_out)`` per position (the cosine over features),
   averaged over every position of every sample; low = the block changes little;
@@ -26,47 +27,10 @@ import torch
 from torch import nn
 
 from fitcli.data import Batch
+from fitcli.discovery.blocks import find_blocks, first_tensor, hooks, input_of
 from fitcli.errors import guarded
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
-
-
-def _first_tensor(x: Any) -> torch.Tensor | None:
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
-        return x[0]
-    return None
-
-
-def _input_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    return kwargs.get("hidden_states") if isinstance(kwargs.get("hidden_states"), torch.Tensor) else None
-
-
-def candidates(model: nn.Module) -> list[str]:
-    """Items of every ModuleList / Sequential (the stacks blocks live in) that are themselves
-    made of modules (a lone BatchNorm or activation in a Sequential is not a block)."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.ModuleList, nn.Sequential)):
-            out.extend(f"{name}.{k}" if name else k for k, c in m.named_children() if any(True for _ in c.children()))
-    return out
-
-
-@contextlib.contextmanager
-def _hooks(modules: dict[str, nn.Module], pre: dict[str, Any], post: dict[str, Any]) -> Iterator[None]:
-    handles = []
-    try:
-        for n, fn in pre.items():
-            handles.append(modules[n].register_forward_pre_hook(fn, with_kwargs=True))
-        for n, fn in post.items():
-            handles.append(modules[n].register_forward_hook(fn, with_kwargs=True))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _identity(out: Any, x: torch.Tensor) -> Any:
@@ -78,33 +42,6 @@ def _identity(out: Any, x: torch.Tensor) -> Any:
     if isinstance(out, list):
         return [x, *out[1:]]
     return out
-
-
-def find_blocks(model: nn.Module, example: Batch) -> list[str]:
-    """Candidates that ran on the example with an output of their input's shape."""
-    modules = dict(model.named_modules())
-    names = candidates(model)
-    ok: dict[str, bool] = {}
-
-    def pre(n):
-        def fn(m, args, kwargs):
-            ok.setdefault(n, False)
-            x = _input_of(args, kwargs)
-            m._fitcli_in = tuple(x.shape) if x is not None else None
-        return fn
-
-    def post(n):
-        def fn(m, args, kwargs, out):
-            y = _first_tensor(out)
-            ok[n] = ok.get(n, False) or (y is not None and getattr(m, "_fitcli_in", None) == tuple(y.shape))
-            m.__dict__.pop("_fitcli_in", None)
-        return fn
-
-    with torch.no_grad(), _hooks(modules, {n: pre(n) for n in names}, {n: post(n) for n in names}):
-        guarded(example, None, 0, lambda: model(*example.args, **example.kwargs))
-    found = [n for n in names if ok.get(n)]
-    # a stack inside a block is not itself a block list of the model's depth: keep outermost blocks
-    return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
 
 
 @dataclass
@@ -206,7 +143,7 @@ class _Replay:
 
         def identity(n):
             def fn(*args, **kwargs):
-                x = _input_of(args, kwargs)
+                x = input_of(args, kwargs)
                 return _identity(_clone(self.out[n]), x)
             return fn
         fw.update({n: identity(n) for n in [target, *removed] if n not in before})
@@ -230,12 +167,12 @@ def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: 
 
     def keep_in(n):
         def fn(m, args, kwargs):
-            seen[n] = _input_of(args, kwargs)
+            seen[n] = input_of(args, kwargs)
         return fn
 
     def compare(n):
         def fn(m, args, kwargs, out):
-            x, y = seen.pop(n, None), _first_tensor(out)
+            x, y = seen.pop(n, None), first_tensor(out)
             if x is not None and y is not None and x.shape == y.shape:
                 s = _cos_stats(x, y, current["mask"])
                 sums[n][0] += s[0]
@@ -244,7 +181,7 @@ def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: 
         return fn
 
     def skip(m, args, kwargs, out):
-        x = _input_of(args, kwargs)
+        x = input_of(args, kwargs)
         return _identity(out, x) if x is not None else out
 
     gone = {n: skip for n in removed}
@@ -254,8 +191,8 @@ def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: 
             current["mask"] = batch.mask
             post = {**gone, **({n: compare(n) for n in names} if influence else {})}
             replay = _Replay([*names, *removed])
-            with _hooks(modules, {n: keep_in(n) for n in names} if influence else {}, post), \
-                    _hooks(modules, {}, replay.hooks()):
+            with hooks(modules, {n: keep_in(n) for n in names} if influence else {}, post), \
+                    hooks(modules, {}, replay.hooks()):
                 base, base_c = guarded(batch, None, bi, _losses, model, batch, loss_fn, accuracy)
             base_sum += float(base.sum())
             if base_c is not None:
@@ -264,7 +201,7 @@ def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: 
                 if replay.usable:
                     ctx = _replaced(modules, replay.forwards(n, list(removed)))
                 else:
-                    ctx = _hooks(modules, {}, {**gone, n: skip})
+                    ctx = hooks(modules, {}, {**gone, n: skip})
                 with ctx:
                     losses, correct = guarded(batch, None, bi, _losses, model, batch, loss_fn, accuracy)
                 dsum[n] += float((losses - base).sum())
@@ -309,3 +246,6 @@ def greedy(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: L
             result = measure(model, data, rest, loss_fn, device, accuracy, removed=removed, influence=False,
                              progress=progress)
     return curve
+
+
+__all__ = ["BlockResult", "find_blocks", "greedy", "measure"]

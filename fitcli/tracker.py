@@ -234,9 +234,8 @@ class Tracker:
             for m, flag in modes:
                 m.training = flag
             self._busy = False
-        _mark_final(graph)
         chosen = [lay for lay in select_layers(graph, self.layer_patterns)
-                  if not lay.weight_only and lay.point_kind != "unknown"]
+                  if lay.kind.tappable(lay)]
         if not chosen:
             raise InputError("no auditable layer with an activation point was found in the model")
         self.graph, self.layers = graph, chosen
@@ -395,14 +394,6 @@ class Tracker:
             self.records.append(rec)
         self.last = rec
         return rec
-
-
-def _mark_final(graph: ModelGraph) -> None:
-    """The output layer: the last layer called, when it has an activation point. (Run-time
-    discovery appends attention heads after it, which hides it; heads are never the output.)"""
-    order = [lay for lay in graph.layers if lay.point_kind != "heads"]
-    if order and not order[-1].weight_only and order[-1].rnn is None:
-        order[-1].final = True
 
 
 def _as_batch(example: Any) -> Batch:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from fitcli.discovery.kinds import entry_kind
+
 
 def rankdata(x: torch.Tensor) -> torch.Tensor:
     """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
@@ -185,7 +187,7 @@ def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, se
     sel: dict[str, list[int] | None] = {}
     names = []
     for lay in report["layers"]:
-        if lay.get("final") or lay.get("activation_point_kind") == "weights":
+        if lay.get("final") or entry_kind(lay).weight_only:
             continue
         names.append(lay["name"])
         basis = lay["metrics"].get(rank_metric) or next(iter(lay["metrics"].values()), [0.0] * lay["units"])

@@ -28,7 +28,7 @@ class AttnEntropy(Metric):
 
     @classmethod
     def unavailable(cls, layer) -> str | None:
-        if getattr(layer, "point_kind", None) != "heads":
+        if not getattr(getattr(layer, "kind", None), "is_head", False):
             return "attention entropy is for attention heads (layers named <attention>.heads)"
         if getattr(layer, "attention", None) is None:
             return ("the attention probabilities are not reachable: a Hugging Face model returns them only in eager "

@@ -22,6 +22,7 @@ import math
 from importlib import resources
 from typing import Any
 
+from fitcli.discovery.kinds import entry_kind
 from fitcli.errors import UsageError
 from fitcli.render._common import coverage_line, key_metrics
 
@@ -133,7 +134,7 @@ def _spec(**kw: Any) -> dict:
 
 def dead_fraction_chart(layers: list[dict]) -> dict:
     rows = [{"layer": lay["name"], "dead": len(lay["dead"]), "units": lay["units"], "fraction": _r(lay["dead_fraction"])}
-            for lay in layers if not lay.get("final") and lay.get("activation_point_kind") != "weights"]
+            for lay in layers if not lay.get("final") and not entry_kind(lay).weight_only]
     return _spec(
         data={"values": rows}, mark={"type": "bar", "tooltip": True},
         width=480, height={"step": 16},
@@ -390,13 +391,13 @@ def _audit_sections(report: dict, charts: _Charts) -> dict[str, Any]:
         fit = fitness_values(layers, map_metric, direction(map_metric, report.get("metric_info")),
                              include_final=report.get("command") == "ablate")
         for lay in layers:
-            if lay["name"] not in fit or lay.get("activation_point_kind") == "heads":
+            if lay["name"] not in fit or entry_kind(lay).is_head:
                 continue
             cells, g = unit_cells(fit[lay["name"]], lay["metrics"][map_metric], set(lay["dead"]))
             maps.append({"layer": lay, "chart": charts.add(unit_map_chart(cells, map_metric, g, legend=not maps)), "group": g})
             if g > 1:
                 grouped.append(lay["name"])
-        heads = [lay for lay in layers if lay.get("activation_point_kind") == "heads" and lay["name"] in fit]
+        heads = [lay for lay in layers if entry_kind(lay).is_head and lay["name"] in fit]
         ctx["heads_chart"] = charts.add(heads_chart(heads, map_metric, fit)) if heads else None
     else:
         ctx["heads_chart"] = None
