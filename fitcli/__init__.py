@@ -30,6 +30,8 @@ _PUBLIC = {
     "compare": "fitcli.comparison", "Comparison": "fitcli.comparison",
     "prune": "fitcli.pruning", "PruneResult": "fitcli.pruning", "PruneRefused": "fitcli.pruning",
     "Tracker": "fitcli.tracker",
+    "UnitKind": "fitcli.discovery.kinds", "register_unit_kind": "fitcli.discovery.kinds",
+    "unregister_unit_kind": "fitcli.discovery.kinds",
 }
 
 __all__ = ["__version__", *_PUBLIC]
