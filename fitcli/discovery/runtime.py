@@ -326,7 +326,9 @@ def _chains(rec: Recorder, cg: RuntimeConsumers, layers: list[Layer]
             continue
         end, uses = follow(lay, (t, 0), cg)
         steps[lay.name] = [Step(u.kind, u.name) for u in uses]
-        points.append((end, lay))
+        # the point's tensor with all its uses: one that passed an identity module (dropout in eval)
+        # still counts that module among its consumers, as reports have always said
+        points.append(((end[0], 0), lay))
     return steps, points
 
 
