@@ -414,8 +414,8 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
         module = loaded.module.to(dev)
         names = blk.find_blocks(module, example.to(dev))
         if not names:
-            raise InputError("no residual block found: no item of an nn.ModuleList or nn.Sequential keeps its "
-                             "input's shape")
+            raise InputError("no residual block found: no module keeps its input's shape and adds its input "
+                             "back, and no item of an nn.ModuleList or nn.Sequential keeps its input's shape")
         acc = _class_targets(example)
         first = blk.measure(module, ds, names, loss_fn, dev, acc, progress=progress or NO_PROGRESS)
         curve = blk.greedy(module, ds, names, loss_fn, dev, acc, greedy, first, progress or NO_PROGRESS) if greedy else []
