@@ -150,6 +150,39 @@ class _Replay:
         return fw
 
 
+class _Influence:
+    """Block Influence and angular distance sums per block, from forward hooks comparing each
+    block's input and output (positions of padding left out by the batch's mask)."""
+
+    def __init__(self, names: list[str]):
+        self.sums = {n: [0.0, 0.0, 0] for n in names}
+        self.seen: dict[str, torch.Tensor | None] = {}
+        self.mask: torch.Tensor | None = None
+
+    def pre(self) -> dict[str, Any]:
+        def keep_in(n):
+            def fn(m, args, kwargs):
+                self.seen[n] = input_of(args, kwargs)
+            return fn
+        return {n: keep_in(n) for n in self.sums}
+
+    def post(self) -> dict[str, Any]:
+        def compare(n):
+            def fn(m, args, kwargs, out):
+                x, y = self.seen.pop(n, None), first_tensor(out)
+                if x is not None and y is not None and x.shape == y.shape:
+                    for k, v in enumerate(_cos_stats(x, y, self.mask)):
+                        self.sums[n][k] += v
+            return fn
+        return {n: compare(n) for n in self.sums}
+
+
+def _skip(m, args, kwargs, out):
+    """A forward hook replacing the block's output by its input."""
+    x = input_of(args, kwargs)
+    return _identity(out, x) if x is not None else out
+
+
 def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: LossFn, device: torch.device,
             accuracy: bool, removed: list[str] = (), influence: bool = True,
             progress: Progress = NO_PROGRESS) -> BlockResult:
@@ -158,50 +191,25 @@ def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: 
     replayed from the unablated run (``_Replay``), not recomputed."""
     modules = dict(model.named_modules())
     res = BlockResult(list(names))
-    sums = {n: [0.0, 0.0, 0] for n in names}
+    inf = _Influence(names)
     dsum = dict.fromkeys(names, 0.0)
     asum = dict.fromkeys(names, 0.0)
     base_sum, base_acc = 0.0, 0.0
-    seen: dict[str, torch.Tensor] = {}
-    current: dict[str, Any] = {"mask": None}
-
-    def keep_in(n):
-        def fn(m, args, kwargs):
-            seen[n] = input_of(args, kwargs)
-        return fn
-
-    def compare(n):
-        def fn(m, args, kwargs, out):
-            x, y = seen.pop(n, None), first_tensor(out)
-            if x is not None and y is not None and x.shape == y.shape:
-                s = _cos_stats(x, y, current["mask"])
-                sums[n][0] += s[0]
-                sums[n][1] += s[1]
-                sums[n][2] += s[2]
-        return fn
-
-    def skip(m, args, kwargs, out):
-        x = input_of(args, kwargs)
-        return _identity(out, x) if x is not None else out
-
-    gone = {n: skip for n in removed}
+    gone = dict.fromkeys(removed, _skip)
     with torch.no_grad(), progress.task("blocks", None) as bar:
         for bi, cpu_batch in enumerate(data):
             batch = cpu_batch.to(device)
-            current["mask"] = batch.mask
-            post = {**gone, **({n: compare(n) for n in names} if influence else {})}
+            inf.mask = batch.mask
             replay = _Replay([*names, *removed])
-            with hooks(modules, {n: keep_in(n) for n in names} if influence else {}, post), \
+            with hooks(modules, inf.pre() if influence else {}, {**gone, **(inf.post() if influence else {})}), \
                     hooks(modules, {}, replay.hooks()):
                 base, base_c = guarded(batch, None, bi, _losses, model, batch, loss_fn, accuracy)
             base_sum += float(base.sum())
             if base_c is not None:
                 base_acc += float(base_c.sum())
             for n in names:
-                if replay.usable:
-                    ctx = _replaced(modules, replay.forwards(n, list(removed)))
-                else:
-                    ctx = hooks(modules, {}, {**gone, n: skip})
+                ctx = _replaced(modules, replay.forwards(n, list(removed))) if replay.usable \
+                    else hooks(modules, {}, {**gone, n: _skip})
                 with ctx:
                     losses, correct = guarded(batch, None, bi, _losses, model, batch, loss_fn, accuracy)
                 dsum[n] += float((losses - base).sum())
@@ -215,9 +223,9 @@ def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: 
     res.base_loss = base_sum / n_s
     res.base_accuracy = base_acc / n_s if accuracy else None
     for n in names:
-        if influence and sums[n][2]:
-            res.influence[n] = sums[n][0] / sums[n][2]
-            res.angular[n] = sums[n][1] / sums[n][2]
+        if influence and inf.sums[n][2]:
+            res.influence[n] = inf.sums[n][0] / inf.sums[n][2]
+            res.angular[n] = inf.sums[n][1] / inf.sums[n][2]
         res.delta[n] = dsum[n] / n_s
         if accuracy:
             res.accuracy[n] = asum[n] / n_s
