@@ -361,7 +361,7 @@ def emit(report, s: dict[str, Any], protect: list[str | None]) -> None:
     elif fmt is Fmt.csv:
         sys.stdout.write(render_csv(data))
     elif fmt is Fmt.table:
-        out.print(render_report(data))
+        out.print(render_report(data, width=out.width))
     if not s.get("quiet"):
         for note in data.get("discovery", {}).get("notes", []):
             err.print(f"note: {note}", style="dim")

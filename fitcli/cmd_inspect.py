@@ -65,4 +65,4 @@ def command(
     elif m["format"] is Fmt.csv:
         sys.stdout.write("\n".join(",".join(r) for r in rows(info)) + "\n")
     else:
-        clikit.out.print(render_inspect(info))
+        clikit.out.print(render_inspect(info, width=clikit.out.width))

@@ -74,7 +74,7 @@ def command(
     elif output:
         raise UsageError("--format table prints to the terminal; use html, markdown or csv with --output")
     else:
-        clikit.out.print(render_report(data))
+        clikit.out.print(render_report(data, width=clikit.out.width))
         return
     if output:
         clikit.write_output(output, text, [report])
