@@ -407,6 +407,8 @@ def file_kind(path: str) -> str | None:
             return "history" if isinstance(json.loads(first), dict) else "text"
         except (ValueError, RecursionError):
             return "text"
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("fitcli.history/"):
+        return "history"  # a history of one record
     schema = obj.get("schema") if isinstance(obj, dict) else None
     return {REPORT_SCHEMA: "report", COMPARE_SCHEMA: "comparison"}.get(schema, "json")
 

@@ -34,7 +34,7 @@ def command(
 ) -> None:
     """Dead fraction per layer over training steps, and the step each unit died at, from a
     fitcli.Tracker history file."""
-    clikit.expect_file(file, ("history",), PURPOSE + (" (`fitcli gate` and `fitcli render` read reports)"))
+    clikit.expect_file(file, ("history", "json", "text"), PURPOSE + (" (`fitcli gate` and `fitcli render` read reports)"))
     from fitcli.render.history import render_history, render_history_csv, render_history_markdown
     from fitcli.tracker import history_summary, read_history
 
