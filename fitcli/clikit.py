@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import re
 import sys
 from enum import Enum
@@ -22,7 +21,7 @@ from rich.console import Console
 from fitcli.errors import GateFailed, Interrupted, UsageError
 
 out = Console(highlight=False)
-if not out.is_terminal and not os.environ.get("COLUMNS"):  # piped: do not squeeze tables into 80 columns
+if not out.is_terminal:  # piped: do not squeeze tables into 80 columns ($COLUMNS leaks into pipes)
     out = Console(highlight=False, width=140)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one line, never re-wrapped
 

@@ -196,21 +196,15 @@ def test_layer_names_wrap_and_are_never_cut(model, width, reports, run_cli, monk
     assert [prefix + n for n in _layer_cells(res.stdout)] == names
 
 
-def test_layer_names_are_not_cut_when_piped():
-    """Piped (not a terminal) at COLUMNS=60: the same wrapped names, nothing cut."""
-    res = fitcli_process("inspect", *RESMLP[:3], columns=60)
+def test_layer_names_are_not_cut_when_piped(reports):
+    """Piped (not a terminal: 140 columns): GPT-2's names whole, in every table, nothing cut."""
+    res = fitcli_process("render", str(reports["gpt2"]), "--format", "table")
     assert res.returncode == 0, res.stderr
-    assert "…" not in res.stdout and max(len(x) for x in res.stdout.splitlines()) <= 60
-    cells: list[str] = []
-    for line in res.stdout.splitlines():
-        if "│" in line:
-            r = [c.strip() for c in line.split("│")]
-            if r[1]:
-                cells.append(r[0])
-            else:
-                cells[-1] += r[0]
-    info = json.loads(fitcli_process("inspect", *RESMLP[:3], "--format", "json").stdout)
-    assert cells == [lay["name"] for lay in info["layers"]] and "blocks.0.attn.heads" in cells
+    assert "…" not in res.stdout and max(len(x) for x in res.stdout.splitlines()) <= 140
+    names = [lay["name"] for lay in json.loads(reports["gpt2"].read_text())["layers"]]
+    assert _layer_cells(res.stdout) == names
+    res = fitcli_process("inspect", *RESMLP[:3])
+    assert res.returncode == 0 and "…" not in res.stdout and "blocks.0.attn.heads" in res.stdout
 
 
 # ---- 24.11: each command offers the formats it writes ------------------------------------------

@@ -77,7 +77,7 @@ def _layers_table(report: dict, width: int | None = None) -> list:
         columns = [("layer", "left"), ("type", "left"), ("units", "right"), ("dead", "right"), ("dead %", "right"),
                    ("activation point", "left")] + [(f"{k} mean", "right") for k in keys]
         fixed = [9 + len(k) for k in keys] + [10, 5, 5, 6]
-        longest = [max(len(strip_prefix(x, prefix)) for x in names) for names in (
+        longest = [max((len(strip_prefix(x, prefix)) for x in names), default=0) for names in (
             [lay["name"] for lay in report["layers"]],
             [lay.get("activation_chain") or lay["activation_point"] for lay in report["layers"]])]
         fit = name_widths(width, fixed, longest)
