@@ -54,6 +54,27 @@ def _blocks_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _validation_markdown(v: dict) -> list[str]:
+    """Metric x layer Spearman with exact ablation, the best per layer in bold."""
+    lines: list[str] = []
+    layers = list(v["layers"])
+    lines += ["", f"Validation (Spearman with {v['oracle']}):", "",
+              "| metric | " + " | ".join(layers) + " | across layers |", "|---|" + "---:|" * (len(layers) + 1)]
+    for m in sorted(v["across_layers"]):
+        cells = []
+        for name in layers:
+            c = v["layers"][name]["metrics"].get(m)
+            x = c["spearman"] if c else None
+            s = "n/a" if x is None else f"{x:+.2f}"
+            cells.append(f"**{s}**" if v["layers"][name].get("best") == m else s)
+        a = v["across_layers"][m]["spearman"]
+        sa = "n/a" if a is None else f"{a:+.2f}"
+        cells.append(f"**{sa}**" if v.get("best") == m else sa)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", v["recommendation"]]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     if report.get("command") == "blocks":
         return _blocks_markdown(report)
@@ -95,23 +116,8 @@ def render_markdown(report: dict) -> str:
                   "| # | layer | unit | value | normalised | dead |", "|---:|---|---:|---:|---:|---|"]
         for i, r in enumerate(ranked, 1):
             lines.append(f"| {i} | {r['layer']} | {r['unit']} | {fmt(r['value'])} | {fmt(r['normalized'])} | {'yes' if r.get('dead') else ''} |")
-    v = report.get("validation")
-    if v:
-        layers = list(v["layers"])
-        lines += ["", f"Validation (Spearman with {v['oracle']}):", "",
-                  "| metric | " + " | ".join(layers) + " | across layers |", "|---|" + "---:|" * (len(layers) + 1)]
-        for m in sorted(v["across_layers"]):
-            cells = []
-            for name in layers:
-                c = v["layers"][name]["metrics"].get(m)
-                x = c["spearman"] if c else None
-                s = "n/a" if x is None else f"{x:+.2f}"
-                cells.append(f"**{s}**" if v["layers"][name].get("best") == m else s)
-            a = v["across_layers"][m]["spearman"]
-            sa = "n/a" if a is None else f"{a:+.2f}"
-            cells.append(f"**{sa}**" if v.get("best") == m else sa)
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines += ["", v["recommendation"]]
+    if report.get("validation"):
+        lines += _validation_markdown(report["validation"])
     if report.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"`{x['metric']}` ({x['reason']})" for x in report["skipped"])]
     return "\n".join(lines) + "\n"
