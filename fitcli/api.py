@@ -143,16 +143,18 @@ def _offload(loaded: LoadedModel, s: Settings) -> Iterator[Any]:
     most that many bytes of them resident, block by block (``fitcli.offload``)."""
     if s.max_memory is None or loaded.module is None:
         if loaded.lazy:
-            raise UsageError("this model was loaded without its weights (lazy): audit it with max_memory")
+            raise UsageError("this model was loaded without its weights (lazy): audit it with {max_memory}",
+                             setting="max_memory")
         yield None
         return
     if loaded.format != "safetensors" or not loaded.path or not Path(loaded.path).is_file():
-        raise UsageError("max_memory maps the weights from a .safetensors checkpoint; this model is not one")
+        raise UsageError("{max_memory} maps the weights from a .safetensors checkpoint; this model is not one",
+                         setting="max_memory")
     from fitcli.engine import pick_device
     from fitcli.offload import offloaded
 
     if pick_device(s.device).type != "cpu":
-        raise UsageError("max_memory: the block-by-block audit runs on the cpu device for now")
+        raise UsageError("{max_memory}: the block-by-block audit runs on the cpu device for now", setting="max_memory")
     with offloaded(loaded.module, max_bytes=s.max_memory, source=loaded.path) as off:
         yield off
 
@@ -275,8 +277,8 @@ def _unit_selection(units: Any, chosen: list) -> dict[str, list[int] | None]:
     for lay in chosen:
         for i in sel[lay.name] or []:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < lay.units:
-                raise UsageError(f"unit {i!r} is out of range for {lay.name} "
-                                 f"(the layer has {lay.units} units: 0-{lay.units - 1})")
+                raise UsageError(f"{{units}}: unit {i!r} is out of range for {lay.name} "
+                                 f"(the layer has {lay.units} units: 0-{lay.units - 1})", setting="units")
     return sel
 
 
@@ -309,8 +311,8 @@ def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None, uni
     loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
                              lazy=s.max_memory is not None), s.dtype)
     if not loaded.runnable:
-        raise InputError(f"{loaded.path}: ablation needs a runnable model; give its architecture"
-                         + (" (" + "; ".join(loaded.notes) + ")" if loaded.notes else ""))
+        raise InputError(f"{loaded.path}: ablation needs a runnable model; give its architecture ({{arch}})"
+                         + (" (" + "; ".join(loaded.notes) + ")" if loaded.notes else ""), setting="arch")
     ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
     if ds is None:
         raise UsageError("ablation needs data")
@@ -392,12 +394,13 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
 
     s = _settings(settings, options)
     if not isinstance(greedy, int) or isinstance(greedy, bool) or greedy < 0:
-        raise UsageError(f"greedy must be a non-negative number of blocks, got {greedy!r}")
+        raise UsageError(f"{{greedy}} must be a non-negative number of blocks, got {greedy!r}", setting="greedy")
     check_loss(loss)
     loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
                              lazy=s.max_memory is not None), s.dtype)
     if not loaded.runnable:
-        raise InputError(f"{loaded.path}: block ablation needs a runnable model; give its architecture")
+        raise InputError(f"{loaded.path}: block ablation needs a runnable model; give its architecture ({{arch}})",
+                         setting="arch")
     ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
     if ds is None:
         raise UsageError("block ablation needs data")
@@ -503,8 +506,9 @@ def gate(report: AuditReport | dict | str | Path, max_dead: float | None = None,
         g = data.get("gate") or {}
         max_dead, max_dead_layer, min_coverage = g.get("max_dead"), g.get("max_dead_layer"), g.get("min_coverage")
         if max_dead is None and max_dead_layer is None and min_coverage is None:
-            raise UsageError("gate needs max_dead, max_dead_layer and/or min_coverage "
-                             "(or a report that was scored with them)")
+            raise UsageError("gate needs {max_dead}, {max_dead_layer} and/or {min_coverage} "
+                             "(or a report that was scored with them)",
+                             setting=("max_dead", "max_dead_layer", "min_coverage"))
     g = rep.gate(data, max_dead, max_dead_layer, min_coverage)
     if isinstance(report, AuditReport):
         report._meta["gate"] = g

@@ -21,7 +21,7 @@ from rich.console import Console
 from fitcli.errors import GateFailed, Interrupted, UsageError
 
 out = Console(highlight=False)
-if not out.is_terminal:  # piped or redirected: do not squeeze tables into 80 columns
+if not out.is_terminal:  # piped: do not squeeze tables into 80 columns ($COLUMNS leaks into pipes)
     out = Console(highlight=False, width=140)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one error = one line, never re-wrapped
 
@@ -56,7 +56,6 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda or au
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="random seed [default: 0]")]
 TauOpt = Annotated[float | None, typer.Option("--tau", help="dead threshold on the dormancy score [default: 0]")]
 TopOpt = Annotated[int | None, typer.Option("--top", min=0, help="rows in the ranked table [default: 20]")]
-FormatOpt = Annotated[Fmt | None, typer.Option("--format", help="table, json, markdown, csv, or html (a self-contained page; with -o it goes to the file instead of the JSON report) [default: table]")]
 OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="write the JSON report to this file (atomically)")]
 QuietOpt = Annotated[bool | None, typer.Option("--quiet", "-q", help="no progress bar or notes on stderr")]
 VerboseOpt = Annotated[bool | None, typer.Option("--verbose", "-v", help="show tracebacks on errors")]
@@ -73,27 +72,27 @@ DistTimeoutOpt = Annotated[float | None, typer.Option("--dist-timeout", min=0.00
 DEFAULTS: dict[str, Any] = {"format": Fmt.table, "trust_checkpoint": False, "quiet": False, "verbose": False}
 
 
-# the library words its messages for any caller; on the command line, name the flag instead
-CLI_WORDS = (("pass trust_checkpoint=True", "pass --trust-checkpoint"), ("give its architecture", "pass --arch"),
-             ("give the architecture", "pass --arch"), ("(no architecture given)", "(no --arch)"),
-             ("without an architecture", "without --arch"), ("give data to", "pass --data to"),
-             ("(needs data:", "(needs --data:"), ("validate=True", "--validate"),
-             ("> max_dead_layer ", "> --max-dead-layer "), ("> max_dead ", "> --max-dead "),
-             ("< min_coverage ", "< --min-coverage "),
-             ("max memory ", "--max-memory "), ("max_memory maps", "--max-memory maps"), ("max_memory:", "--max-memory:"),
-             ("with max_memory", "with --max-memory"), ("and dtype together", "and --dtype together"), ("set the batch size to ", "pass --batch-size "))
+def formats(*names: str) -> type[Enum]:
+    """The formats one command writes, as the choices of its --format (help and parsing alike)."""
+    return Enum("Format", {n: n for n in names}, type=str)  # type: ignore[return-value]
 
 
-def cli_words(text: str | None) -> str | None:
-    if text:
-        for lib, flag in CLI_WORDS:
-            text = text.replace(lib, flag)
-    return text
+def as_fmt(value: Any, default: Fmt = Fmt.table) -> Fmt:
+    """A command's own format choice (or a config file's string) as the shared ``Fmt``."""
+    return default if value is None else Fmt(value.value if isinstance(value, Enum) else value)
 
 
-def no_html(fmt) -> None:
-    if fmt is Fmt.html:
-        raise UsageError("--format html is for reports (score, ablate, compare, render); use table, json, markdown or csv")
+PAGE_HELP = "html: a self-contained page, written to -o FILE (instead of the JSON report) or to a pipe"
+REPORT_FORMATS = formats("table", "json", "markdown", "csv", "html")
+ReportFormatOpt = Annotated[REPORT_FORMATS | None, typer.Option(  # type: ignore[valid-type]
+    "--format", help=f"what stdout carries: a table, the JSON report, markdown, CSV (one row per unit); {PAGE_HELP} "
+    "[default: table]")]
+
+
+def terminal_page(fmt: Fmt, output: str | None) -> None:
+    """--format html with no -o, on a terminal: a page of HTML is not for reading there."""
+    if fmt is Fmt.html and not output and sys.stdout.isatty():
+        raise UsageError("--format html writes a self-contained page: give -o FILE.html (or pipe stdout to a file)")
 
 
 def guard(fn):
@@ -117,20 +116,36 @@ def flag(name: str) -> str:
     return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def merge(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
-    """Flags win over the config file, which wins over built-in defaults."""
+def flag_words(name: str, value: str | None = None) -> str:
+    """A setting named by an error (``FitcliError.settings``) as the command line spells it:
+    ``--max-dead``, ``--batch-size 5``, ``--validate`` (a switch: no value)."""
+    if value is None or value == "True":
+        return flag(name)
+    return f"{flag(name)} {value}"
+
+
+def said(e) -> tuple[str, str | None]:
+    """An error's message and hint in command-line words (its settings as flags)."""
+    return e.said(flag_words)
+
+
+def merge(config: str | None, given: dict[str, Any], fmts: type[Enum] = REPORT_FORMATS) -> dict[str, Any]:
+    """Flags win over the config file, which wins over built-in defaults; ``fmts``: the formats
+    the command writes (a config file's ``format`` is checked against them)."""
     from fitcli.config import load_config
 
     cfg, where = load_config(config)
     merged = dict(DEFAULTS)
     merged.update(cfg)
     merged.update({k: v for k, v in given.items() if v is not None and v != []})
-    for key, enum, choices in (("format", Fmt, "table, json, markdown, csv or html"), ("ablation_mode", Mode, "zero or mean")):
+    allowed = [f.value for f in fmts]
+    for key, enum, choices in (("format", fmts, allowed), ("ablation_mode", Mode, ["zero", "mean"])):
         if isinstance(merged.get(key), str):
             try:
                 merged[key] = enum(merged[key])
             except ValueError as e:
-                raise UsageError(f"{flag(key)} {merged[key]!r}: use {choices}") from e
+                raise UsageError(f"{flag(key)} {merged[key]!r}: use {' or '.join(choices)}") from e
+    merged["format"] = as_fmt(merged.get("format"))
     merged["_config"] = where
     return merged
 
@@ -159,34 +174,29 @@ def checked_settings(merged: dict[str, Any]):
         fields["max_memory"] = parse_size(fields["max_memory"])
     if isinstance(fields.get("ablation_mode"), Mode):
         fields["ablation_mode"] = fields["ablation_mode"].value
-    try:
-        return Settings.make(**fields).check()
-    except UsageError as e:  # name the flag, as the user typed it
-        for name in Settings.names():
-            if e.message.startswith(name + " ") or e.message.startswith(name.replace("_", " ") + " "):
-                e.message = flag(name) + e.message[len(name):]
-                break
-        raise
+    return Settings.make(**fields).check()  # an error names its setting; main() words it as the flag
 
 
 _RANGE = re.compile(r"^\s*(\d{1,12})\s*(?:-\s*(\d{1,12})\s*)?$")
 
 
-def parse_units(spec: str | None) -> list[int] | None:
-    """``0,3,7-9`` -> [0, 3, 7, 8, 9] (the library checks each against the layer's size)."""
+def parse_units(spec: str | None, where: str | None = None) -> list[int] | None:
+    """``0,3,7-9`` -> [0, 3, 7, 8, 9] (the library checks each against the layer's size);
+    ``where``: how errors name the value [default: ``--units 'SPEC'``]."""
     if spec is None or spec.strip() == "":
         return None
+    where = where or f"--units {spec!r}"
     out: list[int] = []
     for part in spec.split(","):
         m = _RANGE.match(part)
         if not m:
-            raise UsageError(f"--units {spec!r}: {part!r} is not an index or a range like 7-9")
+            raise UsageError(f"{where}: {part!r} is not an index or a range like 7-9")
         a = int(m.group(1))
         b = int(m.group(2)) if m.group(2) is not None else a
         if b < a:
-            raise UsageError(f"--units {spec!r}: range {part.strip()} runs backwards")
+            raise UsageError(f"{where}: range {part.strip()} runs backwards")
         if b - a > 10_000_000:
-            raise UsageError(f"--units {spec!r}: range {part.strip()} is too long")
+            raise UsageError(f"{where}: range {part.strip()} is too long")
         out.extend(range(a, b + 1))
     return sorted(set(out))
 
@@ -323,11 +333,7 @@ def write_output(path: str, text: str, protect: list[str | None]) -> None:
     """``-o PATH``: written atomically, never over an input; the refusal names the flag."""
     from fitcli import report as rep
 
-    try:
-        rep.write_atomic(path, text, protect=[p for p in protect if p])
-    except UsageError as e:
-        e.message = "--" + e.message if e.message.startswith("output ") else e.message
-        raise
+    rep.write_atomic(path, text, protect=[p for p in protect if p])  # a refusal names its setting: output
 
 
 def emit(report, s: dict[str, Any], protect: list[str | None]) -> None:
@@ -338,6 +344,7 @@ def emit(report, s: dict[str, Any], protect: list[str | None]) -> None:
 
     data = report.to_dict()
     fmt = s["format"]
+    terminal_page(fmt, s.get("output"))
     if fmt is Fmt.html:
         from fitcli.render.html import render_html
 
@@ -353,10 +360,10 @@ def emit(report, s: dict[str, Any], protect: list[str | None]) -> None:
     elif fmt is Fmt.csv:
         sys.stdout.write(render_csv(data))
     elif fmt is Fmt.table:
-        out.print(render_report(data))
+        out.print(render_report(data, width=out.width))
     if not s.get("quiet"):
         for note in data.get("discovery", {}).get("notes", []):
-            err.print(f"note: {cli_words(note)}", style="dim")
+            err.print(f"note: {note}", style="dim")
         if s.get("output"):
             err.print(f"report written to {s['output']}", style="dim")
     g = data.get("gate")
@@ -364,3 +371,107 @@ def emit(report, s: dict[str, Any], protect: list[str | None]) -> None:
         raise GateFailed("gate failed: " + "; ".join(g["failures"]))
 
 
+
+
+REPORT_SCHEMA, COMPARE_SCHEMA = "fitcli.report/1", "fitcli.compare/1"
+KIND_WORDS = {"binary": "a binary file (a checkpoint?), not JSON", "report": "an audit report (fitcli score -o)",
+              "comparison": "a comparison report (fitcli compare -o)", "history": "a training history (JSON lines)",
+              "json": "JSON, but not a fitcli report", "text": "a text file, not JSON"}
+
+
+def file_kind(path: str) -> str | None:
+    """What a file handed to gate, render or history holds: report, comparison, history, json,
+    text or binary; None when it cannot be opened (the reader then says why)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3 or b"\0" in head:
+            return "binary"
+        text = head[:e.start].decode("utf-8")
+    if "\0" in text:
+        return "binary"
+    if not text.lstrip().startswith("{"):
+        return "text"
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (ValueError, OSError, RecursionError):
+        first = text.lstrip().splitlines()[0]
+        try:
+            return "history" if isinstance(json.loads(first), dict) else "text"
+        except (ValueError, RecursionError):
+            return "text"
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("fitcli.history/"):
+        return "history"  # a history of one record
+    schema = obj.get("schema") if isinstance(obj, dict) else None
+    return {REPORT_SCHEMA: "report", COMPARE_SCHEMA: "comparison"}.get(schema, "json")
+
+
+def expect_file(path: str, kinds: tuple[str, ...], purpose: str) -> str | None:
+    """``path`` holds one of ``kinds``, else an InputError (exit 3) saying what it holds and what
+    the command reads (``purpose``); returns the kind (None: unreadable, the reader says why)."""
+    from fitcli.errors import InputError
+
+    kind = file_kind(path)
+    if kind is not None and kind not in kinds:
+        raise InputError(f"{path} is {KIND_WORDS[kind]}: {purpose}")
+    return kind
+
+
+# ---- help in Typer's usual style --------------------------------------------------------------
+TYPE_METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", bool: "BOOLEAN"}
+
+
+def metavar_of(descriptor: Any) -> str:
+    """``INTEGER``, ``FLOAT``, ``TEXT`` or ``[a|b|c]`` for an option's type (as Click writes them)."""
+    if descriptor.is_choice:
+        return "[" + "|".join(str(getattr(c, "value", c)) for c in descriptor.choices or ()) + "]"
+    ann = descriptor.annotation
+    args = getattr(ann, "__args__", None)
+    if descriptor.is_list and args:
+        ann = args[0]
+    return TYPE_METAVARS.get(ann, "VALUE")
+
+
+class UsualArgument(typer.core.TyperArgument):
+    """An argument shown as ``MODEL`` (``[NAME]`` when optional), with no ``<str>`` beside it."""
+
+    def _usage_display_name(self) -> str:
+        name = self.metavar or self.name.upper()
+        name = name if self.required else f"[{name}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+def usual_help(command: Any) -> Any:
+    """The built Click command with Typer's usual help: every argument ``NAME``, every option's
+    value ``INTEGER``/``FLOAT``/``TEXT``/``[choices]``; returns it."""
+    for cmd in [command, *getattr(command, "commands", {}).values()]:
+        for p in cmd.params:
+            if isinstance(p, typer.core.TyperArgument):
+                p.__class__ = UsualArgument
+                p.metavar = p.metavar or p.name.upper()
+            elif not getattr(p, "is_flag", False) and not getattr(p, "count", False) and p.metavar is None:
+                p.metavar = metavar_of(p.type_descriptor)
+    return command
+
+
+def is_click_error(e: BaseException) -> bool:
+    """A usage error found by Typer's parser (bad value, unknown option, missing argument)."""
+    return type(e).__module__.startswith(("typer", "click")) and hasattr(e, "format_message") \
+        and isinstance(getattr(e, "exit_code", None), int)
+
+
+def click_error_lines(e: Any) -> list[str]:
+    """A parser error as fitcli's one-line error (and a hint naming the command's --help)."""
+    msg = " ".join(line.strip() for line in str(e.format_message()).splitlines() if line.strip())
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None else "fitcli"
+    return [f"fitcli: error: {msg}", f"  hint: `{where} --help` lists the options"]

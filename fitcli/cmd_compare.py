@@ -18,7 +18,6 @@ from fitcli.clikit import (
     DataOpt,
     DeviceOpt,
     Fmt,
-    FormatOpt,
     LayerOpt,
     LossOpt,
     MaxBatchOpt,
@@ -30,7 +29,7 @@ from fitcli.clikit import (
     TrustOpt,
     VerboseOpt,
     checked_settings,
-    cli_words,
+    formats,
     loss_of,
     merge,
     model_of,
@@ -38,6 +37,7 @@ from fitcli.clikit import (
 )
 from fitcli.errors import GateFailed, UsageError
 
+SHORT = "Compare two audits (reports, or checkpoints on the same data): units that died, drifts, a gate."
 EXAMPLES = """Examples:
 
 \b
@@ -49,6 +49,10 @@ EXAMPLES = """Examples:
 
 SideArg = Annotated[str, typer.Argument(help="a JSON report (fitcli score -o), or a checkpoint (needs --data)")]
 MaxNewDeadOpt = Annotated[float | None, typer.Option("--max-new-dead", help="fail (exit 1) when more than PCT % of the compared units died")]
+COMPARE_FORMATS = formats("table", "json", "markdown", "html")
+CompareFormatOpt = Annotated[COMPARE_FORMATS | None, typer.Option(  # type: ignore[valid-type]
+    "--format", help=f"what stdout carries: a table, the JSON comparison or markdown; {clikit.PAGE_HELP} "
+    "[default: table]")]
 DriftTopOpt = Annotated[int | None, typer.Option("--top", min=0, help="largest drifts kept per layer and metric, and shown [default: 5]")]
 
 
@@ -58,8 +62,7 @@ def _is_report(path: str) -> bool:
 
 def _check_inputs(base: str, new: str, m: dict) -> None:
     """Before anything is loaded: what each input needs, and that the format can be written."""
-    if m["format"] is Fmt.csv:
-        raise UsageError("--format csv is not available for compare: use table, json, markdown or html")
+    clikit.terminal_page(m["format"], m.get("output"))
     if m["format"] is Fmt.html and importlib.util.find_spec("fitcli.render.html") is None:
         raise UsageError("--format html needs fitcli's HTML renderer, which this installation lacks: "
                          "use table, json or markdown")
@@ -106,7 +109,7 @@ def _write(cmp, m: dict, protect: list[str | None]) -> None:
     if not m.get("quiet"):
         if fmt is not Fmt.table:  # the table shows them already
             for note in data["notes"]:
-                clikit.err.print(f"note: {cli_words(note)}", style="dim")
+                clikit.err.print(f"note: {note}", style="dim")
         if m.get("output"):
             clikit.err.print(f"comparison written to {m['output']}", style="dim")
 
@@ -116,7 +119,7 @@ def command(
     data: DataOpt = None, batch_size: BatchOpt = None, max_batches: MaxBatchOpt = None, loss: LossOpt = None,
     layer: LayerOpt = None, metric: MetricOpt = None, device: DeviceOpt = None, seed: SeedOpt = None,
     tau: TauOpt = None, top: DriftTopOpt = None, max_new_dead: MaxNewDeadOpt = None,
-    fmt: FormatOpt = None, output: OutputOpt = None,
+    fmt: CompareFormatOpt = None, output: OutputOpt = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
 ) -> None:
     """Compare two audits (two JSON reports, or two checkpoints with --data): per layer the change
@@ -125,19 +128,15 @@ def command(
     m = merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
                             batch_size=batch_size, max_batches=max_batches, loss=loss, layers=layer, metrics=metric,
                             device=device, seed=seed, tau=tau, top=top, max_new_dead=max_new_dead, format=fmt,
-                            output=output, quiet=quiet, verbose=verbose))
+                            output=output, quiet=quiet, verbose=verbose), COMPARE_FORMATS)
     _check_inputs(base, new, m)
     settings = checked_settings({k: v for k, v in m.items() if k != "top"})  # --top here counts drifts
     from fitcli.comparison import compare
 
     sides = {p: (p if _is_report(p) else model_of(p, m)) for p in dict.fromkeys((base, new))}
-    try:
-        cmp = compare(sides[base], sides[new], data=m.get("data"), loss=loss_of(m.get("loss")),
-                      settings=settings, progress=progress_of(m), top=m.get("top", 5),
-                      max_new_dead=m.get("max_new_dead"))
-    except UsageError as e:
-        e.message = e.message.replace("max_new_dead", "--max-new-dead").replace("top must", "--top must")
-        raise
+    cmp = compare(sides[base], sides[new], data=m.get("data"), loss=loss_of(m.get("loss")),
+                  settings=settings, progress=progress_of(m), top=m.get("top", 5),
+                  max_new_dead=m.get("max_new_dead"))
     cmp.base.source, cmp.new.source = base, new
     _write(cmp, m, [base, new, m.get("data"), m.get("_config")])
     if cmp.gate is not None and not cmp.gate.passed:

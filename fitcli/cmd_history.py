@@ -11,8 +11,9 @@ from typing import Annotated
 import typer
 
 from fitcli import clikit
-from fitcli.clikit import Fmt, FormatOpt, LayerOpt, QuietOpt, VerboseOpt, no_html
+from fitcli.clikit import Fmt, LayerOpt, QuietOpt, VerboseOpt, as_fmt, formats
 
+SHORT = "A fitcli.Tracker training history: dead fraction per layer over steps, when each unit died."
 EXAMPLES = """Examples:
 
 \b
@@ -21,20 +22,25 @@ EXAMPLES = """Examples:
   fitcli history history.jsonl --format csv > dead_over_steps.csv
 """
 
+HISTORY_FORMATS = formats("table", "json", "markdown", "csv")
+HistoryFormatOpt = Annotated[HISTORY_FORMATS | None, typer.Option(  # type: ignore[valid-type]
+    "--format", help="table, json, markdown, or csv (dead fraction per layer and step) [default: table]")]
+PURPOSE = "history reads the JSON-lines file that fitcli.Tracker writes during training"
+
 
 def command(
-    file: Annotated[str, typer.Argument(help="a history file written by fitcli.Tracker (JSON lines)")],
-    layer: LayerOpt = None, fmt: FormatOpt = None, quiet: QuietOpt = None, verbose: VerboseOpt = None,
+    file: Annotated[str, typer.Argument(metavar="FILE", help="a history file written by fitcli.Tracker (JSON lines)")],
+    layer: LayerOpt = None, fmt: HistoryFormatOpt = None, quiet: QuietOpt = None, verbose: VerboseOpt = None,
 ) -> None:
     """Dead fraction per layer over training steps, and the step each unit died at, from a
     fitcli.Tracker history file."""
-    no_html(fmt)
+    clikit.expect_file(file, ("history", "json", "text"), PURPOSE + (" (`fitcli gate` and `fitcli render` read reports)"))
     from fitcli.render.history import render_history, render_history_csv, render_history_markdown
     from fitcli.tracker import history_summary, read_history
 
     summary = history_summary(read_history(file), layer)
     summary["file"] = file
-    fmt = fmt or Fmt.table
+    fmt = as_fmt(fmt)
     if fmt is Fmt.json:
         sys.stdout.write(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     elif fmt is Fmt.markdown:

@@ -18,7 +18,6 @@ from fitcli.clikit import (
     DataOpt,
     DeviceOpt,
     Fmt,
-    FormatOpt,
     LossOpt,
     MaxBatchOpt,
     QuietOpt,
@@ -27,7 +26,7 @@ from fitcli.clikit import (
     TrustOpt,
     VerboseOpt,
     checked_settings,
-    cli_words,
+    formats,
     loss_of,
     merge,
     model_of,
@@ -35,6 +34,7 @@ from fitcli.clikit import (
 )
 from fitcli.errors import UsageError
 
+SHORT = "Remove units for real (dead, removable, named, or a budget) and write the smaller model."
 EXAMPLES = """Examples:
 
 \b
@@ -47,6 +47,9 @@ EXAMPLES = """Examples:
 RemoveOpt = Annotated[list[str] | None, typer.Option("--remove", help="dead (dead and constant units), removable (exact ablation |Δloss| ≤ 1e-6, and constant units), or LAYER:UNITS such as fc1:3,7-9 (repeatable) [default: dead]")]
 BudgetOpt = Annotated[float | None, typer.Option("--budget", help="remove PCT % of the prunable units, least fit first by --rank-by")]
 RankOpt = Annotated[str | None, typer.Option("--rank-by", help="metric ranking the units for --budget [default: the audit's: taylor, else act_mean, else weight_norm]")]
+PRUNE_FORMATS = formats("table", "json", "markdown", "csv")
+PruneFormatOpt = Annotated[PRUNE_FORMATS | None, typer.Option(  # type: ignore[valid-type]
+    "--format", help="before/after figures as a table, json, markdown or csv [default: table]")]
 OutOpt = Annotated[str | None, typer.Option("--output", "-o", help="write OUT.pt2 (torch.export: runs without your code) and OUT.safetensors (the pruned weights), atomically")]
 
 
@@ -64,11 +67,7 @@ def parse_remove(values: list[str] | None):
         layer, sep, spec = v.rpartition(":")
         if not sep or not layer:
             raise UsageError(f"--remove {v!r}: use dead, removable or LAYER:UNITS (e.g. fc1:3,7-9)")
-        try:
-            units = parse_units(spec) or []
-        except UsageError as e:
-            e.message = e.message.replace("--units", f"--remove {layer}:", 1)
-            raise
+        units = parse_units(spec, where=f"--remove {v!r}") or []
         out[layer] = sorted(set(out.get(layer, [])) | set(units))
     return out
 
@@ -143,7 +142,7 @@ def command(
     model: clikit.ModelArg, remove: RemoveOpt = None, budget: BudgetOpt = None, rank_by: RankOpt = None,
     output: OutOpt = None, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None, trust_checkpoint: TrustOpt = None,
     data: DataOpt = None, batch_size: BatchOpt = None, max_batches: MaxBatchOpt = None, loss: LossOpt = None,
-    device: DeviceOpt = None, seed: SeedOpt = None, tau: TauOpt = None, fmt: FormatOpt = None,
+    device: DeviceOpt = None, seed: SeedOpt = None, tau: TauOpt = None, fmt: PruneFormatOpt = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
 ) -> None:
     """Physically remove units (dead, removable, named, or a budget of the least fit) and write the
@@ -151,9 +150,7 @@ def command(
     accuracy before/after beside the change exact ablation predicted."""
     m = merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
                             batch_size=batch_size, max_batches=max_batches, loss=loss, device=device, seed=seed,
-                            tau=tau, rank_by=rank_by, format=fmt, quiet=quiet, verbose=verbose))
-    if m["format"] is Fmt.html:
-        raise UsageError("--format html is for reports; prune prints table, json, markdown or csv")
+                            tau=tau, rank_by=rank_by, format=fmt, quiet=quiet, verbose=verbose), PRUNE_FORMATS)
     if not output:
         raise UsageError("prune needs -o OUT: the pruned model is written to OUT.pt2 and OUT.safetensors")
     if not m.get("data"):
@@ -167,11 +164,7 @@ def command(
     from fitcli.pruning import check_outputs, prune
 
     protect = [p for p in (model, m.get("data"), m.get("_config")) if p]
-    try:
-        check_outputs(output, protect)  # before anything is loaded
-    except UsageError as e:
-        e.message = "-" + "-" + e.message if e.message.startswith("output ") else e.message
-        raise
+    check_outputs(output, protect)  # before anything is loaded; a refusal names its setting: output
     loaded = model_of(model, m)
     result = prune(loaded, m["data"], remove=how, budget=budget, loss=loss_of(m.get("loss")), settings=settings)
     written = result.save(output, protect=protect)
@@ -182,5 +175,5 @@ def command(
         sys.stdout.write(render(d, m["format"]))
     if not m.get("quiet"):
         for note in d["notes"]:
-            clikit.err.print(f"note: {cli_words(note)}", style="dim")
+            clikit.err.print(f"note: {note}", style="dim")
         clikit.err.print(f"written {', '.join(str(p) for p in written)}", style="dim")

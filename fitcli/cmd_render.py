@@ -8,9 +8,11 @@ from typing import Annotated
 
 import typer
 
-from fitcli.clikit import Fmt, QuietOpt, VerboseOpt
+from fitcli import clikit
+from fitcli.clikit import Fmt, QuietOpt, VerboseOpt, as_fmt, formats
 from fitcli.errors import InputError, UsageError
 
+SHORT = "Render a saved JSON report as a self-contained HTML page, markdown, CSV or a table."
 EXAMPLES = """Examples:
 
 \b
@@ -20,7 +22,11 @@ EXAMPLES = """Examples:
   fitcli render report.json --format csv -o units.csv
 """
 
-COMPARE_SCHEMA = "fitcli.compare/1"
+COMPARE_SCHEMA = clikit.COMPARE_SCHEMA
+RENDER_FORMATS = formats("html", "markdown", "csv", "table")
+RenderFormatOpt = Annotated[RENDER_FORMATS | None, typer.Option(  # type: ignore[valid-type]
+    "--format", help="html (a self-contained page: to -o FILE or a pipe), markdown, csv or table [default: html]")]
+PURPOSE = "render reads the JSON report that `fitcli score/ablate/compare -o FILE.json` writes"
 
 
 def read_any(path: str) -> dict:
@@ -42,18 +48,17 @@ def read_any(path: str) -> dict:
 
 
 def command(
-    report: Annotated[str, typer.Argument(help="a JSON report written by `fitcli score/ablate/compare --output`")],
-    fmt: Annotated[Fmt | None, typer.Option("--format", help="html (a self-contained page), markdown, csv or table [default: html]")] = None,
+    report: Annotated[str, typer.Argument(metavar="REPORT", help="a JSON report written by `fitcli score/ablate/compare --output`")],
+    fmt: RenderFormatOpt = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="write the rendered report to this file (atomically) instead of stdout")] = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None,
 ) -> None:
     """Render a saved JSON report: a self-contained HTML page (default), markdown, CSV or a table."""
-    from fitcli import clikit
     from fitcli.render import render_csv, render_markdown, render_report
 
-    fmt = fmt or Fmt.html
-    if fmt is Fmt.json:
-        raise UsageError("--format json: the report is JSON already; use html, markdown, csv or table")
+    fmt = as_fmt(fmt, Fmt.html)
+    clikit.terminal_page(fmt, output)
+    clikit.expect_file(report, ("report", "comparison"), PURPOSE)
     data = read_any(report)
     compare = data.get("schema") == COMPARE_SCHEMA
     if compare and fmt is not Fmt.html:
@@ -69,7 +74,7 @@ def command(
     elif output:
         raise UsageError("--format table prints to the terminal; use html, markdown or csv with --output")
     else:
-        clikit.out.print(render_report(data))
+        clikit.out.print(render_report(data, width=clikit.out.width))
         return
     if output:
         clikit.write_output(output, text, [report])

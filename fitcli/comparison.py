@@ -366,8 +366,8 @@ def _audit_models(sides: dict[str, Any], data: Any, s: Any, loss: Any, arch: Any
         lm = api.load(x, arch=arch if isinstance(x, (str, Path)) else None, arch_kwargs=arch_kwargs,
                       trust_checkpoint=trust_checkpoint)
         if not lm.runnable:
-            raise UsageError(f"{lm.path}: comparing dead units needs a runnable model; give its architecture"
-                             + (" (" + "; ".join(lm.notes) + ")" if lm.notes else ""))
+            raise UsageError(f"{lm.path}: comparing dead units needs a runnable model; give its architecture ({{arch}})"
+                             + (" (" + "; ".join(lm.notes) + ")" if lm.notes else ""), setting="arch")
         loaded[which] = lm
     ds = api.load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed)
     return {which: api.audit(lm, ds, loss=loss, settings=s, progress=progress).to_dict()
@@ -398,9 +398,9 @@ def _check_threshold(max_new_dead: Any) -> None:
     if max_new_dead is None:
         return
     if isinstance(max_new_dead, bool) or not isinstance(max_new_dead, (int, float)) or not math.isfinite(max_new_dead):
-        raise UsageError(f"max_new_dead must be a finite number, got {max_new_dead!r}")
+        raise UsageError(f"{{max_new_dead}} must be a finite number, got {max_new_dead!r}", setting="max_new_dead")
     if max_new_dead < 0:
-        raise UsageError(f"max_new_dead must be ≥ 0, got {max_new_dead!r}")
+        raise UsageError(f"{{max_new_dead}} must be ≥ 0, got {max_new_dead!r}", setting="max_new_dead")
 
 
 def gate(cmp: Comparison, max_new_dead: float) -> CompareGate:
@@ -431,13 +431,14 @@ def compare(base: Any, new: Any, *, data: Any = None, loss: Any = None, metrics:
 
     _check_threshold(max_new_dead)
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
-        raise UsageError(f"top must be an integer ≥ 0, got {top!r}")
+        raise UsageError(f"{{top}} must be an integer ≥ 0, got {top!r}", setting="top")
     s = Settings.make(settings, **dict(options, metrics=metrics, layers=layers)).check()
     reports = {"base": _as_report(base, "base"), "new": _as_report(new, "new")}
     models = {which: x for which, x in (("base", base), ("new", new)) if reports[which] is None}
     if models:
         if data is None:
-            raise UsageError("comparing models needs data: give data to audit them with (the same for both sides)")
+            raise UsageError("comparing models needs data: give {data} to audit them with (the same for both sides)",
+                             setting="data")
         reports.update(_audit_models(models, data, s, loss, arch, arch_kwargs, trust_checkpoint, progress))
     for which in ("base", "new"):
         _check(reports[which], which)

@@ -108,18 +108,20 @@ class Dist:
         raise agreed(first, self.world) from error
 
 
-def describe(error: BaseException, rank: int) -> tuple[int, int, str, str | None]:
-    """(rank, exit code, message, hint) of an error, as every rank will report it."""
+def describe(error: BaseException, rank: int) -> tuple:
+    """(rank, exit code, message, hint, settings, cli hint) of an error, as every rank will report
+    it (the message and hint with their settings as fields, for each caller to word)."""
     if isinstance(error, FitcliError):
-        return rank, int(error.exit_code), error.message, error.hint
-    return rank, 4, f"unexpected {type(error).__name__}: {first_line(error)}", None
+        return rank, int(error.exit_code), error.template, error.hint_template, error.settings, error.cli_hint
+    return rank, 4, f"unexpected {type(error).__name__}: {first_line(error)}", None, (), None
 
 
 def agreed(info: tuple, world: int) -> FitcliError:
-    rank, code, message, hint = info
+    rank, code, message, hint, settings, cli_hint = info
     cls = CODES.get(code, RuntimeAuditError)
     # a failed gate is a finding about the (same) report, not about one rank
-    e = cls(message if code == GateFailed.exit_code else f"{message} (rank {rank} of {world})", hint=hint)
+    e = cls(message if code == GateFailed.exit_code else f"{message} (rank {rank} of {world})", hint=hint,
+            setting=settings, cli_hint=cli_hint)
     e.exit_code = code
     e.agreed = True  # type: ignore[attr-defined]
     return e

@@ -7,18 +7,48 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+# a setting named in a message or hint: ``{name}`` or ``{name=value}``, with ``name`` one of the
+# error's settings; each caller words it its own way (Python: ``name=value``; the CLI: its flag)
+SETTING_FIELD = re.compile(r"\{([a-z][a-z0-9_]*)(?:=([^{}]*))?\}")
+
+
+def python_words(name: str, value: str | None) -> str:
+    """A setting as a Python caller writes it: ``max_dead``, ``batch_size=5``, ``validate=True``."""
+    return name if value is None else f"{name}={value}"
 
 
 class FitcliError(Exception):
-    """Base class: a message for the user, an exit code, and an optional hint."""
+    """Base class: a message for the user, an exit code, and an optional hint.
+
+    ``setting`` (a name, or several) is the setting the error is about, as a field: the message
+    and hint name it as ``{name}`` or ``{name=value}``, which ``message`` / ``str()`` word the
+    Python way (``name=value``) and ``said(words)`` words any other way (the CLI: its flag).
+    ``cli_hint``: the hint for a command-line user, when it is not the library's (a command
+    instead of a Python call)."""
 
     exit_code = 4
 
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
+    def __init__(self, message: str, hint: str | None = None, *, setting: str | Iterable[str] | None = None,
+                 cli_hint: str | None = None):
+        self.settings: tuple[str, ...] = (setting,) if isinstance(setting, str) else tuple(setting or ())
+        self.setting = self.settings[0] if self.settings else None
+        self.template, self.hint_template, self.cli_hint = message, hint, cli_hint
+        self.message, self.hint = self.said(python_words, cli=False)
+        super().__init__(self.message)
+
+    def said(self, words: Callable[[str, str | None], str], cli: bool = True) -> tuple[str, str | None]:
+        """(message, hint) with each setting worded by ``words(name, value)``; ``cli``: the
+        command-line hint where there is one."""
+        def fill(text: str | None) -> str | None:
+            if not text or not self.settings:
+                return text
+            return SETTING_FIELD.sub(lambda m: words(m.group(1), m.group(2)) if m.group(1) in self.settings
+                                     else m.group(0), text)
+
+        hint = self.cli_hint if cli and self.cli_hint is not None else self.hint_template
+        return fill(self.template) or "", fill(hint)
 
     def __str__(self) -> str:  # one or two readable lines
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
@@ -100,8 +130,8 @@ def forward_error(e: BaseException, batch, graph, index: int = 0) -> InputError:
     if getattr(graph, "method", None) == "export" and fixed:
         n = fixed.group(1)
         return InputError(f"{which} has {batch.size} samples, but the .pt2 program was exported with a fixed batch "
-                          f"size of {n}: set the batch size to {n}, or export the model with a dynamic batch "
-                          "dimension (torch.export.Dim)")
+                          f"size of {n}: use {{batch_size={n}}}, or export the model with a dynamic batch "
+                          "dimension (torch.export.Dim)", setting="batch_size")
     return InputError(f"{which} of shape {batch.describe()} does not fit the model "
                       f"({type(e).__name__}: {first_line(e)}){expect}")
 

@@ -280,8 +280,9 @@ def _load_torch(path: Path, trust: bool) -> tuple[Any, str]:
             raise UnsafeCheckpointError(
                 f"{path} holds a pickled object that is not plain tensors (likely a whole nn.Module); "
                 "unpickling it can run arbitrary code, so fitcli refused to load it",
-                hint="re-save it with torch.save(model.state_dict()) and give its architecture, "
-                "or pass trust_checkpoint=True if you trust where the file came from",
+                hint="re-save it with torch.save(model.state_dict()) and give its architecture ({arch}), "
+                "or pass {trust_checkpoint=True} if you trust where the file came from",
+                setting=("trust_checkpoint", "arch"),
             ) from e
     except Exception as e:  # a damaged file raises all sorts (EOFError, struct.error, IndexError...)
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e

@@ -175,7 +175,7 @@ class Offload:
     def __init__(self, module: nn.Module, max_bytes: int, source: str | os.PathLike, *,
                  blocks: list[str] | None = None, checkpoint: bool = True):
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
-            raise UsageError(f"max memory must be a positive number of bytes, not {max_bytes!r}")
+            raise UsageError(f"{{max_memory}} must be a positive number of bytes, not {max_bytes!r}", setting="max_memory")
         self.module, self.max_bytes, self.source = module, max_bytes, Path(source)
         self.blocks = outermost_blocks(module) if blocks is None else list(blocks)
         self.checkpoint = checkpoint
@@ -364,9 +364,9 @@ class Offload:
             self._map()
             largest = max(self.groups, key=lambda g: g.nbytes, default=None)
             if largest is not None and largest.nbytes > self.max_bytes:
-                raise UsageError(f"max memory {human(self.max_bytes)} is smaller than the largest block "
+                raise UsageError(f"{{max_memory}} {human(self.max_bytes)} is smaller than the largest block "
                                  f"({largest.name}: {human(largest.nbytes)} of weights)",
-                                 hint=f"allow at least {human(largest.nbytes)}")
+                                 hint=f"allow at least {human(largest.nbytes)}", setting="max_memory")
             self.release_all()
             self._install()
             self._saved = torch.autograd.graph.saved_tensors_hooks(lambda t: t, self._unpack)

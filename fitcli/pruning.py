@@ -555,7 +555,7 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
     loaded = api.load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
     if not loaded.runnable or loaded.format == "export":
         raise InputError(f"{loaded.path}: pruning needs the model's module (a .pt2 program cannot be edited); "
-                         "give its architecture")
+                         "give its architecture ({arch})", setting="arch")
     ds = api.load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed)
     if ds is None:
         raise UsageError("pruning needs data")

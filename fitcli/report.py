@@ -282,16 +282,16 @@ def check_output(path: str | Path, protect: list[str | Path] = ()) -> Path:
     for q in protect:
         try:
             if q and Path(q).exists() and p.exists() and os.path.samefile(p, q):
-                raise UsageError(f"output {path} is one of the inputs; refusing to overwrite it")
+                raise UsageError(f"{{output}} {path} is one of the inputs; refusing to overwrite it", setting="output")
         except OSError:
             pass
         if q and Path(q).resolve() == p.resolve():
-            raise UsageError(f"output {path} is one of the inputs; refusing to overwrite it")
+            raise UsageError(f"{{output}} {path} is one of the inputs; refusing to overwrite it", setting="output")
     if p.is_dir():
-        raise UsageError(f"output {path} is a directory")
+        raise UsageError(f"{{output}} {path} is a directory", setting="output")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
-        raise UsageError(f"output {path}: folder {parent} does not exist")
+        raise UsageError(f"{{output}} {path}: folder {parent} does not exist", setting="output")
     return p
 
 

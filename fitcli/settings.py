@@ -71,27 +71,29 @@ class Settings:
         _check_int("max_memory", self.max_memory, low=1, optional=True)
         _check_int("validate_units", self.validate_units, low=2, optional=True,
                    why="a rank correlation needs two units")
-        _check_number("max_dead", self.max_dead, low=0.0, optional=True)
-        _check_number("max_dead_layer", self.max_dead_layer, low=0.0, optional=True)
-        _check_number("min_coverage", self.min_coverage, low=0.0, optional=True)
+        _check_number("max_dead", self.max_dead, low=0.0, optional=True, high=100.0)
+        _check_number("max_dead_layer", self.max_dead_layer, low=0.0, optional=True, high=100.0)
+        _check_number("min_coverage", self.min_coverage, low=0.0, optional=True, high=100.0)
         if self.ablation_mode not in ABLATION_MODES:
-            raise UsageError(f"ablation mode {self.ablation_mode!r}: use zero or mean")
+            raise UsageError(f"{{ablation_mode}} {self.ablation_mode!r}: use zero or mean", setting="ablation_mode")
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise UsageError(f"dtype {self.dtype!r}: use float32, bfloat16 or float16")
+            raise UsageError(f"{{dtype}} {self.dtype!r}: use float32, bfloat16 or float16", setting="dtype")
         if self.dtype is not None and self.max_memory is not None:
-            raise UsageError("max_memory and dtype together are not supported: the mapped weights are used as stored")
+            raise UsageError("{max_memory} and {dtype} together are not supported: the mapped weights are used as stored",
+                             setting=("max_memory", "dtype"))
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
                                                      or self.device.startswith("cuda:")):
-            raise UsageError(f"device {self.device!r}: use cpu, cuda, cuda:N or auto")
+            raise UsageError(f"{{device}} {self.device!r}: use cpu, cuda, cuda:N or auto", setting="device")
         for name in ("metrics", "layers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (list, tuple))
                                       or not all(isinstance(v, str) and v for v in value)):
-                raise UsageError(f"{name} must be a list of names")
+                raise UsageError(f"{{{name}}} must be a list of names", setting=name)
         if self.layers:
             for pat in self.layers:
                 if len(pat) > 500:  # fnmatch is quadratic on unclosed brackets: refuse before matching
-                    raise UsageError(f"layer pattern of {len(pat)} characters is too long (at most 500)")
+                    raise UsageError(f"{{layers}}: a pattern of {len(pat)} characters is too long (at most 500)",
+                                     setting="layers")
         if self.metrics:
             check_names(self.metrics)
         if self.rank_by is not None:
@@ -103,33 +105,38 @@ class Settings:
 
         if self.rank_by == "auto":
             if not self.validate:
-                raise UsageError("rank_by 'auto' picks the best-validated metric: it needs validate=True")
+                raise UsageError("{rank_by} 'auto' picks the best-validated metric: it needs {validate=True}",
+                                 setting=("rank_by", "validate"))
             return
         names = metric_names()
         if self.rank_by not in names:
-            raise UsageError(f"rank_by {self.rank_by!r} is not a metric" + close_matches(self.rank_by, names),
-                             hint="`fitcli metrics` lists them")
+            raise UsageError(f"{{rank_by}} {self.rank_by!r} is not a metric" + close_matches(self.rank_by, names),
+                             hint="`fitcli metrics` lists them",
+                             setting="rank_by")
         if self.metrics and self.rank_by not in self.metrics:
-            raise UsageError(f"rank_by {self.rank_by!r} is not among the metrics asked for "
-                             f"({', '.join(self.metrics)})")
+            raise UsageError(f"{{rank_by}} {self.rank_by!r} is not among the metrics asked for "
+                             f"({', '.join(self.metrics)})", setting="rank_by")
 
 
-def _check_number(name: str, value: Any, low: float | None, optional: bool = False) -> None:
+def _check_number(name: str, value: Any, low: float | None, optional: bool = False,
+                  high: float | None = None) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UsageError(f"{name} must be a finite number, got {value!r}")
+        raise UsageError(f"{{{name}}} must be a finite number, got {value!r}", setting=name)
     if low is not None and value < low:
-        raise UsageError(f"{name} must be ≥ {low:g}, got {value!r}")
+        raise UsageError(f"{{{name}}} must be ≥ {low:g}, got {value!r}", setting=name)
+    if high is not None and value > high:
+        raise UsageError(f"{{{name}}} is a percentage: at most {high:g}, got {value!r}", setting=name)
 
 
 def _check_int(name: str, value: Any, low: int | None, optional: bool = False, why: str = "") -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(f"{name} must be an integer, got {value!r}")
+        raise UsageError(f"{{{name}}} must be an integer, got {value!r}", setting=name)
     if low is not None and value < low:
-        raise UsageError(f"{name} must be at least {low}, got {value}" + (f" ({why})" if why else ""))
+        raise UsageError(f"{{{name}}} must be at least {low}, got {value}" + (f" ({why})" if why else ""), setting=name)
 
 
 __all__ = ["Settings", "ABLATION_MODES", "DTYPES"]

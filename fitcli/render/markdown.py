@@ -2,13 +2,50 @@
 
 from __future__ import annotations
 
-from fitcli.render._common import coverage_line, fmt, key_metrics, pct
+from fitcli.render._common import (
+    ablation_counts,
+    ablation_rows,
+    coverage_line,
+    fmt,
+    key_metrics,
+    pct,
+)
+
+
+def _ablate_markdown(report: dict) -> str:
+    """An ablate report: units removable, per-layer loss and accuracy changes, the units of
+    smallest |Δloss| (exact changes share one scale), the removable units by layer."""
+    rem, tot = ablation_counts(report)
+    mode = report["settings"].get("ablation_mode", "zero")
+    lines = [f"## fitcli ablate: `{report['model']['path']}`", "",
+             f"**{rem} of {tot} ablated units removable** (|Δloss| ≤ 1e-6, {mode} mode); data "
+             f"`{report['data']['spec']}`, {report['data']['samples']} samples.", "", coverage_line(report) + ".", "",
+             "| layer | type | units ablated | removable | mean Δloss | whole layer Δloss | whole layer Δaccuracy |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for lay in report["layers"]:
+        done = [v for v in lay["metrics"].get("ablation") or [] if v is not None]
+        whole, acc = lay.get("layer_ablation"), lay.get("layer_ablation_accuracy")
+        lines.append(f"| {lay['name']} | {lay['type']} | {len(done)} | {len(lay.get('removable') or [])} | "
+                     f"{fmt(sum(done) / len(done)) if done else ''} | {'' if whole is None else fmt(whole)} | "
+                     f"{'' if acc is None else fmt(acc)} |")
+    ranked = ablation_rows(report)
+    if ranked:
+        lines += ["", f"Units by |Δloss| when ablated, smallest first ({len(ranked)} shown):", "",
+                  "| # | layer | unit | Δloss | Δaccuracy |", "|---:|---|---:|---:|---:|"]
+        lines += [f"| {i} | {r['layer']} | {r['unit']} | {fmt(r['value'])} | "
+                  f"{'' if r['accuracy_change'] is None else fmt(r['accuracy_change'])} |" for i, r in enumerate(ranked, 1)]
+    removable = [(lay["name"], lay["removable"]) for lay in report["layers"] if lay.get("removable")]
+    if removable:
+        lines += ["", "Removable units (|Δloss| ≤ 1e-6):", ""]
+        lines += [f"- `{name}`: {', '.join(map(str, units))}" for name, units in removable]
+    return "\n".join(lines) + "\n"
 
 
 def _blocks_markdown(report: dict) -> str:
-    lines = [f"## fitcli blocks: `{report['model']['path']}`", "", "| block | block influence | angular distance | Δloss removed |",
+    lines = [f"## fitcli blocks: `{report['model']['path']}`", "", "Blocks by |Δloss| when removed, smallest first:", "",
+             "| block | block influence | angular distance | Δloss removed |",
              "|---|---:|---:|---:|"]
-    for r in sorted(report["blocks"], key=lambda r: (r["ablation"], r["name"])):
+    for r in sorted(report["blocks"], key=lambda r: (r["ablation"] is None, abs(r["ablation"] or 0.0), r["name"])):
         lines.append(f"| {r['name']} | {fmt(r.get('block_influence'))} | {fmt(r.get('angular_distance'))} | {fmt(r['ablation'])} |")
     if report.get("greedy"):
         lines += ["", "| step | removed | loss | Δloss | Block Influence would remove |", "|---:|---|---:|---:|---|"]
@@ -17,9 +54,32 @@ def _blocks_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _validation_markdown(v: dict) -> list[str]:
+    """Metric x layer Spearman with exact ablation, the best per layer in bold."""
+    lines: list[str] = []
+    layers = list(v["layers"])
+    lines += ["", f"Validation (Spearman with {v['oracle']}):", "",
+              "| metric | " + " | ".join(layers) + " | across layers |", "|---|" + "---:|" * (len(layers) + 1)]
+    for m in sorted(v["across_layers"]):
+        cells = []
+        for name in layers:
+            c = v["layers"][name]["metrics"].get(m)
+            x = c["spearman"] if c else None
+            s = "n/a" if x is None else f"{x:+.2f}"
+            cells.append(f"**{s}**" if v["layers"][name].get("best") == m else s)
+        a = v["across_layers"][m]["spearman"]
+        sa = "n/a" if a is None else f"{a:+.2f}"
+        cells.append(f"**{sa}**" if v.get("best") == m else sa)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", v["recommendation"]]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     if report.get("command") == "blocks":
         return _blocks_markdown(report)
+    if report.get("command") == "ablate":
+        return _ablate_markdown(report)
     s = report["summary"]
     keys = key_metrics(report)
     lines = [
@@ -56,23 +116,8 @@ def render_markdown(report: dict) -> str:
                   "| # | layer | unit | value | normalised | dead |", "|---:|---|---:|---:|---:|---|"]
         for i, r in enumerate(ranked, 1):
             lines.append(f"| {i} | {r['layer']} | {r['unit']} | {fmt(r['value'])} | {fmt(r['normalized'])} | {'yes' if r.get('dead') else ''} |")
-    v = report.get("validation")
-    if v:
-        layers = list(v["layers"])
-        lines += ["", f"Validation (Spearman with {v['oracle']}):", "",
-                  "| metric | " + " | ".join(layers) + " | across layers |", "|---|" + "---:|" * (len(layers) + 1)]
-        for m in sorted(v["across_layers"]):
-            cells = []
-            for name in layers:
-                c = v["layers"][name]["metrics"].get(m)
-                x = c["spearman"] if c else None
-                s = "n/a" if x is None else f"{x:+.2f}"
-                cells.append(f"**{s}**" if v["layers"][name].get("best") == m else s)
-            a = v["across_layers"][m]["spearman"]
-            sa = "n/a" if a is None else f"{a:+.2f}"
-            cells.append(f"**{sa}**" if v.get("best") == m else sa)
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines += ["", v["recommendation"]]
+    if report.get("validation"):
+        lines += _validation_markdown(report["validation"])
     if report.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"`{x['metric']}` ({x['reason']})" for x in report["skipped"])]
     return "\n".join(lines) + "\n"

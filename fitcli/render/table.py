@@ -6,7 +6,44 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from fitcli.render._common import coverage_line, fmt, key_metrics, pct
+from fitcli.render._common import (
+    ablation_counts,
+    ablation_rows,
+    common_prefix,
+    coverage_line,
+    fmt,
+    key_metrics,
+    name_widths,
+    not_audited_groups,
+    not_audited_text,
+    pct,
+    strip_prefix,
+    wrap_name,
+)
+
+
+def _name_table(columns: list[tuple[str, str]], rows: list[list], names: list[int], width: int | None) -> Table:
+    """A table whose name columns (indices ``names``) are wrapped at their dots to fit ``width``,
+    never cut; the other columns keep their widths (they are short: numbers, types)."""
+    cells = [[str(c) if not isinstance(c, Text) else c.plain for c in r] for r in rows]
+    def longest(i: int) -> int:
+        return max([len(columns[i][0])] + [max((len(x) for x in r[i].splitlines()), default=0) for r in cells])
+    fixed = [longest(i) for i in range(len(columns)) if i not in names]
+    widths = name_widths(width, fixed, [longest(i) for i in names])
+    t = Table(show_edge=False)
+    for i, (col, just) in enumerate(columns):
+        t.add_column(col, justify=just, overflow="fold", no_wrap=i not in names)
+    for r, plain in zip(rows, cells, strict=True):
+        out = list(r)
+        for k, i in enumerate(names):
+            style = r[i].style if isinstance(r[i], Text) else ""
+            out[i] = Text(wrap_name(plain[i], widths[k] if widths else None), style=style)
+        t.add_row(*out)
+    return t
+
+
+def _prefix_note(prefix: str) -> list:
+    return [Text(f"layer names below start with {prefix!r}", style="dim")] if prefix else []
 
 
 def _header(report: dict) -> Text:
@@ -18,8 +55,7 @@ def _header(report: dict) -> Text:
     head.append(f"\ndata {report['data']['spec']}: {report['data']['samples']} samples in {report['data']['batches']} batches; "
                 f"device {report['settings']['device']}; points by {report.get('discovery', {}).get('method', '?')}\n")
     if report.get("command") == "ablate":
-        rem = sum(len(lay.get("removable", [])) for lay in report["layers"])
-        tot = sum(sum(v is not None for v in lay["metrics"].get("ablation", [])) for lay in report["layers"])
+        rem, tot = ablation_counts(report)
         head.append(f"{rem} of {tot} ablated units removable (|Δloss| ≤ 1e-6)", style="bold")
     elif s.get("dead_known", True):
         style = "bold red" if s["dead"] else "bold green"
@@ -32,43 +68,55 @@ def _header(report: dict) -> Text:
     return head
 
 
-def _layers_table(report: dict) -> Table:
+def _layers_table(report: dict, width: int | None = None) -> list:
+    """The per-layer table, names without the prefix all share (said once above it)."""
     dead_known = report["summary"].get("dead_known", True)
     keys = key_metrics(report)
-    t = Table(show_edge=False)
-    for col, just in (("layer", "left"), ("type", "left"), ("units", "right"), ("dead", "right"),
-                      ("dead %", "right"), ("activation point", "left")):
-        t.add_column(col, justify=just)
-    for k in keys:
-        t.add_column(f"{k} mean", justify="right")
+    prefix = common_prefix([lay["name"] for lay in report["layers"]])
+    while True:  # metric columns that do not fit the width leave the table (the JSON report has them)
+        columns = [("layer", "left"), ("type", "left"), ("units", "right"), ("dead", "right"), ("dead %", "right"),
+                   ("activation point", "left")] + [(f"{k} mean", "right") for k in keys]
+        fixed = [9 + len(k) for k in keys] + [10, 5, 5, 6]
+        longest = [max((len(strip_prefix(x, prefix)) for x in names), default=0) for names in (
+            [lay["name"] for lay in report["layers"]],
+            [lay.get("activation_chain") or lay["activation_point"] for lay in report["layers"]])]
+        fit = name_widths(width, fixed, longest)
+        if not keys or not width or (fit is not None and (fit == longest or len(keys) == 1)):
+            break
+        keys = keys[:-1]
+    rows = []
     for lay in report["layers"]:
         cells = []
         for k in keys:
             agg = lay["aggregate"].get(k)
             cells.append(fmt(agg["mean"]) if agg else "")
         dead = "final" if lay.get("final") else (str(len(lay["dead"])) if dead_known else "-")
-        style = "red" if lay["dead"] else None
+        style = "red" if lay["dead"] else ""
         nf = f" [{len(lay['nonfinite'])} non-finite]" if lay["nonfinite"] else ""
-        t.add_row(Text(lay["name"]), Text(lay["type"]), str(lay["units"]), dead + nf,
-                  "" if lay.get("final") or not dead_known else pct(lay["dead_fraction"]),
-                  Text(lay.get("activation_chain") or lay["activation_point"]), *cells, style=style)
-    return t
+        point = strip_prefix(lay.get("activation_chain") or lay["activation_point"], prefix)
+        rows.append([Text(strip_prefix(lay["name"], prefix), style=style), Text(lay["type"], style=style),
+                     str(lay["units"]), dead + nf,
+                     "" if lay.get("final") or not dead_known else pct(lay["dead_fraction"]), Text(point, style=style),
+                     *cells])
+    return [*_prefix_note(prefix), _name_table(columns, rows, [0, 5], width)]
 
 
-def _ablation_ranking(report: dict, ranked: list[dict]) -> list:
+def _ablation_ranking(report: dict, width: int | None = None) -> list:
     mode = report["settings"].get("ablation_mode", "zero")
-    parts: list = [Text(f"Least-fit units by exact loss change when ablated ({mode} mode): smallest first",
-                        style="bold")]
-    rt = Table(show_edge=False)
-    has_acc = any("accuracy_change" in r for r in ranked)
-    for col in ("#", "layer", "unit", "Δloss") + (("Δaccuracy",) if has_acc else ()):
-        rt.add_column(col, justify="left" if col == "layer" else "right")
+    ranked = ablation_rows(report)
+    parts: list = [Text(f"Units by |Δloss| when ablated ({mode} mode), smallest first: the exact loss change, "
+                        "one scale for every layer", style="bold")]
+    has_acc = any(r["accuracy_change"] is not None for r in ranked)
+    prefix = common_prefix([r["layer"] for r in ranked])
+    columns = [(c, "left" if c == "layer" else "right") for c in ("#", "layer", "unit", "Δloss")]
+    columns += [("Δaccuracy", "right")] if has_acc else []
+    rows = []
     for i, r in enumerate(ranked, 1):
-        cells = [str(i), Text(r["layer"]), str(r["unit"]), fmt(r["value"])]
+        cells = [str(i), strip_prefix(r["layer"], prefix), str(r["unit"]), fmt(r["value"])]
         if has_acc:
-            cells.append(fmt(r.get("accuracy_change")) if r.get("accuracy_change") is not None else "")
-        rt.add_row(*cells)
-    parts.append(rt)
+            cells.append(fmt(r["accuracy_change"]) if r["accuracy_change"] is not None else "")
+        rows.append(cells)
+    parts += [*_prefix_note(prefix), _name_table(columns, rows, [1], width)]
     for lay in report["layers"]:
         if lay.get("layer_ablation") is not None:
             acc = lay.get("layer_ablation_accuracy")
@@ -80,18 +128,21 @@ def _ablation_ranking(report: dict, ranked: list[dict]) -> list:
     return parts
 
 
-def _metric_ranking(report: dict, ranked: list[dict]) -> list:
+def _metric_ranking(report: dict, ranked: list[dict], width: int | None = None) -> list:
     rb = report["settings"].get("rank_by")
     hib = (report.get("metric_info") or {}).get(rb, {}).get("higher_is_better", True)
     parts: list = [Text(f"Least-fit units by {rb} ({'smallest' if hib else 'largest'} first; per-layer "
                         "ℓ2-normalised; final layer excluded)", style="bold")]
-    rt = Table(show_edge=False)
-    for col in ("#", "layer", "unit", "value", "normalised", ""):
-        rt.add_column(col, justify="right" if col in ("#", "unit", "value", "normalised") else "left")
+    prefix = common_prefix([r["layer"] for r in ranked])
+    columns = [(c, "right" if c in ("#", "unit", "value", "normalised") else "left")
+               for c in ("#", "layer", "unit", "value", "normalised", "")]
+    rows = []
     for i, r in enumerate(ranked, 1):
-        rt.add_row(str(i), Text(r["layer"]), str(r["unit"]), fmt(r["value"]), fmt(r["normalized"]),
-                   "dead" if r.get("dead") else "", style="red" if r.get("dead") else None)
-    parts.append(rt)
+        style = "red" if r.get("dead") else ""
+        rows.append([Text(str(i), style=style), Text(strip_prefix(r["layer"], prefix), style=style),
+                     Text(str(r["unit"]), style=style), Text(fmt(r["value"]), style=style),
+                     Text(fmt(r["normalized"]), style=style), Text("dead" if r.get("dead") else "", style=style)])
+    parts += [*_prefix_note(prefix), _name_table(columns, rows, [1], width)]
     return parts
 
 
@@ -105,8 +156,8 @@ def _footer(report: dict) -> list:
         parts.append(Text("skipped: " + "; ".join(f"{x['metric']} ({x['reason']})" for x in report["skipped"]), style="dim"))
     missing = (report.get("coverage") or {}).get("not_audited")
     if missing:
-        parts.append(Text("not audited: " + "; ".join(f"{x['name']} ({x['type']}: {x['reason']})" for x in missing),
-                          style="dim"))
+        parts.append(Text("not audited:", style="dim"))
+        parts += [Text("  " + not_audited_text(g), style="dim") for g in not_audited_groups(missing)]
     elif report.get("unsupported"):
         parts.append(Text("not hooked: " + "; ".join(f"{x['name']} ({x['reason']})" for x in report["unsupported"]), style="dim"))
     g = report.get("gate")
@@ -114,6 +165,12 @@ def _footer(report: dict) -> list:
         parts.append(Text("gate passed" if g["passed"] else "gate FAILED: " + "; ".join(g["failures"]),
                           style="bold green" if g["passed"] else "bold red"))
     return parts
+
+
+def _by_size(r: dict) -> tuple:
+    """Blocks by |Δloss| (the rule the greedy curve removes by), unmeasured ones last."""
+    v = r.get("ablation")
+    return (v is None, abs(v) if v is not None else 0.0, r["name"])
 
 
 def render_blocks(report: dict) -> Group:
@@ -128,13 +185,13 @@ def render_blocks(report: dict) -> Group:
     acc = any("ablation_accuracy" in r for r in report["blocks"])
     for col in ("block", "block influence", "angular distance", "Δloss removed") + (("Δaccuracy",) if acc else ()):
         t.add_column(col, justify="left" if col == "block" else "right")
-    for r in sorted(report["blocks"], key=lambda r: (r["ablation"], r["name"])):
+    for r in sorted(report["blocks"], key=_by_size):
         cells = [Text(r["name"]), fmt(r.get("block_influence")), fmt(r.get("angular_distance")), fmt(r["ablation"])]
         if acc:
             cells.append(fmt(r.get("ablation_accuracy")))
         t.add_row(*cells)
-    parts: list = [head, Text("Blocks, cheapest to remove first (exact: the block replaced by the identity)",
-                              style="bold"), t]
+    parts: list = [head, Text("Blocks by |Δloss| when removed, smallest first (exact: the block replaced by the "
+                              "identity; --greedy removes by the same rule)", style="bold"), t]
     if report.get("greedy"):
         c = Table(show_edge=False)
         for col in ("step", "removed", "loss", "Δloss", "accuracy", "Block Influence would remove"):
@@ -146,36 +203,41 @@ def render_blocks(report: dict) -> Group:
     return Group(*parts)
 
 
-def render_report(report: dict) -> Group:
+def render_report(report: dict, width: int | None = None) -> Group:
+    """The terminal view; ``width``: the console's, to which long layer names are wrapped (at
+    their dots, after dropping the prefix all rows share), never cut."""
     if report.get("command") == "blocks":
         return render_blocks(report)
-    parts: list = [_header(report), Text("Layers", style="bold"), _layers_table(report)]
+    parts: list = [_header(report), Text("Layers", style="bold"), *_layers_table(report, width)]
     ranked = report.get("ranked") or []
     if ranked:
-        parts += _ablation_ranking(report, ranked) if report.get("command") == "ablate" else _metric_ranking(report, ranked)
+        parts += (_ablation_ranking(report, width) if report.get("command") == "ablate"
+                  else _metric_ranking(report, ranked, width))
     if report.get("validation"):
         parts.append(render_validation(report["validation"]))
     parts += _footer(report)
     return Group(*parts)
 
 
-def render_inspect(info: dict) -> Group:
+def render_inspect(info: dict, width: int | None = None) -> Group:
     head = Text()
     head.append(f"{info['model']['path']}", style="bold")
     head.append(f"  format {info['model']['format']}, arch {info['model'].get('arch') or '-'}, "
                 f"points found by {info['discovery']['method']}")
-    t = Table(show_edge=False)
-    for col, just in (("layer", "left"), ("type", "left"), ("units", "right"), ("activation point", "left"),
-                      ("parameters", "right"), ("final", "center"), ("chain", "left")):
-        t.add_column(col, justify=just)
-    for lay in info["layers"]:
-        t.add_row(Text(lay["name"]), Text(lay["type"]), str(lay["units"]), Text(lay["activation_point"]),
-                  f"{lay['parameters']:,}", "✓" if lay["final"] else "", Text(lay.get("activation_chain") or ""))
-    parts = [head, t]
+    prefix = common_prefix([lay["name"] for lay in info["layers"]])
+    columns = [("layer", "left"), ("type", "left"), ("units", "right"), ("activation point", "left"),
+               ("parameters", "right"), ("final", "center"), ("chain", "left")]
+    rows = [[strip_prefix(lay["name"], prefix), lay["type"], str(lay["units"]),
+             strip_prefix(lay["activation_point"], prefix), f"{lay['parameters']:,}", "✓" if lay["final"] else "",
+             strip_prefix(lay.get("activation_chain") or "", prefix)] for lay in info["layers"]]
+    names = [0, 3, 6]
+    if width and name_widths(width, [6, 5, 10, 5], [12, 12, 12]) is None:  # narrow: the chain says least
+        columns, rows, names = columns[:-1], [r[:-1] for r in rows], [0, 3]
+    parts = [head, *_prefix_note(prefix), _name_table(columns, rows, names, width)]
     for n in info["discovery"].get("notes", []):
         parts.append(Text("note: " + n, style="dim"))
-    for u in info.get("unsupported", []):
-        parts.append(Text(f"not hooked: {u['name']} ({u['reason']})", style="yellow"))
+    for g in not_audited_groups([{"type": u.get("type", ""), **u} for u in info.get("unsupported", [])]):
+        parts.append(Text(f"not hooked: {not_audited_text(g)}", style="yellow"))
     return Group(*parts)
 
 
