@@ -137,23 +137,27 @@ def output_error(gram: Gram, w_removed: torch.Tensor, removed: torch.Tensor, kep
 
 @dataclass
 class Fit:
-    """The regression to fold: ``x_R ≈ B x_K + c``, how λ was chosen and the held-out errors."""
+    """The regression to fold: ``x_R ≈ B x_K + c``, what was chosen and the held-out errors."""
 
     mode: str
     b: torch.Tensor
     c: torch.Tensor
     lam: float | None = None
-    heldout: dict[str, float] = field(default_factory=dict)  # "none", "mean", "λ=…": output MSE
+    choice: str = ""  # ridge: "lambda=…", or "mean" / "none" when they beat every λ on held-out rows
+    heldout: dict[str, float] = field(default_factory=dict)  # "none", "mean", "lambda=…": output MSE
 
     def summary(self) -> dict:
-        return {"mode": self.mode, "lambda": self.lam, "heldout_mse": dict(self.heldout)}
+        return {"mode": self.mode, "choice": self.choice or self.mode, "lambda": self.lam,
+                "heldout_mse": dict(self.heldout)}
 
 
 def fit_compensation(stats: SplitGram | Gram, removed: torch.Tensor, weight: torch.Tensor, mode: str = "ridge",
                      lambdas: tuple[float, ...] = LAMBDAS, lam: float | None = None) -> Fit:
     """The compensation of consumer ``weight`` (``[out, in]``) for removing input features
-    ``removed``. In ``ridge`` mode λ is ``lam`` when given, else the grid value with the least
-    held-out output error (ties: the smallest λ); the final fit uses every calibration row."""
+    ``removed``. In ``ridge`` mode λ is ``lam`` when given; else, with held-out rows, the grid
+    value with the least held-out output error (ties: the smallest λ), or ``mean`` / ``none`` when
+    one of them does better than every λ (too little calibration data to fit); without held-out
+    rows, the smallest λ. The final fit uses every calibration row."""
     if mode not in MODES:
         raise UsageError(f"unknown compensation {mode!r}: use one of {', '.join(MODES)}")
     split = stats if isinstance(stats, SplitGram) else None
@@ -166,31 +170,40 @@ def fit_compensation(stats: SplitGram | Gram, removed: torch.Tensor, weight: tor
     kept = torch.nonzero(kept_mask).reshape(-1)
     w_r = weight.detach().to(torch.float64)[:, removed].cpu()
     zero_b = torch.zeros(removed.numel(), kept.numel(), dtype=torch.float64)
+    zero_c = torch.zeros(removed.numel(), dtype=torch.float64)
     held = split.held if split and split.held.n else None
     heldout = {}
     if held is not None:
-        heldout["none"] = output_error(held, w_r, removed, kept, zero_b, torch.zeros(removed.numel(), dtype=torch.float64))
+        heldout["none"] = output_error(held, w_r, removed, kept, zero_b, zero_c)
         heldout["mean"] = output_error(held, w_r, removed, kept, zero_b, split.fit.mean()[removed])
-    if mode == "none":
-        return Fit(mode, zero_b, torch.zeros(removed.numel(), dtype=torch.float64), heldout=heldout)
-    if mode == "mean":
-        return Fit(mode, zero_b, whole.mean()[removed], heldout=heldout)
-    if lam is None:
-        lam = lambdas[0] if held is None else choose_lambda(split, w_r, removed, kept, lambdas, heldout)
+    choice = mode
+    if mode == "ridge" and lam is None:
+        choice = f"lambda={lambdas[0]:g}" if held is None else choose_lambda(split, w_r, removed, kept, lambdas, heldout)
+        lam = float(choice.split("=")[1]) if choice.startswith("lambda=") else None
+    elif mode == "ridge":
+        choice = f"lambda={lam:g}"
+    if choice == "none":
+        return Fit(mode, zero_b, zero_c, choice=choice, heldout=heldout)
+    if choice == "mean":
+        return Fit(mode, zero_b, whole.mean()[removed], choice=choice, heldout=heldout)
     b, c = regress(whole, removed, kept, lam)
-    return Fit(mode, b, c, lam=lam, heldout=heldout)
+    return Fit(mode, b, c, lam=lam, choice=choice, heldout=heldout)
 
 
 def choose_lambda(split: SplitGram, w_r: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor,
-                  lambdas: tuple[float, ...], heldout: dict[str, float]) -> float:
-    """The λ of the grid whose fit (on the fitting rows) has the least held-out output error."""
-    best, best_err = lambdas[0], float("inf")
+                  lambdas: tuple[float, ...], heldout: dict[str, float]) -> str:
+    """The candidate with the least held-out output error: a grid λ (fitted on the fitting rows),
+    else ``mean`` or ``none`` (already in ``heldout``) when strictly better than every λ."""
+    best, best_err = "", float("inf")
     for lam in sorted(lambdas):
         b, c = regress(split.fit, removed, kept, lam)
         err = output_error(split.held, w_r, removed, kept, b, c)
         heldout[f"lambda={lam:g}"] = err
-        if err < best_err * (1 - 1e-9) or best_err == float("inf"):
-            best, best_err = lam, err
+        if not best or err < best_err * (1 - 1e-9):
+            best, best_err = f"lambda={lam:g}", err
+    for name in ("mean", "none"):
+        if heldout[name] < best_err * (1 - 1e-9):
+            best, best_err = name, heldout[name]
     return best
 
 
