@@ -10,8 +10,16 @@ import json
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, BertForMaskedLM, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from fitcli.errors import UsageError
 from fitcli.surgery import Plan, collect_stats, prune_hf, save_pretrained_folder
@@ -245,3 +253,147 @@ def test_generation_with_cache_after_block_removal(tmp_path):
         for _ in range(3):
             seq = torch.cat([seq, logits(model, seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, seq)
+
+
+# ---- folders ----------------------------------------------------------------------------------
+
+def source_folder(path, model):
+    """A model folder as a user has it: the model, a tokenizer file, generation settings."""
+    model.save_pretrained(path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "marker": "from the source"}))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "max_new_tokens": 7}))
+    return path
+
+
+def test_llama_folder_loads_with_stock_from_pretrained(tmp_path):
+    model = llama()
+    src = source_folder(tmp_path / "src", model)
+    plan = Plan(mlp={i: list(range(0, 32, 4)) + list(range(1, 32, 2)) for i in range(3)},
+                heads={i: [0, 2, 3, 4] for i in range(3)}, hidden=list(range(2, 42)), drop_blocks=[1])
+    pruned = prune_hf(model, plan)
+    out = save_pretrained_folder(pruned, tmp_path / "out", source_dir=src)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"],
+            cfg["hidden_size"], cfg["num_hidden_layers"]) == (24, 4, 2, 8, 40, 2)
+    assert (out / "model.safetensors").is_file()
+    assert json.loads((out / "tokenizer_config.json").read_text())["marker"] == "from the source"
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded) is LlamaForCausalLM and loaded.generation_config.max_new_tokens == 7
+    x = ids()
+    assert (logits(loaded, x) - logits(pruned, x)).abs().max() < 1e-5  # eager here, sdpa loaded
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in pruned.parameters())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_mlp_and_blocks_folders_load(arch, tmp_path):
+    model = MODELS[arch]()
+    pruned = prune_hf(model, Plan(mlp={i: list(range(0, 48, 2)) for i in range(3)}, drop_blocks=[2]))
+    out = save_pretrained_folder(pruned, tmp_path / "out")
+    auto = AutoModelForCausalLM if arch == "gpt2" else AutoModelForMaskedLM
+    loaded = auto.from_pretrained(out).eval()
+    x = ids()
+    assert (logits(loaded, x) - logits(pruned, x)).abs().max() < 1e-5  # eager here, sdpa loaded
+    assert len(blocks(loaded)) == 2
+
+
+def test_folders_that_a_stock_config_cannot_hold_are_refused(tmp_path):
+    model = llama()
+    cases = [
+        (Plan(mlp={0: list(range(24)), 1: list(range(16))}), "different numbers of MLP channels"),
+        (Plan(heads={0: [0, 1, 3, 4]}), "different numbers of query heads"),
+        (Plan(hidden=list(range(44))), "LlamaConfig refuses"),  # 44 channels over 6 heads
+    ]
+    for plan, msg in cases:
+        with pytest.raises(UsageError, match=msg):
+            save_pretrained_folder(prune_hf(model, plan), tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="no head_dim"):
+        save_pretrained_folder(prune_hf(gpt2(), Plan(heads={i: [0, 1, 2] for i in range(3)})), tmp_path / "out")
+    src = source_folder(tmp_path / "src", model)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    with pytest.raises(UsageError, match="source folder"):
+        save_pretrained_folder(prune_hf(model, Plan(drop_blocks=[0])), src, source_dir=src)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fitcli-")] == []
+
+
+# ---- compensation on the tiny LLaMA -------------------------------------------------------------
+
+def plant(model):
+    """In every block, 8 of 32 MLP channels removable exactly (4 dead, 4 duplicates of kept
+    channels) and one query head per key-value group (head 1 duplicates head 0 of its group,
+    head 5 writes nothing)."""
+    dead, dups = [3, 10, 17, 24], {7: 0, 14: 2, 21: 4, 30: 6}
+    with torch.no_grad():
+        for b in model.model.layers:
+            m, a = b.mlp, b.self_attn
+            m.gate_proj.weight[dead] = 0
+            for r, k in dups.items():
+                m.gate_proj.weight[r] = m.gate_proj.weight[k]
+                m.up_proj.weight[r] = m.up_proj.weight[k]
+            a.q_proj.weight[8:16] = a.q_proj.weight[0:8]
+            a.o_proj.weight[:, 40:48] = 0
+    return dead + list(dups), [1, 5]
+
+
+def calibration(n=6):
+    return [{"input_ids": ids(seed=10 + s, batch=2, length=16), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+            for s in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_planted_units_removed_with_ridge_compensation_load_and_match(dtype, tmp_path):
+    model = llama(dtype)
+    channels, heads = plant(model)
+    snap = snapshot(model)
+    plan = Plan(mlp={i: drop(32, channels) for i in range(3)}, heads={i: drop(6, heads) for i in range(3)})
+    stats = collect_stats(model, calibration(), plan)
+    log = []
+    pruned = prune_hf(model, plan, stats=stats, compensate="ridge", log=log)
+    assert_unchanged(model, snap)
+    assert not model.training and all(not m._forward_pre_hooks for m in model.modules())
+    out = save_pretrained_folder(pruned, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    x = ids(seed=99)
+    ref = logits(model, x)
+    # dead units: the original equals the original with them zeroed; duplicates: compensation
+    # puts their contribution back, so the pruned folder equals the original itself
+    assert (logits(loaded, x) - ref).abs().max() < 1e-5
+    assert [e["choice"] for e in log] == ["lambda=0"] * 6
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (24, 4, 2)
+    bare = prune_hf(model, plan, compensate="none")
+    assert (logits(bare, x) - ref).abs().max() > 1e-3  # the duplicates mattered
+
+
+def test_linear_combination_unit_removed_exactly():
+    """A channel planted as 2·c0 − 0.5·c1 (its up row a combination of theirs, gate shared) is
+    removed with no change; so is a constant-free dead one, with mean compensation as well."""
+    model = llama(layers=2)
+    with torch.no_grad():
+        for b in model.model.layers:
+            m = b.mlp
+            m.gate_proj.weight[5] = m.gate_proj.weight[0]
+            m.gate_proj.weight[6] = m.gate_proj.weight[0]
+            m.up_proj.weight[6] = 2 * m.up_proj.weight[0] - 0.5 * m.up_proj.weight[5]
+    plan = Plan(mlp={i: drop(32, [6]) for i in range(2)})
+    pruned = prune_hf(model, plan, stats=collect_stats(model, calibration(), plan), compensate="ridge")
+    x = ids(seed=5)
+    assert (logits(pruned, x) - logits(model, x)).abs().max() < 1e-5
+
+
+def test_mean_compensation_moves_the_bias_by_the_removed_mean():
+    model = llama(layers=1)
+    plan = Plan(mlp={0: drop(32, [2, 9])})
+    data = calibration(3)
+    stats = collect_stats(model, data, plan)
+    pruned = prune_hf(model, plan, stats=stats, compensate="mean")
+    acts = []
+    h = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda _m, a: acts.append(a[0].reshape(-1, 32)))
+    for b in data:
+        logits(model, b["input_ids"])
+    h.remove()
+    mean = torch.cat(acts)[:, [2, 9]].double().mean(0)
+    want = model.model.layers[0].mlp.down_proj.weight.double()[:, [2, 9]] @ mean
+    assert torch.allclose(pruned.model.layers[0].mlp.down_proj.bias.double(), want, atol=1e-6)
+    assert pruned.config.mlp_bias and pruned.model.layers[0].mlp.gate_proj.bias is not None
