@@ -199,3 +199,9 @@ def test_redundancy_registered(tmp_path, monkeypatch):
         importlib.invalidate_caches()
         load_registry(refresh=True)
     assert "redundancytest" not in sys.modules
+
+
+def test_redundancy_says_why_not_on_huge_layers():
+    from types import SimpleNamespace
+    assert Redundancy.unavailable(SimpleNamespace(units=49152)).startswith("needs a 49152x49152 float64 Gram")
+    assert Redundancy.unavailable(SimpleNamespace(units=1536)) is None

@@ -397,3 +397,30 @@ def test_mean_compensation_moves_the_bias_by_the_removed_mean():
     want = model.model.layers[0].mlp.down_proj.weight.double()[:, [2, 9]] @ mean
     assert torch.allclose(pruned.model.layers[0].mlp.down_proj.bias.double(), want, atol=1e-6)
     assert pruned.config.mlp_bias and pruned.model.layers[0].mlp.gate_proj.bias is not None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_duplicates_removed_with_compensation_gpt2_bert(arch):
+    """MLP channel 5 duplicates channel 0, head 1 duplicates head 0 (its q, k and v slices): with
+    ridge compensation the pruned model (heads: in memory only) equals the original."""
+    model = MODELS[arch]()
+    with torch.no_grad():
+        for b in blocks(model):
+            if arch == "gpt2":
+                fc, qkv = b.mlp.c_fc, b.attn.c_attn  # Conv1D: weight [in, out]
+                fc.weight[:, 5], fc.bias[5] = fc.weight[:, 0], fc.bias[0]
+                for base in (0, 32, 64):
+                    qkv.weight[:, base + 8:base + 16] = qkv.weight[:, base:base + 8]
+                    qkv.bias[base + 8:base + 16] = qkv.bias[base:base + 8]
+            else:
+                fc = b.intermediate.dense
+                fc.weight[5], fc.bias[5] = fc.weight[0], fc.bias[0]
+                s = b.attention.self
+                for lin in (s.query, s.key, s.value):
+                    lin.weight[8:16], lin.bias[8:16] = lin.weight[0:8], lin.bias[0:8]
+    plan = Plan(mlp={i: drop(48, [5]) for i in range(3)}, heads={i: [0, 2, 3] for i in range(3)})
+    log = []
+    pruned = prune_hf(model, plan, stats=collect_stats(model, calibration(), plan), log=log)
+    x = ids(seed=7)
+    assert (logits(pruned, x) - logits(model, x)).abs().max() < 1e-5
+    assert all(e["choice"] == "lambda=0" for e in log) and len(log) == 6

@@ -7,6 +7,8 @@ import torch
 from fitcli.compensate import r2_from_moments
 from fitcli.metrics.base import Metric, UnitBatch, zeros
 
+MAX_UNITS = 8192  # a float64 Gram of 8192 units is 512 MiB per layer
+
 
 class Redundancy(Metric):
     """R² of each unit's activation regressed (least squares with an intercept) on the other
@@ -21,6 +23,14 @@ class Redundancy(Metric):
     opt_in = True
     cost = "1 forward; units² memory per layer"
     description = "R² of the unit's activation regressed on the other units of its layer (1: the layer rebuilds it)"
+
+    @classmethod
+    def unavailable(cls, layer) -> str | None:
+        units = int(getattr(layer, "units", 0) or 0)
+        if units > MAX_UNITS:
+            return (f"needs a {units}x{units} float64 Gram matrix ({units * units * 8 / 2**30:.1f} GiB); "
+                    f"computed for layers of at most {MAX_UNITS} units")
+        return None
 
     def setup(self) -> None:
         self.add_state("n", torch.zeros((), dtype=torch.float64), "sum")
