@@ -424,3 +424,14 @@ def test_duplicates_removed_with_compensation_gpt2_bert(arch):
     x = ids(seed=7)
     assert (logits(pruned, x) - logits(model, x)).abs().max() < 1e-5
     assert all(e["choice"] == "lambda=0" for e in log) and len(log) == 6
+
+
+def test_gpt2_scaled_by_layer_index_refuses_block_removal(tmp_path):
+    model = gpt2()
+    model.config.scale_attn_by_inverse_layer_idx = True
+    for j, b in enumerate(model.transformer.h):
+        b.attn.scaling = b.attn.head_dim ** -0.5 / (j + 1)
+    save_pretrained_folder(prune_hf(model, Plan(mlp={i: list(range(24)) for i in range(3)})), tmp_path / "ok")
+    with pytest.raises(UsageError, match="scale_attn_by_inverse_layer_idx"):
+        save_pretrained_folder(prune_hf(model, Plan(drop_blocks=[0])), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -36,6 +36,10 @@ def uniform_problem(model: nn.Module) -> str | None:
         return (f"the blocks keep different numbers of query heads ({counts['heads']}): a stock config holds one "
                 f"{fam.config_keys['heads']} for every layer")
     cfg = model.config
+    if fam.name == "gpt2" and getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+        if any(abs(b.attn.scaling * (j + 1) * b.attn.head_dim ** 0.5 - 1) > 1e-9 for j, b in enumerate(fam.layers)):
+            return ("scale_attn_by_inverse_layer_idx scales each block's attention by its position, and blocks "
+                    "were removed: a stock config would rebuild the later blocks with other scales")
     if fam.name in UNSUPPORTED:
         heads_now = counts["heads"][0]
         if heads_now != getattr(cfg, fam.config_keys["heads"]):
