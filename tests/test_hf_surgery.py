@@ -435,3 +435,17 @@ def test_gpt2_scaled_by_layer_index_refuses_block_removal(tmp_path):
     with pytest.raises(UsageError, match="scale_attn_by_inverse_layer_idx"):
         save_pretrained_folder(prune_hf(model, Plan(drop_blocks=[0])), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_uniform_plan_from_scores():
+    from fitcli.surgery import uniform_plan
+    model = llama(layers=2)
+    mlp = {0: torch.arange(32.0).flip(0), 1: torch.tensor([5.0] * 32).index_fill(0, torch.tensor([4, 9]), -1.0)}
+    heads = {0: torch.tensor([0.3, 0.1, 0.2, 0.9, 0.8, 0.7]), 1: torch.tensor([1.0, 2, 3, 4, 5, float("nan")])}
+    plan = uniform_plan(model, mlp, 2, heads, 1)
+    assert plan.mlp[0] == list(range(30)) and plan.mlp[1] == drop(32, [4, 9])
+    assert plan.heads[0] == [0, 2, 3, 4] and plan.heads[1] == [1, 2, 3, 4]  # NaN counts as least fit
+    lower_fit = uniform_plan(model, head_scores={0: heads[0]}, heads_remove_per_group=1, higher_is_better=False)
+    assert lower_fit.heads[0] == [1, 2, 4, 5]
+    with pytest.raises(UsageError, match="groups of 3"):
+        uniform_plan(model, head_scores={0: heads[0]}, heads_remove_per_group=3)
