@@ -164,13 +164,14 @@ def fit_compensation(stats: SplitGram | Gram, removed: torch.Tensor, weight: tor
     whole = split.whole() if split else stats
     if whole.n == 0:
         raise UsageError("compensation needs calibration data: no activations were observed")
-    removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1)
-    kept_mask = torch.ones(whole.dim, dtype=torch.bool)
+    dev = whole.xtx.device  # the fit runs where the sums are
+    removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1).to(dev)
+    kept_mask = torch.ones(whole.dim, dtype=torch.bool, device=dev)
     kept_mask[removed] = False
     kept = torch.nonzero(kept_mask).reshape(-1)
-    w_r = weight.detach().to(torch.float64)[:, removed].cpu()
-    zero_b = torch.zeros(removed.numel(), kept.numel(), dtype=torch.float64)
-    zero_c = torch.zeros(removed.numel(), dtype=torch.float64)
+    w_r = weight.detach().to(dev, torch.float64)[:, removed]
+    zero_b = torch.zeros(removed.numel(), kept.numel(), dtype=torch.float64, device=dev)
+    zero_c = torch.zeros(removed.numel(), dtype=torch.float64, device=dev)
     held = split.held if split and split.held.n else None
     heldout = {}
     if held is not None:
@@ -210,14 +211,14 @@ def choose_lambda(split: SplitGram, w_r: torch.Tensor, removed: torch.Tensor, ke
 def fold(weight: torch.Tensor, bias: torch.Tensor | None, removed: torch.Tensor, fit: Fit) -> tuple[torch.Tensor, torch.Tensor]:
     """The consumer's new weight (kept input columns only) and bias:
     ``W_K + W_R B`` and ``b + W_R c``, in the weight's dtype. The inputs are not modified."""
-    removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1)
+    removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1).cpu()
     kept_mask = torch.ones(weight.shape[1], dtype=torch.bool)
     kept_mask[removed] = False
     w = weight.detach().to(torch.float64).cpu()
     w_r = w[:, removed]
-    new_w = w[:, kept_mask] + w_r @ fit.b.to(torch.float64)
+    new_w = w[:, kept_mask] + w_r @ fit.b.to("cpu", torch.float64)
     b0 = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.detach().to(torch.float64).cpu()
-    new_b = b0 + w_r @ fit.c.to(torch.float64)
+    new_b = b0 + w_r @ fit.c.to("cpu", torch.float64)
     return new_w.to(weight.device, weight.dtype), new_b.to(weight.device, weight.dtype)
 
 

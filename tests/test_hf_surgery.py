@@ -449,3 +449,21 @@ def test_uniform_plan_from_scores():
     assert lower_fit.heads[0] == [1, 2, 4, 5]
     with pytest.raises(UsageError, match="groups of 3"):
         uniform_plan(model, head_scores={0: heads[0]}, heads_remove_per_group=3)
+
+
+def test_hidden_channels_of_an_untied_classifier():
+    """LlamaForSequenceClassification: the score head reads the hidden channels too."""
+    from transformers import LlamaForSequenceClassification
+    cfg = LlamaConfig(vocab_size=V, hidden_size=48, intermediate_size=32, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, head_dim=8, num_labels=3, pad_token_id=0, attn_implementation="eager")
+    model = randomise(LlamaForSequenceClassification(cfg))
+    gone = [0, 7, 13, 22, 31, 40]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, gone] = 0
+        for b in model.model.layers:
+            b.self_attn.o_proj.weight[gone] = 0
+            b.mlp.down_proj.weight[gone] = 0
+    pruned = prune_hf(model, Plan(hidden=drop(48, gone)))
+    x = ids() % (V - 1) + 1  # no padding token
+    assert pruned.score.in_features == 42
+    assert (logits(pruned, x) - logits(model, x)).abs().max() < 1e-5

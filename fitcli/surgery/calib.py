@@ -48,7 +48,7 @@ def collect_stats(model: nn.Module, batches: Iterable, plan: Plan, every: int = 
             if mask is not None and mask.numel() * x.shape[-1] == x.numel():
                 rows = rows[mask.reshape(-1).to(torch.bool).to(rows.device)]
             if key not in stats:
-                stats[key] = SplitGram(x.shape[-1], every=every)
+                stats[key] = SplitGram(x.shape[-1], every=every, device=x.device)
             stats[key].update(rows)
         return hook
 

@@ -104,7 +104,8 @@ def compensate_consumer(consumer: Proj, removed_cols: torch.Tensor, stats: Split
     if stats is None or mode == "none" or removed_cols.numel() == 0:
         return
     fit = fit_compensation(stats, removed_cols, consumer.weight, mode=mode)
-    keep = torch.ones(consumer.weight.shape[1], dtype=torch.bool)
+    removed_cols = removed_cols.to(consumer.weight.device)
+    keep = torch.ones(consumer.weight.shape[1], dtype=torch.bool, device=removed_cols.device)
     keep[removed_cols] = False
     new_w, new_b = fold(consumer.weight, consumer.bias, removed_cols, fit)
     w = consumer.weight.detach().clone()
@@ -153,14 +154,15 @@ def prune_heads(fam: Family, i: int, keep: Sequence[int], stats: SplitGram | Non
 
 def prune_hidden(fam: Family, keep: Sequence[int]) -> None:
     """LLaMA-style models: the embedding columns, every RMSNorm, every residual read (columns)
-    and write (rows), the final norm and the (tied) head. RMSNorm over fewer channels is rescaled
+    and write (rows), the final norm and the head(s) reading it (a tied head stays tied). RMSNorm over fewer channels is rescaled
     by √(d/d') with ε·d/d', so the function is unchanged where the removed channels are zero
     everywhere in the residual stream (their energy is otherwise lost)."""
     emb = fam.base.embed_tokens
     d = emb.weight.shape[1]
     idx = _index(keep, d, "hidden channels")
-    head = getattr(fam.model, "lm_head", None)
-    tied = head is not None and head.weight is emb.weight
+    inside = {id(m) for m in fam.base.modules()}
+    heads = [m for m in fam.model.modules() if isinstance(m, nn.Linear) and id(m) not in inside and m.in_features == d]
+    tied = [h for h in heads if h.weight is emb.weight]
     emb.weight = nn.Parameter(emb.weight.detach()[:, idx].clone(), requires_grad=emb.weight.requires_grad)
     emb.embedding_dim = idx.numel()
     ratio = d / idx.numel()
@@ -173,8 +175,8 @@ def prune_hidden(fam: Family, keep: Sequence[int]) -> None:
             p.keep_in(idx)
         for p in a.outputs + [m.consumer]:
             p.keep_out(idx)
-    if head is not None:
-        if tied:
+    for head in heads:  # lm_head, or a classifier's score: reads the final norm's output
+        if any(head is h for h in tied):
             head.weight = emb.weight
             head.in_features = idx.numel()
         else:
