@@ -196,6 +196,10 @@ def test_bad_plans_refused():
                       (Plan(drop_blocks=[0, 1, 2]), "every block")]:
         with pytest.raises(UsageError, match=msg):
             prune_hf(model, plan)
+    with pytest.raises(UsageError, match="unknown compensation"):
+        prune_hf(model, Plan(mlp={0: [1]}), compensate="lsq")
+    with pytest.raises(UsageError, match=r"needs calibration sums \(collect_stats\) for block 0 mlp"):
+        prune_hf(model, Plan(mlp={0: [1]}), compensate="ridge")
     for arch in ("gpt2", "bert"):
         with pytest.raises(UsageError, match="no head_dim"):
             prune_hf(MODELS[arch](), Plan(hidden=list(range(16))))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fitcli.compensate import SplitGram, columns_of, fit_compensation, fold
+from fitcli.compensate import MODES, SplitGram, columns_of, fit_compensation, fold
 from fitcli.errors import UsageError
 from fitcli.surgery.arch import UNSUPPORTED, Family, Proj, find_family
 
@@ -75,13 +75,23 @@ def check_groups(idx: torch.Tensor, heads: int, kv_heads: int, block: int) -> No
                          f"{counts.tolist()})")
 
 
-def prune_hf(model: nn.Module, plan: Plan, stats: dict | None = None, compensate: str = "ridge",
+def prune_hf(model: nn.Module, plan: Plan, stats: dict | None = None, compensate: str | None = None,
              log: list | None = None) -> nn.Module:
     """A pruned deep copy of ``model``. ``stats``: calibration sums from ``collect_stats`` (keys
-    ``("mlp", i)`` / ``("heads", i)``); where given, the removed units are compensated by
-    ``compensate`` (``ridge``, ``mean`` or ``none``) and each fit's summary is appended to ``log``."""
+    ``("mlp", i)`` / ``("heads", i)``); the removed units are compensated by ``compensate``
+    (``ridge``, ``mean`` or ``none``; default ``ridge`` with stats, ``none`` without) and each
+    fit's summary is appended to ``log``."""
     fam = find_family(model)
     check_plan(fam, plan)
+    compensate = compensate or ("ridge" if stats else "none")
+    if compensate not in MODES:
+        raise UsageError(f"unknown compensation {compensate!r}: use one of {', '.join(MODES)}")
+    if compensate != "none":
+        wanted = [("mlp", int(i)) for i in plan.mlp] + [("heads", int(i)) for i in plan.heads]
+        missing = [f"block {i} {k}" for k, i in wanted if (k, i) not in (stats or {})]
+        if missing:
+            raise UsageError(f"{compensate} compensation needs calibration sums (collect_stats) for "
+                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     new = copy.deepcopy(model)
     nfam = find_family(new)
     stats = stats or {}
