@@ -79,22 +79,24 @@ def main() -> None:
         plain_o = torch.optim.Adam(plain_m.parameters(), lr=1e-4)
         tracked_o = torch.optim.Adam(tracked_m.parameters(), lr=1e-4)
 
-    def run(m, opt, steps) -> float:
-        t0 = time.perf_counter()
+    def run(m, opt, steps) -> tuple[float, float]:
+        """Wall and CPU seconds per step (CPU time: this process's own, which other jobs on a shared
+        machine disturb less than the wall clock; with --threads 1 it is the step's cost)."""
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(steps):
             x, y = batches[i % len(batches)]
             loss = F.cross_entropy(m(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        return (time.perf_counter() - t0) / steps
+        return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
     with tempfile.TemporaryDirectory() as tmp:
         hist = Path(tmp) / "history.jsonl"
         with Tracker(tracked_m, hist, every=a.every, optimizer=tracked_o, metrics=a.metric) as tracker:
             run(plain_m, plain_o, 2)  # warm-up (the tracker discovers its points on its first step)
             run(tracked_m, tracked_o, 2)
-            plain, tracked, ratios = [], [], []
+            plain, tracked, ratios, cpu_ratios = [], [], [], []
             for r in range(a.rounds):
                 if r % 2 == 0:
                     p = run(plain_m, plain_o, a.steps)
@@ -102,22 +104,24 @@ def main() -> None:
                 else:
                     t = run(tracked_m, tracked_o, a.steps)
                     p = run(plain_m, plain_o, a.steps)
-                plain.append(p)
-                tracked.append(t)
-                ratios.append(t / p)
+                plain.append(p[0])
+                tracked.append(t[0])
+                ratios.append(t[0] / p[0])
+                cpu_ratios.append(t[1] / p[1])
         records = sum(1 for _ in hist.open())
         metrics = sorted(tracker.classes)
     fig = {"model": a.model, "batch_size": a.batch_size, "every": a.every, "steps_per_round": a.steps,
            "rounds": a.rounds, "metrics": metrics, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "plain_ms": 1e3 * statistics.median(plain), "tracked_ms": 1e3 * statistics.median(tracked),
-           "ratio_median": statistics.median(ratios), "records_written": records}
+           "ratio_median": statistics.median(ratios), "cpu_ratio_median": statistics.median(cpu_ratios),
+           "records_written": records}
     if a.json:
         Path(a.json).write_text(json.dumps(fig, indent=2) + "\n")
     goal = "" if a.model != "resnet18" else " (goal <= 1.1x)" if metrics == ["taylor"] else " (goal <= 1.2x)"
     print(f"[{a.model}] plain step {fig['plain_ms']:.3f} ms, tracked step {fig['tracked_ms']:.3f} ms "
           f"(every={a.every}, batch {a.batch_size}, metrics {','.join(metrics)}, {records} records, "
           f"{fig['threads']} threads): ratio {fig['ratio_median']:.3f}x against the plain step of this run "
-          f"(median of {a.rounds} rounds){goal}")
+          f"(median of {a.rounds} rounds){goal}; CPU time ratio {fig['cpu_ratio_median']:.3f}x")
 
 
 if __name__ == "__main__":

@@ -100,8 +100,10 @@ def _floats_of(values: dict[str, torch.Tensor]) -> dict[str, list[float | None]]
     """Each metric's values as a JSON list (None where not finite), in one transfer."""
     if not values:
         return {}
-    rows = torch.stack([v.detach().to("cpu", torch.float64).reshape(-1) for v in values.values()]).tolist()
-    return {n: [v if math.isfinite(v) else None for v in row] for n, row in zip(values, rows, strict=True)}
+    table = torch.stack([v.detach().to("cpu", torch.float64).reshape(-1) for v in values.values()])
+    finite = torch.isfinite(table).all(dim=1).tolist()  # a per-value check only on rows that need it
+    return {n: row if ok else [v if math.isfinite(v) else None for v in row]
+            for n, row, ok in zip(values, table.tolist(), finite, strict=True)}
 
 
 class _Window:

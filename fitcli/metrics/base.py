@@ -450,35 +450,47 @@ def _flat_moments(a: torch.Tensor, scratch: Scratch | None, low_of) -> dict[str,
 def _position_moments(a: torch.Tensor, scratch: Scratch | None, low_of) -> dict[str, torch.Tensor]:
     """The moments of ``a`` ([batch, units, positions]): per sample over positions, then summed.
 
-    Reads of ``a``: its sum, one centring (into the reused temporary), Σc and Σc² of the centred
-    values, then for a signed activation |h| and its sum (a zero count only when some |h| is 0),
-    for a non-negative one (ReLU) its minimum and a zero count (Σ|h| is the sum already taken)."""
+    Reads of ``a``: its sum and its sum of squares (no temporary), then for a signed activation
+    |h| and its sum (a zero count only when some |h| is 0), for a non-negative one (ReLU) its
+    minimum and a zero count (Σ|h| is the sum already taken). A unit whose |mean| is large
+    against its spread (mean² > 4·variance in this batch) would lose its variance to float32
+    rounding of Σh²: then the squares are taken again on values centred on each sample's mean."""
     p = a.shape[2]
     s = a.sum(dim=2)  # [batch, units]
-    m = s / p
-    c = scratch_like(scratch, "f", a, torch.promote_types(a.dtype, m.dtype))  # the one temporary
-    torch.sub(a, m.unsqueeze(2), out=c)
-    q2 = c.sum(dim=2)
-    q1 = torch.linalg.vector_norm(c, 2, dim=2).square()  # Σc², one read, no temporary
+    q = torch.linalg.vector_norm(a, 2, dim=2).square()  # Σh², one read, no temporary
+    s64, q64 = torch.stack([s, q]).to(torch.float64).unbind(0)
+    n = a.shape[0] * p
+    mean2 = (s64.sum(0) / n).square()
+    plain = bool((mean2 <= 4 * (q64.sum(0) / n - mean2)).all())  # relative error ≲ 1e-7·(1 + 3·4)
+    c = scratch_like(scratch, "f", a, torch.promote_types(a.dtype, s.dtype))  # the one temporary
+    out = {"sum_s": s64, "sumsq": q64.sum(0)} if plain else _centred(a, s, c)
     low = low_of(s)
     nonneg, positive = low >= 0, low > 0
     absolute = None
     if nonneg:
-        ab = s  # the same sum, bit for bit
+        ab = s64  # the same sum, bit for bit
     else:
         absolute = torch.abs(a, out=c) if c.dtype == a.dtype else a.abs()
-        ab = absolute.sum(dim=2)
+        ab = absolute.sum(dim=2).to(torch.float64)
     if positive or (absolute is not None and _none_zero(absolute)):
         z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
     else:
         z = _zero_count(a, c if c.dtype == a.dtype else None, nonneg=nonneg)
-    stacked = torch.stack([q1, q2, ab, m]).to(torch.float64)
-    q1, q2, ab, m64 = stacked.unbind(0)
-    # Σh and Σh² both from the centred values (Σh = Σc + p·m, Σh² = Σc² + 2mΣc + p·m²): the
-    # float32 sum s is off by a few ulps of Σh, which the variance of a unit whose |mean| ≫ std
-    # cannot absorb when taken against an exact Σh²
-    return {"sum_s": p * m64 + q2, "abs": ab.sum(0), "zeros": z,
-            "sumsq": (q1 + 2 * m64 * q2 + p * m64.square()).sum(0)}
+    out.update({"abs": ab.sum(0), "zeros": z})
+    return out
+
+
+def _centred(a: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σh per sample and Σh² per unit from values centred on each sample's own mean (into ``c``):
+    Σh = Σc + p·m, Σh² = Σc² + 2mΣc + p·m². The float32 sum s is off by a few ulps of Σh, which
+    the variance of a unit whose |mean| ≫ std cannot absorb when taken against an exact Σh²."""
+    p = a.shape[2]
+    m = s / p
+    torch.sub(a, m.unsqueeze(2), out=c)
+    q2 = c.sum(dim=2)
+    q1 = torch.linalg.vector_norm(c, 2, dim=2).square()
+    q1, q2, m64 = torch.stack([q1, q2, m]).to(torch.float64).unbind(0)
+    return {"sum_s": p * m64 + q2, "sumsq": (q1 + 2 * m64 * q2 + p * m64.square()).sum(0)}
 
 
 def _none_zero(absolute: torch.Tensor) -> bool:
