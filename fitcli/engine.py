@@ -132,7 +132,7 @@ def select_layers(graph: ModelGraph, patterns: list[str] | None) -> list[Layer]:
     """Layers matching any of the patterns (names or globs); by default every layer except the
     opt-in ones (attention heads: asked for by name or glob, e.g. ``*.heads``)."""
     if not patterns:
-        return [lay for lay in graph.layers if lay.point_kind != "heads"]
+        return [lay for lay in graph.layers if not opt_in_layer(lay)]
     names = [lay.name for lay in graph.layers]
     chosen: set[str] = set()
     for pat in patterns:
@@ -144,6 +144,28 @@ def select_layers(graph: ModelGraph, patterns: list[str] | None) -> list[Layer]:
                              hint="`fitcli inspect MODEL` lists the layers")
         chosen.update(hits)
     return [lay for lay in graph.layers if lay.name in chosen]
+
+
+def opt_in_layer(lay: Layer) -> bool:
+    """Is ``lay`` audited only when asked for by name or glob (attention heads)?"""
+    return lay.point_kind == "heads"
+
+
+def kind_skips(chosen: list[Layer], classes: dict[str, type[Metric]], skipped: list[dict]) -> list[dict]:
+    """The metrics of the run that an opt-in layer asked for cannot have (a head has no consumer
+    layer; attention probabilities not reachable), each with its reason and the layers: skipped in
+    the report, never a NaN in the table."""
+    listed = {s["metric"] for s in skipped}
+    found: dict[tuple[str, str], list[str]] = {}
+    for lay in chosen:
+        if not opt_in_layer(lay):
+            continue
+        for n, cls in classes.items():
+            why = cls.unavailable(lay) or ("no activations on weight-only layers"
+                                           if lay.weight_only and data_driven(cls) else None)
+            if why and n not in listed:
+                found.setdefault((n, why), []).append(lay.name)
+    return [{"metric": n, "reason": why, "layers": names} for (n, why), names in found.items()]
 
 
 def peek(data: Iterable[Batch]) -> Batch | None:
@@ -260,6 +282,7 @@ def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | 
         if metrics and n in metrics and chosen and not any(n in state[lay.name] for lay in chosen):
             why = sorted({cls.unavailable(lay) or "no activations on weight-only layers" for lay in chosen})
             skipped.append({"metric": n, "reason": "; ".join(why)})
+    skipped.extend(kind_skips(chosen, classes, skipped))
     notes = list(loaded.notes) + list(graph.notes)
     if loss_name == "lm" and classes:
         notes.append("loss lm: next-token cross-entropy; the targets (labels, else input_ids) are shifted by one "

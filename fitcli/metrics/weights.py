@@ -42,6 +42,9 @@ class WeightNormOut(_Idempotent):
 
     @classmethod
     def unavailable(cls, layer) -> str | None:
+        if getattr(layer, "point_kind", None) == "heads":
+            return ("a head's outgoing weights are a slice of the output projection's input, not a consuming "
+                    "layer's: not computed for heads")
         return None if getattr(layer, "consumers", None) else "the layers consuming this one are unknown"
 
     def update(self, batch: UnitBatch) -> None:
