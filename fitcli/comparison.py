@@ -261,7 +261,9 @@ def _dead_known(lay: dict, report: dict) -> bool:
     info = report.get("metric_info") or {}
     if info:
         return any((info.get(m) or {}).get("marks_dead") for m in lay["metrics"])
-    return "dormant" in lay["metrics"]  # a report from before metric_info
+    from fitcli.metrics.registry import dead_metrics
+
+    return any(m in dead_metrics() for m in lay["metrics"])  # a report from before metric_info
 
 
 def _one_side(name: str, lay: dict, report: dict, status: str) -> LayerComparison:

@@ -29,23 +29,28 @@ import torch
 
 from fitcli import distributed
 from fitcli.data import Batch
-from fitcli.discovery import Layer, ModelGraph, discover, token_mask
+from fitcli.discovery import Layer, ModelGraph, discover
 from fitcli.errors import (
-    FitcliError,
     InputError,
-    Interrupted,
     RuntimeAuditError,
     UsageError,
     close_matches,
     forward_error,
+)
+from fitcli.feeder import (
+    HALF,
+    activation_batch,
+    add_gradient,
+    data_driven,
+    feed_metrics,
+    weights_batch,
+    widen,
 )
 from fitcli.losses import LossFn, OutputChange, primary_output, resolve_loss
 from fitcli.metrics.base import NEEDS, Metric, Scratch, UnitBatch
 from fitcli.metrics.registry import default_metrics, get_metric
 from fitcli.progress import NO_PROGRESS, Progress
 
-DATA_NEEDS = frozenset({"activations", "gradients", "labels", "attention"})
-HALF = (torch.float16, torch.bfloat16)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUN_NEEDS = ("activations", "gradients", "labels", "ablation", "attention")  # what a forward over data gives
 
@@ -127,7 +132,7 @@ def select_layers(graph: ModelGraph, patterns: list[str] | None) -> list[Layer]:
     """Layers matching any of the patterns (names or globs); by default every layer except the
     opt-in ones (attention heads: asked for by name or glob, e.g. ``*.heads``)."""
     if not patterns:
-        return [lay for lay in graph.layers if not lay.kind.opt_in]
+        return [lay for lay in graph.layers if not opt_in_layer(lay)]
     names = [lay.name for lay in graph.layers]
     chosen: set[str] = set()
     for pat in patterns:
@@ -139,6 +144,28 @@ def select_layers(graph: ModelGraph, patterns: list[str] | None) -> list[Layer]:
                              hint="`fitcli inspect MODEL` lists the layers")
         chosen.update(hits)
     return [lay for lay in graph.layers if lay.name in chosen]
+
+
+def opt_in_layer(lay: Layer) -> bool:
+    """Is ``lay`` audited only when asked for by name or glob (attention heads)?"""
+    return lay.kind.opt_in
+
+
+def kind_skips(chosen: list[Layer], classes: dict[str, type[Metric]], skipped: list[dict]) -> list[dict]:
+    """The metrics of the run that an opt-in layer asked for cannot have (a head has no consumer
+    layer; attention probabilities not reachable), each with its reason and the layers: skipped in
+    the report, never a NaN in the table."""
+    listed = {s["metric"] for s in skipped}
+    found: dict[tuple[str, str], list[str]] = {}
+    for lay in chosen:
+        if not opt_in_layer(lay):
+            continue
+        for n, cls in classes.items():
+            why = cls.unavailable(lay) or ("no activations on weight-only layers"
+                                           if lay.weight_only and data_driven(cls) else None)
+            if why and n not in listed:
+                found.setdefault((n, why), []).append(lay.name)
+    return [{"metric": n, "reason": why, "layers": names} for (n, why), names in found.items()]
 
 
 def peek(data: Iterable[Batch]) -> Batch | None:
@@ -159,11 +186,6 @@ def weights_require_grad(layers: list[Layer]) -> Iterator[None]:
     finally:
         for w, flag in saved:
             w.requires_grad_(flag)
-
-
-def data_driven(m: Metric | type[Metric]) -> bool:
-    """Does this metric learn from batches (as opposed to weights alone)?"""
-    return bool(m.all_needs() & DATA_NEEDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,9 +247,7 @@ def _weights_update(plan: AuditPlan, baseline) -> None:
                 if b is not None and tuple(b.shape) != tuple(t.shape):
                     raise InputError(f"baseline {pname} has shape {tuple(b.shape)}, model has {tuple(t.shape)}")
             base_w = lay.rows(parts) if not missing else None
-        cons = [w for c in (lay.consumers or []) if (w := plan.graph.layer(c).in_weight) is not None]
-        ub = UnitBatch(weight=lay.weight.detach().to(plan.device), baseline_weight=base_w,
-                       consumer_weights=cons or None)
+        ub = weights_batch(lay, plan.graph, plan.device, base_w)
         for m in plan.state[lay.name].values():
             if "weights" in m.all_needs():
                 m.update(ub)
@@ -262,6 +282,7 @@ def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | 
         if metrics and n in metrics and chosen and not any(n in state[lay.name] for lay in chosen):
             why = sorted({cls.unavailable(lay) or "no activations on weight-only layers" for lay in chosen})
             skipped.append({"metric": n, "reason": "; ".join(why)})
+    skipped.extend(kind_skips(chosen, classes, skipped))
     notes = list(loaded.notes) + list(graph.notes)
     if loss_name == "lm" and classes:
         notes.append("loss lm: next-token cross-entropy; the targets (labels, else input_ids) are shifted by one "
@@ -293,13 +314,8 @@ class _Tap:
             t = t.detach().requires_grad_(True)
         if self.p == 0:
             self.acts[self.lay.name] = t  # kept for the backward
-        # the weights only for a metric that reads them (a Conv1D's are a transposed copy per batch)
-        w = self.lay.weight.detach() if any("weights" in m.all_needs() for m in self.metrics) else None
-        ub = UnitBatch(weight=w, act=widen(self.lay.view(t.detach())),
-                       pass_index=self.p, scratch=self.scratch, mask=token_mask(t, self.lay, self.mask))
-        with torch.no_grad():
-            feed_metrics(self.metrics, "prepare", ub, self.lay, self.bi)
-        self.ubs[self.lay.name] = ub
+        self.ubs[self.lay.name] = activation_batch(self.lay, t, self.metrics, self.bi, pass_index=self.p,
+                                                   scratch=self.scratch, mask=self.mask)
         return t
 
 
@@ -433,7 +449,8 @@ def _stream_pass(plan: AuditPlan, data, result: AuditResult, p: int, grads: bool
                 ub = ubs.get(lay.name)
                 if ub is None:
                     continue
-                ub.grad = widen(lay.view(g[lay.name])) if lay.name in g else None
+                if lay.name in g:
+                    add_gradient(ub, lay, g[lay.name])
                 ub.weight_grad = wg.get(lay.name)
                 ub.correct = correct
                 ub.attention = probs.get(lay.name)
@@ -478,12 +495,6 @@ def model_dtype(module: Any) -> torch.dtype | None:
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def widen(t: torch.Tensor) -> torch.Tensor:
-    """A half-precision activation or gradient as float32, for the statistics (the model itself
-    ran in half precision); anything else as it is."""
-    return t.float() if t.dtype in HALF else t
 
 
 def _widen_outputs(outputs: Any) -> Any:
@@ -565,21 +576,6 @@ def cast_model(loaded: Any, dtype: str | torch.dtype | None) -> Any:
                              f"({type(e).__name__}); give a model already in that dtype") from e
     module = module.to(target)
     return dataclasses.replace(loaded, module=module, state_dict=dict(module.state_dict()))
-
-
-def feed_metrics(metrics: list[Metric], method: str, ub: UnitBatch, lay: Layer, batch_index: int) -> None:
-    """Call ``prepare`` or ``update`` of each metric. A metric that raises (a plugin's bug) is
-    named as such, not mistaken for a data/model mismatch (prepare() runs inside the forward)."""
-    m = None
-    try:
-        for m in metrics:
-            getattr(m, method)(ub)
-    except (FitcliError, Interrupted):
-        raise
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise RuntimeAuditError(f"metric {m.name if m is not None else '?'!r} failed on layer {lay.name}, "
-                                f"batch {batch_index}: {type(e).__name__}{': ' + msg if msg else ''}") from e
 
 
 def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts: dict[str, torch.Tensor],

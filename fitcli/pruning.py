@@ -479,7 +479,9 @@ def _choose(how: str | dict, budget: float | None, loaded, ds, loss, s: Settings
     if how == "dead" and s.tau == 0:  # dormancy 0 = exactly zero on every observation: constant 0
         return consts, "dead (zero on all the data) and constant units", None
     if how == "dead":
-        report = api.audit(loaded, ds, loss=loss, metrics=["dormant"], settings=s)
+        from fitcli.metrics.registry import dead_metrics
+
+        report = api.audit(loaded, ds, loss=loss, metrics=dead_metrics()[:1], settings=s)
         dead = {n: v for n, v in report.dead.items() if n in candidates}
         return _union(dead, consts), f"dead (dormancy ≤ τ = {s.tau:g}) and constant units", None
     if how == "removable":

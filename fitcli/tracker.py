@@ -42,10 +42,20 @@ import torch
 from torch import nn
 
 from fitcli.data import Batch
-from fitcli.discovery import Layer, ModelGraph, runtime_discover, token_mask
-from fitcli.engine import data_driven, feed_metrics, select_layers
+from fitcli.discovery import Layer, ModelGraph, runtime_discover
+from fitcli.engine import select_layers
 from fitcli.errors import InputError, UsageError
-from fitcli.metrics.base import Metric, Scratch, UnitBatch
+from fitcli.feeder import (
+    activation_batch,
+    add_gradient,
+    data_driven,
+    dead_marker,
+    feed_metrics,
+    norms_suffice,
+    weight_grad_readers,
+    weights_batch,
+)
+from fitcli.metrics.base import Metric, Scratch, UnitBatch, rownorm
 from fitcli.metrics.registry import default_metrics, get_metric
 
 FORMAT = "fitcli.history/1"
@@ -90,8 +100,10 @@ def _floats_of(values: dict[str, torch.Tensor]) -> dict[str, list[float | None]]
     """Each metric's values as a JSON list (None where not finite), in one transfer."""
     if not values:
         return {}
-    rows = torch.stack([v.detach().to("cpu", torch.float64).reshape(-1) for v in values.values()]).tolist()
-    return {n: [v if math.isfinite(v) else None for v in row] for n, row in zip(values, rows, strict=True)}
+    table = torch.stack([v.detach().to("cpu", torch.float64).reshape(-1) for v in values.values()])
+    finite = torch.isfinite(table).all(dim=1).tolist()  # a per-value check only on rows that need it
+    return {n: row if ok else [v if math.isfinite(v) else None for v in row]
+            for n, row, ok in zip(values, table.tolist(), finite, strict=True)}
 
 
 class _Window:
@@ -103,6 +115,8 @@ class _Window:
         self.size = 0  # samples of the current batch
         self.pending: list[tuple[Layer, UnitBatch]] = []
         self.wgrads: dict[str, list[torch.Tensor | None]] = {}  # layer -> one gradient per part
+        self.wnorms: dict[str, torch.Tensor] = {}  # layer -> row norms of its weight gradient (this batch)
+        self.twice: set[str] = set()  # layers whose weight got two gradients from one forward
         self.reached: set[str] = set()  # layers whose activation got a gradient
         self.handles: list[Any] = []  # parameter gradient hooks of the current batch
 
@@ -146,7 +160,6 @@ class Tracker:
         self._window: _Window | None = None
         self._made: dict[str, dict[str, Metric]] | None = None  # the metric states, reset per window
         self._scratch = Scratch()
-        self._gbufs: dict[str, torch.Tensor] = {}  # per layer: the rescaled activation gradient
         self._busy = False  # inside discovery's own forward
         self._tap: contextlib.ExitStack | None = None
         self._file = None
@@ -255,8 +268,7 @@ class Tracker:
         """The weights-only metrics, from the weights as they are at the step's first forward."""
         assert self.graph is not None
         for lay in self.layers:
-            cons = [x for c in (lay.consumers or []) if (x := self.graph.layer(c).in_weight) is not None]
-            ub = UnitBatch(weight=lay.weight.detach(), consumer_weights=[c.detach() for c in cons] or None)
+            ub = weights_batch(lay, self.graph)
             feed_metrics([m for m in w.state[lay.name].values() if "weights" in m.all_needs()], "update", ub, lay, -1)
 
     # ---- hooks ---------------------------------------------------------------------------------
@@ -302,39 +314,31 @@ class Tracker:
         wants_grad = any("gradients" in m.all_needs() for m in metrics)
 
         def tap(t: torch.Tensor) -> torch.Tensor:
-            ub = UnitBatch(weight=lay.weight.detach(), act=lay.view(t.detach()), scratch=self._scratch,
-                           mask=token_mask(t, lay, mask))
-            with torch.no_grad():
-                feed_metrics(metrics, "prepare", ub, lay, bi)
+            ub = activation_batch(lay, t, metrics, bi, scratch=self._scratch, mask=mask)
             w.pending.append((lay, ub))
             if wants_grad and t.requires_grad:
                 def on_grad(g: torch.Tensor) -> None:  # reads only: the caller's gradient is unchanged
-                    g = lay.view(self._scaled(lay.name, g.detach(), scale, first=ub.grad is None))
-                    ub.grad = g if ub.grad is None else ub.grad + g
+                    add_gradient(ub, lay, g, scale)  # scaled where a metric reads it, not here
                     w.reached.add(lay.name)
                 t.register_hook(on_grad)
             return t  # the very tensor: the model computes exactly what it would without the tracker
 
         return tap
 
-    def _scaled(self, name: str, g: torch.Tensor, scale: float, first: bool) -> torch.Tensor:
-        """``g * scale`` (a per-sample-loss gradient) in a buffer kept per layer: a fresh tensor the
-        size of an activation on every step costs more in page faults than the multiply."""
-        if scale == 1.0 and first:
-            return g
-        buf = self._gbufs.get(name)
-        if not first or buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
-            buf = torch.empty_like(g, memory_format=torch.contiguous_format)
-            if first:
-                self._gbufs[name] = buf
-        return torch.mul(g, scale, out=buf)
-
     def _param_hooks(self, w: _Window) -> None:
-        """Per batch: the gradient of the batch-mean loss w.r.t. each audited weight (grad_norm)."""
-        if not any("gradients" in m.all_needs() and "weights" in m.all_needs()
-                   for ms in w.state.values() for m in ms.values()):
-            return
+        """Per batch: the gradient of the batch-mean loss w.r.t. each audited weight (grad_norm).
+        Where the layer's metrics read only its row norms (and the layer has one weight), the
+        norms are taken in the hook, while the gradient is in cache, and nothing is kept: holding
+        the gradient would make autograd copy it into ``.grad`` instead of handing it over."""
         for lay in self.layers:
+            readers = weight_grad_readers(w.state[lay.name])
+            if not readers:
+                continue
+            if len(lay.parts) == 1 and norms_suffice(readers):
+                t = lay.tensors[0]
+                if t.requires_grad:
+                    w.handles.append(t.register_hook(self._grad_norms(w, lay)))
+                continue
             parts: list[torch.Tensor | None] = [None] * len(lay.parts)
             w.wgrads[lay.name] = parts
             for i, t in enumerate(lay.tensors):
@@ -348,6 +352,14 @@ class Tracker:
             parts[i] = g.clone() if parts[i] is None else parts[i] + g
         return hook
 
+    @staticmethod
+    def _grad_norms(w: _Window, lay: Layer):
+        def hook(g: torch.Tensor) -> None:
+            if lay.name in w.wnorms:  # a second backward through one forward: the norms of the
+                w.twice.add(lay.name)  # sum are not those of the parts, and the parts are gone
+            w.wnorms[lay.name] = rownorm(lay.rows([g.detach()]))
+        return hook
+
     # ---- feeding and records -------------------------------------------------------------------
     def _flush(self, w: _Window) -> None:
         """Feed the metrics the batch of the previous forward (its backward has run, if any)."""
@@ -356,14 +368,19 @@ class Tracker:
         w.handles.clear()
         pending, w.pending = w.pending, []
         size = w.size
+        factor = self._grad_scale(size) / size if size else 1.0  # to the gradient of the batch-mean loss
         for lay, ub in pending:
             parts = w.wgrads.get(lay.name)
-            if parts is not None and any(p is not None for p in parts):
+            if lay.name in w.wnorms:
+                ub.set_weight_grad_norm(w.wnorms[lay.name] * factor)
+            elif parts is not None and any(p is not None for p in parts):
                 full = [p if p is not None else torch.zeros_like(t) for p, t in zip(parts, lay.tensors, strict=True)]
-                ub.weight_grad = lay.rows(full) * (self._grad_scale(size) / size)
+                rows = lay.rows(full)
+                ub.weight_grad = rows if factor == 1.0 else rows * factor
             with torch.no_grad():
                 feed_metrics([m for m in w.state[lay.name].values() if data_driven(m)], "update", ub, lay, w.batches - 1)
         w.wgrads.clear()
+        w.wnorms.clear()
 
     def _finish(self) -> dict:
         w = self._window
@@ -373,15 +390,21 @@ class Tracker:
         layers: dict[str, dict] = {}
         for lay in self.layers:
             computed, skipped = {}, {}
+            readers = weight_grad_readers(w.state[lay.name])
             for n, m in w.state[lay.name].items():
                 if "gradients" in m.needs and lay.name not in w.reached:
                     skipped[n] = "no gradient: no backward reached this layer during the step"
                     continue
+                if lay.name in w.twice and m in readers:
+                    skipped[n] = ("two backward passes through one forward: the weight gradient of the batch "
+                                  "was not kept (one backward per forward gives it)")
+                    continue
                 computed[n] = m.compute()
             values = _floats_of(computed)
             entry: dict[str, Any] = {"units": lay.units, "final": bool(lay.final), "metrics": values}
-            if "dormant" in values and not lay.final:
-                entry["dead"] = [i for i, v in enumerate(values["dormant"]) if v is not None and v <= self.tau]
+            marker = dead_marker(w.state[lay.name])
+            if marker in values and not lay.final:
+                entry["dead"] = [i for i, v in enumerate(values[marker]) if v is not None and v <= self.tau]
             if skipped:
                 entry["skipped"] = skipped
             layers[lay.name] = entry

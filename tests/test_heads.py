@@ -341,3 +341,33 @@ def test_language_model_labels_are_not_class_targets():
         finally:
             h.remove()
     assert abs(float(lay.metrics["ablation"][1]) - float((abl - base).mean())) <= TOL
+
+
+def test_score_heads_cli_skips_what_a_head_cannot_have_with_the_reason(tmp_path, run_cli):
+    """``score --layer '*.heads'`` on a BERT folder (fused attention): weight_norm_out (a head has
+    no consuming layer) and attn_entropy (probabilities not reachable) are skipped with their
+    reasons and the head layers; no head is flagged non-finite, no value is NaN."""
+    import json
+
+    from safetensors.torch import save_file
+
+    m, data, layer, *_ = _bert()
+    m.save_pretrained(tmp_path / "hf")
+    save_file({k: v.contiguous() for k, v in data[0].items()}, str(tmp_path / "tokens.safetensors"))
+    args = ["score", tmp_path / "hf", "--data", tmp_path / "tokens.safetensors", "--layer", "*.heads",
+            "--device", "cpu", "--quiet"]
+    res = run_cli([*args, "--format", "json"])
+    assert res.code == 0, res.stderr
+    report = json.loads(res.stdout)
+    heads = [lay["name"] for lay in report["layers"]]
+    assert layer in heads and all(n.endswith(".heads") for n in heads)
+    skipped = {s["metric"]: s for s in report["skipped"]}
+    assert "consuming" in skipped["weight_norm_out"]["reason"] and skipped["weight_norm_out"]["layers"] == heads
+    assert "eager" in skipped["attn_entropy"]["reason"] and skipped["attn_entropy"]["layers"] == heads
+    for lay in report["layers"]:
+        assert lay["nonfinite"] == [], lay["name"]
+        assert "weight_norm_out" not in lay["metrics"] and "attn_entropy" not in lay["metrics"]
+        assert all(v is not None and math.isfinite(v) for vs in lay["metrics"].values() for v in vs), lay["name"]
+    table = run_cli(args)
+    assert table.code == 0, table.stderr
+    assert "non-finite" not in table.stdout and "weight_norm_out" in table.stdout and "attn_entropy" in table.stdout

@@ -743,3 +743,25 @@ def test_zero_count_is_exact_in_low_precision_dtypes(dtype):
     act[1, 1, :5] = 0
     got = _zero_count(act)
     assert got.tolist() == [3 * 700, 5]
+
+
+def test_scaled_gradient_is_multiplied_only_when_read():
+    """``set_grad(g, s)``: the gradient is g·s. The shared Σ_p h·g statistics fold s into their
+    per-sample sums; ``grad`` itself is g·s when a metric reads it. Both against plain loops."""
+    from fitcli.metrics.base import UnitBatch
+
+    gen = torch.Generator().manual_seed(5)
+    act = torch.randn(3, 2, 5, generator=gen)
+    g = torch.randn(3, 2, 5, generator=gen)
+    ub = UnitBatch(weight=None, act=act)
+    ub.set_grad(g, 3.0)
+    per = [[sum(float(act[x, u, p]) * 3.0 * float(g[x, u, p]) for p in range(5)) for u in range(2)] for x in range(3)]
+    want_sum = [sum(per[x][u] for x in range(3)) for u in range(2)]
+    want_abs = [sum(abs(per[x][u]) for x in range(3)) for u in range(2)]
+    sums = ub.hg_sums()
+    assert torch.allclose(sums["sum"], torch.tensor(want_sum, dtype=torch.float64), rtol=1e-6)
+    assert torch.allclose(sums["abs"], torch.tensor(want_abs, dtype=torch.float64), rtol=1e-6)
+    assert ub.has_grad() and ub.grad_parts()[1] == 3.0  # still unmultiplied
+    assert torch.equal(ub.grad, g * 3.0)
+    ub.grad = None
+    assert not ub.has_grad()

@@ -515,3 +515,55 @@ def test_hf_trainer_callback(tmp_path):
                               device="cpu")
         _assert_record_matches({**rec, "layers": {k.removeprefix("net."): v for k, v in rec["layers"].items()}},
                                report)
+
+
+def test_bfloat16_cnn_tracker_equals_audit_on_the_same_batch_and_weights():
+    """On a bfloat16 CNN the tracker feeds its metrics as the audit does (activations and
+    gradients widened to float32 before any statistic or scaling): every streaming metric of the
+    record equals the offline audit of the same batch with the same weights to 1e-6 (relative to
+    the layer's largest value). Batch 32: the mean loss's 1/32 scales every bf16 gradient exactly."""
+    model = _live("cnn").to(torch.bfloat16)
+    offline = copy.deepcopy(model)
+    (x, y), = _data("cnn", 1, 32)
+    with Tracker(model) as tracker:
+        F.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
+        rec = tracker.step()
+    report = fitcli.audit(offline, [(x, y)], loss="cross_entropy", metrics=sorted(tracker.classes), device="cpu")
+    assert {"act_mean", "act_var", "apoz", "dormant", "taylor", "grad_norm"} <= set(tracker.classes)
+    assert set(rec["layers"]) == {lay.name for lay in report.layers}
+    convs = 0
+    for lay in report.layers:
+        got = rec["layers"][lay.name]
+        assert set(got["metrics"]) == set(lay.metrics), lay.name
+        convs += lay.name.startswith("conv")
+        for name, want in lay.metrics.items():
+            have = torch.tensor([math.nan if v is None else v for v in got["metrics"][name]], dtype=torch.float64)
+            scale = float(want[torch.isfinite(want)].abs().max()) if bool(torch.isfinite(want).any()) else 1.0
+            assert torch.allclose(have, want, rtol=1e-6, atol=1e-6 * scale, equal_nan=True), \
+                (lay.name, name, float((have - want).abs().max()), scale)
+        if not lay.final:
+            assert got["dead"] == list(lay.dead), lay.name
+    assert convs >= 2  # the conv layers, where the bf16 statistics drifted
+
+
+def test_two_backward_passes_through_one_forward_skip_grad_norm_with_the_reason():
+    """The weight-gradient norms are taken in the hook (nothing kept): a second backward through
+    the same forward cannot be added to them, so grad_norm says why it has no value for the step
+    instead of reporting the norms of one of the two gradients. Activation gradients add up."""
+    model = _live("mlp")
+    (x, y), = _data("mlp", 1, 16)
+    with Tracker(model, metrics=["grad_norm", "taylor"]) as tracker:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        rec = tracker.step()
+    for name, entry in rec["layers"].items():
+        assert "grad_norm" not in entry["metrics"], name
+        assert "two backward passes" in entry["skipped"]["grad_norm"]
+        assert "taylor" in entry["metrics"]
+    with Tracker(model, metrics=["taylor"]) as single:
+        F.cross_entropy(model(x), y).backward()
+        once = single.step()
+    for name, entry in rec["layers"].items():  # twice the same gradient: twice the Taylor score
+        for a, b in zip(entry["metrics"]["taylor"], once["layers"][name]["metrics"]["taylor"], strict=True):
+            assert a == pytest.approx(2 * b, rel=1e-6, abs=1e-12)

@@ -133,65 +133,29 @@ class UnitBatch:
         Per sample, positions are reduced in the activation's dtype (short reductions); the
         per-sample results are converted to float64 once and summed over samples. Squares come
         from values centred on each sample's own mean, so float32 loses nothing to cancellation.
-        Passes over the activation are few and temporaries reused: when the sample ranges are
-        already known (entropy asked for them) and nothing is negative, Σ|h| is Σh, and when
-        nothing is zero, no zero count is taken.
+        Passes over the activation are few and temporaries reused: a non-negative activation
+        (after a ReLU: known from its minimum) has Σ|h| = Σh, and when nothing is zero no zero
+        count is taken.
         """
         def fn():
             if self.mask is not None:
                 return self._masked_moments()
             a = self.act
-            p = a.shape[2]
-            rng = self._cache.get("range")  # known only when a metric shares it (entropy)
-            low = rng[0].min() if rng is not None and rng[0].numel() else None
-            nonneg = low is not None and bool(low >= 0)  # then Σ|h| = Σh
-            positive = low is not None and bool(low > 0)  # then nothing is zero
-            if p == 1:  # Linear on [batch, features]: the samples are the observations
-                v = a[:, :, 0]
-                if v.dtype not in (torch.float32, torch.float64):
-                    v = v.to(torch.float32)
-                b = v.shape[0]
-                # centred on the batch mean, in the activation's dtype (no float64 copy): the
-                # centred squares keep their precision, the exact identities restore the sums
-                m = v.mean(dim=0)
-                c = torch.sub(v, m, out=scratch_like(self.scratch, "f", v))
-                q2 = c.sum(dim=0).to(torch.float64)
-                q1 = c.square_().sum(dim=0).to(torch.float64)  # (vector_norm over dim 0 is ~10x slower)
-                m64 = m.to(torch.float64)
-                total = b * m64 + q2  # Σh = Σ(h − m) + b·m
-                ab = total if nonneg else torch.abs(v, out=c).sum(dim=0).to(torch.float64)
-                if positive or (not nonneg and _none_zero(c)):  # c holds |h|
-                    z = torch.zeros_like(total)
-                else:
-                    z = _zero_count(v.unsqueeze(2), c.unsqueeze(2), nonneg=nonneg)
-                return {"abs": ab, "sumsq": q1 + 2 * m64 * q2 + b * m64.square(), "zeros": z, "sum": total}
-            else:
-                s = a.sum(dim=2)  # [batch, units]
-                m = s / p
-                c = scratch_like(self.scratch, "f", a, torch.promote_types(a.dtype, m.dtype))  # the one temporary
-                torch.sub(a, m.unsqueeze(2), out=c)
-                q2 = c.sum(dim=2)
-                q1 = torch.linalg.vector_norm(c, 2, dim=2).square()  # Σc², one read, no temporary
-                absolute = None
-                if nonneg:
-                    ab = s  # the same sum, bit for bit
-                else:
-                    absolute = torch.abs(a, out=c) if c.dtype == a.dtype else a.abs()
-                    ab = absolute.sum(dim=2)
-                if positive or (absolute is not None and _none_zero(absolute)):
-                    z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
-                else:
-                    z = _zero_count(a, c if c.dtype == a.dtype else None, nonneg=nonneg)
-                stacked = torch.stack([q1, q2, ab, m]).to(torch.float64)
-                q1, q2, ab, m64 = stacked.unbind(0)
-                # Σh and Σh² both from the centred values (Σh = Σc + p·m, Σh² = Σc² + 2mΣc + p·m²):
-                # the float32 sum s is off by a few ulps of Σh, which the variance of a unit whose
-                # |mean| ≫ std cannot absorb when taken against an exact Σh²
-                out = {"sum_s": p * m64 + q2, "abs": ab.sum(0), "zeros": z,
-                       "sumsq": (q1 + 2 * m64 * q2 + p * m64.square()).sum(0)}
-            out["sum"] = out["sum_s"].sum(0)
+            out = _flat_moments(a, self.scratch, self._low) if a.shape[2] == 1 else \
+                _position_moments(a, self.scratch, self._low)
+            out["sum"] = out["sum_s"].sum(0) if "sum_s" in out else out["sum"]
             return out
         return self._get("moments", fn)
+
+    def _low(self, hint: torch.Tensor | None = None) -> float:
+        """The activation's smallest value (NaN with a NaN): from the sample ranges when a metric
+        already asked for them, else one read. ``hint``: per-sample sums; one below 0 settles it."""
+        rng = self._cache.get("range")
+        if rng is not None and rng[0].numel():
+            return float(rng[0].min())
+        if hint is not None and hint.numel() and bool((hint < 0).any()):
+            return -1.0
+        return float(self.act.amin()) if self.act.numel() else 0.0
 
     def abs_sum(self) -> torch.Tensor:
         """Σ |h| per unit over the batch's observations. ``[units]``"""
@@ -208,19 +172,42 @@ class UnitBatch:
 
     def hg(self) -> torch.Tensor:
         """Σ_p h(x,p)·g(x,p) per sample and unit. ``[batch, units]``"""
-        assert self.grad is not None
+        assert self.has_grad()
         return self._get("hg", lambda: self._hg_per_sample().to(torch.float64, copy=True))
 
     def _hg_per_sample(self) -> torch.Tensor:
         """Σ_p h·g per sample and unit in the activations' dtype; may be a view of the scratch
-        pool (copy it before keeping it)."""
-        a, g = self.act, self.grad
+        pool (copy it before keeping it). A gradient given with a scale is multiplied in after
+        the sum over positions (one multiply per sample and unit, not per observation)."""
+        a, (g, scale) = self.act, self.grad_parts()
         if self.mask is not None:
-            return self._masked(a * g).sum(dim=2)
-        if a.shape != g.shape or a.dtype != g.dtype:
-            return (a * g).sum(dim=2)
-        prod = torch.mul(a, g, out=scratch_like(self.scratch, "f", a))
-        return prod[:, :, 0] if a.shape[2] == 1 else prod.sum(dim=2)
+            per = self._masked(a * g).sum(dim=2)
+        elif a.shape != g.shape or a.dtype != g.dtype:
+            per = (a * g).sum(dim=2)
+        else:
+            prod = torch.mul(a, g, out=scratch_like(self.scratch, "f", a))
+            per = prod[:, :, 0] if a.shape[2] == 1 else prod.sum(dim=2)
+        return per if scale == 1.0 else per * scale
+
+    # The gradient: ``grad`` (a property, below) is the per-sample-loss gradient. A feeder that has
+    # it as g·scale (the tracker: the caller's loss is a batch mean) gives both with ``set_grad``;
+    # the shared statistics fold the scale into their per-sample sums and ``grad`` multiplies only
+    # when a metric reads it.
+    def set_grad(self, g: torch.Tensor | None, scale: float = 1.0) -> None:
+        """The gradient is ``g * scale`` (``g`` is kept as it is until ``grad`` is read)."""
+        self.grad = g if scale == 1.0 or g is None else None
+        if scale != 1.0 and g is not None:
+            self.__dict__["_grad_raw"] = (g, float(scale))
+
+    def grad_parts(self) -> tuple[torch.Tensor | None, float]:
+        """(g, scale) with ``grad == g * scale``, without multiplying."""
+        g = self.__dict__.get("_grad")
+        if g is not None:
+            return g, 1.0
+        return self.__dict__.get("_grad_raw") or (None, 1.0)
+
+    def has_grad(self) -> bool:
+        return self.grad_parts()[0] is not None
 
     def hbar(self) -> torch.Tensor:
         """Each sample's mean activation over positions. ``[batch, units]``"""
@@ -243,9 +230,17 @@ class UnitBatch:
         return w @ x, x.sum(dim=0)
 
     def weight_grad_norm(self) -> torch.Tensor:
-        """‖weight_grad[i, ...]‖₂ per unit, float64 (shared by grad_norm and composite)."""
-        assert self.weight_grad is not None
+        """‖weight_grad[i, ...]‖₂ per unit, float64 (shared by grad_norm and composite). A feeder
+        may give the norms alone (``set_weight_grad_norm``) when every metric of the layer reads
+        the weight gradient only through them (``"weight_grad_norm" in shares``)."""
+        assert self.has_weight_grad()
         return self._get("weight_grad_norm", lambda: rownorm(self.weight_grad))
+
+    def set_weight_grad_norm(self, norms: torch.Tensor) -> None:
+        self._cache["weight_grad_norm"] = norms.to(torch.float64)
+
+    def has_weight_grad(self) -> bool:
+        return self.weight_grad is not None or "weight_grad_norm" in self._cache
 
     def hg_sums(self) -> dict[str, torch.Tensor]:
         """Σ_x hg and Σ_x |hg| per unit (``hg`` as in ``hg()``), float64, without keeping a
@@ -292,8 +287,10 @@ class Metric:
     passes: ClassVar[int] = 1
     # True when the definition itself depends on how the data is split into batches (grad_norm)
     batch_dependent: ClassVar[bool] = False
-    # shared per-batch statistics of the activation this metric reads ("moments", "range"); the
-    # engine computes them during the forward, while the activation is still in cache
+    # shared per-batch statistics this metric reads ("moments", "range" of the activation: the
+    # feeder computes them once per layer and batch during the forward, while the activation is
+    # still in cache; "weight_grad_norm": the weight gradient is read only through
+    # ``UnitBatch.weight_grad_norm()``, so a feeder may give the norms without the gradient)
     shares: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, units: int):
@@ -407,6 +404,93 @@ def contract_problems(cls: Any) -> list[str]:
     if not isinstance(cls.passes, int) or cls.passes < 1:
         problems.append("passes must be a positive integer")
     return problems
+
+
+def _grad_get(self: UnitBatch) -> torch.Tensor | None:
+    g = self.__dict__.get("_grad")
+    raw = self.__dict__.get("_grad_raw")
+    if g is None and raw is not None:
+        g = self.__dict__["_grad"] = raw[0] * raw[1]
+    return g
+
+
+def _grad_set(self: UnitBatch, g: torch.Tensor | None) -> None:
+    self.__dict__["_grad"] = g
+    self.__dict__["_grad_raw"] = None
+
+
+# ``grad`` stays a dataclass field (constructor argument, repr, equality) read through a property
+UnitBatch.grad = property(_grad_get, _grad_set, doc="the gradient of each sample's own loss at the activation point")  # type: ignore[assignment]
+
+
+def _flat_moments(a: torch.Tensor, scratch: Scratch | None, low_of) -> dict[str, torch.Tensor]:
+    """The moments of ``a`` ([batch, units, 1]: the samples are the observations)."""
+    v = a[:, :, 0]
+    if v.dtype not in (torch.float32, torch.float64):
+        v = v.to(torch.float32)
+    b = v.shape[0]
+    # centred on the batch mean, in the activation's dtype (no float64 copy): the centred squares
+    # keep their precision, the exact identities restore the sums
+    m = v.mean(dim=0)
+    low = low_of(m)
+    nonneg, positive = low >= 0, low > 0  # then Σ|h| = Σh; then nothing is zero (NaN: neither)
+    c = torch.sub(v, m, out=scratch_like(scratch, "f", v))
+    q2 = c.sum(dim=0).to(torch.float64)
+    q1 = c.square_().sum(dim=0).to(torch.float64)  # (vector_norm over dim 0 is ~10x slower)
+    m64 = m.to(torch.float64)
+    total = b * m64 + q2  # Σh = Σ(h − m) + b·m
+    ab = total if nonneg else torch.abs(v, out=c).sum(dim=0).to(torch.float64)
+    if positive or (not nonneg and _none_zero(c)):  # c holds |h|
+        z = torch.zeros_like(total)
+    else:
+        z = _zero_count(v.unsqueeze(2), c.unsqueeze(2), nonneg=nonneg)
+    return {"abs": ab, "sumsq": q1 + 2 * m64 * q2 + b * m64.square(), "zeros": z, "sum": total}
+
+
+def _position_moments(a: torch.Tensor, scratch: Scratch | None, low_of) -> dict[str, torch.Tensor]:
+    """The moments of ``a`` ([batch, units, positions]): per sample over positions, then summed.
+
+    Reads of ``a``: its sum and its sum of squares (no temporary), then for a signed activation
+    |h| and its sum (a zero count only when some |h| is 0), for a non-negative one (ReLU) its
+    minimum and a zero count (Σ|h| is the sum already taken). A unit whose |mean| is large
+    against its spread (mean² > 4·variance in this batch) would lose its variance to float32
+    rounding of Σh²: then the squares are taken again on values centred on each sample's mean."""
+    p = a.shape[2]
+    s = a.sum(dim=2)  # [batch, units]
+    q = torch.linalg.vector_norm(a, 2, dim=2).square()  # Σh², one read, no temporary
+    s64, q64 = torch.stack([s, q]).to(torch.float64).unbind(0)
+    n = a.shape[0] * p
+    mean2 = (s64.sum(0) / n).square()
+    plain = bool((mean2 <= 4 * (q64.sum(0) / n - mean2)).all())  # relative error ≲ 1e-7·(1 + 3·4)
+    c = scratch_like(scratch, "f", a, torch.promote_types(a.dtype, s.dtype))  # the one temporary
+    out = {"sum_s": s64, "sumsq": q64.sum(0)} if plain else _centred(a, s, c)
+    low = low_of(s)
+    nonneg, positive = low >= 0, low > 0
+    absolute = None
+    if nonneg:
+        ab = s64  # the same sum, bit for bit
+    else:
+        absolute = torch.abs(a, out=c) if c.dtype == a.dtype else a.abs()
+        ab = absolute.sum(dim=2).to(torch.float64)
+    if positive or (absolute is not None and _none_zero(absolute)):
+        z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
+    else:
+        z = _zero_count(a, c if c.dtype == a.dtype else None, nonneg=nonneg)
+    out.update({"abs": ab.sum(0), "zeros": z})
+    return out
+
+
+def _centred(a: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σh per sample and Σh² per unit from values centred on each sample's own mean (into ``c``):
+    Σh = Σc + p·m, Σh² = Σc² + 2mΣc + p·m². The float32 sum s is off by a few ulps of Σh, which
+    the variance of a unit whose |mean| ≫ std cannot absorb when taken against an exact Σh²."""
+    p = a.shape[2]
+    m = s / p
+    torch.sub(a, m.unsqueeze(2), out=c)
+    q2 = c.sum(dim=2)
+    q1 = torch.linalg.vector_norm(c, 2, dim=2).square()
+    q1, q2, m64 = torch.stack([q1, q2, m]).to(torch.float64).unbind(0)
+    return {"sum_s": p * m64 + q2, "sumsq": (q1 + 2 * m64 * q2 + p * m64.square()).sum(0)}
 
 
 def _none_zero(absolute: torch.Tensor) -> bool:

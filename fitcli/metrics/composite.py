@@ -25,7 +25,7 @@ class Composite(Metric):
     description = ("Σ_k w_k·m_k/mean_layer(m_k) over weight_norm 0.4, grad_norm 0.4, act_mean 0.2; "
                    "missing components dropped and weights renormalised")
     batch_dependent = True  # through grad_norm
-    shares = frozenset({"moments"})  # through act_mean
+    shares = frozenset({"moments", "weight_grad_norm"})  # through act_mean and grad_norm
 
     def setup(self) -> None:
         self.parts = {k: cls(self.units) for k, (cls, _) in COMPONENTS.items()}

@@ -14,13 +14,14 @@ class GradNorm(Metric):
     cost = "1 forward + backward"
     description = "mean over batches of ‖∂L_batch/∂W[i, ...]‖₂ (batch-mean loss; depends on batch size)"
     batch_dependent = True
+    shares = frozenset({"weight_grad_norm"})
 
     def setup(self) -> None:
         self.add_state("total", zeros(self.units), "sum")
         self.add_state("batches", torch.zeros((), dtype=torch.float64), "sum")
 
     def update(self, batch: UnitBatch) -> None:
-        if batch.weight_grad is None:
+        if not batch.has_weight_grad():
             return
         self.total = self.total + batch.weight_grad_norm().to(self.total.device)
         self.batches = self.batches + 1

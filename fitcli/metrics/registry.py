@@ -62,6 +62,14 @@ def default_metrics() -> list[str]:
     return [n for n, e in load_registry().items() if e.cls is not None and not e.cls.opt_in]
 
 
+def dead_metrics() -> list[str]:
+    """The loadable metrics whose value marks a unit dead (``Metric.marks_dead``), default ones
+    first: the first is the one asked for when a command needs dead units."""
+    reg = load_registry()
+    found = [n for n, e in reg.items() if e.cls is not None and e.cls.marks_dead]
+    return sorted(found, key=lambda n: bool(reg[n].cls.opt_in))
+
+
 def metric_names() -> list[str]:
     """Every registered metric name, read from the entry points without importing any metric (so
     without torch): fast enough to check settings before any work."""

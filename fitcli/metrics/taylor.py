@@ -20,7 +20,7 @@ class Taylor(Metric):
         self.add_state("total", zeros(self.units), "sum")
 
     def update(self, batch: UnitBatch) -> None:
-        if batch.act is None or batch.grad is None:
+        if batch.act is None or not batch.has_grad():
             return
         self.n = self.n + batch.act.shape[0]
         self.total = self.total + batch.hg_sums()["abs"].to(self.total.device)
@@ -35,7 +35,7 @@ class TaylorDelta(Taylor):
     description = "−mean_x Σ_p h·∂L_x/∂h: signed first-order estimate of the zero-ablation loss change"
 
     def update(self, batch: UnitBatch) -> None:
-        if batch.act is None or batch.grad is None:
+        if batch.act is None or not batch.has_grad():
             return
         self.n = self.n + batch.act.shape[0]
         self.total = self.total + batch.hg_sums()["sum"].to(self.total.device)

@@ -42,6 +42,9 @@ class WeightNormOut(_Idempotent):
 
     @classmethod
     def unavailable(cls, layer) -> str | None:
+        if getattr(layer, "point_kind", None) == "heads":
+            return ("a head's outgoing weights are a slice of the output projection's input, not a consuming "
+                    "layer's: not computed for heads")
         return None if getattr(layer, "consumers", None) else "the layers consuming this one are unknown"
 
     def update(self, batch: UnitBatch) -> None:
@@ -49,10 +52,15 @@ class WeightNormOut(_Idempotent):
             return
         sq = zeros(self.units).to(batch.weight.device)
         for w in batch.consumer_weights:
-            w = w.detach().to(torch.float64).transpose(0, 1).reshape(w.shape[1], -1)  # [in, out*k]
-            if w.shape[0] != self.units:
+            if w.dim() < 2 or w.shape[1] != self.units:
                 return  # grouped/ reshaped consumer: not unit-aligned
-            sq = sq + (w**2).sum(dim=1)
+            w = w.detach()
+            if w.dtype not in (torch.float32, torch.float64):
+                w = w.float()
+            # ‖W_next[:, i, ...]‖ over every axis but the input one, in the weight's own precision
+            # (float32 norms are accurate to ~1e-7; no float64 copy of every consumer weight)
+            norm = torch.linalg.vector_norm(w, 2, dim=[d for d in range(w.dim()) if d != 1])
+            sq = sq + norm.to(torch.float64).square()
         self._set(sq.sqrt())
 
 
