@@ -42,7 +42,7 @@ class WeightNormOut(_Idempotent):
 
     @classmethod
     def unavailable(cls, layer) -> str | None:
-        if getattr(layer, "point_kind", None) == "heads":
+        if getattr(getattr(layer, "kind", None), "is_head", False):
             return ("a head's outgoing weights are a slice of the output projection's input, not a consuming "
                     "layer's: not computed for heads")
         return None if getattr(layer, "consumers", None) else "the layers consuming this one are unknown"
