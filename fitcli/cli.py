@@ -243,6 +243,7 @@ def gate(
                                       "--max-dead, --max-dead-layer and/or --min-coverage")
         raise
     g = result.to_dict()
+    data = {**data, "gate": g}  # the report as gated (for --format markdown)
     if fmt is Fmt.json:
         sys.stdout.write(json.dumps(g, indent=2) + "\n")
     elif fmt is Fmt.markdown:
