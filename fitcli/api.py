@@ -458,8 +458,8 @@ def gate(report: AuditReport | dict | str | Path, max_dead: float | None = None,
     else:
         raise UsageError(f"gate takes an AuditReport, a report dict or a path, not {type(report).__name__}")
     if max_dead is None and max_dead_layer is None and min_coverage is None:
-        g = data.gate or GateResult(passed=False, failures=[])
-        max_dead, max_dead_layer, min_coverage = g.max_dead, g.max_dead_layer, g.min_coverage
+        if data.gate is not None:  # (a verdict is falsy when it failed)
+            max_dead, max_dead_layer, min_coverage = data.gate.max_dead, data.gate.max_dead_layer, data.gate.min_coverage
         if max_dead is None and max_dead_layer is None and min_coverage is None:
             raise UsageError("gate needs max_dead, max_dead_layer and/or min_coverage "
                              "(or a report that was scored with them)")
