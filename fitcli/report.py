@@ -70,6 +70,18 @@ def direction(metric: str, metric_info: dict | None = None) -> bool:
     return True
 
 
+def marks_dead(metric: str, metric_info: dict | None = None) -> bool:
+    """Whether ``metric`` decides dead units (its value ≤ τ): as the report's metric_info declared
+    it, else as the registry's metric does (a report from before metric_info)."""
+    info = (metric_info or {}).get(metric)
+    if info is not None:
+        return bool(info.get("marks_dead"))
+    from fitcli.metrics.registry import load_registry
+
+    entry = load_registry().get(metric)
+    return bool(entry is not None and entry.cls is not None and entry.cls.marks_dead)
+
+
 def nonfinite_units(metrics: dict[str, torch.Tensor], nan_expected: set[str] | frozenset[str] = frozenset()) -> list[int]:
     """Units with a non-finite value in any metric. Metrics that declare ``nan_expected`` (a NaN
     that says nothing about the unit, e.g. an empty class group) are not counted."""
@@ -429,5 +441,5 @@ class AuditReport:
 
 
 __all__ = ["AuditReport", "LayerReport", "GateResult", "SCHEMA_ID", "AGGREGATES", "schema", "validate", "aggregate",
-           "direction", "nonfinite_units", "default_rank_by", "fitness_values", "rank_units", "dumps", "read",
+           "direction", "marks_dead", "nonfinite_units", "default_rank_by", "fitness_values", "rank_units", "dumps", "read",
            "check_output", "replace_atomically", "write_atomic", "new_file_mode"]
