@@ -234,9 +234,10 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
         if s.validate:
             from fitcli.validate import validate_report
 
-            report = validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn, units=s.validate_units,
-                            seed=s.seed, device=result.device, chunk_size=s.chunk_size,
-                            rank_auto=s.rank_by == "auto", top=s.top, progress=progress, group=d)
+            report = validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn,
+                                     units=s.validate_units, seed=s.seed, device=result.device,
+                                     chunk_size=s.chunk_size, rank_auto=s.rank_by == "auto", top=s.top,
+                                     progress=progress, group=d)
         report = dataclasses.replace(report, offload=_offloaded(off))
     if s.max_dead is not None or s.max_dead_layer is not None or s.min_coverage is not None:
         report = dataclasses.replace(report, gate=report_build.gate(report, s.max_dead, s.max_dead_layer,
