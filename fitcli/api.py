@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fitcli import distributed
-from fitcli import report as rep
+from fitcli import distributed, report_build
 from fitcli.data import Batch, DataSource, as_batch
 from fitcli.data import load_data as load_data_spec
 from fitcli.engine import (
@@ -41,10 +40,11 @@ from fitcli.errors import InputError, UsageError
 from fitcli.loading import LoadedModel, from_module, load_model
 from fitcli.losses import check_loss
 from fitcli.progress import NO_PROGRESS, Progress
-from fitcli.report import AuditReport, GateResult
+from fitcli.report import AuditReport
+from fitcli.report_types import GateResult
 from fitcli.settings import Settings
 
-REMOVABLE_EPS = 1e-6
+REMOVABLE_EPS = report_build.REMOVABLE_EPS
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,33 +180,21 @@ def _class_targets(example: Batch | None) -> bool:
     return t is not None and not t.is_floating_point() and t.dim() == 1
 
 
-def _offloaded(report: dict, off: Any) -> None:
+def _offloaded(off: Any) -> dict[str, Any] | None:
     """A block-by-block audit (max_memory) says so, with the most weight bytes resident at once."""
-    if off is not None:
-        report["offload"] = {"max_memory": int(off.max_bytes), "high_water": int(off.high_water),
-                             "blocks": len(off.blocks), "loads": int(off.loads), "recomputed": int(off.recomputed)}
+    if off is None:
+        return None
+    return {"max_memory": int(off.max_bytes), "high_water": int(off.high_water), "blocks": len(off.blocks),
+            "loads": int(off.loads), "recomputed": int(off.recomputed)}
 
 
-def _distributed(report: dict, d: distributed.Dist | None) -> None:
+def _distributed(d: distributed.Dist | None) -> dict[str, Any] | None:
     """The report says how many ranks ran it (``data.samples``/``batches`` are the global totals)."""
-    if d is not None:
-        report["distributed"] = distributed.report_field(d)
+    return distributed.report_field(d) if d is not None else None
 
 
 def _group(group: Any) -> distributed.Dist | None:
     return distributed.of(group)
-
-
-def _removable(report: dict, eps: float = REMOVABLE_EPS) -> None:
-    """Units whose exact ablation changes the loss by at most ``eps`` (removable), for every metric
-    that carries exact ablation results (it declares the ``ablation`` need)."""
-    exact = [m for m, info in (report.get("metric_info") or {}).items() if "ablation" in info.get("needs", [])]
-    for lay in report["layers"]:
-        for m in exact:
-            ab = lay["metrics"].get(m)
-            if ab is not None:
-                lay["removable"] = [i for i, v in enumerate(ab) if v is not None and abs(v) <= eps]
-                break
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,19 +231,20 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
         result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=base,
                            device=s.device, progress=progress, ablation_mode=s.ablation_mode,
                            chunk_size=s.chunk_size, rank_by=s.rank_by, group=d)
-        report = rep.build(result, loaded, ds, _report_settings(s, loaded), rank_by=s.rank_by, top=s.top)
-        _removable(report)
-        _distributed(report, d)
+        report = report_build.build(result, loaded, ds, _report_settings(s, loaded), rank_by=s.rank_by, top=s.top,
+                                    distributed=_distributed(d))
         if s.validate:
             from fitcli.validate import validate_report
 
-            validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn, units=s.validate_units,
-                            seed=s.seed, device=result.device, chunk_size=s.chunk_size,
-                            rank_auto=s.rank_by == "auto", top=s.top, progress=progress, group=d)
-        _offloaded(report, off)
+            report = validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn,
+                                     units=s.validate_units, seed=s.seed, device=result.device,
+                                     chunk_size=s.chunk_size, rank_auto=s.rank_by == "auto", top=s.top,
+                                     progress=progress, group=d)
+        report = dataclasses.replace(report, offload=_offloaded(off))
     if s.max_dead is not None or s.max_dead_layer is not None or s.min_coverage is not None:
-        rep.gate(report, s.max_dead, s.max_dead_layer, s.min_coverage)
-    return AuditReport(report)
+        report = dataclasses.replace(report, gate=report_build.gate(report, s.max_dead, s.max_dead_layer,
+                                                                    s.min_coverage))
+    return report
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,12 +313,11 @@ def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None, uni
                 raise UsageError(f"{wonly[0]} has weight-only units (embedding rows): there is no activation to ablate")
             if p.have["ablation"] is not None:
                 raise InputError(f"ablation needs a loss: {p.have['ablation']}")
-        report = _run_ablate(loaded, ds, p, s, units, progress, d)
-    return AuditReport(report)
+        return _run_ablate(loaded, ds, p, s, units, progress, d)
 
 
 def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any, progress: Progress,
-                d: distributed.Dist | None = None) -> dict:
+                d: distributed.Dist | None = None) -> AuditReport:
     from fitcli.ablation import ablate_layers
     from fitcli.engine import AuditResult, coverage
 
@@ -362,19 +350,8 @@ def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any,
             "description": "accuracy(ablated) − accuracy: change in the fraction of correct predictions",
             "needs": ["activations", "labels", "ablation"], "higher_is_better": True}
     settings = _report_settings(s, loaded, whole_layer=s.whole_layer)
-    report = rep.build(result, loaded, ds, settings, rank_by="ablation", top=s.top, command="ablate",
-                       include_final=True)
-    for row in report["ranked"]:
-        acc = next(lay for lay in report["layers"] if lay["name"] == row["layer"])["metrics"].get("ablation_accuracy")
-        if acc is not None and acc[row["unit"]] is not None:
-            row["accuracy_change"] = acc[row["unit"]]
-    for lay in report["layers"]:
-        if sel[lay["name"]] is not None:
-            keep = set(sel[lay["name"]])
-            lay["nonfinite"] = [u for u in lay["nonfinite"] if u in keep]
-    _removable(report)
-    _distributed(report, d)
-    return report
+    return report_build.build(result, loaded, ds, settings, rank_by="ablation", top=s.top, command="ablate",
+                              include_final=True, ablated=sel, distributed=_distributed(d))
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,29 +399,10 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
         acc = _class_targets(example)
         first = blk.measure(module, ds, names, loss_fn, dev, acc, progress=progress or NO_PROGRESS)
         curve = blk.greedy(module, ds, names, loss_fn, dev, acc, greedy, first, progress or NO_PROGRESS) if greedy else []
-    rows = [{"name": n, "block_influence": first.influence.get(n), "angular_distance": first.angular.get(n),
-             "ablation": first.delta[n], **({"ablation_accuracy": first.accuracy[n]} if acc else {})} for n in names]
-    report = {
-        **rep.envelope("blocks", loaded, ds, first.samples, first.batches),
-        "settings": {**_report_settings(s, loaded), "metrics": [], "loss": loss_name, "device": str(dev), "greedy": greedy},
-        "discovery": {"method": "runtime", "notes": list(loaded.notes)},
-        "layers": [], "summary": {"layers": 0, "units": 0, "dead": 0, "dead_fraction": 0.0, "dead_known": False},
-        "skipped": [], "blocks": rows, "base": {"loss": first.base_loss, "accuracy": first.base_accuracy},
-        "greedy": curve, "block_validation": _block_validation(first, names),
-    }
-    return AuditReport(report)
+    from fitcli.validate import block_validation
 
-
-def _block_validation(first, names: list[str]) -> dict[str, Any]:
-    """How well Block Influence and angular distance rank blocks like exact removal does, beside a
-    random order."""
-    from fitcli.validate import _corr, random_baseline
-
-    oracle = torch.tensor([abs(first.delta[n]) for n in names], dtype=torch.float64)
-    scores = {key: _corr(torch.tensor([src.get(n, float("nan")) for n in names], dtype=torch.float64), oracle)
-              for key, src in (("block_influence", first.influence), ("angular_distance", first.angular))}
-    return {"oracle": "|Δloss| with the block replaced by the identity", "metrics": scores,
-            "random": random_baseline({"blocks": oracle})["across_layers"]}
+    settings = {**_report_settings(s, loaded), "metrics": [], "loss": loss_name, "device": str(dev), "greedy": greedy}
+    return report_build.build_blocks(loaded, ds, first, names, curve, acc, settings, block_validation(first, names))
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,27 +450,28 @@ def gate(report: AuditReport | dict | str | Path, max_dead: float | None = None,
          max_dead_layer: float | None = None, min_coverage: float | None = None) -> GateResult:
     """Check a report (or a saved report file) against dead-unit thresholds and a minimum coverage,
     in percent. Without thresholds, the ones the report was scored with. It fails when no unit was
-    audited. The verdict is also stored on the report."""
+    audited. The verdict is returned; on an ``AuditReport`` it is also stored (``report.gate``);
+    a report dict is not changed."""
     Settings.make(max_dead=max_dead, max_dead_layer=max_dead_layer, min_coverage=min_coverage).check()
     if isinstance(report, (str, Path)):
-        data = rep.read(report)
+        data = AuditReport.load(report)
     elif isinstance(report, AuditReport):
-        data = report._meta | {"layers": [lay.to_dict() for lay in report.layers]}
-    elif isinstance(report, dict):
         data = report
+    elif isinstance(report, dict):
+        data = AuditReport.from_dict(report)
     else:
         raise UsageError(f"gate takes an AuditReport, a report dict or a path, not {type(report).__name__}")
     if max_dead is None and max_dead_layer is None and min_coverage is None:
-        g = data.get("gate") or {}
-        max_dead, max_dead_layer, min_coverage = g.get("max_dead"), g.get("max_dead_layer"), g.get("min_coverage")
+        if data.gate is not None:  # (a verdict is falsy when it failed)
+            max_dead, max_dead_layer, min_coverage = data.gate.max_dead, data.gate.max_dead_layer, data.gate.min_coverage
         if max_dead is None and max_dead_layer is None and min_coverage is None:
             raise UsageError("gate needs {max_dead}, {max_dead_layer} and/or {min_coverage} "
                              "(or a report that was scored with them)",
                              setting=("max_dead", "max_dead_layer", "min_coverage"))
-    g = rep.gate(data, max_dead, max_dead_layer, min_coverage)
+    verdict = report_build.gate(data, max_dead, max_dead_layer, min_coverage)
     if isinstance(report, AuditReport):
-        report._meta["gate"] = g
-    return GateResult(g["passed"], g["failures"], max_dead, max_dead_layer, min_coverage)
+        report.gate = verdict
+    return verdict
 
 
 __all__ = ["audit", "ablate", "blocks", "inspect", "gate", "load", "load_data", "Inspection", "as_batch"]

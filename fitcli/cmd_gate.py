@@ -55,6 +55,7 @@ def command(
     clikit.expect_file(report, ("report",), PURPOSE)
     data = rep.read(report)
     result = api.gate(data, max_dead, max_dead_layer, min_coverage)
+    data = {**data, "gate": result.to_dict()}  # the report as gated (for --format markdown)
     if fmt is clikit.Fmt.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
     elif fmt is clikit.Fmt.markdown:

@@ -28,7 +28,7 @@ from fitcli import __version__
 from fitcli.discovery.kinds import entry_kind
 from fitcli.errors import UsageError
 from fitcli.report import SCHEMA_ID as REPORT_SCHEMA_ID
-from fitcli.report import AuditReport, GateResult, dumps, write_atomic
+from fitcli.report import AuditReport, GateResult, dumps, marks_dead, write_atomic
 
 SCHEMA_ID = "fitcli.compare/1"
 DEFAULT_TOP = 5
@@ -253,17 +253,12 @@ def _drifts(base: dict, new: dict, top: int) -> dict[str, list[Drift]]:
 
 
 def _dead_known(lay: dict, report: dict) -> bool:
-    """Whether the layer's dead list was decided (the units ``report.build`` counts)."""
+    """Whether the layer's dead list was decided (the units ``report_build.build`` counts)."""
     if lay.get("final") or entry_kind(lay).weight_only:
         return False
     if not report.get("summary", {}).get("dead_known", True):
         return False
-    info = report.get("metric_info") or {}
-    if info:
-        return any((info.get(m) or {}).get("marks_dead") for m in lay["metrics"])
-    from fitcli.metrics.registry import dead_metrics
-
-    return any(m in dead_metrics() for m in lay["metrics"])  # a report from before metric_info
+    return any(marks_dead(m, report.get("metric_info")) for m in lay["metrics"])
 
 
 def _one_side(name: str, lay: dict, report: dict, status: str) -> LayerComparison:

@@ -1,9 +1,12 @@
-"""The report: schema ``fitcli.report/1`` (``spec/cli.md``), built from an audit, read back for
-``gate``, validated against the JSON Schema shipped in ``fitcli/schema/``, written atomically."""
+"""The report (schema ``fitcli.report/1``): ``AuditReport``, the typed report an audit returns,
+built once from typed sections (``fitcli.report_types``) and turned into JSON only at the edge
+(``to_dict``/``to_json``/``save``); reading a saved report back (``load``, old reports included),
+the JSON Schema shipped in ``fitcli/schema/``, rankings in each metric's direction, atomic writes.
+Building one from an audit is ``fitcli.report_build``."""
 
 from __future__ import annotations
 
-import datetime as _dt
+import dataclasses
 import heapq
 import json
 import math
@@ -17,9 +20,18 @@ from typing import Any
 
 import torch
 
-from fitcli import __version__
-from fitcli.discovery.kinds import entry_kind
 from fitcli.errors import InputError, UsageError
+from fitcli.report_types import (
+    BlockRow,
+    BlockValidation,
+    Coverage,
+    GateResult,
+    GreedyStep,
+    LayerReport,
+    Section,
+    Summary,
+    Validation,
+)
 
 SCHEMA_ID = "fitcli.report/1"
 AGGREGATES = ("mean", "max", "min", "var")
@@ -34,10 +46,6 @@ def validate(report: dict) -> None:
     import jsonschema
 
     jsonschema.validate(report, schema())
-
-
-def _floats(t: torch.Tensor) -> list[float | None]:
-    return [float(v) if math.isfinite(v) else None for v in t.tolist()]
 
 
 def aggregate(values: torch.Tensor) -> dict[str, float | None]:
@@ -60,6 +68,18 @@ def direction(metric: str, metric_info: dict | None = None) -> bool:
     if entry is not None and entry.cls is not None and isinstance(entry.cls.higher_is_better, bool):
         return entry.cls.higher_is_better
     return True
+
+
+def marks_dead(metric: str, metric_info: dict | None = None) -> bool:
+    """Whether ``metric`` decides dead units (its value ≤ τ): as the report's metric_info declared
+    it, else as the registry's metric does (a report from before metric_info)."""
+    info = (metric_info or {}).get(metric)
+    if info is not None:
+        return bool(info.get("marks_dead"))
+    from fitcli.metrics.registry import load_registry
+
+    entry = load_registry().get(metric)
+    return bool(entry is not None and entry.cls is not None and entry.cls.marks_dead)
 
 
 def nonfinite_units(metrics: dict[str, torch.Tensor], nan_expected: set[str] | frozenset[str] = frozenset()) -> list[int]:
@@ -123,117 +143,6 @@ def rank_units(layers: list[dict], metric: str, top: int | None, higher_is_bette
             for nv, name, i, v, lay in best]
 
 
-def _layer_entry(lay: Any, vals: dict[str, torch.Tensor], info: dict[str, dict], tau: float,
-                 extra: dict | None) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "name": lay.name, "type": lay.type, "units": lay.units,
-        "activation_point": lay.point, "activation_point_kind": lay.point_kind,
-        "activation_chain": lay.chain_text,
-        "final": bool(lay.final),
-        "metrics": {k: _floats(v) for k, v in sorted(vals.items())},
-        "aggregate": {k: aggregate(v) for k, v in sorted(vals.items())},
-        "nonfinite": nonfinite_units(vals, {m for m in vals if (info.get(m) or {}).get("nan_expected")}),
-    }
-    marker = next((m for m in sorted(vals) if (info.get(m) or {}).get("marks_dead")), None)
-    entry["dead"] = []
-    entry["dead_fraction"] = 0.0
-    if marker is not None and not lay.final:
-        d = vals[marker]
-        entry["dead"] = [i for i, v in enumerate(d.tolist()) if math.isfinite(v) and v <= tau]
-        entry["dead_fraction"] = len(entry["dead"]) / lay.units if lay.units else 0.0
-    if lay.members:
-        entry["members"] = list(lay.members)
-    if extra:
-        entry.update(extra)
-    return entry
-
-
-def _empty_group_notes(layers: list[dict], info: dict[str, dict]) -> list[str]:
-    for e in layers:
-        for m, vals in e["metrics"].items():
-            if (info.get(m) or {}).get("nan_expected") and vals and all(v is None for v in vals):
-                return [f"{m} is null for {e['name']}: its definition has no value on this data "
-                        "(e.g. every prediction was correct, or every one wrong)"]
-    return []
-
-
-def envelope(command: str, loaded: Any, data: Any, samples: int, batches: int) -> dict[str, Any]:
-    """The fields every report starts with: schema, tool, time, command, model, data."""
-    return {
-        "schema": SCHEMA_ID,
-        "tool": {"name": "fitcli", "version": __version__},
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": command,
-        "model": {"path": str(loaded.path), "format": loaded.format, "sha256": loaded.sha256, "arch": loaded.arch},
-        "data": {"spec": getattr(data, "spec", None) if data is not None else None, "samples": samples,
-                 "batches": batches},
-    }
-
-
-def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by: str | None = None,
-          top: int = 20, command: str = "score", include_final: bool = False) -> dict:
-    """Report dict from an ``engine.AuditResult``."""
-    tau = float(settings.get("tau", 0.0))
-    info = result.metric_info
-    layers = [_layer_entry(lay, result.values.get(lay.name, {}), info, tau, result.layer_extra.get(lay.name))
-              for lay in result.layers]
-    notes = list(result.notes) + _empty_group_notes(layers, info)
-    # the units whose deadness is known: non-final layers with a dead-marking metric (activations)
-    counted = [e for e in layers if not e["final"] and not entry_kind(e).weight_only
-               and any((info.get(m) or {}).get("marks_dead") for m in e["metrics"])]
-    units = sum(e["units"] for e in counted)
-    dead = sum(len(e["dead"]) for e in counted)
-    have_dead = any((info.get(m) or {}).get("marks_dead") for e in layers for m in e["metrics"])
-    available = set().union(*(set(e["metrics"]) for e in layers)) if layers else set()
-    if rank_by in (None, "auto") or rank_by not in available:
-        rank_by = default_rank_by(available, info)
-    report: dict[str, Any] = {
-        **envelope(command, loaded, data, result.samples, result.batches),
-        "settings": {**settings, "metrics": sorted({m for e in layers for m in e["metrics"]}),
-                     "rank_by": rank_by, "loss": result.loss_name, "device": result.device},
-        "discovery": {"method": result.graph.method, "notes": notes},
-        "layers": layers,
-        "summary": {"layers": len(layers), "units": units, "dead": dead,
-                    "dead_fraction": dead / units if units else 0.0, "dead_known": have_dead,
-                    "nonfinite_loss_batches": result.nonfinite_loss_batches},
-        "ranked": rank_units(layers, rank_by, top, direction(rank_by, info), include_final) if rank_by else [],
-        "skipped": result.skipped,
-        "unsupported": result.graph.unsupported,
-        "coverage": getattr(result, "coverage", None) or {},
-        "metric_info": {k: v for k, v in sorted(info.items())},
-    }
-    return report
-
-
-def gate(report: dict, max_dead: float | None, max_dead_layer: float | None,
-         min_coverage: float | None = None) -> dict:
-    """Check dead percentages (and coverage) against thresholds in percent. A dead-unit gate never
-    passes on nothing: with no unit audited it fails, saying so. Adds and returns ``report['gate']``."""
-    failures = []
-    s = report["summary"]
-    if (max_dead is not None or max_dead_layer is not None) and not s.get("units"):
-        failures.append("no unit was audited, so none could be checked for dead ones: a gate cannot pass on "
-                        "nothing (the report's coverage lists what was not audited and why)")
-    if min_coverage is not None:
-        cov = report.get("coverage") or {}
-        if "fraction" not in cov:
-            failures.append("the report has no coverage figure (made by an older fitcli): min_coverage cannot hold")
-        elif 100.0 * cov["fraction"] < min_coverage:
-            failures.append(f"the audited units cover {100.0 * cov['fraction']:.2f}% of the model's parameters "
-                            f"< min_coverage {min_coverage:g}%")
-    pct = 100.0 * s["dead_fraction"]
-    if max_dead is not None and pct > max_dead:
-        failures.append(f"{s['dead']}/{s['units']} units dead ({pct:.2f}%) > max_dead {max_dead:g}%")
-    if max_dead_layer is not None:
-        for lay in report["layers"]:
-            lp = 100.0 * lay.get("dead_fraction", 0.0)
-            if not lay.get("final") and lp > max_dead_layer:
-                failures.append(f"layer {lay['name']}: {len(lay['dead'])}/{lay['units']} dead ({lp:.2f}%) > max_dead_layer {max_dead_layer:g}%")
-    g = {"max_dead": max_dead, "max_dead_layer": max_dead_layer, "passed": not failures, "failures": failures}
-    if min_coverage is not None:
-        g["min_coverage"] = min_coverage
-    report["gate"] = g
-    return g
 
 
 def dumps(report: dict) -> str:
@@ -331,87 +240,32 @@ def write_atomic(path: str | Path, text: str, protect: list[str | Path] = ()) ->
     replace_atomically(p, write)
 
 
+
+
 # --------------------------------------------------------------------------------------------
 # the typed report
 
-
-def _tensor(values: list[float | None]) -> torch.Tensor:
-    return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
-
-
-_LAYER_FIELDS = ("name", "type", "units", "activation_point", "activation_point_kind", "final", "metrics",
-                 "aggregate", "dead", "dead_fraction", "nonfinite", "removable", "activation_chain", "members")
-
-
-@dataclass
-class LayerReport:
-    """One audited layer: its units' metric values as float64 tensors (NaN where not finite)."""
-
-    name: str
-    type: str
-    units: int
-    activation_point: str
-    metrics: dict[str, torch.Tensor]
-    aggregate: dict[str, dict[str, float | None]]
-    dead: list[int]
-    dead_fraction: float
-    nonfinite: list[int]
-    final: bool = False
-    activation_point_kind: str | None = None
-    activation_chain: str | None = None
-    removable: list[int] | None = None
-    members: list[str] | None = None  # the layers a gated unit is made of
-    extra: dict[str, Any] = field(default_factory=dict)  # further JSON fields (layer_ablation, ...)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LayerReport:
-        return cls(name=d["name"], type=d["type"], units=int(d["units"]), activation_point=d["activation_point"],
-                   metrics={k: _tensor(v) for k, v in d["metrics"].items()}, aggregate=dict(d["aggregate"]),
-                   dead=list(d["dead"]), dead_fraction=float(d["dead_fraction"]), nonfinite=list(d["nonfinite"]),
-                   final=bool(d.get("final", False)), activation_point_kind=d.get("activation_point_kind"),
-                   activation_chain=d.get("activation_chain"), members=d.get("members"),
-                   removable=d.get("removable"),
-                   extra={k: v for k, v in d.items() if k not in _LAYER_FIELDS})
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "type": self.type, "units": self.units,
-                             "activation_point": self.activation_point}
-        if self.activation_point_kind is not None:
-            d["activation_point_kind"] = self.activation_point_kind
-        if self.activation_chain is not None:
-            d["activation_chain"] = self.activation_chain
-        d.update({"final": self.final, "metrics": {k: _floats(v) for k, v in self.metrics.items()},
-                  "aggregate": self.aggregate, "nonfinite": self.nonfinite, "dead": self.dead,
-                  "dead_fraction": self.dead_fraction})
-        if self.removable is not None:
-            d["removable"] = self.removable
-        if self.members is not None:
-            d["members"] = self.members
-        d.update(self.extra)
-        return d
+# the JSON fields in the order a report is written, and the attribute that holds each
+JSON_FIELDS = ("schema", "tool", "created", "command", "model", "data", "settings", "discovery", "layers", "summary",
+               "ranked", "skipped", "unsupported", "coverage", "metric_info", "blocks", "base", "greedy",
+               "block_validation", "distributed", "validation", "offload", "gate")
+REQUIRED = ("schema", "tool", "created", "model", "data", "settings", "layers", "summary", "skipped")
+ATTRIBUTE = {"ranked": "ranking"}  # ``ranked`` is the method that ranks in any metric
 
 
-@dataclass
-class GateResult:
-    """A gate's verdict: ``passed``, and one line per threshold exceeded."""
-
-    passed: bool
-    failures: list[str]
-    max_dead: float | None = None
-    max_dead_layer: float | None = None
-    min_coverage: float | None = None
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {"max_dead": self.max_dead, "max_dead_layer": self.max_dead_layer, "passed": self.passed,
-             "failures": list(self.failures)}
-        if self.min_coverage is not None:
-            d["min_coverage"] = self.min_coverage
-        return d
+def _json(value: Any) -> Any:
+    if isinstance(value, Section):
+        return value.to_dict()
+    if isinstance(value, list):
+        return [_json(x) for x in value]
+    return value
 
 
+def _listed(items: list | None, cls: Any) -> list | None:
+    return None if items is None else [cls.from_dict(x) for x in items]
+
+
+@dataclass(eq=False, repr=False)
 class AuditReport:
     """An audit's result (schema ``fitcli.report/1``): layers with per-unit metric tensors, the
     dead and removable units, rankings in each metric's direction, and JSON in and out.
@@ -420,28 +274,102 @@ class AuditReport:
     >>> report.dead                       # {"fc1": [3, 17], ...}
     >>> report.ranked(by="apoz", top=5)   # the least fit first
     >>> report.save("report.json"); AuditReport.load("report.json")
+
+    Every JSON field is an attribute (``ranked``, the stored ranking, is ``ranking``); optional
+    ones are None where the report has none (a blocks report has no ``coverage``, a score report no
+    ``blocks``). ``report["summary"]`` reads the JSON of a field, as in ``to_dict()``.
     """
 
-    def __init__(self, data: dict[str, Any]):
-        data = dict(data)
-        self.layers: list[LayerReport] = [LayerReport.from_dict(x) for x in data.pop("layers", [])]
-        self._meta = data
+    schema: str
+    tool: dict[str, Any]
+    created: str
+    model: dict[str, Any]
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    layers: list[LayerReport]
+    summary: Summary
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    command: str | None = None
+    discovery: dict[str, Any] | None = None
+    ranking: list[dict[str, Any]] | None = None  # the JSON's "ranked": the least-fit units by settings.rank_by
+    unsupported: list[dict[str, str]] | None = None
+    coverage: Coverage | None = None
+    metric_info: dict[str, dict] | None = None
+    blocks: list[BlockRow] | None = None
+    base: dict[str, Any] | None = None  # blocks: the loss (and accuracy) with every block in place
+    greedy: list[GreedyStep] | None = None
+    block_validation: BlockValidation | None = None
+    distributed: dict[str, Any] | None = None
+    validation: Validation | None = None
+    offload: dict[str, Any] | None = None
+    gate: GateResult | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # fields this fitcli does not know, kept as they were
+
+    # ---- JSON in and out ----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AuditReport:
+        """A report from its JSON (a saved report of any fitcli version that wrote schema fitcli.report/1)."""
+        try:
+            return cls(
+                schema=d["schema"], tool=d["tool"], created=d["created"], model=d["model"], data=d["data"],
+                settings=d["settings"], layers=[LayerReport.from_dict(x) for x in d.get("layers", [])],
+                summary=Summary.from_dict(d["summary"]), skipped=d.get("skipped", []), command=d.get("command"),
+                discovery=d.get("discovery"), ranking=d.get("ranked"), unsupported=d.get("unsupported"),
+                coverage=None if d.get("coverage") is None else Coverage.from_dict(d["coverage"]),
+                metric_info=d.get("metric_info"), blocks=_listed(d.get("blocks"), BlockRow), base=d.get("base"),
+                greedy=_listed(d.get("greedy"), GreedyStep),
+                block_validation=BlockValidation.from_dict(d.get("block_validation")),
+                distributed=d.get("distributed"), validation=Validation.from_dict(d.get("validation")),
+                offload=d.get("offload"), gate=GateResult.from_dict(d.get("gate")),
+                extra={k: v for k, v in d.items() if k not in JSON_FIELDS})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InputError(f"not a fitcli report: {type(e).__name__} {e}") from None
+
+    def json_field(self, key: str) -> Any:
+        """The JSON of field ``key`` (None where the report has none)."""
+        if key not in JSON_FIELDS:
+            return self.extra.get(key)
+        return _json(getattr(self, ATTRIBUTE.get(key, key)))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for key in JSON_FIELDS:
+            value = self.json_field(key)
+            if value is not None or key in REQUIRED:
+                out[key] = value
+        return {**out, **self.extra}
+
+    def to_json(self) -> str:
+        return dumps(self.to_dict())
+
+    def save(self, path: str | Path, protect: list[str | Path] = ()) -> Path:
+        """Write the JSON report atomically (a temporary file and a rename); returns the path."""
+        write_atomic(path, self.to_json(), protect=protect)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AuditReport:
+        """A saved report, checked against the schema (``InputError`` when it is not one)."""
+        return cls.from_dict(read(path))
 
     # ---- views ------------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
         """The JSON field ``key`` (as in ``to_dict()``), e.g. ``report["summary"]``."""
-        return self.to_dict()[key] if key == "layers" else self._meta[key]
+        value = self.json_field(key)
+        if value is None and key not in REQUIRED and key not in self.extra:
+            raise KeyError(key)
+        return value
 
     def __contains__(self, key: str) -> bool:
-        return key == "layers" or key in self._meta
+        return key in REQUIRED or self.json_field(key) is not None or key in self.extra
 
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
 
     def __repr__(self) -> str:
         s = self.summary
-        return (f"<AuditReport {self._meta.get('command', 'score')} {self.model.get('path')}: {len(self.layers)} layers, "
-                f"{s.get('dead', 0)}/{s.get('units', 0)} units dead>")
+        return (f"<AuditReport {self.command or 'score'} {self.model.get('path')}: {len(self.layers)} layers, "
+                f"{s.dead}/{s.units} units dead>")
 
     def layer(self, name: str) -> LayerReport:
         for lay in self.layers:
@@ -452,38 +380,9 @@ class AuditReport:
         raise KeyError(f"no layer {name!r} in this report" + close_matches(name, [x.name for x in self.layers]))
 
     @property
-    def summary(self) -> dict[str, Any]:
-        return self._meta["summary"]
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return self._meta["settings"]
-
-    @property
-    def model(self) -> dict[str, Any]:
-        return self._meta["model"]
-
-    @property
-    def skipped(self) -> list[dict[str, str]]:
-        return self._meta.get("skipped", [])
-
-    @property
-    def unsupported(self) -> list[dict[str, str]]:
-        return self._meta.get("unsupported", [])
-
-    @property
-    def metric_info(self) -> dict[str, dict]:
-        return self._meta.get("metric_info", {})
-
-    @property
-    def validation(self) -> dict[str, Any] | None:
-        return self._meta.get("validation")
-
-    @property
     def gate_result(self) -> GateResult | None:
-        g = self._meta.get("gate")
-        return None if g is None else GateResult(bool(g["passed"]), list(g.get("failures", [])),
-                                                 g.get("max_dead"), g.get("max_dead_layer"), g.get("min_coverage"))
+        """The gate's verdict, if the report was gated (the same as ``gate``)."""
+        return self.gate
 
     @property
     def metrics(self) -> list[str]:
@@ -508,38 +407,21 @@ class AuditReport:
         ranking metric), in the metric's direction: rows ``{layer, unit, value, normalized, dead}``."""
         by = by or self.settings.get("rank_by")
         if by is None or by not in self.metrics:
-            from fitcli.errors import UsageError, close_matches
+            from fitcli.errors import close_matches
 
             raise UsageError(f"metric {by!r} is not in this report" + close_matches(str(by), self.metrics)
                              + f" (computed: {', '.join(self.metrics) or 'none'})")
         layers = [lay.to_dict() for lay in self.layers]
         return rank_units(layers, by, top, self.higher_is_better(by), include_final)
 
-    # ---- serialisation ----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in self._meta.items():
-            out[k] = v
-            if k == "discovery":  # keep the schema's field order: layers after discovery
-                out["layers"] = [lay.to_dict() for lay in self.layers]
-        out.setdefault("layers", [lay.to_dict() for lay in self.layers])
-        return out
-
-    def to_json(self) -> str:
-        return dumps(self.to_dict())
-
-    def save(self, path: str | Path, protect: list[str | Path] = ()) -> Path:
-        """Write the JSON report atomically (a temporary file and a rename); returns the path."""
-        write_atomic(path, self.to_json(), protect=protect)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> AuditReport:
-        return cls(read(path))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AuditReport:
-        return cls(data)
+    def with_validation(self, validation: Validation, rerank: bool = False, top: int | None = 20) -> AuditReport:
+        """This report with ``validation``; with ``rerank``, ranked by the metric it found best."""
+        best = validation.best if rerank else None
+        if not best:
+            return dataclasses.replace(self, validation=validation)
+        layers = [lay.to_dict() for lay in self.layers]
+        return dataclasses.replace(self, validation=validation, settings={**self.settings, "rank_by": best},
+                                   ranking=rank_units(layers, best, top, self.higher_is_better(best)))
 
     def to_pandas(self):
         """One row per (layer, unit): layer, unit, dead, then one column per metric. Needs pandas."""
@@ -556,3 +438,8 @@ class AuditReport:
                     row[m] = float(v[i])
                 rows.append(row)
         return pd.DataFrame(rows)
+
+
+__all__ = ["AuditReport", "LayerReport", "GateResult", "SCHEMA_ID", "AGGREGATES", "schema", "validate", "aggregate",
+           "direction", "marks_dead", "nonfinite_units", "default_rank_by", "fitness_values", "rank_units", "dumps", "read",
+           "check_output", "replace_atomically", "write_atomic", "new_file_mode"]

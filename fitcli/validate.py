@@ -14,12 +14,26 @@ costs least".
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fitcli.discovery.kinds import entry_kind
+from fitcli.discovery.kinds import kind_of_point
+from fitcli.report import direction, fitness_values
+from fitcli.report_types import (
+    BlockValidation,
+    Correlation,
+    LayerReport,
+    LayerValidation,
+    RandomBaseline,
+    RandomStats,
+    Validation,
+    floats,
+    tensor,
+)
 
+if TYPE_CHECKING:
+    from fitcli.report import AuditReport
 
 def rankdata(x: torch.Tensor) -> torch.Tensor:
     """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
@@ -100,7 +114,8 @@ def stratified_units(values: list[float | None], k: int, seed: int) -> list[int]
     return sorted(picks)
 
 
-def _corr(metric: torch.Tensor, oracle: torch.Tensor) -> dict[str, Any]:
+def correlation(metric: torch.Tensor, oracle: torch.Tensor) -> dict[str, Any]:
+    """Spearman, Kendall and bottom-10% overlap of ``metric`` with ``oracle`` over the units where both are finite."""
     ok = torch.isfinite(metric) & torch.isfinite(oracle)
     m, o = metric[ok], oracle[ok]
     return {"spearman": spearman(m, o), "kendall": kendall(m, o), "bottom10_overlap": bottom_overlap(m, o),
@@ -112,7 +127,7 @@ def correlations(layers: dict[str, dict[str, torch.Tensor]], oracle: dict[str, t
     per_layer: dict[str, Any] = {}
     metrics = sorted({m for d in layers.values() for m in d})
     for name, d in layers.items():
-        per_layer[name] = {"metrics": {m: _corr(v, oracle[name]) for m, v in sorted(d.items())}}
+        per_layer[name] = {"metrics": {m: correlation(v, oracle[name]) for m, v in sorted(d.items())}}
         scored = [(c["spearman"], m) for m, c in per_layer[name]["metrics"].items() if c["spearman"] is not None]
         per_layer[name]["best"] = max(scored)[1] if scored else None
     across: dict[str, Any] = {}
@@ -127,7 +142,7 @@ def correlations(layers: dict[str, dict[str, torch.Tensor]], oracle: dict[str, t
             xs.append(torch.where(ok, v / norm if norm > 0 else v * 0, torch.full_like(v, float("nan"))))
             os_.append(oracle[name].to(torch.float64))
         if xs:
-            across[m] = _corr(torch.cat(xs), torch.cat(os_))
+            across[m] = correlation(torch.cat(xs), torch.cat(os_))
     scored = [(c["spearman"], m) for m, c in across.items() if c["spearman"] is not None]
     best = max(scored)[1] if scored else None
     return {"layers": per_layer, "across_layers": across, "best": best, "random": random_baseline(oracle)}
@@ -160,74 +175,92 @@ def random_baseline(oracle: dict[str, torch.Tensor], draws: int = RANDOM_DRAWS, 
     return {"layers": per, "across_layers": stats(torch.cat([o for o in oracle.values()])) if oracle else None}
 
 
-def _oriented(report: dict, metric: str) -> dict[str, list[float | None]]:
-    """Per layer, the metric as fitness (higher is fit; see ``report.fitness_values``)."""
-    from fitcli.report import direction, fitness_values
+def _selection(layers: list[LayerReport], rank_metric: str | None, units: int | None,
+               seed: int) -> dict[str, list[int] | None]:
+    """The units validated per non-final activation layer: all (None), or ``units`` of them spread
+    over the range of the ranking metric (else the first metric)."""
+    sel: dict[str, list[int] | None] = {}
+    for lay in layers:
+        if lay.final or kind_of_point(lay.activation_point_kind).weight_only:
+            continue
+        basis = lay.metrics.get(rank_metric) if rank_metric else None
+        values = floats(basis) if basis is not None else []
+        if not values:
+            first = next(iter(lay.metrics.values()), None)
+            values = floats(first) if first is not None else [0.0] * lay.units
+        sel[lay.name] = stratified_units(values, units, seed) if units else None
+    return sel
 
-    return fitness_values(report["layers"], metric, direction(metric, report.get("metric_info")))
+
+def _layer_validations(v: dict[str, Any], chosen: dict[str, list[int]],
+                       signed: dict[str, list[float | None]]) -> dict[str, LayerValidation]:
+    return {name: LayerValidation(metrics={m: Correlation.from_dict(c) for m, c in entry["metrics"].items()},
+                                  best=entry["best"], units=chosen[name], ablation=signed[name])
+            for name, entry in v["layers"].items()}
 
 
-def validate_report(report: dict, *, graph, data, loss_fn, units: int | None, seed: int,
-                    device, chunk_size: int | None, rank_auto: bool, top: int, progress=None,
-                    group=None) -> dict:
-    """Add ``report['validation']`` (and re-rank when ranking is ``auto``). ``group``: a process
+def measure_validation(report: AuditReport, *, graph, data, loss_fn, units: int | None, seed: int, device,
+                       chunk_size: int | None, progress=None, group=None) -> Validation:
+    """Each metric's rank agreement with exact ablation on ``report``'s layers. ``group``: a process
     group; the exact ablation is sharded over its ranks (every rank gets the same validation)."""
     from fitcli.ablation import ablate_layers
     from fitcli.errors import InputError
     from fitcli.progress import NO_PROGRESS
-    from fitcli.report import direction, rank_units
 
     if data is None or graph.runner is None:
         raise InputError("validation needs a runnable model and data")
     if loss_fn is None:
         raise InputError("validation needs a loss: the data has no targets and no loss was given")
-    exclude = {m for m, info in (report.get("metric_info") or {}).items() if "ablation" in info.get("needs", [])}
-    exclude.add("ablation_accuracy")
-    rank_metric = report["settings"].get("rank_by")
-    sel: dict[str, list[int] | None] = {}
-    names = []
-    for lay in report["layers"]:
-        if lay.get("final") or entry_kind(lay).weight_only:
-            continue
-        names.append(lay["name"])
-        basis = lay["metrics"].get(rank_metric) or next(iter(lay["metrics"].values()), [0.0] * lay["units"])
-        sel[lay["name"]] = stratified_units(basis, units, seed) if units else None
-    if not names:
+    info = report.metric_info or {}
+    exclude = {m for m, i in info.items() if "ablation" in i.get("needs", [])} | {"ablation_accuracy"}
+    sel = _selection(report.layers, report.settings.get("rank_by"), units, seed)
+    if not sel:
         raise InputError("validation: no non-final layer to validate")
-    ab = ablate_layers(graph, names, data, loss_fn, mode=report["settings"].get("ablation_mode", "zero"),
-                       device=device, chunk_size=chunk_size, progress=progress or NO_PROGRESS, units=sel,
-                       group=group)
-    metrics_seen = {m for lay in report["layers"] if lay["name"] in names for m in lay["metrics"]} - exclude
-    fit = {m: _oriented(report, m) for m in metrics_seen}
+    mode = report.settings.get("ablation_mode", "zero")
+    ab = ablate_layers(graph, list(sel), data, loss_fn, mode=mode, device=device, chunk_size=chunk_size,
+                       progress=progress or NO_PROGRESS, units=sel, group=group)
+    dicts = [lay.to_dict() for lay in report.layers]
+    seen = {m for lay in report.layers if lay.name in sel for m in lay.metrics} - exclude
+    fit = {m: fitness_values(dicts, m, direction(m, info)) for m in seen}  # each metric as fitness
     per_metric: dict[str, dict[str, torch.Tensor]] = {}
     oracle: dict[str, torch.Tensor] = {}
     chosen: dict[str, list[int]] = {}
     signed: dict[str, list[float | None]] = {}  # each validated unit's loss change, for plots
-    for lay in report["layers"]:
-        if lay["name"] not in names:
+    for lay in report.layers:
+        if lay.name not in sel:
             continue
-        idx = sel[lay["name"]] if sel[lay["name"]] is not None else list(range(lay["units"]))
-        chosen[lay["name"]] = idx
-        full = ab.delta(lay["name"])
-        oracle[lay["name"]] = full[idx].abs()
-        signed[lay["name"]] = [float(x) if math.isfinite(x) else None for x in full[idx].tolist()]
-        per_metric[lay["name"]] = {
-            m: torch.tensor([float("nan") if fit[m][lay["name"]][i] is None else fit[m][lay["name"]][i] for i in idx],
-                            dtype=torch.float64)
-            for m in lay["metrics"] if m not in exclude
-        }
+        idx = chosen[lay.name] = sel[lay.name] if sel[lay.name] is not None else list(range(lay.units))
+        full = ab.delta(lay.name)
+        oracle[lay.name] = full[idx].abs()
+        signed[lay.name] = floats(full[idx])
+        per_metric[lay.name] = {m: tensor([fit[m][lay.name][i] for i in idx]) for m in lay.metrics if m not in exclude}
     v = correlations(per_metric, oracle)
-    for name in v["layers"]:
-        v["layers"][name]["units"] = chosen[name]
-        v["layers"][name]["ablation"] = signed[name]
     best = v["best"]
     rho = v["across_layers"].get(best, {}).get("spearman") if best else None
-    v["oracle"] = "|ablation| (" + report["settings"].get("ablation_mode", "zero") + " mode, exact)"
-    v["seed"] = int(seed)
-    v["recommendation"] = (f"for this model, rank by {best}: Spearman {rho:.2f} with exact ablation across layers"
-                           if best and rho is not None else "no metric could be validated (too few units?)")
-    report["validation"] = v
-    if rank_auto and best:
-        report["settings"]["rank_by"] = best
-        report["ranked"] = rank_units(report["layers"], best, top, direction(best, report.get("metric_info")))
-    return v
+    return Validation(
+        layers=_layer_validations(v, chosen, signed),
+        across_layers={m: Correlation.from_dict(c) for m, c in v["across_layers"].items()}, best=best,
+        random=RandomBaseline.from_dict(v["random"]), oracle=f"|ablation| ({mode} mode, exact)", seed=int(seed),
+        recommendation=(f"for this model, rank by {best}: Spearman {rho:.2f} with exact ablation across layers"
+                        if best and rho is not None else "no metric could be validated (too few units?)"))
+
+
+def validate_report(report: AuditReport, *, graph, data, loss_fn, units: int | None, seed: int,
+                    device, chunk_size: int | None, rank_auto: bool, top: int, progress=None,
+                    group=None) -> AuditReport:
+    """``report`` with its validation (``measure_validation``), ranked by the best metric when the
+    ranking is ``auto``. ``report`` itself is not changed."""
+    v = measure_validation(report, graph=graph, data=data, loss_fn=loss_fn, units=units, seed=seed, device=device,
+                           chunk_size=chunk_size, progress=progress, group=group)
+    return report.with_validation(v, rerank=rank_auto, top=top)
+
+
+def block_validation(first: Any, names: list[str]) -> BlockValidation:
+    """How well Block Influence and angular distance rank blocks like exact removal does (``first``:
+    ``residual.measure`` with every block in place), beside a random order."""
+    oracle = torch.tensor([abs(first.delta[n]) for n in names], dtype=torch.float64)
+    scores = {key: Correlation.from_dict(correlation(torch.tensor([src.get(n, math.nan) for n in names],
+                                                                  dtype=torch.float64), oracle))
+              for key, src in (("block_influence", first.influence), ("angular_distance", first.angular))}
+    return BlockValidation(oracle="|Δloss| with the block replaced by the identity", metrics=scores,
+                           random=RandomStats.from_dict(random_baseline({"blocks": oracle})["across_layers"]))

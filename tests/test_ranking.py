@@ -45,7 +45,7 @@ def _dead(t: dict) -> set[tuple[str, int]]:
 def test_planted_dead_units_rank_first(name, metric, truth):
     t = truth[name]
     dead = _dead(t)
-    rows = fitcli.AuditReport(json.loads(_scored(name))).ranked(by=metric, top=None)
+    rows = fitcli.AuditReport.from_dict(json.loads(_scored(name))).ranked(by=metric, top=None)
     head = {(r["layer"], r["unit"]) for r in rows[: len(dead)]}
     if metric in STRICT:
         assert head == dead, f"{name} by {metric}: first {len(dead)} = {sorted(head)}, dead = {sorted(dead)}"
