@@ -370,8 +370,9 @@ def main(argv: list[str] | None = None) -> None:
             clikit.err.print(f"fitcli: error: {cli_words(e.message)}", markup=False, highlight=False)
         else:
             clikit.err.print(f"fitcli: {cli_words(e.message)}", markup=False, highlight=False)
-        if e.hint:
-            clikit.err.print(f"  hint: {cli_words(e.hint)}", markup=False, highlight=False)
+        hint = getattr(e, "cli_hint", None) or e.hint  # the command line's own words, when the error has them
+        if hint:
+            clikit.err.print(f"  hint: {cli_words(hint)}", markup=False, highlight=False)
         code = e.exit_code
     except ValueError as e:  # e.g. a NUL byte in a path argument
         if verbose:

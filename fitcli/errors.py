@@ -11,14 +11,17 @@ from collections.abc import Iterable
 
 
 class FitcliError(Exception):
-    """Base class: a message for the user, an exit code, and an optional hint."""
+    """Base class: a message for the user, an exit code, and an optional hint. ``hint`` speaks to
+    a Python caller (``fitcli.inspect(model) lists the layers``); ``cli_hint``, when given, is the
+    same advice for the command line (``fitcli inspect MODEL lists the layers``)."""
 
     exit_code = 4
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, cli_hint: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.cli_hint = cli_hint
 
     def __str__(self) -> str:  # one or two readable lines
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"

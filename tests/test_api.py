@@ -244,9 +244,11 @@ def test_settings_object_and_bad_settings_fail_before_loading(monkeypatch):
 
     monkeypatch.setattr(api, "load", boom)
     for bad in (dict(tau=-1), dict(rank_by="nosuch"), dict(metrics=["nosuch"]), dict(ablation_mode="half"),
-                dict(top=-1), dict(batch_size=0), dict(validate_units=1), dict(nosuch=1), dict(rank_by="auto")):
+                dict(top=-1), dict(batch_size=0), dict(validate_units=1), dict(rank_by="auto")):
         with pytest.raises(fitcli.UsageError):
             fitcli.audit("never-loaded.pt", None, **bad)
+    with pytest.raises(TypeError, match="nosuch"):  # the settings are typed keywords: Python names the unknown one
+        fitcli.audit("never-loaded.pt", None, nosuch=1)
     with pytest.raises(fitcli.UsageError):
         fitcli.audit("never-loaded.pt", None, loss="nosuch")
     with pytest.raises(fitcli.UsageError):

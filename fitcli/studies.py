@@ -1,0 +1,238 @@
+"""Exact-ablation studies into reports: each unit of chosen layers (``fitcli.ablate``) and each
+residual block (``fitcli.blocks``).
+
+Units go through the engine's plan (layers, loss, one metric state per layer) and the metric
+contract: the ablation engine (``fitcli.ablation``) measures the loss and accuracy changes, and
+they reach the registered ``ablation`` and ``ablation_accuracy`` metrics through
+``update_ablation``, each taking the sums its ``ablation_of`` names. Blocks are measured by
+``fitcli.residual``. The caller (``fitcli.api``) has checked the settings, loaded the model and
+the data, and holds the model's state (RNG, eval mode, device) around these calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fitcli import distributed
+from fitcli import report as rep
+from fitcli.data import Batch, DataSource
+from fitcli.engine import (
+    HALF,
+    AuditPlan,
+    AuditResult,
+    Float32Loss,
+    coverage,
+    dtype_name,
+    model_dtype,
+    peek,
+    plan,
+)
+from fitcli.errors import InputError, UsageError
+from fitcli.loading import LoadedModel
+from fitcli.progress import Progress
+from fitcli.settings import Settings
+from fitcli.validate import bottom_overlap, kendall, random_baseline, spearman
+
+REMOVABLE_EPS = 1e-6
+
+
+def report_settings(s: Settings, loaded: LoadedModel | None = None, **more: Any) -> dict[str, Any]:
+    """The report's ``settings``. model_mode: audits run the model in eval mode (BatchNorm running
+    statistics, dropout off); dtype: the floating dtype the model computed in (statistics
+    accumulate in float32/float64)."""
+    out = {"tau": float(s.tau), "seed": int(s.seed), "ablation_mode": s.ablation_mode, "model_mode": "eval"}
+    dt = dtype_name(model_dtype(loaded.module)) if loaded is not None else None
+    if dt is not None:
+        out["dtype"] = dt
+    return {**out, **more}
+
+
+def class_targets(example: Batch | None) -> bool:
+    """One integer class id per sample: accuracy changes can be measured (token labels of a
+    language model are not: their loss is per token)."""
+    t = example.targets if example is not None else None
+    return t is not None and not t.is_floating_point() and t.dim() == 1
+
+
+def mark_removable(report: dict, eps: float = REMOVABLE_EPS) -> None:
+    """Units whose exact ablation changes the loss by at most ``eps`` (removable), for every metric
+    that carries exact loss changes (it needs ``ablation`` and measures the loss)."""
+    from fitcli.metrics.registry import load_registry
+
+    reg = load_registry()
+    exact = [m for m, info in (report.get("metric_info") or {}).items() if "ablation" in info.get("needs", [])
+             and getattr(getattr(reg.get(m), "cls", None), "ablation_of", "loss") == "loss"]
+    for lay in report["layers"]:
+        for m in exact:
+            ab = lay["metrics"].get(m)
+            if ab is not None:
+                lay["removable"] = [i for i, v in enumerate(ab) if v is not None and abs(v) <= eps]
+                break
+
+
+def distributed_field(report: dict, d: distributed.Dist | None) -> None:
+    """The report says how many ranks ran it (``data.samples``/``batches`` are the global totals)."""
+    if d is not None:
+        report["distributed"] = distributed.report_field(d)
+
+
+# --------------------------------------------------------------------------------------------
+# units
+
+
+def unit_selection(units: Any, chosen: list) -> dict[str, list[int] | None]:
+    """``units``: None (all), a list of indices (every chosen layer), or {layer: indices}."""
+    if units is None:
+        return {lay.name: None for lay in chosen}
+    if isinstance(units, dict):
+        unknown = [k for k in units if k not in {lay.name for lay in chosen}]
+        if unknown:
+            raise UsageError(f"units given for {unknown[0]!r}, which is not among the layers ablated")
+        sel = {lay.name: (sorted(set(units[lay.name])) if units.get(lay.name) is not None else None) for lay in chosen}
+    else:
+        idx = sorted(set(units))
+        sel = {lay.name: idx for lay in chosen}
+    for lay in chosen:
+        for i in sel[lay.name] or []:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < lay.units:
+                raise UsageError(f"unit {i!r} is out of range for {lay.name} "
+                                 f"(the layer has {lay.units} units: 0-{lay.units - 1})")
+    return sel
+
+
+def plan_units(loaded: LoadedModel, ds: DataSource, s: Settings, loss: Any) -> AuditPlan:
+    """The engine's plan for exact ablation of ``s.layers``: ``ablation``, and
+    ``ablation_accuracy`` when the data has one class id per sample."""
+    metrics = ["ablation", "ablation_accuracy"] if class_targets(peek(ds)) else ["ablation"]
+    p = plan(loaded, ds, metrics=metrics, layers=s.layers, loss=loss, device=s.device)
+    wonly = [lay.name for lay in p.layers if lay.weight_only]
+    if wonly:
+        raise UsageError(f"{wonly[0]} has weight-only units (embedding rows): there is no activation to ablate")
+    if p.have["ablation"] is not None:
+        raise InputError(f"ablation needs a loss: {p.have['ablation']}")
+    return p
+
+
+def _layer_extra(lay, ab, sel: list[int] | None, whole_layer: bool) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if whole_layer:
+        extra["layer_ablation"] = ab.layer_delta(lay.name)
+        if ab.accuracy_known:
+            extra["layer_ablation_accuracy"] = ab.layer_accuracy(lay.name)
+    if sel is not None:
+        extra["ablated_units"] = sel
+    return extra
+
+
+def _feed(p: AuditPlan, ab, result: AuditResult, sel: dict[str, list[int] | None], whole_layer: bool) -> None:
+    """The ablation engine's sums into each layer's metrics, through their contract; units not
+    asked for have no value (null in JSON, not ranked)."""
+    for lay in p.layers:
+        vals = {}
+        for name, metric in p.state[lay.name].items():
+            sums = ab.acc_sum if getattr(metric, "ablation_of", "loss") == "accuracy" else ab.delta_sum
+            metric.update_ablation(sums[lay.name], ab.samples)
+            vals[name] = metric.compute().cpu()
+        if sel[lay.name] is not None:
+            mask = torch.ones(lay.units, dtype=torch.bool)
+            mask[sel[lay.name]] = False
+            vals = {k: v.masked_fill(mask, float("nan")) for k, v in vals.items()}
+        result.values[lay.name] = vals
+        result.layer_extra[lay.name] = _layer_extra(lay, ab, sel[lay.name], whole_layer)
+    for name, cls in p.classes.items():
+        result.metric_info[name] = cls.contract()
+    result.metric_info["ablation"]["method"] = ab.method
+
+
+def ablate_units(loaded: LoadedModel, ds: DataSource, p: AuditPlan, s: Settings, units: Any,
+                 progress: Progress, d: distributed.Dist | None = None) -> dict:
+    """Exact ablation of each selected unit of the plan's layers -> the report (a dict)."""
+    from fitcli.ablation import ablate_layers
+
+    sel = unit_selection(units, p.layers)
+    accuracy = "ablation_accuracy" in p.classes
+    if p.graph.runner is not None:
+        p.graph.runner.to(p.device)
+    ab = ablate_layers(p.graph, [lay.name for lay in p.layers], ds, p.loss_fn, mode=s.ablation_mode,
+                       device=p.device, chunk_size=s.chunk_size, progress=progress, units=sel,
+                       whole_layer=s.whole_layer, accuracy=accuracy, group=d)
+    result = AuditResult(graph=p.graph, layers=p.layers, values={}, metric_info={}, skipped=[], device=str(p.device),
+                         loss_name=p.loss_name, notes=p.notes + ab.notes, samples=ab.samples, batches=ab.batches)
+    _feed(p, ab, result, sel, s.whole_layer)
+    result.coverage = coverage(p.graph, [lay for lay in p.layers if not lay.weight_only], p.layers)
+    report = rep.build(result, loaded, ds, report_settings(s, loaded, whole_layer=s.whole_layer), rank_by="ablation",
+                       top=s.top, command="ablate", include_final=True)
+    by_name = {lay["name"]: lay for lay in report["layers"]}
+    for row in report["ranked"]:
+        acc = by_name[row["layer"]]["metrics"].get("ablation_accuracy")
+        if acc is not None and acc[row["unit"]] is not None:
+            row["accuracy_change"] = acc[row["unit"]]
+    for lay in report["layers"]:
+        if sel[lay["name"]] is not None:
+            keep = set(sel[lay["name"]])
+            lay["nonfinite"] = [u for u in lay["nonfinite"] if u in keep]
+    mark_removable(report)
+    distributed_field(report, d)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# blocks
+
+
+def ablate_blocks(loaded: LoadedModel, ds: DataSource, s: Settings, loss: Any, greedy: int,
+                  progress: Progress) -> dict:
+    """Residual blocks as units: Block Influence, angular distance and the exact loss (and
+    accuracy) change with each block replaced by the identity; with ``greedy`` the layer-removal
+    curve -> the report (a dict)."""
+    from fitcli import residual as blk
+    from fitcli.engine import pick_device
+    from fitcli.losses import resolve_loss
+
+    dev = pick_device(s.device)
+    example = peek(ds)
+    if example is None:
+        raise InputError("the data yields no batches (empty data)")
+    loss_fn, loss_name, why = resolve_loss(loss, example.targets, loaded.task)
+    if loss_fn is None:
+        raise InputError(f"block ablation needs a loss: {why}")
+    if model_dtype(loaded.module) in HALF:
+        loss_fn = Float32Loss(loss_fn)  # half-precision outputs: the losses in float32
+    module = loaded.module.to(dev)
+    names = blk.find_blocks(module, example.to(dev))
+    if not names:
+        raise InputError("no residual block found: no item of an nn.ModuleList or nn.Sequential keeps its "
+                         "input's shape")
+    acc = class_targets(example)
+    first = blk.measure(module, ds, names, loss_fn, dev, acc, progress=progress)
+    curve = blk.greedy(module, ds, names, loss_fn, dev, acc, greedy, first, progress) if greedy else []
+    rows = [{"name": n, "block_influence": first.influence.get(n), "angular_distance": first.angular.get(n),
+             "ablation": first.delta[n], **({"ablation_accuracy": first.accuracy[n]} if acc else {})} for n in names]
+    return {
+        **rep.envelope("blocks", loaded, ds, first.samples, first.batches),
+        "settings": {**report_settings(s, loaded), "metrics": [], "loss": loss_name, "device": str(dev),
+                     "greedy": greedy},
+        "discovery": {"method": "runtime", "notes": list(loaded.notes)},
+        "layers": [], "summary": {"layers": 0, "units": 0, "dead": 0, "dead_fraction": 0.0, "dead_known": False},
+        "skipped": [], "blocks": rows, "base": {"loss": first.base_loss, "accuracy": first.base_accuracy},
+        "greedy": curve, "block_validation": block_validation(first, names),
+    }
+
+
+def _agreement(metric: torch.Tensor, oracle: torch.Tensor) -> dict[str, Any]:
+    ok = torch.isfinite(metric) & torch.isfinite(oracle)
+    m, o = metric[ok], oracle[ok]
+    return {"spearman": spearman(m, o), "kendall": kendall(m, o), "bottom10_overlap": bottom_overlap(m, o),
+            "units": int(ok.sum())}
+
+
+def block_validation(first, names: list[str]) -> dict[str, Any]:
+    """How well Block Influence and angular distance rank blocks like exact removal does, beside a
+    random order."""
+    oracle = torch.tensor([abs(first.delta[n]) for n in names], dtype=torch.float64)
+    scores = {key: _agreement(torch.tensor([src.get(n, float("nan")) for n in names], dtype=torch.float64), oracle)
+              for key, src in (("block_influence", first.influence), ("angular_distance", first.angular))}
+    return {"oracle": "|Δloss| with the block replaced by the identity", "metrics": scores,
+            "random": random_baseline({"blocks": oracle})["across_layers"]}
