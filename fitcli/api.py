@@ -29,7 +29,6 @@ from fitcli import data as data_mod
 from fitcli import distributed, studies
 from fitcli import report as rep
 from fitcli.data import DataSource, as_batch
-from fitcli.engine import audit as run_audit
 from fitcli.engine import cast_model, model_dtype, peek
 from fitcli.errors import InputError, UsageError
 from fitcli.loading import LoadedModel, from_module, load_model
@@ -37,7 +36,7 @@ from fitcli.losses import check_loss
 from fitcli.progress import Progress, as_progress
 from fitcli.report import AuditReport, GateResult
 from fitcli.settings import Settings
-from fitcli.studies import REMOVABLE_EPS, distributed_field, mark_removable, report_settings
+from fitcli.studies import REMOVABLE_EPS
 
 # --------------------------------------------------------------------------------------------
 # what the caller holds -> what the engine takes
@@ -257,18 +256,7 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
     base = load(baseline) if baseline is not None else None
     ds = _source(data, s, loaded)
     with caller_state(loaded.module, s.seed), _offload(loaded, s) as off:
-        result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=base,
-                           device=s.device, progress=bar, ablation_mode=s.ablation_mode,
-                           chunk_size=s.chunk_size, rank_by=s.rank_by, group=d)
-        report = rep.build(result, loaded, ds, report_settings(s, loaded), rank_by=s.rank_by, top=s.top)
-        mark_removable(report)
-        distributed_field(report, d)
-        if s.validate:
-            from fitcli.validate import validate_report
-
-            validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn, units=s.validate_units,
-                            seed=s.seed, device=result.device, chunk_size=s.chunk_size,
-                            rank_auto=s.rank_by == "auto", top=s.top, progress=bar, group=d)
+        report = studies.audit_units(loaded, ds, base, s, loss, bar, d)
         _offloaded(report, off)
     if s.max_dead is not None or s.max_dead_layer is not None or s.min_coverage is not None:
         rep.gate(report, s.max_dead, s.max_dead_layer, s.min_coverage)

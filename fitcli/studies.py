@@ -1,7 +1,9 @@
-"""Exact-ablation studies into reports: each unit of chosen layers (``fitcli.ablate``) and each
-residual block (``fitcli.blocks``).
+"""The API's requests into reports: an audit of every chosen metric (``fitcli.audit``), exact
+ablation of each unit of chosen layers (``fitcli.ablate``) and of each residual block
+(``fitcli.blocks``).
 
-Units go through the engine's plan (layers, loss, one metric state per layer) and the metric
+An audit is the engine's plan, stream and collect, then validation when asked for. Ablated units
+go through the engine's plan (layers, loss, one metric state per layer) and the metric
 contract: the ablation engine (``fitcli.ablation``) measures the loss and accuracy changes, and
 they reach the registered ``ablation`` and ``ablation_accuracy`` metrics through
 ``update_ablation``, each taking the sums its ``ablation_of`` names. Blocks are measured by
@@ -17,9 +19,8 @@ import torch
 
 from fitcli import distributed
 from fitcli import report as rep
-from fitcli.data import Batch, DataSource
+from fitcli.data import HALF, Batch, DataSource
 from fitcli.engine import (
-    HALF,
     AuditPlan,
     AuditResult,
     Float32Loss,
@@ -76,6 +77,31 @@ def distributed_field(report: dict, d: distributed.Dist | None) -> None:
     """The report says how many ranks ran it (``data.samples``/``batches`` are the global totals)."""
     if d is not None:
         report["distributed"] = distributed.report_field(d)
+
+
+# --------------------------------------------------------------------------------------------
+# audit
+
+
+def audit_units(loaded: LoadedModel, ds: Any, baseline: LoadedModel | None, s: Settings, loss: Any,
+                progress: Progress, d: distributed.Dist | None = None) -> dict:
+    """Every chosen metric of every chosen layer on ``ds`` (the engine), validated against exact
+    ablation with ``s.validate`` -> the report (a dict)."""
+    from fitcli.engine import audit as run_audit
+
+    result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=baseline,
+                       device=s.device, progress=progress, ablation_mode=s.ablation_mode,
+                       chunk_size=s.chunk_size, rank_by=s.rank_by, group=d)
+    report = rep.build(result, loaded, ds, report_settings(s, loaded), rank_by=s.rank_by, top=s.top)
+    mark_removable(report)
+    distributed_field(report, d)
+    if s.validate:
+        from fitcli.validate import validate_report
+
+        validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn, units=s.validate_units,
+                        seed=s.seed, device=result.device, chunk_size=s.chunk_size,
+                        rank_auto=s.rank_by == "auto", top=s.top, progress=progress, group=d)
+    return report
 
 
 # --------------------------------------------------------------------------------------------
