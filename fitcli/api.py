@@ -200,7 +200,6 @@ def _offloaded(report: dict, off: Any) -> None:
 
 
 SETTING_NAMES = frozenset(Settings.names())
-_caller_state = caller_state  # the name fitcli.pruning still calls
 
 
 # --------------------------------------------------------------------------------------------

@@ -581,7 +581,7 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
         raise UsageError("pruning needs data")
     dev = pick_device(s.device)
     original = loaded.module
-    with api._caller_state(original, s.seed):
+    with api.caller_state(original, s.seed):
         original.to(dev)
         example = peek(ds)
         if example is None:
