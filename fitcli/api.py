@@ -33,7 +33,7 @@ from fitcli.engine import cast_model, model_dtype, peek
 from fitcli.errors import InputError, UsageError
 from fitcli.loading import LoadedModel, from_module, load_model
 from fitcli.losses import check_loss
-from fitcli.progress import Progress, as_progress
+from fitcli.progress import Progress, ProgressArg, as_progress
 from fitcli.report import AuditReport, GateResult
 from fitcli.settings import Settings
 from fitcli.studies import REMOVABLE_EPS
@@ -205,16 +205,44 @@ SETTING_NAMES = frozenset(Settings.names())
 # --------------------------------------------------------------------------------------------
 # audit, ablate, blocks
 
-_SETTINGS_ARGS = """settings: a ``fitcli.Settings``; the keyword settings given here (not None) override
-            its fields.
-        progress: True (a progress bar on stderr), False/None (nothing), a ``Progress`` object,
-            or a function ``(description, done, total)``."""
+SETTING_DOCS = {
+    "device": '``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.',
+    "seed": "seed of fitcli's own generators (the caller's global RNG is never touched); 0.",
+    "tau": "a unit is dead when its dormancy score is at most tau; 0.",
+    "top": "rows of the ranked list kept in the report; 20.",
+    "rank_by": 'the metric to rank units by; ``"auto"``: the best validated (needs validate).',
+    "batch_size": "samples per batch of a tensor, a tensor file or a data spec; 64.",
+    "max_batches": "stop each pass over the data after this many batches; all.",
+    "dtype": '``"float32"``, ``"bfloat16"`` or ``"float16"``: the run uses a cast copy; the model\'s own.',
+    "max_memory": "bytes of weights resident at once: a block-by-block run of a .safetensors checkpoint.",
+    "chunk_size": "units per batched ablation pass; from free memory.",
+    "ablation_mode": '``"zero"``, or ``"mean"`` (the unit\'s mean activation over the data).',
+    "whole_layer": "also ablate each layer as a whole (``layer_ablation`` in the report).",
+    "validate": "measure every metric against exact ablation (``report.validation``).",
+    "validate_units": "validate on a stratified sample of this many units per layer (at least 2).",
+    "max_dead": "gate: most dead units allowed, percent of the audited units.",
+    "max_dead_layer": "gate: most dead units allowed in any one layer, percent.",
+    "min_coverage": "gate: least share of the model's parameters the audited units own, percent.",
+}
+
+
+def _document_settings(fn: Callable[..., Any]) -> None:
+    """``{settings}`` in ``fn``'s docstring -> one Args line per setting keyword it takes (None:
+    the value of ``settings``, else the default given last), then ``settings`` and ``progress``."""
+    import inspect as pyinspect
+
+    names = [n for n in pyinspect.signature(fn).parameters if n in SETTING_DOCS]
+    lines = [f"{n}: {SETTING_DOCS[n]}" for n in names]
+    lines += ["settings: a ``fitcli.Settings``; each keyword setting above that is not None overrides it.",
+              "progress: True (a progress bar on stderr), False/None (nothing), a ``Progress`` object,",
+              "    or a function ``(description, done, total)``."]
+    fn.__doc__ = (fn.__doc__ or "").replace("{settings}", "\n        ".join(lines))
 
 
 def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] | None = None,
           layers: list[str] | None = None, baseline: Any = None, arch: Any = None,
           arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
-          settings: Settings | None = None, progress: Any = None, group: Any = None,
+          settings: Settings | None = None, progress: ProgressArg = None, group: Any = None,
           device: str | None = None, seed: int | None = None, tau: float | None = None, top: int | None = None,
           rank_by: str | None = None, batch_size: int | None = None, max_batches: int | None = None,
           dtype: str | None = None, max_memory: int | None = None, chunk_size: int | None = None,
@@ -236,9 +264,6 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
         baseline: a second model or checkpoint, for the weight-change metrics.
         group: a ``torch.distributed`` process group the caller initialised: every rank calls
             ``audit`` alike, reads its shard of the batches, and gets the same report.
-        device, seed, tau, top, rank_by, batch_size, max_batches, dtype, max_memory, chunk_size,
-            ablation_mode, validate, validate_units, max_dead, max_dead_layer, min_coverage:
-            the ``fitcli.Settings`` fields of these names.
         {settings}
 
     Returns:
@@ -265,7 +290,7 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
 def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None,
            units: list[int] | dict[str, list[int] | None] | None = None, loss: Any = None, arch: Any = None,
            arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
-           settings: Settings | None = None, progress: Any = None, group: Any = None,
+           settings: Settings | None = None, progress: ProgressArg = None, group: Any = None,
            device: str | None = None, seed: int | None = None, tau: float | None = None, top: int | None = None,
            batch_size: int | None = None, max_batches: int | None = None, dtype: str | None = None,
            max_memory: int | None = None, chunk_size: int | None = None, ablation_mode: str | None = None,
@@ -276,10 +301,6 @@ def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None,
         model, data, loss, arch, arch_kwargs, trust_checkpoint, group: as for ``fitcli.audit``.
         layers: layer names or globs to ablate (at least one).
         units: unit indices (for every layer), or ``{layer: indices}``; None: every unit.
-        whole_layer: also ablate each layer as a whole (``layer_ablation`` of the report).
-        ablation_mode: ``"zero"``, or ``"mean"`` (the unit's mean activation over the data).
-        device, seed, tau, top, batch_size, max_batches, dtype, max_memory, chunk_size: the
-            ``fitcli.Settings`` fields of these names.
         {settings}
 
     Returns:
@@ -311,7 +332,7 @@ def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None,
 
 def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, arch: Any = None,
            arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
-           settings: Settings | None = None, progress: Any = None, device: str | None = None,
+           settings: Settings | None = None, progress: ProgressArg = None, device: str | None = None,
            seed: int | None = None, tau: float | None = None, batch_size: int | None = None,
            max_batches: int | None = None, dtype: str | None = None,
            max_memory: int | None = None) -> AuditReport:
@@ -322,8 +343,6 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
         model, data, loss, arch, arch_kwargs, trust_checkpoint: as for ``fitcli.audit``.
         greedy: N > 0 adds the layer-removal curve: remove the cheapest block, re-measure
             exactly, N times.
-        device, seed, tau, batch_size, max_batches, dtype, max_memory: the ``fitcli.Settings``
-            fields of these names.
         {settings}
 
     Returns:
@@ -348,7 +367,7 @@ def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, a
 
 
 for _fn in (audit, ablate, blocks):
-    _fn.__doc__ = _fn.__doc__.replace("{settings}", _SETTINGS_ARGS)
+    _document_settings(_fn)
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ class CallbackProgress:
 
 
 
+# what ``progress=`` of the API accepts
+ProgressArg = bool | Progress | Callable[[str, int, int | None], Any] | None
+
+
 def as_progress(progress: Any) -> Progress | None:
     """What a caller gave as ``progress`` -> a ``Progress``; None when it is none of the accepted
     kinds (True/False/None, a ``Progress``, a function ``(description, done, total)``)."""

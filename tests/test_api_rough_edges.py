@@ -186,6 +186,8 @@ def test_public_functions_have_typed_keywords_and_docstrings(name):
     doc = inspect.getdoc(fn) or ""
     for section in ("Args:", "Returns:", "Examples:"):
         assert section in doc, (name, section)
+    args = doc.split("Args:")[1].split("Returns:")[0]
+    assert [p for p in sig.parameters if p not in args] == [], name  # every keyword is documented
     if name in ("audit", "ablate", "blocks", "compare", "prune"):
         assert {"tau", "device", "seed", "batch_size", "max_batches"} <= set(sig.parameters), name
 
