@@ -208,7 +208,7 @@ def _token_source(path: Path, tensors: dict[str, torch.Tensor], batch_size: int)
     for k, v in inputs.items():
         if v.shape != ids.shape:
             raise InputError(f"{path}: '{k}' has shape {tuple(v.shape)}, 'input_ids' {tuple(ids.shape)}")
-    labels = tensors.get("labels", tensors.get("targets"))
+    labels = _first(tensors, TARGET_KEYS)
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] != ids.shape[0]):
         raise InputError(f"{path}: 'labels' must have one row per sample ({ids.shape[0]})")
 
@@ -220,7 +220,13 @@ def _token_source(path: Path, tensors: dict[str, torch.Tensor], batch_size: int)
     return factory, int(ids.shape[0]), labels is not None
 
 
+INPUT_KEYS = ("input_ids", "inputs", "x")
+TARGET_KEYS = ("labels", "targets", "y")
 KNOWN_KEYS = ("inputs", "x", "targets", "y", "input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def _first(tensors: dict[str, Any], names: tuple[str, ...]) -> Any:
+    return next((tensors[k] for k in names if k in tensors), None)
 
 
 def _unused(path: Path, tensors: dict[str, Any]) -> None:
@@ -230,6 +236,11 @@ def _unused(path: Path, tensors: dict[str, Any]) -> None:
         raise InputError(f"{path}: the data file holds {', '.join(map(repr, extra))}, which fitcli does not read "
                          f"(it reads {', '.join(KNOWN_KEYS)}); remove {'them' if len(extra) > 1 else 'it'}, or give "
                          "the data as batches (dicts of the model's keyword inputs)")
+    for role, names in (("inputs", INPUT_KEYS), ("targets", TARGET_KEYS)):
+        both = [k for k in names if k in tensors]
+        if len(both) > 1:
+            raise InputError(f"{path}: the data file holds {' and '.join(map(repr, both))}: two tensors for the "
+                             f"{role}; keep one")
 
 
 def _token_extras(path: Path, tensors: dict[str, Any], inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -249,8 +260,8 @@ def _tensor_source(path: Path, batch_size: int) -> tuple[Any, int, bool]:
     _unused(path, tensors)
     if "input_ids" in tensors:
         return _token_source(path, tensors, batch_size)
-    inputs = tensors.get("inputs", tensors.get("x"))
-    targets = tensors.get("targets", tensors.get("y"))
+    inputs = _first(tensors, INPUT_KEYS)
+    targets = _first(tensors, TARGET_KEYS)
     if not isinstance(inputs, torch.Tensor):
         raise InputError(f"{path}: no 'inputs' (or 'x') tensor; found: {', '.join(sorted(map(str, tensors))) or 'nothing'}")
     if inputs.dim() == 0 or inputs.shape[0] == 0:

@@ -65,6 +65,15 @@ def test_a_tensor_the_data_file_does_not_use_is_named_not_dropped(tmp_path):
     torch.save({"inputs": ids, "attention_mask": mask, "position_weights": torch.ones(6, 9)}, path)
     with pytest.raises(InputError, match="position_weights"):
         fitcli.audit(model, str(path), metrics=["act_mean"], device="cpu")
+    torch.save({"inputs": ids, "x": ids}, path)  # two tensors for one role: which one?
+    with pytest.raises(InputError, match="'inputs' and 'x'"):
+        fitcli.audit(model, str(path), metrics=["act_mean"], device="cpu")
+    # `labels` beside `inputs` are the targets (they were dropped: no loss, no gradient metrics)
+    mlp, x = _mlp().eval(), torch.randn(8, 6)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    torch.save({"inputs": x, "labels": y}, path)
+    report = fitcli.audit(mlp, str(path), metrics=["taylor"], device="cpu")
+    assert report.settings["loss"] == "cross_entropy" and "taylor" in report.layer("0").metrics
 
 
 # 7. the caller's model is handed back where it was
