@@ -1,20 +1,23 @@
-"""The Python API, for people holding live objects: ``audit``, ``ablate``, ``inspect``, ``gate``,
-``load``, ``load_data``. The command line (``fitcli.cli``) parses its strings and calls these.
+"""The Python API, for people holding live objects: ``audit``, ``ablate``, ``blocks``,
+``inspect``, ``gate``, ``load``, ``load_data``. The command line (``fitcli.cli``) parses its
+strings and calls these. Each function checks its arguments and hands the work on: data to
+``fitcli.data``, audits to ``fitcli.engine``, exact-ablation studies to ``fitcli.studies``.
 
 >>> import fitcli
 >>> report = fitcli.audit(model, loader)                 # an nn.Module and a DataLoader
 >>> report.dead                                          # {"fc1": [3, 17], ...}
 >>> report.ranked(by="apoz", top=10)                     # least fit first
 
-Settings are checked before any model is loaded or data read; the caller's global RNG state and
-the model's train/eval mode are as they were afterwards; the model's weights are never changed.
+Settings are checked before any model is loaded or data read; the caller's global RNG state, the
+model's train/eval mode and the device of its parameters are as they were afterwards; the
+model's weights are never changed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,41 +25,45 @@ from typing import Any
 import torch
 from torch import nn
 
-from fitcli import distributed, report_build
-from fitcli.data import Batch, DataSource, as_batch
-from fitcli.data import load_data as load_data_spec
-from fitcli.engine import (
-    HALF,
-    Float32Loss,
-    cast_model,
-    dtype_name,
-    half_data,
-    model_dtype,
-    peek,
-    plan,
-)
-from fitcli.engine import audit as run_audit
+from fitcli import data as data_mod
+from fitcli import distributed, report_build, studies
+from fitcli.data import DataSource, as_batch
+from fitcli.engine import cast_model, model_dtype, peek
 from fitcli.errors import InputError, UsageError
 from fitcli.loading import LoadedModel, from_module, load_model
 from fitcli.losses import check_loss
-from fitcli.progress import NO_PROGRESS, Progress
-from fitcli.report import AuditReport
-from fitcli.report_types import GateResult
+from fitcli.progress import Progress, ProgressArg, as_progress
+from fitcli.report import AuditReport, GateResult
 from fitcli.settings import Settings
-
-REMOVABLE_EPS = report_build.REMOVABLE_EPS
-
+from fitcli.studies import REMOVABLE_EPS
 
 # --------------------------------------------------------------------------------------------
 # what the caller holds -> what the engine takes
 
 
-def load(model: Any, *, arch: Any = None, arch_kwargs: dict[str, Any] | None = None,
-         trust_checkpoint: bool = False, arch_label: str | None = None, lazy: bool = False) -> LoadedModel:
-    """An ``nn.Module``, a loaded model, or a checkpoint path (with ``arch``: a callable returning
-    the ``nn.Module`` that its state dict fills) -> the model an audit runs on. ``lazy``: a
-    ``.safetensors`` file's weights are not read now but mapped block by block during an audit with
-    ``max_memory`` (models larger than memory)."""
+def load(model: nn.Module | LoadedModel | str | Path, *, arch: Callable[..., nn.Module] | str | None = None,
+         arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False, arch_label: str | None = None,
+         lazy: bool = False) -> LoadedModel:
+    """The model an audit runs on, from what the caller holds.
+
+    Args:
+        model: an ``nn.Module`` (used as it is, never changed), a ``LoadedModel``, or a checkpoint
+            path (``.safetensors``, ``.pt``/``.pth``, a ``torch.export`` ``.pt2``).
+        arch: for a checkpoint holding a state dict: a callable (or ``"file.py:fn"``) returning
+            the ``nn.Module`` the state dict fills.
+        arch_kwargs: keyword arguments for ``arch``.
+        trust_checkpoint: allow a pickled checkpoint that needs full unpickling (runs its code).
+        arch_label: how the report names the architecture.
+        lazy: a ``.safetensors`` file's weights are not read now but mapped block by block during
+            an audit with ``max_memory`` (models larger than memory).
+
+    Returns:
+        A ``LoadedModel`` (module, state dict, format, sha256, notes).
+
+    Examples:
+        >>> loaded = fitcli.load("model.safetensors", arch="models.py:mlp")
+        >>> loaded.module
+    """
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, nn.Module):
@@ -69,54 +76,61 @@ def load(model: Any, *, arch: Any = None, arch_kwargs: dict[str, Any] | None = N
     raise UsageError(f"model must be an nn.Module or a checkpoint path, not {type(model).__name__}")
 
 
-class _Tensors:
-    """A tensor of inputs (and optional targets) in batches of ``batch_size``."""
-
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor | None, batch_size: int):
-        self.inputs, self.targets, self.batch_size = inputs, targets, batch_size
-
-    def __call__(self) -> Iterator[Batch]:
-        for i in range(0, self.inputs.shape[0], self.batch_size):
-            t = None if self.targets is None else self.targets[i : i + self.batch_size]
-            yield Batch((self.inputs[i : i + self.batch_size],), {}, t)
-
-
 def load_data(data: Any, *, batch_size: int = 64, max_batches: int | None = None, seed: int = 0) -> DataSource | None:
-    """What the caller holds -> re-iterable batches. ``data``: a DataLoader or any re-iterable of
-    batches (tensors, ``(inputs, targets)`` pairs, dicts of model keyword inputs with optional
-    ``labels``/``targets``), a function returning such an iterable, a tensor of inputs (split
-    into ``batch_size`` batches), or a tensor file / data spec path."""
-    if data is None or isinstance(data, DataSource):
-        return data
-    if isinstance(data, (str, Path)):
-        return load_data_spec(str(data), batch_size=batch_size, max_batches=max_batches, seed=seed)
-    if isinstance(data, torch.Tensor):
-        if data.dim() == 0 or data.shape[0] == 0:
-            raise InputError(f"data tensor of shape {tuple(data.shape)} holds no samples")
-        n = -(-data.shape[0] // batch_size)
-        return DataSource(f"<tensor {list(data.shape)}>", _Tensors(data, None, batch_size), max_batches,
-                          has_targets=False, batches=n)
-    name = f"<{type(data).__name__}>"
-    if callable(data) and not isinstance(data, Iterable):
-        return DataSource(name, data, max_batches)
-    if not isinstance(data, Iterable) or isinstance(data, (dict, bytes)):
-        raise UsageError(f"data must be an iterable of batches (a DataLoader, a list...), a function returning "
-                         f"one, a tensor or a path, not {type(data).__name__}")
-    if isinstance(data, Iterator):  # (calling iter() to find out would start a DataLoader: RNG draws)
-        raise UsageError("data is a one-shot iterator (a generator?): give something that can be iterated "
-                         "more than once (a list, a DataLoader) or a function that returns a fresh iterator")
-    try:
-        n = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        n = None
-    return DataSource(name, lambda: data, max_batches, batches=n)
+    """Re-iterable batches from what the caller holds (``fitcli.data`` reads every kind).
+
+    Args:
+        data: a DataLoader or any re-iterable of batches (tensors, ``(inputs, targets)`` pairs,
+            dicts of model keyword inputs with optional ``labels``/``targets``), a function
+            returning such an iterable, a tensor of inputs, or a tensor file / data spec path
+            (``data.safetensors``, ``random:1x28x28,n=256``, ``pkg.mod:fn``).
+        batch_size: samples per batch, for tensors, tensor files and random specs.
+        max_batches: stop after this many batches (None: all).
+        seed: the seed of random data specs.
+
+    Returns:
+        A ``DataSource`` yielding ``fitcli.Batch`` objects (None when ``data`` is None).
+
+    Examples:
+        >>> batches = fitcli.load_data("random:3x32x32,n=64", batch_size=16)
+        >>> [b.size for b in batches]
+        [16, 16, 16, 16]
+    """
+    return data_mod.load_data(data, batch_size=batch_size, max_batches=max_batches, seed=seed)
+
+
+def _source(data: Any, s: Settings, loaded: LoadedModel) -> Any:
+    return data_mod.source(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed,
+                           dtype=model_dtype(loaded.module))
 
 
 @contextlib.contextmanager
-def _caller_state(model: nn.Module | None, seed: int, device: torch.device | None = None) -> Iterator[None]:
+def _placement(model: nn.Module | None) -> Iterator[None]:
+    """Every parameter and buffer of the caller's model (and each gradient) is handed back as the
+    very tensor it was, on its device, whatever happens: moving the model to the audit device
+    does not move the caller's model."""
+    if model is None or not hasattr(model, "modules"):
+        yield
+        return
+    saved = [(mod, name, p, p.data, p.grad) for mod in model.modules() for name, p in mod.named_parameters(recurse=False)]
+    bufs = [(mod, name, b) for mod in model.modules() for name, b in mod.named_buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        for mod, name, p, d, g in saved:
+            setattr(mod, name, p)
+            p.data = d
+            if p.grad is not g:
+                p.grad = g
+        for mod, name, b in bufs:
+            setattr(mod, name, b)
+
+
+@contextlib.contextmanager
+def caller_state(model: nn.Module | None, seed: int, device: torch.device | None = None) -> Iterator[None]:
     """The audit's own RNG (seeded), eval mode and no fused attention fast path; the caller's RNG
-    state, every module's train flag and the fast-path setting are restored on the way out,
-    whatever happens."""
+    state, every module's train flag, the model's device and the fast-path setting are restored
+    on the way out, whatever happens."""
     modes = [(m, m.training) for m in model.modules()] if model is not None else []
     devices = [device.index or 0] if device is not None and device.type == "cuda" else []
     mha = getattr(torch.backends, "mha", None)
@@ -124,7 +138,7 @@ def _caller_state(model: nn.Module | None, seed: int, device: torch.device | Non
     try:
         if mha is not None:  # the fused attention fast path bypasses the layers inside nn.Transformer*
             mha.set_fastpath_enabled(False)
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), _placement(model):
             torch.manual_seed(seed)
             if model is not None:
                 with contextlib.suppress(NotImplementedError):  # a torch.export module has no eval()
@@ -159,25 +173,24 @@ def _offload(loaded: LoadedModel, s: Settings) -> Iterator[Any]:
         yield off
 
 
+def _progress(progress: Any) -> Progress:
+    p = as_progress(progress)
+    if p is None:
+        raise UsageError(f"progress must be True (a progress bar on stderr), False, a Progress object or a "
+                         f"function (description, done, total), not {type(progress).__name__}")
+    return p
+
+
 def _settings(settings: Settings | None, options: dict[str, Any]) -> Settings:
-    return Settings.make(settings, **options).check()
+    """``settings`` with the keyword settings given (not None) on top, checked."""
+    return Settings.make(settings, **{k: v for k, v in options.items() if k in SETTING_NAMES}).check()
 
 
-def _report_settings(s: Settings, loaded: LoadedModel | None = None, **more: Any) -> dict[str, Any]:
-    # model_mode: audits run the model in eval mode (BatchNorm running statistics, dropout off);
-    # dtype: the floating dtype the model computed in (statistics accumulate in float32/float64)
-    out = {"tau": float(s.tau), "seed": int(s.seed), "ablation_mode": s.ablation_mode, "model_mode": "eval"}
-    dt = dtype_name(model_dtype(loaded.module)) if loaded is not None else None
-    if dt is not None:
-        out["dtype"] = dt
-    return {**out, **more}
-
-
-def _class_targets(example: Batch | None) -> bool:
-    """One integer class id per sample: accuracy changes can be measured (token labels of a
-    language model are not: their loss is per token)."""
-    t = example.targets if example is not None else None
-    return t is not None and not t.is_floating_point() and t.dim() == 1
+def _prepare(model: Any, s: Settings, loss: Any, how: dict[str, Any]) -> LoadedModel:
+    """The loss checked, the model loaded (``how``: arch, arch_kwargs, trust_checkpoint) and cast
+    to ``s.dtype``."""
+    check_loss(loss)
+    return cast_model(load(model, lazy=s.max_memory is not None, **how), s.dtype)
 
 
 def _offloaded(off: Any) -> dict[str, Any] | None:
@@ -188,58 +201,88 @@ def _offloaded(off: Any) -> dict[str, Any] | None:
             "loads": int(off.loads), "recomputed": int(off.recomputed)}
 
 
-def _distributed(d: distributed.Dist | None) -> dict[str, Any] | None:
-    """The report says how many ranks ran it (``data.samples``/``batches`` are the global totals)."""
-    return distributed.report_field(d) if d is not None else None
-
-
-def _group(group: Any) -> distributed.Dist | None:
-    return distributed.of(group)
+SETTING_NAMES = frozenset(Settings.names())
 
 
 # --------------------------------------------------------------------------------------------
-# audit
+# audit, ablate, blocks
+
+SETTING_DOCS = {
+    "device": '``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.',
+    "seed": "seed of fitcli's own generators (the caller's global RNG is never touched); 0.",
+    "tau": "a unit is dead when its dormancy score is at most tau; 0.",
+    "top": "rows of the ranked list kept in the report; 20.",
+    "rank_by": 'the metric to rank units by; ``"auto"``: the best validated (needs validate).',
+    "batch_size": "samples per batch of a tensor, a tensor file or a data spec; 64.",
+    "max_batches": "stop each pass over the data after this many batches; all.",
+    "dtype": '``"float32"``, ``"bfloat16"`` or ``"float16"``: the run uses a cast copy; the model\'s own.',
+    "max_memory": "bytes of weights resident at once: a block-by-block run of a .safetensors checkpoint.",
+    "chunk_size": "units per batched ablation pass; from free memory.",
+    "ablation_mode": '``"zero"``, or ``"mean"`` (the unit\'s mean activation over the data).',
+    "whole_layer": "also ablate each layer as a whole (``layer_ablation`` in the report).",
+    "validate": "measure every metric against exact ablation (``report.validation``).",
+    "validate_units": "validate on a stratified sample of this many units per layer (at least 2).",
+    "max_dead": "gate: most dead units allowed, percent of the audited units.",
+    "max_dead_layer": "gate: most dead units allowed in any one layer, percent.",
+    "min_coverage": "gate: least share of the model's parameters the audited units own, percent.",
+}
+
+
+def _document_settings(fn: Callable[..., Any]) -> None:
+    """``{settings}`` in ``fn``'s docstring -> one Args line per setting keyword it takes (None:
+    the value of ``settings``, else the default given last), then ``settings`` and ``progress``."""
+    import inspect as pyinspect
+
+    names = [n for n in pyinspect.signature(fn).parameters if n in SETTING_DOCS]
+    lines = [f"{n}: {SETTING_DOCS[n]}" for n in names]
+    lines += ["settings: a ``fitcli.Settings``; each keyword setting above that is not None overrides it.",
+              "progress: True (a progress bar on stderr), False/None (nothing), a ``Progress`` object,",
+              "    or a function ``(description, done, total)``."]
+    fn.__doc__ = (fn.__doc__ or "").replace("{settings}", "\n        ".join(lines))
 
 
 def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] | None = None,
           layers: list[str] | None = None, baseline: Any = None, arch: Any = None,
           arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
-          settings: Settings | None = None, progress: Progress | None = None, group: Any = None,
-          **options: Any) -> AuditReport:
-    """Score every chosen metric of every audited layer on ``data``; returns an ``AuditReport``.
+          settings: Settings | None = None, progress: ProgressArg = None, group: Any = None,
+          device: str | None = None, seed: int | None = None, tau: float | None = None, top: int | None = None,
+          rank_by: str | None = None, batch_size: int | None = None, max_batches: int | None = None,
+          dtype: str | None = None, max_memory: int | None = None, chunk_size: int | None = None,
+          ablation_mode: str | None = None, validate: bool | None = None, validate_units: int | None = None,
+          max_dead: float | None = None, max_dead_layer: float | None = None,
+          min_coverage: float | None = None) -> AuditReport:
+    """Score every chosen metric of every audited layer on ``data``.
 
-    ``model``: an ``nn.Module`` or a checkpoint path (``arch`` builds the module a state dict
-    fills). ``data``: any re-iterable of batches, a function returning one, a tensor, or a path or
-    data spec. ``loss``: a callable ``(output, batch) -> per-sample losses``, a ``torch.nn`` loss
-    module, a name (``cross_entropy``, ``mse``), or None (chosen from the targets).
-    ``metrics``/``layers``: names (layers: globs too). Further keyword options are the fields of
-    ``fitcli.Settings`` (``tau``, ``device``, ``rank_by``, ``validate``, ``max_dead``, ``dtype``...).
+    Args:
+        model: an ``nn.Module``, a ``LoadedModel`` or a checkpoint path (see ``fitcli.load``;
+            ``arch``, ``arch_kwargs``, ``trust_checkpoint`` as there).
+        data: any re-iterable of batches, a function returning one, a tensor, or a path or data
+            spec (see ``fitcli.load_data``).
+        loss: a name (``cross_entropy``, ``mse``, ``lm``, ``output``), a ``torch.nn`` loss module,
+            a callable ``(output, batch)`` or ``(output, target)`` returning per-sample losses
+            (docs/api.md says how the form is chosen), or None (chosen from the targets).
+        metrics: metric names (None: every default metric whose needs this run meets).
+        layers: layer names or globs (None: every auditable layer).
+        baseline: a second model or checkpoint, for the weight-change metrics.
+        group: a ``torch.distributed`` process group the caller initialised: every rank calls
+            ``audit`` alike, reads its shard of the batches, and gets the same report.
+        {settings}
 
-    ``group``: a ``torch.distributed`` process group the caller initialised (every rank calls
-    ``audit`` with the same arguments): each rank reads its shard of the batches, the metric
-    states are all-reduced, and every rank returns the same report (``docs/distributed.md``).
+    Returns:
+        An ``AuditReport``: per-layer metric tensors, dead units, rankings, coverage.
+
+    Examples:
+        >>> report = fitcli.audit(model, loader, device="cpu")
+        >>> report.dead                       # {"fc1": [3, 17], ...}
+        >>> report.ranked(by="apoz", top=10)  # least fit first
     """
-    s = _settings(settings, dict(options, metrics=metrics, layers=layers))
-    check_loss(loss)
-    d = _group(group)
-    progress = progress or NO_PROGRESS
-    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                             lazy=s.max_memory is not None), s.dtype)
+    s = _settings(settings, locals())
+    bar, d = _progress(progress), distributed.of(group)
+    loaded = _prepare(model, s, loss, {"arch": arch, "arch_kwargs": arch_kwargs, "trust_checkpoint": trust_checkpoint})
     base = load(baseline) if baseline is not None else None
-    ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
-    with _caller_state(loaded.module, s.seed), _offload(loaded, s) as off:
-        result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=base,
-                           device=s.device, progress=progress, ablation_mode=s.ablation_mode,
-                           chunk_size=s.chunk_size, rank_by=s.rank_by, group=d)
-        report = report_build.build(result, loaded, ds, _report_settings(s, loaded), rank_by=s.rank_by, top=s.top,
-                                    distributed=_distributed(d))
-        if s.validate:
-            from fitcli.validate import validate_report
-
-            report = validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn,
-                                     units=s.validate_units, seed=s.seed, device=result.device,
-                                     chunk_size=s.chunk_size, rank_auto=s.rank_by == "auto", top=s.top,
-                                     progress=progress, group=d)
+    ds = _source(data, s, loaded)
+    with caller_state(loaded.module, s.seed), _offload(loaded, s) as off:
+        report = studies.audit_units(loaded, ds, base, s, loss, bar, d)
         report = dataclasses.replace(report, offload=_offloaded(off))
     if s.max_dead is not None or s.max_dead_layer is not None or s.min_coverage is not None:
         report = dataclasses.replace(report, gate=report_build.gate(report, s.max_dead, s.max_dead_layer,
@@ -247,162 +290,88 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
     return report
 
 
-# --------------------------------------------------------------------------------------------
-# ablate
+def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None,
+           units: list[int] | dict[str, list[int] | None] | None = None, loss: Any = None, arch: Any = None,
+           arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
+           settings: Settings | None = None, progress: ProgressArg = None, group: Any = None,
+           device: str | None = None, seed: int | None = None, tau: float | None = None, top: int | None = None,
+           batch_size: int | None = None, max_batches: int | None = None, dtype: str | None = None,
+           max_memory: int | None = None, chunk_size: int | None = None, ablation_mode: str | None = None,
+           whole_layer: bool | None = None) -> AuditReport:
+    """Exact ablation: the mean loss change when each unit is masked at its activation point.
 
+    Args:
+        model, data, loss, arch, arch_kwargs, trust_checkpoint, group: as for ``fitcli.audit``.
+        layers: layer names or globs to ablate (at least one).
+        units: unit indices (for every layer), or ``{layer: indices}``; None: every unit.
+        {settings}
 
-def _unit_selection(units: Any, chosen: list) -> dict[str, list[int] | None]:
-    """``units``: None (all), a list of indices (every chosen layer), or {layer: indices}."""
-    if units is None:
-        return {lay.name: None for lay in chosen}
-    if isinstance(units, dict):
-        unknown = [k for k in units if k not in {lay.name for lay in chosen}]
-        if unknown:
-            raise UsageError(f"units given for {unknown[0]!r}, which is not among the layers ablated")
-        sel = {lay.name: (sorted(set(units[lay.name])) if units.get(lay.name) is not None else None) for lay in chosen}
-    else:
-        idx = sorted(set(units))
-        sel = {lay.name: idx for lay in chosen}
-    for lay in chosen:
-        for i in sel[lay.name] or []:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < lay.units:
-                raise UsageError(f"{{units}}: unit {i!r} is out of range for {lay.name} "
-                                 f"(the layer has {lay.units} units: 0-{lay.units - 1})", setting="units")
-    return sel
+    Returns:
+        An ``AuditReport`` whose layers carry ``metrics["ablation"]`` (and ``ablation_accuracy``
+        for data with one class id per sample) and ``removable``.
 
-
-def _ablate_extra(lay, ab, sel: list[int] | None, whole_layer: bool) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
-    if whole_layer:
-        extra["layer_ablation"] = ab.layer_delta(lay.name)
-        if ab.accuracy_known:
-            extra["layer_ablation_accuracy"] = ab.layer_accuracy(lay.name)
-    if sel is not None:
-        extra["ablated_units"] = sel
-    return extra
-
-
-def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None, units: Any = None,
-           loss: Any = None, arch: Any = None, arch_kwargs: dict[str, Any] | None = None,
-           trust_checkpoint: bool = False, settings: Settings | None = None, progress: Progress | None = None,
-           group: Any = None, **options: Any) -> AuditReport:
-    """Exact ablation of each unit of ``layers`` (and of each whole layer with ``whole_layer=True``):
-    the mean loss change when the unit is masked at its activation point. Returns an
-    ``AuditReport`` whose layers carry ``metrics["ablation"]`` (and ``ablation_accuracy`` for class
-    targets) and ``removable``. ``units``: a list of indices, or ``{layer: indices}``. ``group``: a
-    process group; the batches are sharded over its ranks and the sums all-reduced."""
-    s = _settings(settings, dict(options, layers=layers, metrics=["ablation"]))
+    Examples:
+        >>> report = fitcli.ablate(model, loader, layers=["fc1"], device="cpu")
+        >>> report.layer("fc1").metrics["ablation"]
+        >>> report.removable                  # {"fc1": [3, 17]}
+    """
+    s = _settings(settings, locals())
     if not s.layers:
-        raise UsageError("ablation needs at least one layer", hint="`fitcli inspect MODEL` lists the layers")
-    check_loss(loss)
-    d = _group(group)
-    progress = progress or NO_PROGRESS
-    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                             lazy=s.max_memory is not None), s.dtype)
+        raise UsageError("ablation needs at least one layer", hint="fitcli.inspect(model) lists the layers",
+                         cli_hint="`fitcli inspect MODEL` lists the layers")
+    bar, d = _progress(progress), distributed.of(group)
+    loaded = _prepare(model, s, loss, {"arch": arch, "arch_kwargs": arch_kwargs, "trust_checkpoint": trust_checkpoint})
     if not loaded.runnable:
         raise InputError(f"{loaded.path}: ablation needs a runnable model; give its architecture ({{arch}})"
                          + (" (" + "; ".join(loaded.notes) + ")" if loaded.notes else ""), setting="arch")
-    ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
+    ds = _source(data, s, loaded)
     if ds is None:
         raise UsageError("ablation needs data")
-    with _caller_state(loaded.module, s.seed), _offload(loaded, s):
+    with caller_state(loaded.module, s.seed), _offload(loaded, s):
         with distributed.phase(d):  # every rank plans on batch 0; a failure on one is every rank's
-            p = plan(loaded, ds, metrics=["ablation"], layers=s.layers, loss=loss, device=s.device)
-            wonly = [lay.name for lay in p.layers if lay.weight_only]
-            if wonly:
-                raise UsageError(f"{wonly[0]} has weight-only units (embedding rows): there is no activation to ablate")
-            if p.have["ablation"] is not None:
-                raise InputError(f"ablation needs a loss: {p.have['ablation']}")
-        return _run_ablate(loaded, ds, p, s, units, progress, d)
-
-
-def _run_ablate(loaded: LoadedModel, ds: DataSource, p, s: Settings, units: Any, progress: Progress,
-                d: distributed.Dist | None = None) -> AuditReport:
-    from fitcli.ablation import ablate_layers
-    from fitcli.engine import AuditResult, coverage
-
-    sel = _unit_selection(units, p.layers)
-    example = peek(ds)
-    accuracy = _class_targets(example)
-    if p.graph.runner is not None:
-        p.graph.runner.to(p.device)
-    ab = ablate_layers(p.graph, [lay.name for lay in p.layers], ds, p.loss_fn, mode=s.ablation_mode,
-                       device=p.device, chunk_size=s.chunk_size, progress=progress, units=sel,
-                       whole_layer=s.whole_layer, accuracy=accuracy, group=d)
-    result = AuditResult(graph=p.graph, layers=p.layers, values={}, metric_info={}, skipped=[], device=str(p.device),
-                         loss_name=p.loss_name, notes=p.notes + ab.notes, samples=ab.samples, batches=ab.batches)
-    for lay in p.layers:
-        metric = p.state[lay.name]["ablation"]
-        metric.update_ablation(ab.delta_sum[lay.name], ab.samples)  # the results reach the metric through its contract
-        vals = {"ablation": metric.compute().cpu()}
-        if accuracy:
-            vals["ablation_accuracy"] = ab.accuracy(lay.name)
-        if sel[lay.name] is not None:  # units not asked for have no value: null in JSON, not ranked
-            mask = torch.ones(lay.units, dtype=torch.bool)
-            mask[sel[lay.name]] = False
-            vals = {k: v.masked_fill(mask, float("nan")) for k, v in vals.items()}
-        result.values[lay.name] = vals
-        result.layer_extra[lay.name] = _ablate_extra(lay, ab, sel[lay.name], s.whole_layer)
-    result.coverage = coverage(p.graph, [lay for lay in p.layers if not lay.weight_only], p.layers)
-    result.metric_info["ablation"] = {**p.classes["ablation"].contract(), "method": ab.method}
-    if accuracy:
-        result.metric_info["ablation_accuracy"] = {
-            "description": "accuracy(ablated) − accuracy: change in the fraction of correct predictions",
-            "needs": ["activations", "labels", "ablation"], "higher_is_better": True}
-    settings = _report_settings(s, loaded, whole_layer=s.whole_layer)
-    return report_build.build(result, loaded, ds, settings, rank_by="ablation", top=s.top, command="ablate",
-                              include_final=True, ablated=sel, distributed=_distributed(d))
-
-
-# --------------------------------------------------------------------------------------------
-# blocks
+            p = studies.plan_units(loaded, ds, s, loss)
+        return studies.ablate_units(loaded, ds, p, s, units, bar, d)
 
 
 def blocks(model: Any, data: Any = None, *, greedy: int = 0, loss: Any = None, arch: Any = None,
            arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
-           settings: Settings | None = None, progress: Progress | None = None, **options: Any) -> AuditReport:
-    """Residual blocks as units: Block Influence, angular distance and the exact loss (and
-    accuracy) change with each block replaced by the identity; with ``greedy=N`` the layer-removal
-    curve (remove the cheapest block, re-measure exactly, N times). The report's ``blocks`` and
-    ``greedy`` fields hold them."""
-    from fitcli import residual as blk
-    from fitcli.engine import pick_device
-    from fitcli.losses import resolve_loss
+           settings: Settings | None = None, progress: ProgressArg = None, device: str | None = None,
+           seed: int | None = None, tau: float | None = None, batch_size: int | None = None,
+           max_batches: int | None = None, dtype: str | None = None,
+           max_memory: int | None = None) -> AuditReport:
+    """Residual blocks as units: Block Influence, angular distance, and the exact loss (and
+    accuracy) change with each block replaced by the identity.
 
-    s = _settings(settings, options)
+    Args:
+        model, data, loss, arch, arch_kwargs, trust_checkpoint: as for ``fitcli.audit``.
+        greedy: N > 0 adds the layer-removal curve: remove the cheapest block, re-measure
+            exactly, N times.
+        {settings}
+
+    Returns:
+        An ``AuditReport`` whose ``blocks`` and ``greedy`` fields hold the rows and the curve.
+
+    Examples:
+        >>> report = fitcli.blocks(model, loader, greedy=3, device="cpu")
+        >>> [(b["name"], b["ablation"]) for b in report["blocks"]]
+    """
+    s = _settings(settings, locals())
     if not isinstance(greedy, int) or isinstance(greedy, bool) or greedy < 0:
         raise UsageError(f"{{greedy}} must be a non-negative number of blocks, got {greedy!r}", setting="greedy")
-    check_loss(loss)
-    loaded = cast_model(load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint,
-                             lazy=s.max_memory is not None), s.dtype)
+    bar = _progress(progress)
+    loaded = _prepare(model, s, loss, {"arch": arch, "arch_kwargs": arch_kwargs, "trust_checkpoint": trust_checkpoint})
     if not loaded.runnable:
         raise InputError(f"{loaded.path}: block ablation needs a runnable model; give its architecture ({{arch}})",
                          setting="arch")
-    ds = half_data(load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed), loaded)
+    ds = _source(data, s, loaded)
     if ds is None:
         raise UsageError("block ablation needs data")
-    dev = pick_device(s.device)
-    with _caller_state(loaded.module, s.seed), _offload(loaded, s):
-        example = peek(ds)
-        if example is None:
-            raise InputError("the data yields no batches (empty data)")
-        loss_fn, loss_name, why = resolve_loss(loss, example.targets, loaded.task)
-        if loss_fn is None:
-            raise InputError(f"block ablation needs a loss: {why}")
-        if model_dtype(loaded.module) in HALF:
-            loss_fn = Float32Loss(loss_fn)  # half-precision outputs: the losses in float32
-        module = loaded.module.to(dev)
-        names = blk.find_blocks(module, example.to(dev))
-        if not names:
-            raise InputError("no residual block found: no module keeps its input's shape and adds its input "
-                             "back, and no item of an nn.ModuleList or nn.Sequential keeps its input's shape")
-        acc = _class_targets(example)
-        first = blk.measure(module, ds, names, loss_fn, dev, acc, progress=progress or NO_PROGRESS)
-        curve = blk.greedy(module, ds, names, loss_fn, dev, acc, greedy, first, progress or NO_PROGRESS) if greedy else []
-    from fitcli.validate import block_validation
+    with caller_state(loaded.module, s.seed), _offload(loaded, s):
+        return studies.ablate_blocks(loaded, ds, s, loss, greedy, bar)
 
-    settings = {**_report_settings(s, loaded), "metrics": [], "loss": loss_name, "device": str(dev), "greedy": greedy}
-    return report_build.build_blocks(loaded, ds, first, names, curve, acc, settings, block_validation(first, names))
+
+for _fn in (audit, ablate, blocks):
+    _document_settings(_fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,12 +396,26 @@ class Inspection:
 
 def inspect(model: Any, data: Any = None, *, arch: Any = None, arch_kwargs: dict[str, Any] | None = None,
             trust_checkpoint: bool = False, batch_size: int = 8) -> Inspection:
-    """Layers, unit counts, activation points and the format found in a model or checkpoint."""
+    """Layers, unit counts, activation points and the format found in a model or checkpoint.
+
+    Args:
+        model, arch, arch_kwargs, trust_checkpoint: as for ``fitcli.load``.
+        data: optional example data (as for ``fitcli.load_data``): one batch runs the model,
+            which finds layers a traced graph misses and the activation chains.
+        batch_size: samples of that batch, for tensors and data specs.
+
+    Returns:
+        An ``Inspection``: ``model``, ``discovery``, ``layers`` and ``unsupported``.
+
+    Examples:
+        >>> info = fitcli.inspect(model)
+        >>> [(lay["name"], lay["units"]) for lay in info.layers]
+    """
     from fitcli.discovery import discover
 
     loaded = load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
     ds = load_data(data, batch_size=batch_size, max_batches=1) if loaded.runnable else None
-    with _caller_state(loaded.module, 0):
+    with caller_state(loaded.module, 0):
         example = peek(ds) if ds is not None else None
         graph = discover(loaded.module, loaded.state_dict, example=example, exported=loaded.format == "export")
     return Inspection(
@@ -448,10 +431,23 @@ def inspect(model: Any, data: Any = None, *, arch: Any = None, arch_kwargs: dict
 
 def gate(report: AuditReport | dict | str | Path, max_dead: float | None = None,
          max_dead_layer: float | None = None, min_coverage: float | None = None) -> GateResult:
-    """Check a report (or a saved report file) against dead-unit thresholds and a minimum coverage,
-    in percent. Without thresholds, the ones the report was scored with. It fails when no unit was
-    audited. The verdict is returned; on an ``AuditReport`` it is also stored (``report.gate``);
-    a report dict is not changed."""
+    """Check a report against dead-unit thresholds and a minimum coverage, in percent.
+
+    Args:
+        report: an ``AuditReport``, a report dict, or a saved report file.
+        max_dead: most dead units allowed, percent of all audited units.
+        max_dead_layer: most dead units allowed in any one layer, percent.
+        min_coverage: least share of the model's parameters the audited units must own, percent.
+            Without any threshold, the ones the report was scored with.
+
+    Returns:
+        A ``GateResult`` (true when passed; ``failures`` says which threshold was exceeded). It
+        fails when no unit was audited. The verdict is also stored on an ``AuditReport``.
+
+    Examples:
+        >>> result = fitcli.gate(report, max_dead=5)
+        >>> bool(result), result.failures
+    """
     Settings.make(max_dead=max_dead, max_dead_layer=max_dead_layer, min_coverage=min_coverage).check()
     if isinstance(report, (str, Path)):
         data = AuditReport.load(report)
@@ -474,4 +470,5 @@ def gate(report: AuditReport | dict | str | Path, max_dead: float | None = None,
     return verdict
 
 
-__all__ = ["audit", "ablate", "blocks", "inspect", "gate", "load", "load_data", "Inspection", "as_batch"]
+__all__ = ["audit", "ablate", "blocks", "inspect", "gate", "load", "load_data", "Inspection", "as_batch",
+           "caller_state", "REMOVABLE_EPS"]

@@ -420,11 +420,32 @@ def gate(cmp: Comparison, max_new_dead: float) -> CompareGate:
 def compare(base: Any, new: Any, *, data: Any = None, loss: Any = None, metrics: list[str] | None = None,
             layers: list[str] | None = None, arch: Any = None, arch_kwargs: dict[str, Any] | None = None,
             trust_checkpoint: bool = False, settings: Any = None, progress: Any = None, top: int = DEFAULT_TOP,
-            max_new_dead: float | None = None, **options: Any) -> Comparison:
-    """Compare two audits; see the module docstring. ``top``: largest drifts kept per layer and
-    metric. Models are audited on ``data`` with ``settings`` (and further ``fitcli.Settings``
-    fields as keyword options), like ``fitcli.audit``; a report is taken as it was saved."""
+            max_new_dead: float | None = None, device: str | None = None, seed: int | None = None,
+            tau: float | None = None, batch_size: int | None = None, max_batches: int | None = None,
+            dtype: str | None = None, chunk_size: int | None = None) -> Comparison:
+    """Compare two audits; see the module docstring.
+
+    Args:
+        base, new: each a model (as for ``fitcli.load``), an ``AuditReport``, a report dict or a
+            saved report file; a report is taken as it was saved.
+        data, loss, metrics, layers, arch, arch_kwargs, trust_checkpoint, settings, progress: how
+            models are audited, as for ``fitcli.audit`` (the same data for both sides).
+        top: largest drifts kept per layer and metric.
+        max_new_dead: gate: most units dead in ``new`` and not in ``base``, percent.
+        device, seed, tau, batch_size, max_batches, dtype, chunk_size: the ``fitcli.Settings``
+            fields of these names.
+
+    Returns:
+        A ``Comparison``: per layer, the units that died or revived and the largest drifts.
+
+    Examples:
+        >>> cmp = fitcli.compare("before.json", "after.json")
+        >>> cmp.died                          # {"fc1": [4], ...}
+    """
     from fitcli.settings import Settings
+
+    options = {"device": device, "seed": seed, "tau": tau, "batch_size": batch_size, "max_batches": max_batches,
+               "dtype": dtype, "chunk_size": chunk_size}
 
     _check_threshold(max_new_dead)
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:

@@ -1,12 +1,16 @@
-"""Data specs -> a re-iterable source of batches.
+"""Every data source, dtype cast and batch wrapper: what the caller holds -> re-iterable batches.
 
-A spec is a tensor file (``inputs``/``targets``, aliases ``x``/``y``), a callable
+``load_data`` takes a DataLoader or any re-iterable of batches, a function returning one, a
+tensor of inputs, or a data spec: a tensor file (``inputs``/``targets``, aliases ``x``/``y``;
+token ids as ``input_ids`` or ``inputs`` beside an ``attention_mask``), a callable
 (``pkg.mod:fn`` or ``file.py:fn``) returning an iterable of batches, or
-``random:SHAPE[,n=N][,seed=S]``.
+``random:SHAPE[,n=N][,seed=S]`` / ``random:tokens=VOCAB``. ``source`` adds the cast a
+half-precision model needs. Every item becomes a ``Batch``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +29,29 @@ class Batch:
     args: tuple[Any, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
     targets: torch.Tensor | None = None
+    # how the caller's data yielded it: ("tensor",), ("seq", tuple or list, items), ("dict", key of the targets)
+    form: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def item(self) -> Any:
+        """This batch as the caller's data yielded it (on the audit device): the tensor, the
+        ``(inputs, targets)`` tuple or list, or the dict with the targets under their own key.
+        A batch read from a file or spec reads as ``(inputs, targets)``, or as a dict of its
+        keyword inputs and ``labels``."""
+        kind = self.form[0] if self.form else ("dict" if self.kwargs else "seq")
+        if kind == "tensor":
+            return self.args[0]
+        if kind == "dict":
+            d = {**({"inputs": self.args[0]} if self.args else {}), **self.kwargs}
+            if self.targets is not None:
+                d[self.form[1] if self.form else "labels"] = self.targets
+            return d
+        seq, n = (self.form[1], self.form[2]) if self.form else (tuple, len(self.args) + (self.targets is not None))
+        return seq([*self.args, self.targets][:n])
+
+    def __getitem__(self, key: Any) -> Any:
+        """``batch[1]``, ``batch["labels"]``, ``x, y = batch``: indexing reads ``item``."""
+        return self.item[key]
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -46,11 +73,13 @@ class Batch:
         def mv(v: Any) -> Any:
             return v.to(device) if isinstance(v, torch.Tensor) else v
 
-        return Batch(
-            tuple(mv(a) for a in self.args),
-            {k: mv(v) for k, v in self.kwargs.items()},
-            mv(self.targets) if self.targets is not None else None,
-        )
+        return self.map(mv)
+
+    def map(self, fn: Any, targets: bool = True) -> Batch:
+        """The batch with ``fn`` applied to each of its inputs (and targets): same form."""
+        return dataclasses.replace(self, args=tuple(fn(a) for a in self.args),
+                                   kwargs={k: fn(v) for k, v in self.kwargs.items()},
+                                   targets=fn(self.targets) if targets and self.targets is not None else self.targets)
 
     def select(self, rows: torch.Tensor) -> Batch:
         """The samples ``rows`` of this batch (every tensor with the batch in dim 0 is indexed)."""
@@ -61,8 +90,7 @@ class Batch:
                 return v.index_select(0, rows.to(v.device))
             return v
 
-        return Batch(tuple(pick(a) for a in self.args), {k: pick(v) for k, v in self.kwargs.items()},
-                     pick(self.targets) if self.targets is not None else None)
+        return self.map(pick)
 
     def describe(self) -> str:
         parts = [f"[{', '.join(map(str, a.shape))}]" for a in self.args if isinstance(a, torch.Tensor)]
@@ -75,20 +103,22 @@ def as_batch(item: Any, where: str = "data") -> Batch:
     if isinstance(item, Batch):
         return item
     if isinstance(item, torch.Tensor):
-        return Batch((item,))
+        return Batch((item,), form=("tensor",))
     if isinstance(item, dict):
         kw = dict(item)
+        key = "labels" if kw.get("labels") is not None else "targets"
         targets = kw.pop("labels", None)
         if targets is None:
             targets = kw.pop("targets", None)
         if not kw:
             raise InputError(f"{where}: a dict batch has no model inputs besides labels/targets")
-        return Batch((), kw, targets)
+        return Batch((), kw, targets, form=("dict", key))
     if isinstance(item, (tuple, list)):
+        seq = tuple if isinstance(item, tuple) else list
         if len(item) == 2 and isinstance(item[0], torch.Tensor) and (item[1] is None or isinstance(item[1], torch.Tensor)):
-            return Batch((item[0],), {}, item[1])
+            return Batch((item[0],), {}, item[1], form=("seq", seq, 2))
         if len(item) == 1 and isinstance(item[0], torch.Tensor):
-            return Batch((item[0],))
+            return Batch((item[0],), form=("seq", seq, 1))
         raise InputError(f"{where}: a batch tuple must be (inputs, targets) of tensors, got {len(item)} items")
     raise InputError(f"{where}: a batch must be a tensor, an (inputs, targets) tuple or a dict, got {type(item).__name__}")
 
@@ -178,7 +208,7 @@ def _token_source(path: Path, tensors: dict[str, torch.Tensor], batch_size: int)
     for k, v in inputs.items():
         if v.shape != ids.shape:
             raise InputError(f"{path}: '{k}' has shape {tuple(v.shape)}, 'input_ids' {tuple(ids.shape)}")
-    labels = tensors.get("labels", tensors.get("targets"))
+    labels = _first(tensors, TARGET_KEYS)
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.shape[0] != ids.shape[0]):
         raise InputError(f"{path}: 'labels' must have one row per sample ({ids.shape[0]})")
 
@@ -190,12 +220,48 @@ def _token_source(path: Path, tensors: dict[str, torch.Tensor], batch_size: int)
     return factory, int(ids.shape[0]), labels is not None
 
 
+INPUT_KEYS = ("input_ids", "inputs", "x")
+TARGET_KEYS = ("labels", "targets", "y")
+KNOWN_KEYS = ("inputs", "x", "targets", "y", "input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def _first(tensors: dict[str, Any], names: tuple[str, ...]) -> Any:
+    return next((tensors[k] for k in names if k in tensors), None)
+
+
+def _unused(path: Path, tensors: dict[str, Any]) -> None:
+    """A tensor of the file that no rule reads is refused, never dropped without a word."""
+    extra = sorted(str(k) for k in tensors if k not in KNOWN_KEYS)
+    if extra:
+        raise InputError(f"{path}: the data file holds {', '.join(map(repr, extra))}, which fitcli does not read "
+                         f"(it reads {', '.join(KNOWN_KEYS)}); remove {'them' if len(extra) > 1 else 'it'}, or give "
+                         "the data as batches (dicts of the model's keyword inputs)")
+    for role, names in (("inputs", INPUT_KEYS), ("targets", TARGET_KEYS)):
+        both = [k for k in names if k in tensors]
+        if len(both) > 1:
+            raise InputError(f"{path}: the data file holds {' and '.join(map(repr, both))}: two tensors for the "
+                             f"{role}; keep one")
+
+
+def _token_extras(path: Path, tensors: dict[str, Any], inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``attention_mask`` / ``token_type_ids`` beside token ids stored under ``inputs``: keyword
+    inputs of the model (the mask also marks padding, which is not an observation)."""
+    extras = {k: tensors[k] for k in TOKEN_KEYS[1:] if k in tensors}
+    for k, v in extras.items():
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(inputs.shape[:2]) or inputs.dim() < 2:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise InputError(f"{path}: '{k}' has shape {shape}; it must be [samples, tokens] like the inputs "
+                             f"{tuple(inputs.shape)}")
+    return extras
+
+
 def _tensor_source(path: Path, batch_size: int) -> tuple[Any, int, bool]:
     tensors = _tensor_file(path)
+    _unused(path, tensors)
     if "input_ids" in tensors:
         return _token_source(path, tensors, batch_size)
-    inputs = tensors.get("inputs", tensors.get("x"))
-    targets = tensors.get("targets", tensors.get("y"))
+    inputs = _first(tensors, INPUT_KEYS)
+    targets = _first(tensors, TARGET_KEYS)
     if not isinstance(inputs, torch.Tensor):
         raise InputError(f"{path}: no 'inputs' (or 'x') tensor; found: {', '.join(sorted(map(str, tensors))) or 'nothing'}")
     if inputs.dim() == 0 or inputs.shape[0] == 0:
@@ -207,12 +273,14 @@ def _tensor_source(path: Path, batch_size: int) -> tuple[Any, int, bool]:
             raise InputError(
                 f"{path}: 'targets' has {tuple(targets.shape)} but 'inputs' has {inputs.shape[0]} samples"
             )
+    extras = _token_extras(path, tensors, inputs)
     if inputs.is_floating_point() is False and inputs.dtype not in (torch.int64, torch.int32):
         inputs = inputs.float()
 
     def factory() -> Iterable[Batch]:
         for i in range(0, inputs.shape[0], batch_size):
-            yield Batch((inputs[i : i + batch_size],), {}, None if targets is None else targets[i : i + batch_size])
+            yield Batch((inputs[i : i + batch_size],), {k: v[i : i + batch_size] for k, v in extras.items()},
+                        None if targets is None else targets[i : i + batch_size])
 
     return factory, int(inputs.shape[0]), targets is not None
 
@@ -294,12 +362,93 @@ def parse_random(spec: str) -> tuple[tuple[int, ...], int, int | None]:
     return shape, n, seed
 
 
-def load_data(
-    spec: str,
-    batch_size: int = 64,
-    max_batches: int | None = None,
-    seed: int = 0,
-) -> DataSource:
+class TensorBatches:
+    """A tensor of inputs (and optional targets) in batches of ``batch_size``."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor | None, batch_size: int):
+        self.inputs, self.targets, self.batch_size = inputs, targets, batch_size
+
+    def __call__(self) -> Iterator[Batch]:
+        for i in range(0, self.inputs.shape[0], self.batch_size):
+            t = None if self.targets is None else self.targets[i : i + self.batch_size]
+            yield Batch((self.inputs[i : i + self.batch_size],), {}, t)
+
+
+def load_data(data: Any, batch_size: int = 64, max_batches: int | None = None, seed: int = 0) -> DataSource | None:
+    """What the caller holds -> re-iterable batches (None stays None). ``data``: a DataLoader or
+    any re-iterable of batches (tensors, ``(inputs, targets)`` pairs, dicts of model keyword
+    inputs with optional ``labels``/``targets``), a function returning such an iterable, a tensor
+    of inputs (split into ``batch_size`` batches), or a tensor file / data spec path. Errors are
+    InputError/UsageError."""
+    if data is None or isinstance(data, DataSource):
+        return data
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches <= 0):
+        raise UsageError(f"max_batches must be a positive integer, got {max_batches!r}")
+    if isinstance(data, (str, Path)):
+        return _load_spec(str(data), batch_size, max_batches, seed)
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise InputError(f"data tensor of shape {tuple(data.shape)} holds no samples")
+        return DataSource(f"<tensor {list(data.shape)}>", TensorBatches(data, None, batch_size), max_batches,
+                          has_targets=False, batches=-(-data.shape[0] // batch_size))
+    name = f"<{type(data).__name__}>"
+    if callable(data) and not isinstance(data, Iterable):
+        return DataSource(name, data, max_batches)
+    if not isinstance(data, Iterable) or isinstance(data, (dict, bytes)):
+        raise UsageError(f"data must be an iterable of batches (a DataLoader, a list...), a function returning "
+                         f"one, a tensor or a path, not {type(data).__name__}")
+    if isinstance(data, Iterator):  # (calling iter() to find out would start a DataLoader: RNG draws)
+        raise UsageError("data is a one-shot iterator (a generator?): give something that can be iterated "
+                         "more than once (a list, a DataLoader) or a function that returns a fresh iterator")
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    return DataSource(name, lambda: data, max_batches, batches=n)
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+class HalfData:
+    """The batches of ``data`` with their floating inputs cast to the model's half dtype (integer
+    inputs such as token ids and the targets are left as they are)."""
+
+    def __init__(self, data: Any, dtype: torch.dtype):
+        self.data, self.dtype = data, dtype
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("data", "dtype"):
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+    def __iter__(self) -> Iterator[Batch]:
+        def cast(v: Any) -> Any:
+            return v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        for b in self.data:
+            yield b.map(cast, targets=False)
+
+
+def half_data(data: Any, dtype: torch.dtype | None) -> Any:
+    """``data`` fed to a model computing in ``dtype``: for a half-precision model, floating inputs
+    in that dtype; anything else as it is."""
+    if data is None or dtype not in HALF or isinstance(data, HalfData):
+        return data
+    return HalfData(data, dtype)
+
+
+def source(data: Any, *, batch_size: int = 64, max_batches: int | None = None, seed: int = 0,
+           dtype: torch.dtype | None = None) -> Any:
+    """The batches an audit reads: ``load_data`` and, for a model computing in ``dtype`` (half
+    precision), the cast of its floating inputs."""
+    return half_data(load_data(data, batch_size=batch_size, max_batches=max_batches, seed=seed), dtype)
+
+
+def _load_spec(spec: str, batch_size: int = 64, max_batches: int | None = None, seed: int = 0) -> DataSource:
     """Resolve a data spec into a DataSource. Errors are InputError/UsageError."""
     if batch_size <= 0:
         raise UsageError("batch_size must be positive")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fitcli import distributed
-from fitcli.data import Batch
+from fitcli.data import Batch, half_data
 from fitcli.discovery import Layer, ModelGraph, discover
 from fitcli.errors import (
     InputError,
@@ -141,7 +141,8 @@ def select_layers(graph: ModelGraph, patterns: list[str] | None) -> list[Layer]:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not hits:
             raise UsageError(f"layer {pat!r} matches no auditable layer" + close_matches(pat, names),
-                             hint="`fitcli inspect MODEL` lists the layers")
+                             hint="fitcli.inspect(model) lists the layers",
+                             cli_hint="`fitcli inspect MODEL` lists the layers")
         chosen.update(hits)
     return [lay for lay in graph.layers if lay.name in chosen]
 
@@ -527,34 +528,6 @@ class Float32Loss:
         return getattr(self.fn, name)
 
 
-class HalfData:
-    """The batches of ``data`` with their floating inputs cast to the model's half dtype (integer
-    inputs such as token ids and the targets are left as they are)."""
-
-    def __init__(self, data: Any, dtype: torch.dtype):
-        self.data, self.dtype = data, dtype
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("data", "dtype"):
-            raise AttributeError(name)
-        return getattr(self.data, name)
-
-    def __iter__(self) -> Iterator[Batch]:
-        def cast(v: Any) -> Any:
-            return v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-
-        for b in self.data:
-            yield Batch(tuple(cast(a) for a in b.args), {k: cast(v) for k, v in b.kwargs.items()}, b.targets)
-
-
-def half_data(data: Any, loaded: Any) -> Any:
-    """``data`` fed to a half-precision model: floating inputs in the model's dtype."""
-    dt = model_dtype(getattr(loaded, "module", None))
-    if data is None or dt not in HALF or isinstance(data, HalfData):
-        return data
-    return HalfData(data, dt)
-
-
 def cast_model(loaded: Any, dtype: str | torch.dtype | None) -> Any:
     """``loaded`` with its floating weights in ``dtype`` for the audit. A live module the caller
     gave is copied first (the caller's model is never changed); a model loaded from a file is
@@ -622,12 +595,14 @@ def feed_ablation(plan: AuditPlan, data, *, mode: str = "zero", chunk_size: int 
     from fitcli.ablation import ablate_layers
 
     assert data is not None and plan.loss_fn is not None
+    accuracy = any(getattr(m, "ablation_of", "loss") == "accuracy" for ms in wanting.values() for m in ms)
     ab = ablate_layers(plan.graph, names, data, plan.loss_fn, mode=mode, device=plan.device,
-                       chunk_size=chunk_size, progress=progress, group=group)
+                       chunk_size=chunk_size, progress=progress, accuracy=accuracy, group=group)
     plan.notes.extend(x for x in ab.notes if x not in plan.notes)
     for n in names:
-        for m in wanting[n]:
-            m.update_ablation(ab.delta_sum[n], ab.samples)
+        for m in wanting[n]:  # each metric takes the sums it declares (loss or accuracy changes)
+            m.update_ablation((ab.acc_sum if getattr(m, "ablation_of", "loss") == "accuracy" else ab.delta_sum)[n],
+                              ab.samples)
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,7 +690,7 @@ def audit(loaded, data, *, metrics: list[str] | None = None, layers: list[str] |
     entropy, plus exact ablation for the metrics that need it). ``group``: a process group; each
     rank streams its shard and every rank ends with the global result (``fitcli.distributed``)."""
     d = _dist(group)
-    data = half_data(data, loaded)
+    data = half_data(data, model_dtype(getattr(loaded, "module", None)))
     with distributed.phase(d):  # discovery reads batch 0 on every rank (a probe: no statistics)
         p = plan(loaded, data, metrics=metrics, layers=layers, loss=loss, baseline=baseline, device=device,
                  rank_by=rank_by)

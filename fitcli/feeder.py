@@ -17,11 +17,11 @@ from collections.abc import Mapping
 
 import torch
 
+from fitcli.data import HALF
 from fitcli.discovery import Layer, ModelGraph, token_mask
 from fitcli.errors import FitcliError, Interrupted, RuntimeAuditError
 from fitcli.metrics.base import Metric, Scratch, UnitBatch
 
-HALF = (torch.float16, torch.bfloat16)
 DATA_NEEDS = frozenset({"activations", "gradients", "labels", "attention"})
 
 

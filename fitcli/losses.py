@@ -4,12 +4,21 @@ so no value depends on the batch size.
 A loss here is a callable ``(outputs, batch) -> [batch]`` per-sample losses, ``batch`` a
 ``fitcli.data.Batch`` (its ``targets``, ``args``, ``kwargs``). ``resolve_loss`` turns what a
 caller holds into one: a name (``cross_entropy``, ``mse``), a ``torch.nn`` loss module (used with
-``reduction="none"`` on a copy), any such callable, or None (chosen from the targets).
+``reduction="none"`` on a copy), a callable, or None (chosen from the targets).
+
+A caller's callable is called in one of two forms, chosen once from its signature:
+
+- ``(output, target)``, PyTorch's form, when its second parameter is named ``target``,
+  ``targets``, ``y``, ``y_true``, ``label`` or ``labels``: it gets the batch's targets;
+- ``(output, batch)`` otherwise: ``batch`` is the batch as the caller's data yielded it. It reads
+  like that item (``batch[1]`` of an ``(x, y)`` pair, ``batch["labels"]`` of a dict,
+  ``x, y = batch``) and is a ``fitcli.Batch`` too (``batch.targets``, ``batch.kwargs``).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -179,11 +188,36 @@ def _module_loss(module: nn.Module) -> LossFn:
     return fn
 
 
-def _checked(fn: Callable[[Any, Batch], Any], name: str) -> LossFn:
+TARGET_NAMES = frozenset({"target", "targets", "y", "y_true", "label", "labels"})
+
+
+def takes_target(fn: Callable[..., Any]) -> bool:
+    """Is ``fn`` written in PyTorch's ``(output, target)`` form (its second parameter named
+    like a target)? Otherwise it takes ``(output, batch)``."""
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # no signature to read (a builtin): the batch form
+        return False
+    return len(params) >= 2 and params[1].name in TARGET_NAMES
+
+
+def _targets_of(batch: Batch, name: str) -> torch.Tensor:
+    if batch.targets is None:
+        raise InputError(f"loss {name} takes (output, target), and the data has no targets")
+    return batch.targets
+
+
+def _checked(fn: Callable[[Any, Any], Any], name: str) -> LossFn:
     """A user loss with its failures and wrong shapes turned into one-line input errors."""
+    target_form = takes_target(fn)
+
     def user_loss(outputs: Any, batch: Batch) -> torch.Tensor:
+        second = _targets_of(batch, name) if target_form else batch
+        if target_form:
+            second = second.to(primary_output(outputs).device)
         try:
-            loss = fn(outputs, batch)
+            loss = fn(outputs, second)
         except (InputError, UsageError):
             raise
         except (Exception, SystemExit) as e:

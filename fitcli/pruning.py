@@ -440,7 +440,8 @@ def _check_units(chosen: dict[str, list[int]], graph) -> None:
     for name, units in chosen.items():
         if name not in lays:
             raise UsageError(f"layer {name!r} is not an auditable layer" + close_matches(name, list(lays)),
-                             hint="`fitcli inspect MODEL` lists the layers")
+                             hint="fitcli.inspect(model) lists the layers",
+                             cli_hint="`fitcli inspect MODEL` lists the layers")
         for i in units:
             if not 0 <= i < lays[name].units:
                 raise UsageError(f"unit {i} is out of range for {name} (the layer has {lays[name].units} units: "
@@ -531,16 +532,33 @@ def _decide(plans: dict[str, _Plan], chosen: dict[str, list[int]], consts, mods:
 
 def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float | None = None, loss: Any = None,
           arch: Any = None, arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
-          settings: Settings | None = None, **options: Any) -> PruneResult:
+          settings: Settings | None = None, device: str | None = None, seed: int | None = None,
+          tau: float | None = None, rank_by: str | None = None, batch_size: int | None = None,
+          max_batches: int | None = None, chunk_size: int | None = None,
+          ablation_mode: str | None = None) -> PruneResult:
     """Physically remove units from a deep copy of ``model``; see the module docstring.
 
-    ``remove``: ``"dead"`` (the audit's dead units and every unit constant on the data),
-    ``"removable"`` (exact ablation changes the loss by ≤ 1e-6, and constant units), or
-    ``{layer: [units]}``. ``budget``: remove this percent of the prunable units, least fit first
-    by the audit's ranking (``rank_by``, default the audit's). Units named in ``{layer: [units]}``
-    that cannot be removed exactly raise ``PruneRefused``; chosen by the audit, they are listed in
-    ``refused`` with the reason.
+    Args:
+        model, data, loss, arch, arch_kwargs, trust_checkpoint, settings: as for ``fitcli.audit``.
+        remove: ``"dead"`` (the audit's dead units and every unit constant on the data),
+            ``"removable"`` (exact ablation changes the loss by ≤ 1e-6, and constant units), or
+            ``{layer: [units]}``. Units named that cannot be removed exactly raise
+            ``PruneRefused``; chosen by the audit, they are listed in ``refused`` with the reason.
+        budget: remove this percent of the prunable units, least fit first by the audit's
+            ranking (``rank_by``, default the audit's).
+        device, seed, tau, rank_by, batch_size, max_batches, chunk_size, ablation_mode: the
+            ``fitcli.Settings`` fields of these names.
+
+    Returns:
+        A ``PruneResult``: the pruned copy, what was removed, folded and refused, and the loss
+        and accuracy before and after.
+
+    Examples:
+        >>> result = fitcli.prune(model, loader, remove="dead", device="cpu")
+        >>> result.module, result.removed
     """
+    options = {"device": device, "seed": seed, "tau": tau, "rank_by": rank_by, "batch_size": batch_size,
+               "max_batches": max_batches, "chunk_size": chunk_size, "ablation_mode": ablation_mode}
     from fitcli import api
     from fitcli.discovery import discover
     from fitcli.engine import peek, pick_device
@@ -563,7 +581,7 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
         raise UsageError("pruning needs data")
     dev = pick_device(s.device)
     original = loaded.module
-    with api._caller_state(original, s.seed):
+    with api.caller_state(original, s.seed):
         original.to(dev)
         example = peek(ds)
         if example is None:

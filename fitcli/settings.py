@@ -111,8 +111,8 @@ class Settings:
         names = metric_names()
         if self.rank_by not in names:
             raise UsageError(f"{{rank_by}} {self.rank_by!r} is not a metric" + close_matches(self.rank_by, names),
-                             hint="`fitcli metrics` lists them",
-                             setting="rank_by")
+                             hint="fitcli.metrics.available_metrics() lists them",
+                             cli_hint="`fitcli metrics` lists them", setting="rank_by")
         if self.metrics and self.rank_by not in self.metrics:
             raise UsageError(f"{{rank_by}} {self.rank_by!r} is not among the metrics asked for "
                              f"({', '.join(self.metrics)})", setting="rank_by")

@@ -244,9 +244,11 @@ def test_settings_object_and_bad_settings_fail_before_loading(monkeypatch):
 
     monkeypatch.setattr(api, "load", boom)
     for bad in (dict(tau=-1), dict(rank_by="nosuch"), dict(metrics=["nosuch"]), dict(ablation_mode="half"),
-                dict(top=-1), dict(batch_size=0), dict(validate_units=1), dict(nosuch=1), dict(rank_by="auto")):
+                dict(top=-1), dict(batch_size=0), dict(validate_units=1), dict(rank_by="auto")):
         with pytest.raises(fitcli.UsageError):
             fitcli.audit("never-loaded.pt", None, **bad)
+    with pytest.raises(TypeError, match="nosuch"):  # the settings are typed keywords: Python names the unknown one
+        fitcli.audit("never-loaded.pt", None, nosuch=1)
     with pytest.raises(fitcli.UsageError):
         fitcli.audit("never-loaded.pt", None, loss="nosuch")
     with pytest.raises(fitcli.UsageError):
@@ -285,3 +287,36 @@ def test_library_errors_never_name_a_flag():
                 if flag.search(text):
                     offenders.append(f"{path.name}:{node.lineno}: {text[:100]}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_ablation_accuracy_is_a_registered_metric_that_audit_and_ablate_agree_on():
+    """Exact ablation runs through the metric contract: ``ablation_accuracy`` is registered like
+    ``ablation``, ``audit`` computes both through the engine, ``ablate`` gives the same numbers,
+    and both equal a brute-force loop (a forward hook zeroing one unit at a time)."""
+    from fitcli.metrics.registry import get_metric
+
+    cls = get_metric("ablation_accuracy")
+    assert cls.opt_in and "ablation" in cls.needs and "labels" in cls.needs
+    model = _live("mlp")
+    x, y = _tensors("mlp")
+    x, y = x[:128], y[:128]
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    via_audit = fitcli.audit(model, loader, metrics=["ablation", "ablation_accuracy"], layers=["fc2"], device="cpu")
+    via_ablate = fitcli.ablate(model, loader, layers=["fc2"], device="cpu")
+    with torch.no_grad():
+        base_out = model(x)
+        base_loss = F.cross_entropy(base_out, y, reduction="none")
+        base_ok = (base_out.argmax(1) == y).double()
+        d_loss, d_acc = [], []
+        for u in range(32):
+            h = model.fc2.register_forward_hook(lambda m, i, o, u=u: o.index_fill(1, torch.tensor([u]), 0.0))
+            out = model(x)
+            h.remove()
+            d_loss.append(float((F.cross_entropy(out, y, reduction="none") - base_loss).double().mean()))
+            d_acc.append(float(((out.argmax(1) == y).double() - base_ok).mean()))
+    for r in (via_audit, via_ablate):
+        lay = r.layer("fc2")
+        assert torch.allclose(lay.metrics["ablation"], torch.tensor(d_loss, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(lay.metrics["ablation_accuracy"], torch.tensor(d_acc, dtype=torch.float64), atol=1e-12)
+        assert r.metric_info["ablation_accuracy"]["needs"] == sorted(cls.needs)
+    assert via_ablate.removable["fc2"] == via_audit.removable["fc2"]

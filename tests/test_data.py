@@ -373,3 +373,31 @@ def test_bad_random_specs_are_input_errors(spec):
     with pytest.raises(InputError) as ei:
         load_data(spec)
     assert "random" in str(ei.value)
+
+
+def test_every_source_cast_and_batch_wrapper_lives_in_the_data_module():
+    """The library hands ``fitcli.data`` what the caller holds and gets batches back: no other
+    module of the library makes batches out of the caller's data (a ``Batch(...)`` call)."""
+    import ast
+    from pathlib import Path
+
+    import fitcli.data
+
+    root = Path(fitcli.data.__file__).parent
+    makers = []
+    for name in ("api.py", "engine.py", "studies.py", "ablation.py", "validate.py"):
+        tree = ast.parse((root / name).read_text())
+        makers += [f"{name}:{n.lineno}" for n in ast.walk(tree)
+                   if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "Batch"]
+        makers += [f"{name}:{n.lineno} class {n.name}" for n in ast.walk(tree)
+                   if isinstance(n, ast.ClassDef) and "__iter__" in {f.name for f in n.body if hasattr(f, "name")}]
+    assert not makers, makers
+    x, y = torch.randn(10, 3), torch.arange(10)
+    src = fitcli.data.source([(x[:6], y[:6]), (x[6:], y[6:])], dtype=torch.bfloat16)
+    got = list(src)
+    assert [b.args[0].dtype for b in got] == [torch.bfloat16] * 2  # the half model's inputs in its dtype
+    assert all(b.targets.dtype == torch.int64 for b in got)  # targets as they were
+    assert torch.equal(got[1].args[0], x[6:].to(torch.bfloat16))
+    assert torch.equal(got[0][1], y[:6])  # the batch reads as the loader's item: (x, y)
+    assert [b.size for b in fitcli.data.load_data(x, batch_size=4)] == [4, 4, 2]
+    assert fitcli.data.source(None) is None

@@ -1,7 +1,10 @@
-"""Exact ablation: the loss change when a unit is masked at its activation point.
+"""Exact ablation: the loss change (``ablation``) and the accuracy change
+(``ablation_accuracy``) when a unit is masked at its activation point.
 
-The numbers come from the batched ablation engine (``fitcli.ablation``); this class only holds
+The numbers come from the batched ablation engine (``fitcli.ablation``); these classes only hold
 the mergeable state so ablation joins reports, merges and the conformance check like any metric.
+``ablation_of`` says which of the engine's sums a metric takes through ``update_ablation``: the
+per-sample loss changes (``"loss"``) or the changes in correct predictions (``"accuracy"``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ class Ablation(Metric):
     opt_in = True  # a forward per unit: asked for explicitly
     cost = "1 forward per unit (batched; prefix once)"
     description = "exact L(h_i := 0) − L (zero mode) or L(h_i := E[h_i]) − L (mean mode), mean loss over the data"
+    ablation_of = "loss"
 
     def setup(self) -> None:
         self.add_state("n", torch.zeros((), dtype=torch.float64), "sum")
@@ -32,3 +36,15 @@ class Ablation(Metric):
 
     def compute(self) -> torch.Tensor:
         return safe_div(self.delta_sum, self.n.expand(self.units))
+
+
+class AblationAccuracy(Ablation):
+    """The change in the fraction of correct predictions when the unit is ablated (data with one
+    integer class id per sample)."""
+
+    name = "ablation_accuracy"
+    needs = frozenset({"activations", "labels", "ablation"})
+    higher_is_better = True  # as the reports have always declared it
+    cost = "measured with ablation (no extra forward)"
+    description = "accuracy(ablated) − accuracy: change in the fraction of correct predictions"
+    ablation_of = "accuracy"

@@ -82,13 +82,16 @@ def check_names(names: list[str] | tuple[str, ...], what: str = "metric") -> Non
     known = metric_names()
     for n in names:
         if n not in known:
-            raise UsageError(f"unknown {what} {n!r}" + close_matches(n, known), hint="`fitcli metrics` lists them")
+            raise UsageError(f"unknown {what} {n!r}" + close_matches(n, known),
+                             hint="fitcli.metrics.available_metrics() lists them",
+                             cli_hint="`fitcli metrics` lists them")
 
 
 def get_metric(name: str) -> type[Metric]:  # noqa: F821
     reg = load_registry()
     if name not in reg:
-        raise UsageError(f"unknown metric {name!r}" + close_matches(name, reg), hint="`fitcli metrics` lists them")
+        raise UsageError(f"unknown metric {name!r}" + close_matches(name, reg),
+                         hint="fitcli.metrics.available_metrics() lists them", cli_hint="`fitcli metrics` lists them")
     entry = reg[name]
     if entry.cls is None:
         raise UsageError(f"metric {name!r} failed to load: {entry.error}")
