@@ -251,8 +251,8 @@ class _Plan:
 def _layer_reason(lay, mod: nn.Module | None, tp) -> str | None:
     if lay.final:
         return "it is the final layer: its units are the model's outputs"
-    if lay.kind.removal(lay) is not None:
-        return lay.kind.removal(lay)
+    if (why := lay.kind.removal(lay)) is not None:
+        return why
     if mod is None or _out_fn(tp, mod) is None:
         return f"{lay.type} layers are not supported (Linear and ungrouped ConvNd are)"
     return None

@@ -96,7 +96,9 @@ class FxConsumers:
         if u.op == "output":
             return Use("output", "output", u, first)
         kind = "module" if u.op == "call_module" else "function"
-        if kind == "module":
+        if u in self.layer_nodes:  # a layer's own name (an exported graph's layers are aten calls)
+            name = self.layer_nodes[u]
+        elif kind == "module":
             name = str(u.target)
         else:
             name = (str(u.target) if u.op == "call_method" else fn_name(u.target)).rstrip("_")
