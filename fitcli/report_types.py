@@ -349,6 +349,10 @@ class LayerReport(Section):
     members: list[str] | None = None  # the layers a gated unit is made of
     extra: dict[str, Any] = field(default_factory=dict)  # further JSON fields (layer_ablation, ...)
 
+    def __repr__(self) -> str:  # one line: the tensors are in .metrics
+        return (f"LayerReport({self.name!r}, {self.type}, {self.units} units, {len(self.dead)} dead, "
+                f"metrics: {', '.join(self.metrics) or 'none'})")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerReport:
         return cls(name=d["name"], type=d["type"], units=int(d["units"]), activation_point=d["activation_point"],
