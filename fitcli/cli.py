@@ -1,7 +1,7 @@
 """The command line: parse, call ``fitcli.api``, render. Nothing else lives here.
 
 stdout carries only the result (table, JSON, markdown, CSV); progress, notes and errors go to
-stderr. ``main()`` maps the exception hierarchy to exit codes (``spec/cli.md``). What the
+stderr. ``main()`` maps the exception hierarchy to exit codes (``docs/cli.md``). What the
 commands share (options, consoles, settings from flags) is in ``fitcli/clikit.py``.
 """
 

@@ -1,4 +1,4 @@
-"""The report: schema ``fitcli.report/1`` (``spec/cli.md``), built from an audit, read back for
+"""The report: schema ``fitcli.report/1`` (``docs/report.md``), built from an audit, read back for
 ``gate``, validated against the JSON Schema shipped in ``fitcli/schema/``, written atomically."""
 
 from __future__ import annotations
