@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
 import sys
 from enum import Enum
@@ -119,7 +120,7 @@ def flag(name: str) -> str:
 
 def merge(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
     """Flags win over the config file, which wins over built-in defaults."""
-    from fitcli.config import load_config
+    from fitcli.config import describe, load_config, provenance
 
     cfg, where = load_config(config)
     merged = dict(DEFAULTS)
@@ -132,6 +133,9 @@ def merge(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
             except ValueError as e:
                 raise UsageError(f"{flag(key)} {merged[key]!r}: use {choices}") from e
     merged["_config"] = where
+    merged["_config_info"] = info = provenance(cfg, where, given)
+    if info is not None and not merged.get("quiet") and os.environ.get("RANK", "0") in ("", "0"):  # torchrun rank 0
+        err.print("note: " + describe(info), markup=False, style="dim")
     return merged
 
 
@@ -337,6 +341,8 @@ def emit(report, s: dict[str, Any], protect: list[str | None]) -> None:
     from fitcli.render import render_csv, render_markdown, render_report
 
     data = report.to_dict()
+    if s.get("_config_info"):  # the config file read, and the settings that came from it
+        data["config"] = {k: s["_config_info"][k] for k in ("path", "keys")}
     fmt = s["format"]
     if fmt is Fmt.html:
         from fitcli.render.html import render_html
