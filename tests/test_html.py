@@ -659,10 +659,10 @@ def test_constant_units_are_marked(name, pages, truth):
     rows = table(page)
     assert [(r["layer"], r["unit"]) for r in rows if r["state"] == "constant"] == [(layer, unit)]
     maps = [s for s in page.charts.values() if s.get("mark", {}).get("type") == "rect" and "transform" in s]
-    marked = [(i, c["a"]) for i, s in enumerate(maps) for c in s["data"]["values"] if c["k"]]
+    marked = [(i, c["a"]) for i, s in enumerate(maps) for c in s["data"]["values"] if c.get("k")]
     names = [lay for lay in truth[name]["layers"] if lay != truth[name]["final"]]
     assert marked == [(names.index(layer), unit)]
-    assert all(c["k"] == 0 for s in maps for c in s["data"]["values"] if c["d"])  # dead is not constant
+    assert all(c.get("k", 0) == 0 for s in maps for c in s["data"]["values"] if c["d"])  # dead is not constant
 
 
 def test_heads_only_page_has_no_empty_unit_map(pages, reports):
@@ -711,3 +711,15 @@ def test_many_layers_no_dead_units(pages, reports):
                 want[(lay["name"], k)] = want.get((lay["name"], k), 0) + 1
         got = {(r["layer"], round((r["a"] - lo) / width)): r["n"] for r in spec["data"]["values"]}
         assert got == want, metric
+
+
+def test_scatter_legend_past_twenty_layers_is_a_depth_ramp():
+    names = [f"l{i}" for i in range(H.LEGEND_LAYERS + 5)]
+    points = [{"layer": n, "unit": u, "x": 0.1 * u, "y": 0.2} for n in names for u in range(2)]
+    spec = H.scatter_chart(points, "m", {"spearman": 0.5, "units": len(points)})
+    color = spec["encoding"]["color"]
+    assert color["field"] == "depth" and color["type"] == "quantitative"
+    assert color["legend"]["title"] == f"layer: 0 = l0, {len(names) - 1} = l{len(names) - 1}"
+    assert [p["depth"] for p in spec["data"]["values"]] == [i for i in range(len(names)) for _ in range(2)]
+    few = H.scatter_chart(points[:2 * H.LEGEND_LAYERS], "m", {})["encoding"]["color"]
+    assert few["field"] == "layer" and few["legend"]["symbolLimit"] == H.LEGEND_LAYERS  # every layer named

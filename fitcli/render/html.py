@@ -198,8 +198,8 @@ def _decades(values: list[float]) -> str:
 def unit_cells(fit: list[float | None], raw: list[float | None], dead: set[int], cells: int = MAP_CELLS,
                constant: set[int] | frozenset[int] = frozenset()) -> tuple[list[dict], int]:
     """Cells of a unit map: one per unit, or per group of ``g`` consecutive units past ``cells``
-    (the group's least-fit unit gives its colour and value; ``d`` counts its dead units, ``k``
-    its constant ones)."""
+    (the group's least-fit unit gives its colour and value; ``d`` counts its dead units, ``k``,
+    when there are any, its constant ones)."""
     pct = percentile_fitness(fit)
     n = len(fit)
     g = max(1, math.ceil(n / cells))
@@ -209,8 +209,10 @@ def unit_cells(fit: list[float | None], raw: list[float | None], dead: set[int],
         finite = [u for u in members if pct[u] is not None]
         worst = min(finite, key=lambda u: pct[u]) if finite else None
         out.append({"i": i, "a": start, "b": members[-1], "f": None if worst is None else _r(pct[worst], 3),
-                    "v": None if worst is None else _r(raw[worst]), "d": sum(1 for u in members if u in dead),
-                    "k": sum(1 for u in members if u in constant)})
+                    "v": None if worst is None else _r(raw[worst]), "d": sum(1 for u in members if u in dead)})
+        k = sum(1 for u in members if u in constant)
+        if k:  # absent = 0: most layers have none, and a page may hold a million cells
+            out[-1]["k"] = k
     return out, g
 
 
@@ -311,19 +313,33 @@ def validation_points(report: dict) -> tuple[dict[str, list[dict]], str, bool]:
     return points, source, sampled
 
 
+LEGEND_LAYERS = 20  # up to this many layers a scatter plot's legend names each; past it, colour is depth
+
+
 def scatter_chart(points: list[dict], metric: str, corr: dict) -> dict:
+    """A metric's fitness against |ablation|, one point per validated unit, coloured by layer:
+    a legend entry per layer up to LEGEND_LAYERS layers, else a colour ramp over the layers'
+    order in the model (``depth``, 0 = the first)."""
     rho = corr.get("spearman")
     title = f"{metric}: Spearman {'n/a' if rho is None else f'{rho:+.2f}'} ({corr.get('units', 0)} units)"
     layers = list(dict.fromkeys(p["layer"] for p in points))
+    if len(layers) <= LEGEND_LAYERS:
+        color = {"field": "layer", "type": "nominal", "sort": layers,
+                 "scale": {"scheme": "tableau10" if len(layers) <= 10 else "tableau20"},
+                 "legend": {"title": "layer", "orient": "bottom", "columns": 2, "symbolLimit": len(layers),
+                            "labelLimit": 150}}
+    else:
+        depth = {name: i for i, name in enumerate(layers)}
+        points = [{**p, "depth": depth[p["layer"]]} for p in points]
+        color = {"field": "depth", "type": "quantitative", "scale": {"scheme": "viridis"},
+                 "legend": {"title": f"layer: 0 = {layers[0]}, {len(layers) - 1} = {layers[-1]}", "orient": "bottom",
+                            "titleLimit": 400}}
     return _spec(
         title={"text": title, "fontSize": 12}, data={"values": points}, width=230, height=170,
         mark={"type": "point", "tooltip": True, "filled": True, "size": 28, "opacity": 0.7},
         encoding={"x": {"field": "x", "type": "quantitative", "title": f"{metric} (fitness, ℓ2-normalised)"},
                   "y": {"field": "y", "type": "quantitative", "title": "|ablation| (ℓ2-normalised)"},
-                  "color": {"field": "layer", "type": "nominal", "sort": layers,
-                            "scale": {"scheme": "tableau10" if len(layers) <= 10 else "tableau20"},
-                            "legend": {"title": "layer", "orient": "bottom", "columns": 2, "symbolLimit": 20,
-                                       "labelLimit": 150}},
+                  "color": color,
                   "tooltip": [{"field": "layer"}, {"field": "unit"}, {"field": "x", "format": ".3g"},
                               {"field": "y", "format": ".3g"}]})
 
