@@ -27,11 +27,19 @@ from typing import Any
 from fitcli.errors import UsageError
 from fitcli.render._common import coverage_line, key_metrics
 from fitcli.render.browser import BROWSERS, browser_check, find_chromium  # noqa: F401  (tests and bench)
+from fitcli.render.charts import (
+    MAP_CELLS,
+    TABLE_ROWS,
+    Charts,
+    grid_chart,
+    rounded,
+    setting_text,
+    vl_spec,
+)
 
-MAP_CELLS = 1024
+_r, _spec, _grid_chart, _text, _Charts = rounded, vl_spec, grid_chart, setting_text, Charts
+
 DEAD_COLOUR, CONSTANT_COLOUR = "#d62728", "#ff7f0e"
-MAP_COLUMNS = 64
-TABLE_ROWS = 2000
 SCATTER_POINTS = 2000
 HIST_BINS = 30
 LOG_SPAN = 1e3  # a metric whose nonzero |values| span more than this many times gets a log (symlog) axis
@@ -77,13 +85,6 @@ def script_json(obj: Any) -> str:
 
 
 # ---- numbers --------------------------------------------------------------------------------------
-
-def _r(v: float | None, digits: int = 4) -> float | None:
-    """Round to ``digits`` significant digits (the page shows no more; the JSON report keeps all)."""
-    if v is None or not math.isfinite(v):
-        return None
-    return float(f"{v:.{digits}g}")
-
 
 def _num_text(v: float | None) -> str:
     from fitcli.render._common import fmt
@@ -134,10 +135,6 @@ def percentile_fitness(fit: list[float | None]) -> list[float | None]:
 
 
 # ---- charts ---------------------------------------------------------------------------------------
-
-def _spec(**kw: Any) -> dict:
-    return {"config": {"view": {"stroke": None}, "axis": {"labelLimit": 240}}, **kw}
-
 
 def dead_fraction_chart(layers: list[dict]) -> dict:
     rows = [{"layer": lay["name"], "dead": len(lay["dead"]), "units": lay["units"], "fraction": _r(lay["dead_fraction"])}
@@ -214,21 +211,6 @@ def unit_cells(fit: list[float | None], raw: list[float | None], dead: set[int],
         if k:  # absent = 0: most layers have none, and a page may hold a million cells
             out[-1]["k"] = k
     return out, g
-
-
-def _grid_chart(cells: list[dict], group: int, color: dict, tooltip: list[dict]) -> dict:
-    """Units as a grid of squares, MAP_COLUMNS wide (a cell is ``group`` units past the threshold)."""
-    cols = min(MAP_COLUMNS, len(cells))
-    tip = {"field": "a", "title": "unit"} if group == 1 else {"field": "units", "title": "units"}
-    return _spec(
-        data={"values": cells},
-        transform=[{"calculate": f"datum.i % {cols}", "as": "x"}, {"calculate": f"floor(datum.i / {cols})", "as": "y"},
-                   {"calculate": "datum.a + '-' + datum.b", "as": "units"}],
-        width={"step": 11}, height={"step": 11},
-        mark={"type": "rect", "tooltip": True, "stroke": "white", "strokeWidth": 0.5},
-        encoding={"x": {"field": "x", "type": "ordinal", "axis": None},
-                  "y": {"field": "y", "type": "ordinal", "axis": None},
-                  "color": color, "tooltip": [tip, *tooltip]})
 
 
 def unit_map_chart(cells: list[dict], metric: str, group: int, legend: bool = True) -> dict:
@@ -377,20 +359,6 @@ def blocks_chart(blocks: list[dict]) -> dict:
 
 # ---- page -----------------------------------------------------------------------------------------
 
-class _Charts:
-    def __init__(self) -> None:
-        self.specs: dict[str, dict] = {}
-
-    def add(self, spec: dict) -> str:
-        cid = f"c{len(self.specs)}"
-        self.specs[cid] = spec
-        return cid
-
-
-def _text(v: Any) -> str:
-    return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
-
-
 def _provenance(report: dict) -> list[tuple[str, str]]:
     m, d, s = report.get("model") or {}, report.get("data") or {}, report.get("settings") or {}
     rows = [("command", str(report.get("command", ""))),
@@ -497,8 +465,6 @@ def _validation_context(report: dict, charts: _Charts) -> dict[str, Any]:
             "capped": sampled}
 
 
-# names the comparison page (fitcli/render/html_compare.py) builds on
-rounded, vl_spec, grid_chart, setting_text, Charts = _r, _spec, _grid_chart, _text, _Charts
 COMPARE_SCHEMA = "fitcli.compare/1"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fitcli.render.html import (
+from fitcli.render.charts import (
     MAP_CELLS,
     TABLE_ROWS,
     Charts,
