@@ -3,25 +3,42 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+CORE    := $(VENV)/.installed-core
 TORCH   := torch==2.13.0
 
 .PHONY: setup demo test bench fuzz lint clean browser
 
-setup: $(STAMP)
-
-$(STAMP): pyproject.toml Makefile
+# the venv and the pinned PyTorch, shared by both installs below
+define new_venv
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP)
+endef
 
-demo: setup
+# make test, lint, bench, fuzz: the package with the dev extra (pytest, transformers, Torch-Pruning...)
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(new_venv)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP) $(CORE)
+
+# make demo: the package and what the README's quick start runs (its HTML page: the html extra)
+$(CORE): pyproject.toml Makefile
+	$(new_venv)
+	$(BIN)/pip install -q -e '.[html]'
+	touch $(CORE)
+
+# the commands of the README's quick start on the sample MLP; `. .venv/bin/activate` then puts
+# fitcli on PATH for the rest of the README
+demo: $(CORE)
 	$(BIN)/fitcli inspect sample_models/mlp.safetensors --arch sample_models/models.py:mlp
 	$(BIN)/fitcli score sample_models/mlp.safetensors --arch sample_models/models.py:mlp \
-		--data sample_models/mlp_data.safetensors --top 8
+		--data sample_models/mlp_data.safetensors --top 5
 	$(BIN)/fitcli ablate sample_models/mlp.safetensors --arch sample_models/models.py:mlp \
-		--data sample_models/mlp_data.safetensors --layer fc2 --top 8
+		--data sample_models/mlp_data.safetensors --layer fc2 --top 5
+	@echo
+	@echo "fitcli is installed in .venv/: run  . .venv/bin/activate  to put it on PATH in this shell"
 
 # headless Chromium for tests/test_html.py (CI runs as root with Debian's packages); where it
 # cannot be installed the test says so and checks the pages by parsing instead

@@ -1,7 +1,7 @@
 """Ablation benchmark: every unit of the second hidden layer of a 4x1024 MLP on 1024 samples,
 three ways in one process:
 
-1. the design note's loop: zero the unit's weights in place, run the whole model, restore;
+1. the plain loop: zero the unit's weights in place, run the whole model, restore;
 2. Captum's ``LayerFeatureAblation`` with ``perturbations_per_eval`` (benchmark-only dependency);
 3. ``fitcli.ablate``.
 
@@ -48,7 +48,7 @@ def sync(dev):
 
 
 def inplace_loop(model, x, y, layer: nn.Linear) -> torch.Tensor:
-    """The seed note's loop: zero weights, full forward, restore (mutates the model while it runs)."""
+    """The plain loop: zero weights, full forward, restore (mutates the model while it runs)."""
     out = torch.empty(layer.out_features, dtype=torch.float64)
     with torch.no_grad():
         base = F.cross_entropy(model(x), y).item()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
 import sys
 from enum import Enum
@@ -132,7 +133,7 @@ def said(e) -> tuple[str, str | None]:
 def merge(config: str | None, given: dict[str, Any], fmts: type[Enum] = REPORT_FORMATS) -> dict[str, Any]:
     """Flags win over the config file, which wins over built-in defaults; ``fmts``: the formats
     the command writes (a config file's ``format`` is checked against them)."""
-    from fitcli.config import load_config
+    from fitcli.config import describe, load_config, provenance
 
     cfg, where = load_config(config)
     merged = dict(DEFAULTS)
@@ -147,6 +148,9 @@ def merge(config: str | None, given: dict[str, Any], fmts: type[Enum] = REPORT_F
                 raise UsageError(f"{flag(key)} {merged[key]!r}: use {' or '.join(choices)}") from e
     merged["format"] = as_fmt(merged.get("format"))
     merged["_config"] = where
+    merged["_config_info"] = info = provenance(cfg, where, given)
+    if info is not None and not merged.get("quiet") and os.environ.get("RANK", "0") in ("", "0"):  # torchrun rank 0
+        err.print("note: " + describe(info), markup=False, style="dim")
     return merged
 
 
@@ -343,6 +347,8 @@ def emit(report, s: dict[str, Any], protect: list[str | None]) -> None:
     from fitcli.render import render_csv, render_markdown, render_report
 
     data = report.to_dict()
+    if s.get("_config_info"):  # the config file read, and the settings that came from it
+        data["config"] = {k: s["_config_info"][k] for k in ("path", "keys")}
     fmt = s["format"]
     terminal_page(fmt, s.get("output"))
     if fmt is Fmt.html:

@@ -1,7 +1,8 @@
 """Configuration: ``[tool.fitcli]`` in the nearest pyproject.toml, a ``fitcli.toml``, or --config.
 
 Keys are the long option names with underscores (``max_dead``, ``arch``, ``metrics``...).
-Command-line flags win over the file; the file wins over built-in defaults.
+Command-line flags win over the file; the file wins over built-in defaults. A file that was read
+is never silent: ``provenance`` says which settings came from it, for stderr and the report.
 """
 
 from __future__ import annotations
@@ -110,3 +111,29 @@ def check(cfg: Any, where: str) -> dict[str, Any]:
                 raise UsageError(f"{where}: arch_kwargs must hold plain JSON values ({e})") from e
         out[ALIASES.get(k, k)] = value
     return out
+
+
+def provenance(cfg: dict[str, Any], where: str | None, given: dict[str, Any]) -> dict[str, Any] | None:
+    """The config file read and what it set: ``{"path", "keys", "values", "overridden"}``, where
+    ``keys`` are the settings taken from the file (sorted) and ``overridden`` those a flag in
+    ``given`` replaced. None when no file was read."""
+    if where is None:
+        return None
+    flagged = {k for k, v in given.items() if v is not None and v != []}
+    used = sorted(k for k in cfg if k not in flagged)
+    return {"path": str(Path(where).resolve()), "keys": used, "values": {k: cfg[k] for k in used},
+            "overridden": sorted(k for k in cfg if k in flagged)}
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One line for stderr: the file and the settings it gave, e.g.
+    ``settings from /p/fitcli.toml: max_dead = 1, arch = "m.py:Net"``."""
+    import json
+
+    if not info["keys"] and not info["overridden"]:
+        return f"config file {info['path']} read: it sets nothing"
+    parts = [f"{k} = {json.dumps(v)}" for k, v in info["values"].items()]
+    text = f"settings from {info['path']}: " + (", ".join(parts) if parts else "none")
+    if info["overridden"]:
+        text += " (the command line overrides " + ", ".join(info["overridden"]) + ")"
+    return text

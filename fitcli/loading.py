@@ -1,6 +1,6 @@
 """Checkpoint formats -> a model (or a bare state dict), safely.
 
-Every format in ``spec/cli.md`` is handled here. Nothing is unpickled beyond tensors unless the
+Every format in ``docs/cli.md`` is handled here. Nothing is unpickled beyond tensors unless the
 caller passes ``trust_checkpoint=True``.
 """
 

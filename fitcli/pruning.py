@@ -125,7 +125,7 @@ def export_program(module: nn.Module, example: Batch | None):
     exports, else fixed at the example's size."""
     if example is None:
         raise InputError("exporting the pruned model needs an example batch")
-    module = module.eval()
+    module = plain_outputs(module.eval())
     args, kwargs = tuple(example.args), dict(example.kwargs)
     try:
         return torch.export.export(module, args, kwargs or None,
@@ -137,6 +137,35 @@ def export_program(module: nn.Module, example: Batch | None):
     except Exception as e:
         raise InputError(f"the pruned model does not export with torch.export ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+
+
+def plain(out: Any) -> Any:
+    """``out`` with every mapping (a Hugging Face ``ModelOutput`` included) turned into a plain
+    dict and every sequence into a tuple, ``None`` entries of mappings dropped: containers that
+    ``torch.export.load`` rebuilds without the library that defined them."""
+    if isinstance(out, torch.Tensor) or out is None:
+        return out
+    if isinstance(out, dict) or (hasattr(out, "keys") and hasattr(out, "__getitem__")):
+        return {str(k): plain(out[k]) for k in out.keys() if out[k] is not None}
+    if isinstance(out, (tuple, list)):
+        return tuple(plain(v) for v in out)
+    return out
+
+
+def plain_outputs(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` (the same parameters and submodules, so the same state-dict
+    names) whose forward returns ``plain(...)`` of the original forward's output."""
+    import functools
+
+    cls = type(module)
+
+    @functools.wraps(cls.forward)
+    def forward(self, *args, **kwargs):
+        return plain(cls.forward(self, *args, **kwargs))
+
+    flat = copy.copy(module)
+    flat.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return flat
 
 
 def _dynamic(module: nn.Module, args: tuple, kwargs: dict, dyn: Any) -> Any:

@@ -1,6 +1,6 @@
 """Hardening: non-finite values, never losing a file, determinism, edge-case data (cli.md, metrics.md).
 
-Every error case checks the contract of ``spec/cli.md``: the right exit code, a message on stderr
+Every error case checks the contract of ``docs/cli.md``: the right exit code, a message on stderr
 that starts with ``fitcli: error:``, and no traceback.
 """
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build" / "html"
 SAMPLES = ("mlp", "cnn", "resmlp")
 AUDIT_SECTIONS = {"summary", "dead-fraction", "distributions", "unit-map", "ranked", "provenance"}
-METRICS = ["taylor", "act_mean", "weight_norm", "apoz", "dormant", "ablation"]
+METRICS = ["taylor", "act_mean", "weight_norm", "apoz", "dormant", "act_entropy", "ablation"]
 
 
 class Page(HTMLParser):
@@ -102,6 +102,7 @@ def table(page: Page) -> list[dict]:
     for r in page.rows:
         c = r["cells"]
         out.append({"rank": int(c[0][0]), "layer": c[1][1], "unit": int(c[2][0]), "dead": c[3][1] == "dead",
+                    "state": c[3][1],
                     "normalized": float(c[-1][0]), "values": [None if v == "" else float(v) for v, _ in c[4:-1]],
                     "hidden": "display: none" in r["style"]})
     return out
@@ -133,13 +134,42 @@ def _sample(name: str, truth: dict):
     return ckpt, resolve_callable(arch, "arch"), data
 
 
-def _heads_report() -> dict:
+def _heads_report(layers=("embed", "attn.heads", "head")) -> dict:
     """The nn.MultiheadAttention model of test_heads.py: head 1's values are 0, so it is dead."""
     sys.path.insert(0, str(Path(__file__).parent))
     from test_heads import _mha
 
     m, data, *_ = _mha()
-    return fitcli.audit(m, data, device="cpu", layers=["embed", "attn.heads", "head"]).to_dict()
+    return fitcli.audit(m, data, device="cpu", layers=list(layers)).to_dict()
+
+
+WIDE_LAYERS = [f"encoder.layer.{i}.{part}" for i in range(6)
+               for part in ("attention.self.query", "attention.self.key", "attention.self.value",
+                            "attention.output.dense", "intermediate.dense", "output.dense")] + ["pooler.dense"]
+WIDE_METRICS = {"taylor": (30, True), "act_mean": (20, True), "apoz": (10, False)}
+
+
+def wide_report(units: int = 16) -> dict:
+    """A MiniLM-shaped report: 37 layers, no dead unit, values drawn here (linear axes)."""
+    import random
+
+    rng = random.Random(3)
+    layers = []
+    for name in WIDE_LAYERS:
+        metrics = {"taylor": [rng.uniform(0.01, 0.2) for _ in range(units)],
+                   "act_mean": [rng.uniform(1.0, 2.0) for _ in range(units)],
+                   "apoz": [rng.uniform(0.1, 0.9) for _ in range(units)]}
+        layers.append({"name": name, "type": "Linear", "units": units, "activation_point": name,
+                       "activation_point_kind": "module", "final": False, "metrics": metrics, "aggregate": {},
+                       "nonfinite": [], "dead": [], "dead_fraction": 0.0})
+    n = units * len(layers)
+    return {"schema": "fitcli.report/1", "tool": {"name": "fitcli", "version": "t"}, "created": "", "command": "score",
+            "model": {"path": "/home/someone/models/all-MiniLM-L6-v2/", "format": "hf", "sha256": "ab" * 32},
+            "data": {"spec": "tokens.safetensors", "samples": 64, "batches": 2},
+            "settings": {"tau": 0.0, "rank_by": "taylor", "metrics": sorted(WIDE_METRICS)}, "layers": layers,
+            "summary": {"layers": len(layers), "units": n, "dead": 0, "dead_fraction": 0.0, "dead_known": True},
+            "skipped": [], "metric_info": {m: {"rank_priority": p, "higher_is_better": hib, "marks_dead": False}
+                                           for m, (p, hib) in WIDE_METRICS.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +193,8 @@ def reports(truth) -> dict[str, dict]:
     ckpt, arch, data = _sample("resmlp", truth)
     out["blocks"] = fitcli.blocks(ckpt, data, arch=arch, greedy=2, device="cpu", max_batches=2).to_dict()
     out["heads"] = _heads_report()
+    out["heads_only"] = _heads_report(["attn.heads"])
+    out["wide"] = wide_report()
     out["compare"] = _compare_report(out["mlp"])
     return out
 
@@ -204,6 +236,8 @@ def expected_sections(name: str, report: dict) -> set[str]:
     if name == "blocks":
         return {"summary", "blocks", "provenance"}
     s = set(AUDIT_SECTIONS)
+    if all(lay["activation_point_kind"] == "heads" for lay in report["layers"]):
+        s.remove("unit-map")  # no unit map to draw: the heads have their own grid
     if report.get("validation"):
         s.add("validation")
     if any(lay["activation_point_kind"] == "heads" for lay in report["layers"]):
@@ -215,6 +249,7 @@ def test_every_page_is_offline_with_its_sections(pages, reports):
     for name, path in pages.items():
         text = path.read_text()
         page = check_offline_and_sections(text, expected_sections(name, reports[name]))
+        assert set(page.sections) == expected_sections(name, reports[name]), name  # no empty section either
         # the provenance: the model's hash, the data and every setting
         rep = reports[name] if name != "compare" else reports["compare"]["new"]
         assert rep["model"]["sha256"] in text and html.escape(str(rep["data"]["spec"])) in text
@@ -260,22 +295,29 @@ def test_dead_units_in_every_view(name, pages, reports, truth):
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
 
 
-def test_histograms_count_every_unit(pages, reports):
+def distributions(page: Page) -> list[dict]:
+    return [s for s in page.charts.values() if (s.get("usermeta") or {}).get("chart") == "distribution"]
+
+
+def test_distributions_count_every_unit(pages, reports):
+    """One heatmap per key metric: a row per layer, in the report's order; each layer's counts add
+    up to its finite values, and each share is the count over them."""
     page = Page(pages["cnn"].read_text())
     rep = reports["cnn"]
-    hists = [s for s in page.charts.values() if "facet" in s]
-    assert len(hists) == 3  # the key metrics: taylor, then the two with the highest rank priority
-    for spec in hists:
-        metric = spec["spec"]["encoding"]["x"]["title"]
-        per_layer: dict[str, int] = {}
-        for r in spec["data"]["values"]:
-            assert r["a"] <= r["b"] and r["n"] > 0
-            per_layer[r["layer"]] = per_layer.get(r["layer"], 0) + r["n"]
+    maps = distributions(page)
+    assert len(maps) == 3 and not [s for s in page.charts.values() if "facet" in s]
+    for spec in maps:
+        metric = spec["usermeta"]["metric"]
+        assert spec["encoding"]["y"]["sort"] == [lay["name"] for lay in rep["layers"]]
+        rows = spec["data"]["values"]
+        lo, hi = min(r["a"] for r in rows), max(r["b"] for r in rows)
         for lay in rep["layers"]:
             values = [v for v in lay["metrics"][metric] if v is not None]
-            assert per_layer[lay["name"]] == len(values), (metric, lay["name"])
-            lo = min(r["a"] for r in spec["data"]["values"])
-            hi = max(r["b"] for r in spec["data"]["values"])
+            mine = [r for r in rows if r["layer"] == lay["name"]]
+            assert sum(r["n"] for r in mine) == len(values), (metric, lay["name"])
+            for r in mine:
+                assert r["a"] <= r["b"] and r["n"] > 0
+                assert r["share"] == pytest.approx(r["n"] / len(values), rel=1e-3)
             assert lo <= min(values) * (1 + 1e-5) + 1e-9 and hi >= max(values) * (1 - 1e-5) - 1e-9
 
 
@@ -290,10 +332,10 @@ def test_histogram_bins_and_log_axis():
     layers = [{"name": "a", "units": 4, "final": False, "metrics": {"m": [0.0, 1e-6, 1e-2, 10.0]}},
               {"name": "b", "units": 2, "final": False, "metrics": {"m": [None, 5.0]}}]
     spec, caption = H.distribution_chart(layers, "m")
-    assert spec["spec"]["encoding"]["x"]["scale"]["type"] == "symlog" and "7 decades" in caption
+    assert spec["encoding"]["x"]["scale"]["type"] == "symlog" and "7 decades" in caption
     assert sum(r["n"] for r in spec["data"]["values"] if r["layer"] == "b") == 1  # the null is left out
     layers[0]["metrics"]["m"] = [1.0, 2.0, 3.0, 4.0]
-    assert H.distribution_chart(layers, "m")[0]["spec"]["encoding"]["x"]["scale"]["type"] == "linear"
+    assert H.distribution_chart(layers, "m")[0]["encoding"]["x"]["scale"]["type"] == "linear"
 
 
 def test_validation_scatter_against_exact_ablation(pages, reports):
@@ -390,7 +432,7 @@ def test_partial_ablation_and_weights_only_reports(pages, reports):
     assert sorted(r["unit"] for r in table(page)) == [0, 5, 9]
     cells = next(s for s in page.charts.values() if "transform" in s)["data"]["values"]
     assert len(cells) == 32 and sorted(c["a"] for c in cells if c["f"] is not None) == [0, 5, 9]
-    hist = next(s for s in page.charts.values() if "facet" in s)
+    (hist,) = distributions(page)
     assert sum(r["n"] for r in hist["data"]["values"]) == 3
     assert "dead-unknown" in page.ids
     text = pages["no_data"].read_text()
@@ -572,3 +614,112 @@ def test_without_the_html_extra_the_error_says_what_to_install(monkeypatch):
     finally:
         monkeypatch.undo()
         H.vega_bundle.cache_clear()
+
+
+def test_title_names_the_checkpoint_not_its_local_path(pages, reports):
+    for name, path in pages.items():
+        text = path.read_text()
+        title = html.unescape(re.search(r"<title>(.*?)</title>", text, re.S).group(1))
+        heading = re.search(r"<h1>(.*?)</h1>", text, re.S).group(1)
+        if name == "compare":
+            base, new = (reports[name][side]["model"]["path"] for side in ("base", "new"))
+            want = f"fitcli compare: {Path(base).name} → {Path(new).name}"
+        else:
+            rep = reports[name]
+            want = f"fitcli {rep.get('command', 'report')}: {Path(rep['model']['path'].rstrip('/')).name}"
+        assert title == want, (name, title)
+        assert str(REPO) not in title and str(REPO) not in heading and "/home/someone" not in title + heading
+    assert "all-MiniLM-L6-v2" in re.search(r"<title>(.*?)</title>", pages["wide"].read_text()).group(1)
+    assert html.escape(reports["mlp"]["model"]["path"]) in pages["mlp"].read_text()  # the path: provenance
+
+
+def test_scatter_plots_have_a_layer_legend(pages, reports):
+    rep = reports["cnn"]
+    scatters = [s for s in Page(pages["cnn"].read_text()).charts.values() if s.get("mark", {}).get("type") == "point"
+                and "title" in s]
+    assert scatters
+    validated = [lay["name"] for lay in rep["layers"] if lay["name"] in rep["validation"]["layers"]]
+    for spec in scatters:
+        color = spec["encoding"]["color"]
+        assert color["field"] == "layer" and isinstance(color.get("legend"), dict) and color["legend"]["title"] == "layer"
+        assert color["sort"] == validated  # the legend lists the layers in model order
+        assert {p["layer"] for p in spec["data"]["values"]} == set(validated)
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_constant_units_are_marked(name, pages, truth):
+    """The planted constant unit (truth.json: the same non-zero value on every input, which prune
+    folds) is marked in the summary, its unit map and the table; no other unit is."""
+    layer, unit = truth[name]["constant"]["layer"], truth[name]["constant"]["unit"]
+    text = pages[name].read_text()
+    page = Page(text)
+    assert "constant-units" in page.ids
+    summary = re.search(r'<p id="constant-units">(.*?)</p>', text, re.S).group(1)
+    assert "1 constant unit" in summary and f"<code>{layer}</code> {unit}." in summary
+    rows = table(page)
+    assert [(r["layer"], r["unit"]) for r in rows if r["state"] == "constant"] == [(layer, unit)]
+    maps = [s for s in page.charts.values() if s.get("mark", {}).get("type") == "rect" and "transform" in s]
+    marked = [(i, c["a"]) for i, s in enumerate(maps) for c in s["data"]["values"] if c.get("k")]
+    names = [lay for lay in truth[name]["layers"] if lay != truth[name]["final"]]
+    assert marked == [(names.index(layer), unit)]
+    assert all(c.get("k", 0) == 0 for s in maps for c in s["data"]["values"] if c["d"])  # dead is not constant
+
+
+def test_heads_only_page_has_no_empty_unit_map(pages, reports):
+    text = pages["heads_only"].read_text()
+    page = Page(text)
+    assert "unit-map" not in page.sections and 'href="#unit-map"' not in text and "Unit maps" not in text
+    assert "heads" in page.sections
+    kinds = {(s["usermeta"]["metric"], s["usermeta"]["kind"]) for s in distributions(page)}
+    assert kinds and all(k == "" for _, k in kinds)  # one kind of unit: no kind in the captions
+
+
+def test_mixed_kinds_get_one_heatmap_each(pages, reports):
+    """Heads and neurons are on different scales: one heatmap per metric and kind of unit."""
+    kind_of = {"heads": "attention heads", "weights": "embedding rows"}
+    layers = {lay["name"]: kind_of.get(lay["activation_point_kind"], "neurons and channels")
+              for lay in reports["heads"]["layers"]}
+    charts = distributions(Page(pages["heads"].read_text()))
+    assert {s["usermeta"]["kind"] for s in charts} == set(layers.values()) and len(set(layers.values())) > 1
+    for spec in charts:
+        assert {r["layer"] for r in spec["data"]["values"]} <= {n for n, k in layers.items()
+                                                               if k == spec["usermeta"]["kind"]}
+
+
+def test_many_layers_no_dead_units(pages, reports):
+    """A MiniLM-shaped report (37 layers, nothing dead): the page says "no dead units" in words
+    instead of an empty bar chart, and draws each key metric as one heatmap whose cells are
+    counted here by brute force (30 equal bins over the values of every layer)."""
+    rep = reports["wide"]
+    text = pages["wide"].read_text()
+    page = Page(text)
+    assert "no-dead" in page.ids and "No dead units" in text
+    assert not [s for s in page.charts.values() if s.get("encoding", {}).get("x", {}).get("field") == "fraction"]
+    charts = distributions(page)
+    assert [s["usermeta"]["metric"] for s in charts] == list(WIDE_METRICS)  # by rank priority
+    assert not [s for s in page.charts.values() if "facet" in s]
+    for spec in charts:
+        metric = spec["usermeta"]["metric"]
+        assert spec["encoding"]["y"]["sort"] == WIDE_LAYERS
+        every = [v for lay in rep["layers"] for v in lay["metrics"][metric]]
+        lo, hi = min(every), max(every)
+        width = (hi - lo) / H.HIST_BINS
+        want = {}
+        for lay in rep["layers"]:
+            for v in lay["metrics"][metric]:
+                k = min(H.HIST_BINS - 1, int((v - lo) / width))
+                want[(lay["name"], k)] = want.get((lay["name"], k), 0) + 1
+        got = {(r["layer"], round((r["a"] - lo) / width)): r["n"] for r in spec["data"]["values"]}
+        assert got == want, metric
+
+
+def test_scatter_legend_past_twenty_layers_is_a_depth_ramp():
+    names = [f"l{i}" for i in range(H.LEGEND_LAYERS + 5)]
+    points = [{"layer": n, "unit": u, "x": 0.1 * u, "y": 0.2} for n in names for u in range(2)]
+    spec = H.scatter_chart(points, "m", {"spearman": 0.5, "units": len(points)})
+    color = spec["encoding"]["color"]
+    assert color["field"] == "depth" and color["type"] == "quantitative"
+    assert color["legend"]["title"] == f"layer: 0 = l0, {len(names) - 1} = l{len(names) - 1}"
+    assert [p["depth"] for p in spec["data"]["values"]] == [i for i in range(len(names)) for _ in range(2)]
+    few = H.scatter_chart(points[:2 * H.LEGEND_LAYERS], "m", {})["encoding"]["color"]
+    assert few["field"] == "layer" and few["legend"]["symbolLimit"] == H.LEGEND_LAYERS  # every layer named

@@ -4,7 +4,7 @@ The expected values never go through fitcli's engine or metric classes: the samp
 rebuilt from ``sample_models/models.py``, the activation points (``truth.json``) are read with a
 functional re-implementation of the forward (mlp, cnn) or forward hooks on the model's own
 modules (resmlp), and every statistic is a plain loop / tensor expression over the data,
-following ``spec/metrics.md`` literally. Per-sample gradients come from a loop over samples, each
+following ``docs/metrics.md`` literally. Per-sample gradients come from a loop over samples, each
 with its own loss (float64 copy of the model).
 """
 

@@ -1,5 +1,5 @@
 """fitcli never mutates the model: not on a normal run, not when the forward raises mid-ablation,
-not on Ctrl-C / SIGTERM (spec/metrics.md, "Where this differs from the seed note" 3; spec/cli.md
+not on Ctrl-C / SIGTERM (README.md: "The model is never modified"; docs/cli.md
 exit codes 130/143 via ``Interrupted``)."""
 
 from __future__ import annotations

@@ -413,3 +413,58 @@ def test_missing_extra_is_named(run_cli, repo, tmp_path, monkeypatch):
     r = run_cli(["prune", s / "mlp.safetensors", "--arch", f"{s / 'models.py'}:mlp", "--data",
                  s / "mlp_data.safetensors", "-o", tmp_path / "o"])
     assert r.code == 3 and "fitcli[prune]" in r.stderr and "torch-pruning" in r.stderr
+
+
+_LOAD_PT2 = """
+import sys
+sys.modules["transformers"] = None  # importing it would fail: the program must load without it
+import torch
+program = torch.export.load(sys.argv[1])
+ids = torch.load(sys.argv[2])
+out = program.module()(input_ids=ids, attention_mask=torch.ones_like(ids))
+assert type(out) is dict, type(out)
+assert not [m for m, v in sys.modules.items() if v is not None and m.split(".")[0] == "transformers"]
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_pruned_hugging_face_model_loads_with_torch_export_alone(tmp_path):
+    """The .pt2 of a pruned BertModel loads and runs in a process that cannot import
+    transformers, and returns what the original does with the removed units masked."""
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 50, (8, 6))
+    data = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones(4, 6, dtype=torch.long)} for i in (0, 4)]
+    layer, units = "encoder.layer.0.intermediate.dense", [0, 3]
+    result = prune(model, data, remove={layer: units})
+    assert result.removed == {layer: units}
+    result.save(tmp_path / "bert")
+
+    fresh = torch.randint(0, 50, (3, 6))  # another batch size: the batch dimension is dynamic
+    torch.save(fresh, tmp_path / "ids.pt")
+    proc = subprocess.run([sys.executable, "-c", _LOAD_PT2, str(tmp_path / "bert.pt2"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(tmp_path / "out.pt")
+
+    # the masked original: the removed units' columns of the consumer read 0 (GELU output zeroed)
+    def zero(mod, args):
+        x = args[0].clone()
+        x[..., units] = 0
+        return (x,)
+
+    handle = model.encoder.layer[0].output.dense.register_forward_pre_hook(zero)
+    try:
+        with torch.no_grad():
+            want = model(input_ids=fresh, attention_mask=torch.ones_like(fresh))
+    finally:
+        handle.remove()
+    assert set(got) == {"last_hidden_state", "pooler_output"}
+    for key in got:
+        assert torch.allclose(got[key], want[key], atol=1e-5, rtol=0), key

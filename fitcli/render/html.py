@@ -10,7 +10,9 @@ smooth. Unit-level plots are binned past a threshold (and the page says so):
 - unit maps show at most ``MAP_CELLS`` cells per layer (consecutive units grouped, the least-fit
   unit of a group colours its cell);
 - the ranked table lists the ``TABLE_ROWS`` least-fit units;
-- the validation scatter plots show at most ``SCATTER_POINTS`` units per metric (an even sample).
+- the validation scatter plots show at most ``SCATTER_POINTS`` units per metric (an even sample);
+- each metric's distributions are one heatmap per kind of unit (layers x value bins), however
+  many layers the model has.
 """
 
 from __future__ import annotations
@@ -25,13 +27,27 @@ from typing import Any
 from fitcli.discovery.kinds import entry_kind
 from fitcli.errors import UsageError
 from fitcli.render._common import coverage_line, key_metrics
+from fitcli.render.browser import BROWSERS, browser_check, find_chromium  # noqa: F401  (tests and bench)
+from fitcli.render.charts import (
+    MAP_CELLS,
+    TABLE_ROWS,
+    Charts,
+    grid_chart,
+    rounded,
+    setting_text,
+    vl_spec,
+)
 
-MAP_CELLS = 1024
-MAP_COLUMNS = 64
-TABLE_ROWS = 2000
+_r, _spec, _grid_chart, _text, _Charts = rounded, vl_spec, grid_chart, setting_text, Charts
+
+DEAD_COLOUR, CONSTANT_COLOUR = "#d62728", "#ff7f0e"
 SCATTER_POINTS = 2000
 HIST_BINS = 30
 LOG_SPAN = 1e3  # a metric whose nonzero |values| span more than this many times gets a log (symlog) axis
+# the kinds of unit whose values are drawn apart (their scales differ); every other kind is a neuron or channel
+UNIT_KINDS = {"heads": "attention heads", "weights": "embedding rows", "gated": "gated units",
+              "recurrent": "recurrent units"}
+NEURONS = "neurons and channels"
 
 
 # ---- runtime and assets ---------------------------------------------------------------------------
@@ -70,13 +86,6 @@ def script_json(obj: Any) -> str:
 
 
 # ---- numbers --------------------------------------------------------------------------------------
-
-def _r(v: float | None, digits: int = 4) -> float | None:
-    """Round to ``digits`` significant digits (the page shows no more; the JSON report keeps all)."""
-    if v is None or not math.isfinite(v):
-        return None
-    return float(f"{v:.{digits}g}")
-
 
 def _num_text(v: float | None) -> str:
     from fitcli.render._common import fmt
@@ -128,10 +137,6 @@ def percentile_fitness(fit: list[float | None]) -> list[float | None]:
 
 # ---- charts ---------------------------------------------------------------------------------------
 
-def _spec(**kw: Any) -> dict:
-    return {"config": {"view": {"stroke": None}, "axis": {"labelLimit": 240}}, **kw}
-
-
 def dead_fraction_chart(layers: list[dict]) -> dict:
     rows = [{"layer": lay["name"], "dead": len(lay["dead"]), "units": lay["units"], "fraction": _r(lay["dead_fraction"])}
             for lay in layers if not lay.get("final") and not entry_kind(lay).weight_only]
@@ -146,32 +151,41 @@ def dead_fraction_chart(layers: list[dict]) -> dict:
                               {"field": "fraction", "format": ".1%", "title": "dead fraction"}]})
 
 
-def distribution_chart(layers: list[dict], metric: str) -> tuple[dict, str]:
-    """Histograms of ``metric`` per layer (small multiples sharing the x axis), and a caption."""
+def unit_kind(layer: dict) -> str:
+    return UNIT_KINDS.get(layer.get("activation_point_kind"), NEURONS)
+
+
+def distribution_chart(layers: list[dict], metric: str, kind: str = "") -> tuple[dict, str]:
+    """One heatmap of ``metric``: a row per layer, HIST_BINS value bins shared by every row
+    (symlog when the values span decades), each cell coloured by the share of the layer's units
+    whose value falls in it. Returns the spec and a caption ({} when no value is finite)."""
     series = {lay["name"]: _finite(lay["metrics"][metric]) for lay in layers if metric in lay["metrics"]}
+    series = {name: vals for name, vals in series.items() if vals}
     every = [v for vals in series.values() for v in vals]
     if not every:
         return {}, f"{metric}: no finite values"
     lo, hi = min(every), max(every)
     c = _symlog_constant(every)
-    rows = [{"layer": name, "a": _r(a, 6), "b": _r(b, 6), "n": n}
+    rows = [{"layer": name, "a": _r(a, 6), "b": _r(b, 6), "n": n, "share": _r(n / len(vals), 4)}
             for name, vals in series.items() for a, b, n in histogram(vals, lo, hi, HIST_BINS, c)]
-    scale = {"type": "symlog", "constant": _r(c, 6)} if c else {"type": "linear"}
-    caption = (f"{metric}: symlog axis (nonzero values span {_decades(every)} decades)" if c
-               else f"{metric}: linear axis")
-    spec = _spec(
-        data={"values": rows},
-        facet={"field": "layer", "type": "nominal", "sort": list(series), "title": None,
-               "header": {"labelLimit": 200, "labelFontSize": 11}},
-        columns=4, resolve={"scale": {"y": "independent"}},
-        spec={"width": 190, "height": 80, "mark": {"type": "rect", "tooltip": True, "color": "#4c78a8"},
-              "encoding": {"x": {"field": "a", "type": "quantitative", "scale": scale, "title": metric},
-                           "x2": {"field": "b"},
-                           "y": {"field": "n", "type": "quantitative", "title": "units"},
-                           "tooltip": [{"field": "a", "title": "from", "format": ".4g"},
-                                       {"field": "b", "title": "to", "format": ".4g"},
-                                       {"field": "n", "title": "units"}]}})
-    return spec, caption
+    scale = {"type": "symlog", "constant": _r(c, 6)} if c else {"type": "linear", "zero": False}
+    what = f"{metric}{f' ({kind})' if kind else ''}, {len(series)} layer{'' if len(series) == 1 else 's'}"
+    caption = (f"{what}: symlog axis (nonzero values span {_decades(every)} decades)" if c
+               else f"{what}: linear axis")
+    step = 14 if len(series) <= 40 else max(3, 560 // len(series))
+    return _spec(
+        usermeta={"chart": "distribution", "metric": metric, "kind": kind},
+        data={"values": rows}, width=520, height={"step": step},
+        mark={"type": "rect", "tooltip": True},
+        encoding={"x": {"field": "a", "type": "quantitative", "scale": scale, "title": metric},
+                  "x2": {"field": "b"},
+                  "y": {"field": "layer", "type": "nominal", "sort": list(series), "title": None,
+                        "axis": {"labelOverlap": "greedy", "labelFontSize": 11 if step >= 10 else 8}},
+                  "color": {"field": "share", "type": "quantitative", "title": "share of the layer's units",
+                            "scale": {"type": "sqrt", "scheme": "blues", "zero": True}},
+                  "tooltip": [{"field": "layer"}, {"field": "a", "title": "from", "format": ".4g"},
+                              {"field": "b", "title": "to", "format": ".4g"}, {"field": "n", "title": "units"},
+                              {"field": "share", "title": "share", "format": ".1%"}]}), caption
 
 
 def _decades(values: list[float]) -> str:
@@ -179,9 +193,11 @@ def _decades(values: list[float]) -> str:
     return f"{math.log10(max(nz) / min(nz)):.0f}"
 
 
-def unit_cells(fit: list[float | None], raw: list[float | None], dead: set[int], cells: int = MAP_CELLS) -> tuple[list[dict], int]:
+def unit_cells(fit: list[float | None], raw: list[float | None], dead: set[int], cells: int = MAP_CELLS,
+               constant: set[int] | frozenset[int] = frozenset()) -> tuple[list[dict], int]:
     """Cells of a unit map: one per unit, or per group of ``g`` consecutive units past ``cells``
-    (the group's least-fit unit gives its colour and value; ``d`` counts its dead units)."""
+    (the group's least-fit unit gives its colour and value; ``d`` counts its dead units, ``k``,
+    when there are any, its constant ones)."""
     pct = percentile_fitness(fit)
     n = len(fit)
     g = max(1, math.ceil(n / cells))
@@ -192,31 +208,32 @@ def unit_cells(fit: list[float | None], raw: list[float | None], dead: set[int],
         worst = min(finite, key=lambda u: pct[u]) if finite else None
         out.append({"i": i, "a": start, "b": members[-1], "f": None if worst is None else _r(pct[worst], 3),
                     "v": None if worst is None else _r(raw[worst]), "d": sum(1 for u in members if u in dead)})
+        k = sum(1 for u in members if u in constant)
+        if k:  # absent = 0: most layers have none, and a page may hold a million cells
+            out[-1]["k"] = k
     return out, g
 
 
-def _grid_chart(cells: list[dict], group: int, color: dict, tooltip: list[dict]) -> dict:
-    """Units as a grid of squares, MAP_COLUMNS wide (a cell is ``group`` units past the threshold)."""
-    cols = min(MAP_COLUMNS, len(cells))
-    tip = {"field": "a", "title": "unit"} if group == 1 else {"field": "units", "title": "units"}
-    return _spec(
-        data={"values": cells},
-        transform=[{"calculate": f"datum.i % {cols}", "as": "x"}, {"calculate": f"floor(datum.i / {cols})", "as": "y"},
-                   {"calculate": "datum.a + '-' + datum.b", "as": "units"}],
-        width={"step": 11}, height={"step": 11},
-        mark={"type": "rect", "tooltip": True, "stroke": "white", "strokeWidth": 0.5},
-        encoding={"x": {"field": "x", "type": "ordinal", "axis": None},
-                  "y": {"field": "y", "type": "ordinal", "axis": None},
-                  "color": color, "tooltip": [tip, *tooltip]})
-
-
 def unit_map_chart(cells: list[dict], metric: str, group: int, legend: bool = True) -> dict:
-    color = {"condition": [{"test": "datum.d > 0", "value": "#d62728"}, {"test": "datum.f === null", "value": "#bbbbbb"}],
+    color = {"condition": [{"test": "datum.d > 0", "value": DEAD_COLOUR},
+                           {"test": "datum.k > 0", "value": CONSTANT_COLOUR},
+                           {"test": "datum.f === null", "value": "#bbbbbb"}],
              "field": "f", "type": "quantitative", "title": f"{metric} fitness (0 = least fit)",
              "scale": {"scheme": "viridis", "domain": [0, 1]}, **({} if legend else {"legend": None})}
     return _grid_chart(cells, group, color, [{"field": "v", "title": metric, "format": ".4g"},
                                              {"field": "f", "title": "fitness place", "format": ".2f"},
-                                             {"field": "d", "title": "dead"}])
+                                             {"field": "d", "title": "dead"}, {"field": "k", "title": "constant"}])
+
+
+def constant_units(layer: dict) -> list[int]:
+    """Units with the same value on every observation that are not dead: ``act_entropy`` is 0
+    exactly when the unit's range is within float32 rounding (0 for no other unit), else, without
+    it, ``act_var`` is 0. ``fitcli prune`` folds such a unit into its consumers' bias."""
+    m, dead = layer.get("metrics") or {}, set(layer.get("dead") or [])
+    probe = m.get("act_entropy") or m.get("act_var")
+    if probe is None or layer.get("final"):
+        return []
+    return [u for u, v in enumerate(probe) if v == 0 and u not in dead]
 
 
 def heads_chart(layers: list[dict], metric: str, fit: dict[str, list[float | None]]) -> dict:
@@ -279,15 +296,33 @@ def validation_points(report: dict) -> tuple[dict[str, list[dict]], str, bool]:
     return points, source, sampled
 
 
+LEGEND_LAYERS = 20  # up to this many layers a scatter plot's legend names each; past it, colour is depth
+
+
 def scatter_chart(points: list[dict], metric: str, corr: dict) -> dict:
+    """A metric's fitness against |ablation|, one point per validated unit, coloured by layer:
+    a legend entry per layer up to LEGEND_LAYERS layers, else a colour ramp over the layers'
+    order in the model (``depth``, 0 = the first)."""
     rho = corr.get("spearman")
     title = f"{metric}: Spearman {'n/a' if rho is None else f'{rho:+.2f}'} ({corr.get('units', 0)} units)"
+    layers = list(dict.fromkeys(p["layer"] for p in points))
+    if len(layers) <= LEGEND_LAYERS:
+        color = {"field": "layer", "type": "nominal", "sort": layers,
+                 "scale": {"scheme": "tableau10" if len(layers) <= 10 else "tableau20"},
+                 "legend": {"title": "layer", "orient": "bottom", "columns": 2, "symbolLimit": len(layers),
+                            "labelLimit": 150}}
+    else:
+        depth = {name: i for i, name in enumerate(layers)}
+        points = [{**p, "depth": depth[p["layer"]]} for p in points]
+        color = {"field": "depth", "type": "quantitative", "scale": {"scheme": "viridis"},
+                 "legend": {"title": f"layer: 0 = {layers[0]}, {len(layers) - 1} = {layers[-1]}", "orient": "bottom",
+                            "titleLimit": 400}}
     return _spec(
         title={"text": title, "fontSize": 12}, data={"values": points}, width=230, height=170,
         mark={"type": "point", "tooltip": True, "filled": True, "size": 28, "opacity": 0.7},
         encoding={"x": {"field": "x", "type": "quantitative", "title": f"{metric} (fitness, ℓ2-normalised)"},
                   "y": {"field": "y", "type": "quantitative", "title": "|ablation| (ℓ2-normalised)"},
-                  "color": {"field": "layer", "type": "nominal", "legend": None},
+                  "color": color,
                   "tooltip": [{"field": "layer"}, {"field": "unit"}, {"field": "x", "format": ".3g"},
                               {"field": "y", "format": ".3g"}]})
 
@@ -325,20 +360,6 @@ def blocks_chart(blocks: list[dict]) -> dict:
 
 # ---- page -----------------------------------------------------------------------------------------
 
-class _Charts:
-    def __init__(self) -> None:
-        self.specs: dict[str, dict] = {}
-
-    def add(self, spec: dict) -> str:
-        cid = f"c{len(self.specs)}"
-        self.specs[cid] = spec
-        return cid
-
-
-def _text(v: Any) -> str:
-    return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
-
-
 def _provenance(report: dict) -> list[tuple[str, str]]:
     m, d, s = report.get("model") or {}, report.get("data") or {}, report.get("settings") or {}
     rows = [("command", str(report.get("command", ""))),
@@ -352,7 +373,8 @@ def _provenance(report: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _ranked_rows(report: dict, rank_by: str | None, metrics: list[str]) -> tuple[list[dict], int]:
+def _ranked_rows(report: dict, rank_by: str | None, metrics: list[str],
+                 constant: dict[str, list[int]]) -> tuple[list[dict], int]:
     from fitcli.report import direction, rank_units
 
     layers = report["layers"]
@@ -366,43 +388,70 @@ def _ranked_rows(report: dict, rank_by: str | None, metrics: list[str]) -> tuple
     for i, r in enumerate(rows, 1):
         lay = by_name[r["layer"]]
         r["rank"] = i
+        r["constant"] = r["unit"] in constant.get(r["layer"], ())
         r["values"] = [lay["metrics"][m][r["unit"]] if m in lay["metrics"] else None for m in metrics]
     return rows, total
 
 
-def _audit_sections(report: dict, charts: _Charts) -> dict[str, Any]:
+def _dead_context(report: dict, charts: _Charts) -> dict[str, Any]:
+    """The dead-units section: bars when some unit is dead; in words when none is (or unknown)."""
+    layers, summary = report["layers"], report.get("summary") or {}
+    known = summary.get("dead_known", True)
+    dead = known and any(lay["dead"] for lay in layers if not lay.get("final"))
+    constant = {lay["name"]: units for lay in layers if (units := constant_units(lay))}
+    return {"dead_chart": charts.add(dead_fraction_chart(layers)) if dead else None,
+            "no_dead": known and not dead, "constant": constant,
+            "constant_count": sum(len(v) for v in constant.values())}
+
+
+def _distributions(layers: list[dict], keys: list[str], charts: _Charts) -> list[tuple[str, str]]:
+    """One heatmap per key metric and kind of unit (neurons and channels first)."""
+    kinds = sorted({unit_kind(lay) for lay in layers}, key=lambda k: (k != NEURONS, k))
+    out = []
+    for metric in keys:
+        for kind in kinds:
+            group = [lay for lay in layers if unit_kind(lay) == kind]
+            spec, caption = distribution_chart(group, metric, kind if len(kinds) > 1 else "")
+            if spec:
+                out.append((charts.add(spec), caption))
+    return out
+
+
+def _maps(report: dict, map_metric: str | None, constant: dict[str, list[int]], charts: _Charts) -> dict[str, Any]:
     from fitcli.report import direction, fitness_values
 
     layers = report["layers"]
-    rank_by = report["settings"].get("rank_by")
-    keys = key_metrics(report) or sorted({m for lay in layers for m in lay["metrics"]})[:3]
-    ctx: dict[str, Any] = {"keys": keys, "rank_by": rank_by}
-    known = (report.get("summary") or {}).get("dead_known", True)
-    ctx["dead_chart"] = charts.add(dead_fraction_chart(layers)) if known else None
-    if report.get("command") == "ablate":
-        ab = [v for lay in layers for v in (lay["metrics"].get("ablation") or []) if v is not None]
-        ctx["ablated"] = {"units": len(ab), "layers": sum(1 for lay in layers if "ablation" in lay["metrics"]),
-                          "removable": sum(len(lay.get("removable") or []) for lay in layers)}
-    ctx["distributions"] = [(charts.add(spec), caption) for spec, caption in
-                            (distribution_chart(layers, m) for m in keys) if spec]
-    map_metric = rank_by if any(rank_by in lay["metrics"] for lay in layers) else (keys[0] if keys else None)
-    maps, grouped = [], []
+    maps, grouped, heads_chart_id = [], [], None
     if map_metric:
         fit = fitness_values(layers, map_metric, direction(map_metric, report.get("metric_info")),
                              include_final=report.get("command") == "ablate")
         for lay in layers:
             if lay["name"] not in fit or entry_kind(lay).is_head:
                 continue
-            cells, g = unit_cells(fit[lay["name"]], lay["metrics"][map_metric], set(lay["dead"]))
-            maps.append({"layer": lay, "chart": charts.add(unit_map_chart(cells, map_metric, g, legend=not maps)), "group": g})
+            cells, g = unit_cells(fit[lay["name"]], lay["metrics"][map_metric], set(lay["dead"]),
+                                  constant=set(constant.get(lay["name"], ())))
+            maps.append({"layer": lay, "chart": charts.add(unit_map_chart(cells, map_metric, g, legend=not maps)),
+                         "group": g, "constant": constant.get(lay["name"], [])})
             if g > 1:
                 grouped.append(lay["name"])
         heads = [lay for lay in layers if entry_kind(lay).is_head and lay["name"] in fit]
-        ctx["heads_chart"] = charts.add(heads_chart(heads, map_metric, fit)) if heads else None
-    else:
-        ctx["heads_chart"] = None
-    ctx.update(map_metric=map_metric, maps=maps, grouped=grouped)
-    ctx["rows"], ctx["total_units"] = _ranked_rows(report, rank_by, keys)
+        heads_chart_id = charts.add(heads_chart(heads, map_metric, fit)) if heads else None
+    return {"map_metric": map_metric, "maps": maps, "grouped": grouped, "heads_chart": heads_chart_id}
+
+
+def _audit_sections(report: dict, charts: _Charts) -> dict[str, Any]:
+    layers = report["layers"]
+    rank_by = report["settings"].get("rank_by")
+    keys = key_metrics(report) or sorted({m for lay in layers for m in lay["metrics"]})[:3]
+    ctx: dict[str, Any] = {"keys": keys, "rank_by": rank_by, **_dead_context(report, charts)}
+    if report.get("command") == "ablate":
+        ab = [v for lay in layers for v in (lay["metrics"].get("ablation") or []) if v is not None]
+        ctx["ablated"] = {"units": len(ab), "layers": sum(1 for lay in layers if "ablation" in lay["metrics"]),
+                          "removable": sum(len(lay.get("removable") or []) for lay in layers)}
+    ctx["distributions"] = _distributions(layers, keys, charts)
+    map_metric = rank_by if any(rank_by in lay["metrics"] for lay in layers) else (keys[0] if keys else None)
+    ctx.update(_maps(report, map_metric, ctx["constant"], charts))
+    ctx["rows"], ctx["total_units"] = _ranked_rows(report, rank_by, keys, ctx["constant"])
     ctx["validation"] = _validation_context(report, charts) if report.get("validation") else None
     return ctx
 
@@ -417,96 +466,14 @@ def _validation_context(report: dict, charts: _Charts) -> dict[str, Any]:
             "capped": sampled}
 
 
-# ---- comparison (fitcli.compare/1) -----------------------------------------------------------------
-
 COMPARE_SCHEMA = "fitcli.compare/1"
-STATES = ("died", "revived", "nonfinite", "dead", "alive")  # a binned cell shows the first its group has
-STATE_COLOURS = ("#d62728", "#2ca02c", "#ff7f0e", "#555555", "#dfe6ee")
 
 
-def change_cells(lay: dict, cells: int = MAP_CELLS) -> tuple[list[dict], int]:
-    """Cells of a unit-change map: each unit's state (died, revived, became non-finite, dead on
-    both sides, alive), grouped past ``cells`` units (a group shows its first state in STATES)."""
-    n = lay.get("units") or 0
-    died, revived = set(lay.get("died") or []), set(lay.get("revived") or [])
-    bad, dead = set(lay.get("became_nonfinite") or []), set(lay.get("dead_new") or [])
-
-    def state(u: int) -> int:
-        return 0 if u in died else 1 if u in revived else 2 if u in bad else 3 if u in dead else 4
-
-    g = max(1, math.ceil(n / cells))
-    out = []
-    for i, start in enumerate(range(0, n, g)):
-        members = range(start, min(n, start + g))
-        out.append({"i": i, "a": start, "b": members[-1], "s": STATES[min(state(u) for u in members)]})
-    return out, g
-
-
-def change_map_chart(cells: list[dict], group: int, legend: bool) -> dict:
-    color = {"field": "s", "type": "nominal", "title": "unit",
-             "scale": {"domain": list(STATES), "range": list(STATE_COLOURS)}, **({} if legend else {"legend": None})}
-    return _grid_chart(cells, group, color, [{"field": "s", "title": "change"}])
-
-
-def compare_dead_chart(layers: list[dict]) -> dict:
-    rows = [{"layer": lay["name"], "side": side, "fraction": _r(lay[f"dead_fraction_{side}"]),
-             "dead": len(lay.get(f"dead_{side}") or [])}
-            for lay in layers for side in ("base", "new") if lay.get(f"dead_fraction_{side}") is not None]
-    return _spec(
-        data={"values": rows}, mark={"type": "bar", "tooltip": True}, width=480, height={"step": 12},
-        encoding={"y": {"field": "layer", "type": "nominal", "sort": None, "title": None},
-                  "yOffset": {"field": "side", "sort": ["base", "new"]},
-                  "x": {"field": "fraction", "type": "quantitative", "title": "dead fraction", "axis": {"format": "%"}},
-                  "color": {"field": "side", "type": "nominal", "scale": {"domain": ["base", "new"],
-                                                                          "range": ["#9ecae1", "#d62728"]}},
-                  "tooltip": [{"field": "layer"}, {"field": "side"}, {"field": "dead"},
-                              {"field": "fraction", "format": ".1%"}]})
-
-
-def drift_chart(layers: list[dict]) -> dict | None:
-    rows = [{"layer": lay["name"], "metric": m, "drift": _r(max(d["drift"] for d in ds)),
-             "unit": max(ds, key=lambda d: d["drift"])["unit"]}
-            for lay in layers for m, ds in (lay.get("drifts") or {}).items() if ds]
-    if not rows:
-        return None
-    return _spec(
-        data={"values": rows}, mark={"type": "rect", "tooltip": True}, width={"step": 60}, height={"step": 16},
-        encoding={"x": {"field": "metric", "type": "nominal", "title": None, "axis": {"labelAngle": -40}},
-                  "y": {"field": "layer", "type": "nominal", "sort": None, "title": None},
-                  "color": {"field": "drift", "type": "quantitative", "title": "largest drift",
-                            "scale": {"type": "symlog", "scheme": "orangered"}},
-                  "tooltip": [{"field": "layer"}, {"field": "metric"}, {"field": "unit"},
-                              {"field": "drift", "format": ".3g"}]})
-
-
-def _compare_context(data: dict, charts: _Charts) -> dict[str, Any]:
-    layers = data.get("layers") or []
-    maps, grouped = [], []
-    for lay in layers:
-        if lay.get("status") != "compared" or lay.get("died") is None or not lay.get("units"):
-            continue
-        cells, g = change_cells(lay)
-        maps.append({"layer": lay, "chart": charts.add(change_map_chart(cells, g, legend=not maps)), "group": g})
-        if g > 1:
-            grouped.append(lay["name"])
-    rows = [{"layer": lay["name"], "metric": m, **d} for lay in layers for m, ds in (lay.get("drifts") or {}).items()
-            for d in ds]
-    rows.sort(key=lambda r: (-r["drift"], r["layer"], r["metric"], r["unit"]))
-    chart = drift_chart(layers)
-    sides = data.get("base") or {}, data.get("new") or {}
-    prov = []
-    for key, get in (("input", lambda x: f"{x.get('kind')}: {x.get('source')}"),
-                     ("model", lambda x: (x.get("model") or {}).get("path")),
-                     ("sha256", lambda x: (x.get("model") or {}).get("sha256")),
-                     ("architecture", lambda x: (x.get("model") or {}).get("arch")),
-                     ("data", lambda x: (x.get("data") or {}).get("spec")),
-                     ("created", lambda x: x.get("created"))):
-        prov.append((key, str(get(sides[0])), str(get(sides[1]))))
-    for k in sorted(set(sides[0].get("settings") or {}) | set(sides[1].get("settings") or {})):
-        prov.append((f"settings.{k}", *(_text((x.get("settings") or {}).get(k, "")) for x in sides)))
-    return {"dead_chart": charts.add(compare_dead_chart(layers)), "maps": maps, "grouped": grouped,
-            "drift_chart": charts.add(chart) if chart else None, "rows": rows[:TABLE_ROWS],
-            "total_rows": len(rows), "provenance": prov}
+def file_name(path: Any) -> str:
+    """What the page calls a model: the checkpoint's file (or folder) name, not the local path
+    it was read from (that path is in the provenance table)."""
+    text = str(path or "").rstrip("/\\")
+    return text.replace("\\", "/").rsplit("/", 1)[-1] or "model"
 
 
 def render_html(data: dict) -> str:
@@ -515,9 +482,13 @@ def render_html(data: dict) -> str:
     report = data
     env = _template()
     common = {"r": data, "css": _asset("report.css"), "js": _asset("report.js"), "vega": vega_bundle(),
-              "limits": {"cells": MAP_CELLS, "table": TABLE_ROWS, "scatter": SCATTER_POINTS}}
+              "limits": {"cells": MAP_CELLS, "table": TABLE_ROWS, "scatter": SCATTER_POINTS},
+              "name": file_name((data.get("model") or {}).get("path")),
+              "names": [file_name(((data.get(side) or {}).get("model") or {}).get("path")) for side in ("base", "new")]}
     if data.get("schema") == COMPARE_SCHEMA:
-        cmp = _compare_context(data, charts)
+        from fitcli.render.html_compare import compare_context
+
+        cmp = compare_context(data, charts)
         return env.get_template("compare.html.j2").render(**common, **cmp, charts_json=script_json(charts.specs))
     ctx: dict[str, Any] = {"coverage": coverage_line(report) if report.get("layers") else "",
                            "provenance": _provenance(report), "kind": "audit"}
@@ -527,45 +498,3 @@ def render_html(data: dict) -> str:
     else:
         ctx.update(_audit_sections(report, charts))
     return env.get_template("report.html.j2").render(**common, **ctx, charts_json=script_json(charts.specs))
-
-
-# ---- headless browser check (tests, bench) ---------------------------------------------------------
-
-BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome", "headless_shell")
-
-
-def find_chromium() -> str | None:
-    """A headless-capable Chromium on PATH, or None."""
-    import shutil
-
-    return next((p for p in map(shutil.which, BROWSERS) if p), None)
-
-
-def browser_check(path: str, browser: str, *, fragment: str = "all", screenshot: str | None = None,
-                  size: tuple[int, int] = (1280, 2400), budget_ms: int = 15000, timeout: float = 60.0) -> dict:
-    """Load the page at ``path`` in headless Chromium with the network cut off and return what the
-    page recorded: ``errors``, ``warnings``, ``rendered`` and ``charts`` (counts), ``dom`` (the DOM
-    after scripts ran; with the default ``fragment`` ``#all`` every chart is drawn) and ``stderr``.
-    With ``screenshot``, the same run also writes a PNG of the first ``size`` pixels."""
-    import html as _html
-    import re
-    import subprocess
-    from pathlib import Path
-
-    url = Path(path).resolve().as_uri() + (f"#{fragment}" if fragment else "")
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
-           "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9", "--disable-extensions",
-           f"--virtual-time-budget={budget_ms}", f"--window-size={size[0]},{size[1]}"]
-    if screenshot:
-        cmd.append(f"--screenshot={screenshot}")
-    run = subprocess.run([*cmd, "--dump-dom", url], capture_output=True, text=True, timeout=timeout)
-    dom = run.stdout
-    m = re.search(r"<html([^>]*)>", dom)
-    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', m.group(1))) if m else {}
-
-    def j(name: str) -> list:
-        return json.loads(_html.unescape(attrs.get(name, "null"))) or []
-
-    return {"errors": j("data-errors") if m else [f"no page loaded (exit {run.returncode}): {run.stderr[-500:]}"],
-            "warnings": j("data-warnings"), "rendered": int(attrs.get("data-rendered", -1)),
-            "charts": int(attrs.get("data-charts", -1)), "dom": dom, "stderr": run.stderr}
