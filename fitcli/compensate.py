@@ -237,8 +237,8 @@ def r2_from_moments(xtx: torch.Tensor, total: torch.Tensor, n: float, ridge: flo
     sums Σxxᵀ, Σx and the count. A feature with no variance (relative to its mean square) is
     rebuilt exactly by the intercept: R² = 1; with no other varying feature, a varying one gets 0.
 
-    From the correlation matrix ``P`` (eigendecomposition, a tiny ridge ``δ`` for singular
-    ``P``): the residual variance of feature ``i`` is ``1/[(P + δI)⁻¹]_ii − δ``."""
+    From the correlation matrix ``P`` (a Cholesky factorisation, with a tiny ridge ``δ`` for
+    singular ``P``): the residual variance of feature ``i`` is ``1/[(P + δI)⁻¹]_ii − δ``."""
     d = xtx.shape[0]
     n = max(float(n), 1.0)
     mu = total / n
@@ -253,8 +253,13 @@ def r2_from_moments(xtx: torch.Tensor, total: torch.Tensor, n: float, ridge: flo
         return out
     s = var[idx].sqrt()
     corr = cov[idx][:, idx] / torch.outer(s, s)
-    w, v = torch.linalg.eigh(corr)
-    inv_diag = (v.square() / (w.clamp_min(0.0) + ridge)).sum(dim=1)
+    eye = torch.eye(idx.numel(), dtype=corr.dtype, device=corr.device)
+    chol, info = torch.linalg.cholesky_ex(corr + ridge * eye)
+    if int(info) == 0:
+        inv_diag = torch.diagonal(torch.cholesky_inverse(chol))
+    else:  # not positive definite even with the ridge (round-off): eigenvalues clamped at 0
+        w, v = torch.linalg.eigh(corr)
+        inv_diag = (v.square() / (w.clamp_min(0.0) + ridge)).sum(dim=1)
     resid = (1.0 / inv_diag - ridge).clamp(0.0, 1.0)
     out[idx] = 1.0 - resid
     return out
