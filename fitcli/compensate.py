@@ -25,6 +25,7 @@ from fitcli.errors import UsageError
 MODES = ("ridge", "mean", "none")
 LAMBDAS = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 PINV_RCOND = 1e-11  # eigenvalues below this fraction of the largest are treated as exact zeros
+JITTER = 1e-10  # λ = 0 is solved as this (relative to the mean variance): exact to ~1e-10
 
 
 class Gram:
@@ -104,35 +105,43 @@ def pinv_psd(a: torch.Tensor, rcond: float = PINV_RCOND) -> torch.Tensor:
 
 def regress(gram: Gram, removed: torch.Tensor, kept: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least squares with an intercept: ``x_R ≈ B x_K + c``. ``lam`` is relative to the mean
-    variance of the kept features; 0 gives the minimum-norm exact least-squares solution."""
+    variance of the kept features. λ = 0 is least squares, solved with a jitter of ``JITTER``
+    (relative) so that a singular covariance (dead, constant or dependent kept features) costs a
+    Cholesky factorisation, not an eigendecomposition; the pseudo-inverse is the fallback."""
     cov, mu = gram.cov(), gram.mean()
     s_kk = cov[kept][:, kept]
     s_rk = cov[removed][:, kept]
-    if lam > 0 and kept.numel():
+    if kept.numel():
         scale = float(torch.diagonal(s_kk).mean())
         scale = scale if scale > 0 else 1.0
-        eye = torch.eye(kept.numel(), dtype=s_kk.dtype, device=s_kk.device)
-        b = torch.linalg.solve(s_kk + lam * scale * eye, s_rk.T).T
+        a = s_kk + max(lam, JITTER) * scale * torch.eye(kept.numel(), dtype=s_kk.dtype, device=s_kk.device)
+        chol, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            b = torch.cholesky_solve(s_rk.T, chol).T
+        else:
+            b = s_rk @ pinv_psd(s_kk)
     else:
-        b = s_rk @ pinv_psd(s_kk)
+        b = s_rk[:, :0]
     c = mu[removed] - b @ mu[kept]
     return b, c
 
 
 def output_error(gram: Gram, w_removed: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor,
                  b: torch.Tensor, c: torch.Tensor) -> float:
-    """Mean squared consumer-output error ``E‖W_R (x_R − B x_K − c)‖²`` over the rows in ``gram``."""
+    """Mean squared consumer-output error ``E‖W_R (x_R − B x_K − c)‖²`` over the rows in ``gram``,
+    as ``tr(Q E[r rᵀ])`` with ``Q = W_Rᵀ W_R`` and the second moments of the rows."""
     if gram.n == 0:
         return float("nan")
     n = gram.n
-    idx = torch.cat([kept, removed])
-    second = torch.zeros(idx.numel() + 1, idx.numel() + 1, dtype=torch.float64, device=gram.xtx.device)
-    second[:-1, :-1] = gram.xtx[idx][:, idx] / n
-    second[:-1, -1] = second[-1, :-1] = gram.sum[idx] / n
-    second[-1, -1] = 1.0
     w = w_removed.to(torch.float64)
-    coef = torch.cat([-w @ b, w, -(w @ c)[:, None]], dim=1)  # [out, |K| + |R| + 1]
-    return float(((coef @ second) * coef).sum().clamp_min(0.0))
+    q = w.T @ w
+    m_kk = gram.xtx[kept][:, kept] / n
+    m_rk = gram.xtx[removed][:, kept] / n
+    m_rr = gram.xtx[removed][:, removed] / n
+    qb = q @ b
+    e = gram.sum[removed] / n - b @ (gram.sum[kept] / n)  # E[x_R − B x_K]
+    err = (q * m_rr).sum() - 2 * (qb * m_rk).sum() + ((qb @ m_kk) * b).sum() - 2 * c @ (q @ e) + c @ (q @ c)
+    return float(err.clamp_min(0.0))
 
 
 @dataclass
@@ -195,15 +204,16 @@ def choose_lambda(split: SplitGram, w_r: torch.Tensor, removed: torch.Tensor, ke
                   lambdas: tuple[float, ...], heldout: dict[str, float]) -> str:
     """The candidate with the least held-out output error: a grid λ (fitted on the fitting rows),
     else ``mean`` or ``none`` (already in ``heldout``) when strictly better than every λ."""
+    tie = 1e-9 * max(heldout["none"], heldout["mean"])  # differences below this are round-off
     best, best_err = "", float("inf")
     for lam in sorted(lambdas):
         b, c = regress(split.fit, removed, kept, lam)
         err = output_error(split.held, w_r, removed, kept, b, c)
         heldout[f"lambda={lam:g}"] = err
-        if not best or err < best_err * (1 - 1e-9):
+        if not best or err < best_err - tie:
             best, best_err = f"lambda={lam:g}", err
     for name in ("mean", "none"):
-        if heldout[name] < best_err * (1 - 1e-9):
+        if heldout[name] < best_err - tie:
             best, best_err = name, heldout[name]
     return best
 
@@ -227,8 +237,8 @@ def r2_from_moments(xtx: torch.Tensor, total: torch.Tensor, n: float, ridge: flo
     sums Σxxᵀ, Σx and the count. A feature with no variance (relative to its mean square) is
     rebuilt exactly by the intercept: R² = 1; with no other varying feature, a varying one gets 0.
 
-    From the correlation matrix ``P`` (eigendecomposition, a tiny ridge ``δ`` for singular
-    ``P``): the residual variance of feature ``i`` is ``1/[(P + δI)⁻¹]_ii − δ``."""
+    From the correlation matrix ``P`` (a Cholesky factorisation, with a tiny ridge ``δ`` for
+    singular ``P``): the residual variance of feature ``i`` is ``1/[(P + δI)⁻¹]_ii − δ``."""
     d = xtx.shape[0]
     n = max(float(n), 1.0)
     mu = total / n
@@ -243,8 +253,13 @@ def r2_from_moments(xtx: torch.Tensor, total: torch.Tensor, n: float, ridge: flo
         return out
     s = var[idx].sqrt()
     corr = cov[idx][:, idx] / torch.outer(s, s)
-    w, v = torch.linalg.eigh(corr)
-    inv_diag = (v.square() / (w.clamp_min(0.0) + ridge)).sum(dim=1)
+    eye = torch.eye(idx.numel(), dtype=corr.dtype, device=corr.device)
+    chol, info = torch.linalg.cholesky_ex(corr + ridge * eye)
+    if int(info) == 0:
+        inv_diag = torch.diagonal(torch.cholesky_inverse(chol))
+    else:  # not positive definite even with the ridge (round-off): eigenvalues clamped at 0
+        w, v = torch.linalg.eigh(corr)
+        inv_diag = (v.square() / (w.clamp_min(0.0) + ridge)).sum(dim=1)
     resid = (1.0 / inv_diag - ridge).clamp(0.0, 1.0)
     out[idx] = 1.0 - resid
     return out

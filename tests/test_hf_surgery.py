@@ -471,3 +471,13 @@ def test_hidden_channels_of_an_untied_classifier():
     x = ids() % (V - 1) + 1  # no padding token
     assert pruned.score.in_features == 42
     assert (logits(pruned, x) - logits(model, x)).abs().max() < 1e-5
+
+
+def test_hidden_channels_refused_for_unknown_norm_layouts():
+    """A LLaMA-shaped model of another type (Gemma's norms scale by 1 + w, and it has more of
+    them) is refused rather than rescaled wrongly."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    cfg = GemmaConfig(vocab_size=V, hidden_size=48, intermediate_size=32, num_hidden_layers=1, num_attention_heads=6,
+                      num_key_value_heads=2, head_dim=8)
+    with pytest.raises(UsageError, match="'gemma' models are not supported"):
+        prune_hf(GemmaForCausalLM(cfg), Plan(hidden=list(range(42))))

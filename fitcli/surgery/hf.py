@@ -21,6 +21,9 @@ from fitcli.compensate import MODES, SplitGram, columns_of, fit_compensation, fo
 from fitcli.errors import UsageError
 from fitcli.surgery.arch import UNSUPPORTED, Family, Proj, find_family
 
+# LLaMA-style model types whose blocks have exactly an input and a post-attention RMSNorm (x·w)
+HIDDEN_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
 
 @dataclass
 class Plan:
@@ -59,6 +62,10 @@ def check_plan(fam: Family, plan: Plan) -> None:
         raise UsageError("blocks: every block would be removed; keep at least one")
     if plan.hidden is not None and "hidden" in UNSUPPORTED.get(fam.name, {}):
         raise UsageError(UNSUPPORTED[fam.name]["hidden"])
+    model_type = getattr(getattr(fam.model, "config", None), "model_type", None)
+    if plan.hidden is not None and model_type not in HIDDEN_TYPES:
+        raise UsageError(f"hidden channels: {model_type!r} models are not supported (their norms may differ from "
+                         f"the two RMSNorms per block this surgery rescales); supported: {', '.join(HIDDEN_TYPES)}")
     for i, keep in plan.heads.items():
         a = fam.attn(int(i))
         idx = _index(keep, a.heads, f"heads of block {i}")
