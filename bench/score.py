@@ -113,7 +113,7 @@ def child(batches: int, batch_size: int, kind: str, malloc: str) -> None:
     print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -129,7 +129,11 @@ def main() -> None:
                          "loops; default: glibc's own")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--json")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:

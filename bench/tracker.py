@@ -54,6 +54,12 @@ def make(kind: str, batch_size: int, steps: int):
     return model, batches
 
 
+def optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if kind == "resnet18":
+        return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=1e-4)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["resnet18", "cnn"], default="resnet18",
@@ -72,12 +78,7 @@ def main() -> None:
     a.steps = a.steps or (5 if a.model == "resnet18" else 40)
     model, batches = make(a.model, a.batch_size, a.steps)
     plain_m, tracked_m = model, copy.deepcopy(model)
-    if a.model == "resnet18":
-        plain_o = torch.optim.SGD(plain_m.parameters(), lr=1e-3, momentum=0.9)
-        tracked_o = torch.optim.SGD(tracked_m.parameters(), lr=1e-3, momentum=0.9)
-    else:
-        plain_o = torch.optim.Adam(plain_m.parameters(), lr=1e-4)
-        tracked_o = torch.optim.Adam(tracked_m.parameters(), lr=1e-4)
+    plain_o, tracked_o = optimizer(a.model, plain_m), optimizer(a.model, tracked_m)
 
     def run(m, opt, steps) -> tuple[float, float]:
         """Wall and CPU seconds per step (CPU time: this process's own, which other jobs on a shared
@@ -115,6 +116,11 @@ def main() -> None:
            "plain_ms": 1e3 * statistics.median(plain), "tracked_ms": 1e3 * statistics.median(tracked),
            "ratio_median": statistics.median(ratios), "cpu_ratio_median": statistics.median(cpu_ratios),
            "records_written": records}
+    report(fig, a)
+
+
+def report(fig: dict, a: argparse.Namespace) -> None:
+    metrics, records = fig["metrics"], fig["records_written"]
     if a.json:
         Path(a.json).write_text(json.dumps(fig, indent=2) + "\n")
     goal = "" if a.model != "resnet18" else " (goal <= 1.1x)" if metrics == ["taylor"] else " (goal <= 1.2x)"
