@@ -72,6 +72,7 @@ class UnitBatch:
     act: torch.Tensor | None = None
     grad: torch.Tensor | None = None
     weight_grad: torch.Tensor | None = None
+    weight_grad_norms: torch.Tensor | None = None  # ‖weight_grad[i, ...]‖₂ alone: the engine keeps no gradient
     baseline_weight: torch.Tensor | None = None
     consumer_weights: list[torch.Tensor] | None = None
     correct: torch.Tensor | None = None
@@ -244,6 +245,8 @@ class UnitBatch:
 
     def weight_grad_norm(self) -> torch.Tensor:
         """‖weight_grad[i, ...]‖₂ per unit, float64 (shared by grad_norm and composite)."""
+        if self.weight_grad_norms is not None:
+            return self.weight_grad_norms
         assert self.weight_grad is not None
         return self._get("weight_grad_norm", lambda: rownorm(self.weight_grad))
 

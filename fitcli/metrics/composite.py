@@ -26,6 +26,7 @@ class Composite(Metric):
                    "missing components dropped and weights renormalised")
     batch_dependent = True  # through grad_norm
     shares = frozenset({"moments"})  # through act_mean
+    weight_grad_reads = "norm"  # through grad_norm: the per-unit norms of the weight gradient alone
 
     def setup(self) -> None:
         self.parts = {k: cls(self.units) for k, (cls, _) in COMPONENTS.items()}
