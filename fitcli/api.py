@@ -146,14 +146,17 @@ def _offload(loaded: LoadedModel, s: Settings) -> Iterator[Any]:
             raise UsageError("this model was loaded without its weights (lazy): audit it with max_memory")
         yield None
         return
-    if loaded.format != "safetensors" or not loaded.path or not Path(loaded.path).is_file():
+    from fitcli.loading import offload_source
+
+    source = offload_source(loaded)  # the checkpoint, or a Hugging Face folder's model.safetensors
+    if source is None:
         raise UsageError("max_memory maps the weights from a .safetensors checkpoint; this model is not one")
     from fitcli.engine import pick_device
     from fitcli.offload import offloaded
 
     if pick_device(s.device).type != "cpu":
         raise UsageError("max_memory: the block-by-block audit runs on the cpu device for now")
-    with offloaded(loaded.module, max_bytes=s.max_memory, source=loaded.path) as off:
+    with offloaded(loaded.module, max_bytes=s.max_memory, source=source) as off:
         yield off
 
 

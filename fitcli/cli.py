@@ -63,7 +63,7 @@ from fitcli.clikit import (
     progress_of,
 )
 from fitcli.errors import FitcliError, GateFailed, Interrupted, UsageError
-from fitcli.runtime import keep_freed_memory
+from fitcli.runtime import keep_freed_memory, quiet_hf
 
 app = typer.Typer(
     name="fitcli",
@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in args or "-v" in args or os.environ.get("FITCLI_VERBOSE") == "1"
     keep_freed_memory()  # this process is ours: reuse freed activation memory (fitcli.runtime)
+    quiet_hf(verbose)  # Hugging Face prints its own bars and warnings: not unless --verbose
     try:
         signal.signal(signal.SIGTERM, _sigterm)
     except ValueError:  # not the main thread
