@@ -261,17 +261,17 @@ def gate(
 @guard
 def inspect(
     model: ModelArg, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None, trust_checkpoint: TrustOpt = None,
-    data: DataOpt = None, fmt: FormatOpt = None, quiet: QuietOpt = None, verbose: VerboseOpt = None,
-    config: ConfigOpt = None,
+    data: DataOpt = None, text: TextOpt = None, max_seq_len: SeqLenOpt = None, fmt: FormatOpt = None,
+    quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
 ) -> None:
     """Layers, unit counts, activation points and the format found in a checkpoint."""
     from fitcli import api
     from fitcli.render import render_inspect
 
     m = merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
-                            format=fmt, quiet=quiet, verbose=verbose))
+                            text=text, max_seq_len=max_seq_len, format=fmt, quiet=quiet, verbose=verbose))
     no_html(m["format"])
-    info = api.inspect(model_of(model, m), m.get("data")).to_dict()
+    info = api.inspect(model_of(model, m), data_of(model, m, checked_settings(m))).to_dict()
     if m["format"] is Fmt.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     elif m["format"] in (Fmt.markdown, Fmt.csv):
