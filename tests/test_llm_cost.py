@@ -271,3 +271,37 @@ def test_hugging_face_output_silenced_unless_verbose(tiny):
     loud = subprocess.run([*args, "--verbose"], capture_output=True, text=True, env=env, timeout=300)
     assert loud.returncode == 0, loud.stderr
     assert "Loading weights" in loud.stderr  # the check above would have seen it
+
+
+def test_lm_loss_per_sample_with_padding_and_no_logits_copy():
+    """The lm loss per sample equals a loop of plain cross-entropies over each sample's real tokens,
+    and it makes no copy of the logits: the only tensor of their size it allocates is the
+    cross-entropy's own log-softmax."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fitcli.data import Batch
+    from fitcli.losses import lm
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    ids = torch.randint(0, 11, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 1:] = 0  # one real token: nothing to predict
+
+    class Big(TorchDispatchMode):
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == logits.numel() and out.data_ptr() != logits.data_ptr():
+                Big.made += 1
+            return out
+
+    with Big():
+        got = lm(logits, Batch((), {"input_ids": ids, "attention_mask": mask}))
+    want = [F.cross_entropy(logits[i, : int(mask[i].sum()) - 1], ids[i, 1 : int(mask[i].sum())]).item()
+            if mask[i].sum() > 1 else 0.0 for i in range(3)]
+    assert torch.allclose(got, torch.tensor(want), atol=1e-6)
+    assert Big.made == 1  # log_softmax; no sliced or reshaped copy
