@@ -178,6 +178,16 @@ def module_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def no_cache(module: nn.Module) -> nn.Module:
+    """A Hugging Face model fitcli built itself (a folder, ``--arch``) runs without its key/value
+    cache: an audit never generates, and blocks called with a cache cannot be recomputed
+    (``fitcli.offload`` checkpoints them only without one). A caller's live module is left alone."""
+    cfg = getattr(module, "config", None)
+    if getattr(cfg, "use_cache", None):
+        cfg.use_cache = False
+    return module
+
+
 def model_task(module: nn.Module) -> str | None:
     """"causal-lm" for a causal language model (its class or config says so), else None."""
     names = [type(module).__name__, *(getattr(getattr(module, "config", None), "architectures", None) or [])]
@@ -376,7 +386,7 @@ def load_model(
     label = arch_label or arch_name(arch)
     model = build_arch(arch, arch_kwargs)
     load_strict(model, sd, str(path), label)
-    model.eval()
+    no_cache(model).eval()
     return LoadedModel(
         path=str(path), format=fmt, sha256=digest, state_dict=model.state_dict(), module=model,
         arch=label, notes=notes, task=model_task(model),
@@ -410,6 +420,7 @@ def _load_lazy(p: Path, digest: str, arch: Any, arch_kwargs: dict[str, Any] | No
     with _parameters_on_meta():
         model = build_arch(arch, arch_kwargs)
     fill_lazy(model, p, label)
+    no_cache(model)
     return LoadedModel(path=str(p), format="safetensors", sha256=digest, state_dict=dict(model.state_dict(keep_vars=True)),
                        module=model, arch=label, lazy=True, task=model_task(model), notes=[LAZY_NOTE])
 
@@ -555,7 +566,7 @@ def _load_hf_dir(p: Path, arch: Any, lazy: bool = False) -> LoadedModel:
         raise InputError(f"{p}: transformers could not load it ({type(e).__name__}: {first_line(e)})") from e
     if lazy:
         fill_lazy(model, weights, f"transformers.{cls.__name__}")
-    model.eval()
+    no_cache(model).eval()
     return LoadedModel(path=str(p), format="hf", sha256=digest, state_dict=dict(model.state_dict(keep_vars=lazy)),
                        module=model, arch=f"transformers.{cls.__name__}", task=model_task(model), lazy=lazy,
                        notes=[LAZY_NOTE] if lazy else [])
