@@ -56,7 +56,7 @@ test: setup browser
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/pip install -q -e '.[bench]' torch==2.13.0  # torch pinned in the same command: gguf must not move it
 	$(BIN)/python bench/score.py --model cnn --batches 12
 	$(BIN)/python bench/score.py --model mlp --batches 60 --batch-size 1024
 	$(BIN)/python bench/ablation.py
@@ -68,6 +68,8 @@ bench: setup
 	$(BIN)/python bench/distributed.py --threads 1 --repeat 2
 	$(BIN)/python bench/offload.py --arch opt
 	$(BIN)/python bench/offload.py
+	$(BIN)/python bench/offload.py --sets default --untied --batches 1 --batch-size 8 --tokens 32
+	$(BIN)/python bench/llm.py --real --batches 4 --threads 1
 
 fuzz: setup
 	FITCLI_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest tests/test_fuzz.py -p no:cacheprovider -q -s -W ignore::UserWarning

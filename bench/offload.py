@@ -11,6 +11,13 @@ storage (``to_empty``: pages never touched are not resident); the in-memory chil
 weights from the file into it, the offloaded one maps the file instead. Each child also reports its RSS before the audit (after the
 imports, the model and the data): the baseline the audit's own memory is taken over.
 
+``--sets default`` runs fitcli's default metrics (grad_norm and the composite among them: the
+weight gradient of every layer, consumed as autograd produces it) and checks the goal for it:
+peak RSS offloaded at most its RSS before the audit + 1.25 x (cap + activations), the
+activations being what the in-memory audit adds over its own baseline; every layer, the final
+one (the head) included, equal to 1e-5. ``--untied`` gives the head its own weight (GPT-2-medium
+with an untied head: 406M parameters).
+
 Two metric sets: ``acts`` (activation statistics: forward only) and ``taylor`` (activation
 statistics and Taylor: forward and backward). With a backward, the engine asks autograd for the
 weight gradient of every audited layer (grad_norm reads it), which is as big as the weights:
@@ -21,7 +28,7 @@ the ``taylor`` figures carry it, resident or not.
 per layer and batch, which the GPT-2 figures carry.
 
 Usage: python bench/offload.py [--arch gpt2|opt] [--layers 24] [--width 1024] [--heads 16] [--vocab 50257]
-       [--batches 2] [--batch-size 2] [--tokens 32] [--fraction 0.25] [--sets acts,taylor]
+       [--batches 2] [--batch-size 2] [--tokens 32] [--fraction 0.25] [--sets acts,taylor,default] [--untied]
        [--json FILE]
 """
 
@@ -41,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SETS = {"acts": ["act_mean", "act_var", "apoz", "dormant"],
-        "taylor": ["act_mean", "act_var", "apoz", "dormant", "taylor"]}
+        "taylor": ["act_mean", "act_var", "apoz", "dormant", "taylor"],
+        "default": None}  # fitcli's default metrics: grad_norm reads every layer's weight gradient
 SLACK = 400 * 2**20
 
 
@@ -82,11 +90,12 @@ def config(a):
         return OPTForCausalLM, OPTConfig(vocab_size=a.vocab, hidden_size=a.width, num_hidden_layers=a.layers,
                                          ffn_dim=4 * a.width, num_attention_heads=a.heads, word_embed_proj_dim=a.width,
                                          max_position_embeddings=1024, use_cache=False, bos_token_id=0,
-                                         eos_token_id=0, pad_token_id=1)
+                                         eos_token_id=0, pad_token_id=1, tie_word_embeddings=not a.untied)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     return GPT2LMHeadModel, GPT2Config(n_layer=a.layers, n_embd=a.width, n_head=a.heads, vocab_size=a.vocab,
-                                       n_positions=1024, use_cache=False, bos_token_id=0, eos_token_id=0)
+                                       n_positions=1024, use_cache=False, bos_token_id=0, eos_token_id=0,
+                                       tie_word_embeddings=not a.untied)
 
 
 def empty_model(a):
@@ -155,6 +164,7 @@ def child(a) -> None:
     out["peak_since"] = "audit" if reset else "process"
     torch.save({f"{lay.name}/{k}": torch.as_tensor(v) for lay in report.layers for k, v in lay.metrics.items()},
                a.values)
+    out["final"] = report.layers[-1].name
     print(json.dumps(out))
 
 
@@ -166,13 +176,16 @@ def run(args: list[str]) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def max_diff(a: str, b: str) -> float:
+def max_diff(a: str, b: str, layer: str | None = None) -> float:
+    """The largest |difference| of any metric of any layer (of ``layer`` alone when given)."""
     import torch
 
     x, y = torch.load(a), torch.load(b)
     assert x.keys() == y.keys()
     worst = 0.0
     for k in x:
+        if layer is not None and k.rpartition("/")[0] != layer:
+            continue
         u, v = x[k].double(), y[k].double()
         both = ~(u.isnan() | v.isnan())
         assert torch.equal(u.isnan(), v.isnan()), k
@@ -198,6 +211,7 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sets", default="acts,taylor")
+    ap.add_argument("--untied", action="store_true", help="the head has its own weight (not the embedding's)")
     ap.add_argument("--json")
     ap.add_argument("--child", choices=["make", "memory", "offload"], help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
@@ -212,7 +226,7 @@ def main() -> None:
         return child(a)
     shape = ["--arch", a.arch, "--layers", str(a.layers), "--width", str(a.width), "--heads", str(a.heads), "--vocab", str(a.vocab),
              "--batches", str(a.batches), "--batch-size", str(a.batch_size), "--tokens", str(a.tokens),
-             "--threads", str(a.threads)]
+             "--threads", str(a.threads), *(["--untied"] if a.untied else [])]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         f = os.path.join(tmp, "gpt2.safetensors")
@@ -228,12 +242,17 @@ def main() -> None:
                 got[mode]["values"] = vals
             mem, off = got["memory"], got["offload"]
             diff = max_diff(mem["values"], off["values"])
-            row = {"arch": a.arch, "set": s, "metrics": SETS[s], "cap": cap, "weights": made["bytes"], "max_abs_diff": diff,
+            final = max_diff(mem["values"], off["values"], layer=off["final"])
+            row = {"arch": a.arch, "set": s, "metrics": SETS[s] or "default", "cap": cap, "weights": made["bytes"], "max_abs_diff": diff,
                    **{f"memory_{k}": v for k, v in mem.items() if k not in ("values", "mode", "set")},
                    **{f"offload_{k}": v for k, v in off.items() if k not in ("values", "mode", "set")}}
             row["offload_over_cap"] = off["peak_rss"] - cap
+            act = mem["peak_rss"] - mem["rss_before"]  # what the in-memory audit adds: activations, state
+            goal = off["rss_before"] + 1.25 * (cap + act)
+            row.update(final_layer=off["final"], final_max_abs_diff=final, activations=act, goal=goal,
+                       goal_met=off["peak_rss"] <= goal)
             results.append(row)
-            print(f"[{s}: {', '.join(SETS[s])}]")
+            print(f"[{s}: {', '.join(SETS[s] or ['fitcli defaults'])}]")
             print(f"  in memory: peak RSS {mib(mem['peak_rss'])} (before the audit {mib(mem['rss_before'])}), "
                   f"{mem['seconds']:.1f} s")
             print(f"  offloaded: peak RSS {mib(off['peak_rss'])} (before the audit {mib(off['rss_before'])}), "
@@ -244,6 +263,8 @@ def main() -> None:
             print(f"  offloaded peak = cap + {mib(off['peak_rss'] - cap)} = cap + imports and data "
                   f"{mib(off['rss_before'])} + the rest {mib(off['peak_rss'] - cap - off['rss_before'])} "
                   f"(activations, the engine's state; goal: cap + activations + 400 MiB)")
+            print(f"  goal: peak RSS offloaded <= before + 1.25 x (cap + activations {mib(act)}) = {mib(goal)}: "
+                  f"{'met' if row['goal_met'] else 'NOT met'}; final layer {off['final']} max |difference| {final:.2e}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 

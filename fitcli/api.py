@@ -161,7 +161,10 @@ def _offload(loaded: LoadedModel, s: Settings) -> Iterator[Any]:
                              setting="max_memory")
         yield None
         return
-    if loaded.format != "safetensors" or not loaded.path or not Path(loaded.path).is_file():
+    from fitcli.loading import offload_source
+
+    source = offload_source(loaded)  # the checkpoint, or a Hugging Face folder's model.safetensors
+    if source is None:
         raise UsageError("{max_memory} maps the weights from a .safetensors checkpoint; this model is not one",
                          setting="max_memory")
     from fitcli.engine import pick_device
@@ -169,7 +172,7 @@ def _offload(loaded: LoadedModel, s: Settings) -> Iterator[Any]:
 
     if pick_device(s.device).type != "cpu":
         raise UsageError("{max_memory}: the block-by-block audit runs on the cpu device for now", setting="max_memory")
-    with offloaded(loaded.module, max_bytes=s.max_memory, source=loaded.path) as off:
+    with offloaded(loaded.module, max_bytes=s.max_memory, source=source) as off:
         yield off
 
 

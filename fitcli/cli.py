@@ -19,7 +19,7 @@ import typer
 from fitcli import __version__, clikit
 from fitcli.clikit import guard
 from fitcli.errors import FitcliError, GateFailed, Interrupted
-from fitcli.runtime import keep_freed_memory
+from fitcli.runtime import keep_freed_memory, quiet_hf
 
 app = typer.Typer(
     name="fitcli",
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in args or "-v" in args or os.environ.get("FITCLI_VERBOSE") == "1"
     keep_freed_memory()  # this process is ours: reuse freed activation memory (fitcli.runtime)
+    quiet_hf(verbose)  # Hugging Face prints its own bars and warnings: not unless --verbose
     try:
         signal.signal(signal.SIGTERM, _sigterm)
     except ValueError:  # not the main thread

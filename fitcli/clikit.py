@@ -259,7 +259,7 @@ def model_of(model: str, merged: dict[str, Any]):
     from fitcli.api import load
 
     a = arch_of(merged)
-    lazy = merged.get("max_memory") is not None and str(model).lower().endswith(".safetensors")
+    lazy = merged.get("max_memory") is not None and (str(model).lower().endswith(".safetensors") or os.path.isdir(model))
     return load(model, arch=a["arch"], arch_kwargs=a["arch_kwargs"], trust_checkpoint=bool(merged["trust_checkpoint"]),
                 arch_label=a.get("arch_label"), lazy=lazy)
 

@@ -25,10 +25,13 @@ from fitcli.clikit import (
     OutputOpt,
     QuietOpt,
     SeedOpt,
+    SeqLenOpt,
     TauOpt,
+    TextOpt,
     TrustOpt,
     VerboseOpt,
     checked_settings,
+    data_of,
     formats,
     loss_of,
     merge,
@@ -67,8 +70,8 @@ def _check_inputs(base: str, new: str, m: dict) -> None:
         raise UsageError("--format html needs fitcli's HTML renderer, which this installation lacks: "
                          "use table, json or markdown")
     models = [p for p in (base, new) if not _is_report(p)]
-    if models and not m.get("data"):
-        raise UsageError(f"comparing checkpoints needs --data: {models[0]} is audited on it "
+    if models and not m.get("data") and not m.get("text"):
+        raise UsageError(f"comparing checkpoints needs --data or --text: {models[0]} is audited on it "
                          "(both sides on the same data); or compare two JSON reports")
 
 
@@ -116,8 +119,8 @@ def _write(cmp, m: dict, protect: list[str | None]) -> None:
 
 def command(
     base: SideArg, new: SideArg, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None, trust_checkpoint: TrustOpt = None,
-    data: DataOpt = None, batch_size: BatchOpt = None, max_batches: MaxBatchOpt = None, loss: LossOpt = None,
-    layer: LayerOpt = None, metric: MetricOpt = None, device: DeviceOpt = None, seed: SeedOpt = None,
+    data: DataOpt = None, text: TextOpt = None, max_seq_len: SeqLenOpt = None, batch_size: BatchOpt = None,
+    max_batches: MaxBatchOpt = None, loss: LossOpt = None, layer: LayerOpt = None, metric: MetricOpt = None, device: DeviceOpt = None, seed: SeedOpt = None,
     tau: TauOpt = None, top: DriftTopOpt = None, max_new_dead: MaxNewDeadOpt = None,
     fmt: CompareFormatOpt = None, output: OutputOpt = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
@@ -126,7 +129,8 @@ def command(
     in dead fraction, the units that died and revived, the largest metric drifts; --max-new-dead
     gates (exit 1)."""
     m = merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
-                            batch_size=batch_size, max_batches=max_batches, loss=loss, layers=layer, metrics=metric,
+                            text=text, max_seq_len=max_seq_len, batch_size=batch_size, max_batches=max_batches,
+                            loss=loss, layers=layer, metrics=metric,
                             device=device, seed=seed, tau=tau, top=top, max_new_dead=max_new_dead, format=fmt,
                             output=output, quiet=quiet, verbose=verbose), COMPARE_FORMATS)
     _check_inputs(base, new, m)
@@ -134,10 +138,11 @@ def command(
     from fitcli.comparison import compare
 
     sides = {p: (p if _is_report(p) else model_of(p, m)) for p in dict.fromkeys((base, new))}
-    cmp = compare(sides[base], sides[new], data=m.get("data"), loss=loss_of(m.get("loss")),
+    data = data_of(next((p for p in (base, new) if not _is_report(p)), base), m, settings)
+    cmp = compare(sides[base], sides[new], data=data, loss=loss_of(m.get("loss")),
                   settings=settings, progress=progress_of(m), top=m.get("top", 5),
                   max_new_dead=m.get("max_new_dead"))
     cmp.base.source, cmp.new.source = base, new
-    _write(cmp, m, [base, new, m.get("data"), m.get("_config")])
+    _write(cmp, m, [base, new, m.get("data"), m.get("text"), m.get("_config")])
     if cmp.gate is not None and not cmp.gate.passed:
         raise GateFailed("compare gate failed: " + "; ".join(_flag_words(cmp.gate.failures)))

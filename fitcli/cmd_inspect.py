@@ -17,8 +17,12 @@ from fitcli.clikit import (
     Fmt,
     ModelArg,
     QuietOpt,
+    SeqLenOpt,
+    TextOpt,
     TrustOpt,
     VerboseOpt,
+    checked_settings,
+    data_of,
     formats,
     merge,
     model_of,
@@ -46,16 +50,16 @@ def rows(info: dict) -> list[list[str]]:
 
 def command(
     model: ModelArg, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None, trust_checkpoint: TrustOpt = None,
-    data: DataOpt = None, fmt: InspectFormatOpt = None, quiet: QuietOpt = None, verbose: VerboseOpt = None,
-    config: ConfigOpt = None,
+    data: DataOpt = None, text: TextOpt = None, max_seq_len: SeqLenOpt = None, fmt: InspectFormatOpt = None,
+    quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
 ) -> None:
     """Layers, unit counts, activation points and the format found in a checkpoint."""
     from fitcli import api
     from fitcli.render import render_inspect
 
     m = merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
-                           format=fmt, quiet=quiet, verbose=verbose), INSPECT_FORMATS)
-    info = api.inspect(model_of(model, m), m.get("data")).to_dict()
+                           text=text, max_seq_len=max_seq_len, format=fmt, quiet=quiet, verbose=verbose), INSPECT_FORMATS)
+    info = api.inspect(model_of(model, m), data_of(model, m, checked_settings(m))).to_dict()
     if m["format"] is Fmt.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     elif m["format"] is Fmt.markdown:

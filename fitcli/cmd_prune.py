@@ -22,10 +22,13 @@ from fitcli.clikit import (
     MaxBatchOpt,
     QuietOpt,
     SeedOpt,
+    SeqLenOpt,
     TauOpt,
+    TextOpt,
     TrustOpt,
     VerboseOpt,
     checked_settings,
+    data_of,
     formats,
     loss_of,
     merge,
@@ -141,7 +144,8 @@ def render(d: dict, fmt: Fmt) -> str:
 def command(
     model: clikit.ModelArg, remove: RemoveOpt = None, budget: BudgetOpt = None, rank_by: RankOpt = None,
     output: OutOpt = None, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None, trust_checkpoint: TrustOpt = None,
-    data: DataOpt = None, batch_size: BatchOpt = None, max_batches: MaxBatchOpt = None, loss: LossOpt = None,
+    data: DataOpt = None, text: TextOpt = None, max_seq_len: SeqLenOpt = None, batch_size: BatchOpt = None,
+    max_batches: MaxBatchOpt = None, loss: LossOpt = None,
     device: DeviceOpt = None, seed: SeedOpt = None, tau: TauOpt = None, fmt: PruneFormatOpt = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
 ) -> None:
@@ -149,12 +153,13 @@ def command(
     smaller model as OUT.pt2 (torch.export) and OUT.safetensors; prints parameters, FLOPs, loss and
     accuracy before/after beside the change exact ablation predicted."""
     m = merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
-                            batch_size=batch_size, max_batches=max_batches, loss=loss, device=device, seed=seed,
+                            text=text, max_seq_len=max_seq_len, batch_size=batch_size, max_batches=max_batches,
+                            loss=loss, device=device, seed=seed,
                             tau=tau, rank_by=rank_by, format=fmt, quiet=quiet, verbose=verbose), PRUNE_FORMATS)
     if not output:
         raise UsageError("prune needs -o OUT: the pruned model is written to OUT.pt2 and OUT.safetensors")
-    if not m.get("data"):
-        raise UsageError("prune needs --data (units are chosen, folded and checked on it)")
+    if not m.get("data") and not m.get("text"):
+        raise UsageError("prune needs --data or --text (units are chosen, folded and checked on it)")
     if budget is not None and remove:
         raise UsageError("give --remove or --budget, not both")
     if budget is not None and not 0 <= budget <= 100:
@@ -163,10 +168,10 @@ def command(
     settings = checked_settings(m)
     from fitcli.pruning import check_outputs, prune
 
-    protect = [p for p in (model, m.get("data"), m.get("_config")) if p]
+    protect = [p for p in (model, m.get("data"), m.get("text"), m.get("_config")) if p]
     check_outputs(output, protect)  # before anything is loaded; a refusal names its setting: output
     loaded = model_of(model, m)
-    result = prune(loaded, m["data"], remove=how, budget=budget, loss=loss_of(m.get("loss")), settings=settings)
+    result = prune(loaded, data_of(model, m, settings), remove=how, budget=budget, loss=loss_of(m.get("loss")), settings=settings)
     written = result.save(output, protect=protect)
     d = result.to_dict()
     if m["format"] is Fmt.json:

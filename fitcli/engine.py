@@ -43,11 +43,14 @@ from fitcli.feeder import (
     add_gradient,
     data_driven,
     feed_metrics,
+    norms_suffice,
+    weight_grad_readers,
     weights_batch,
     widen,
 )
 from fitcli.losses import LossFn, OutputChange, primary_output, resolve_loss
 from fitcli.metrics.base import NEEDS, Metric, Scratch, UnitBatch
+from fitcli.metrics.gradients import WeightGradients
 from fitcli.metrics.registry import default_metrics, get_metric
 from fitcli.progress import NO_PROGRESS, Progress
 
@@ -327,9 +330,10 @@ def _forward(plan: AuditPlan, batch: Batch, callbacks: dict, use_grad: bool, act
             if not use_grad:
                 return plan.graph(batch), None, {}, {}
             owners = plan.weight_grad_layers()
+            full = {lay.name for lay in owners if not norms_suffice(weight_grad_readers(plan.state[lay.name]))}
             with weights_require_grad(owners):
                 outputs = plan.graph(batch)
-                return (outputs, *_backward(outputs, batch, plan.loss_fn, owners, acts, result))
+                return (outputs, *_backward(outputs, batch, plan.loss_fn, owners, acts, result, full))
     except (InputError, RuntimeAuditError):
         raise
     except Exception as e:  # the model or the data: an input problem, with both shapes
@@ -452,7 +456,9 @@ def _stream_pass(plan: AuditPlan, data, result: AuditResult, p: int, grads: bool
                     continue
                 if lay.name in g:
                     add_gradient(ub, lay, g[lay.name])
-                ub.weight_grad = wg.get(lay.name)
+                ub.weight_grad, norms = wg.get(lay.name, (None, None))
+                if norms is not None:  # the per-unit norms alone (every reader of this layer reads those)
+                    ub.set_weight_grad_norm(norms)
                 ub.correct = correct
                 ub.attention = probs.get(lay.name)
                 ub.query_mask = batch.mask if ub.attention is not None else None
@@ -552,8 +558,11 @@ def cast_model(loaded: Any, dtype: str | torch.dtype | None) -> Any:
 
 
 def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts: dict[str, torch.Tensor],
-              result: AuditResult):
-    """Per-sample losses, dL_x/dh at every tapped point, and dL_batch/dW (batch mean)."""
+              result: AuditResult, full: set[str] | None = None):
+    """Per-sample losses, dL_x/dh at every tapped point, and per layer of ``chosen`` the pair
+    (dL_batch/dW rows for the layers in ``full``, else None; ‖dL_batch/dW[i]‖ otherwise, else None)
+    (batch mean). Each weight gradient is reduced as autograd produces it and freed
+    (``WeightGradients``): the weight gradients are never all alive at once."""
     losses = loss_fn(outputs, batch)
     if losses.dim() != 1 or losses.shape[0] != batch.size:
         raise InputError(f"the loss returned shape {tuple(losses.shape)}; expected one value per sample ({batch.size})")
@@ -563,20 +572,15 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
     total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
     names = [n for n in acts if acts[n].requires_grad]
     owners = [lay for lay in chosen if not lay.weight_only]  # the layers whose weight gradient a metric reads
-    params = [t for lay in owners for t in lay.tensors]
     if not total.requires_grad:
         return losses.detach(), {}, {}
-    gs = torch.autograd.grad(total, [acts[n] for n in names] + params, allow_unused=True)
+    with WeightGradients(owners, batch.size, full) as wg:
+        # past the activations: autograd's stand-ins for the weight gradients (zero-strided: no memory)
+        gs = torch.autograd.grad(total, [acts[n] for n in names] + wg.params, allow_unused=True)[: len(names)]
     # a None gradient: the activation does not reach the loss (off the loss path), not a zero
-    grads = {n: g.detach() for n, g in zip(names, gs[: len(names)], strict=True) if g is not None}
+    grads = {n: g.detach() for n, g in zip(names, gs, strict=True) if g is not None}
     result.reached.update(grads)
-    wgrads = {}
-    rest = list(gs[len(names):])
-    for lay in owners:
-        mine, rest = rest[: len(lay.parts)], rest[len(lay.parts):]
-        if any(g is not None for g in mine):
-            mine = [g.detach() if g is not None else torch.zeros_like(t) for g, t in zip(mine, lay.tensors, strict=True)]
-            wgrads[lay.name] = lay.rows(mine).div_(batch.size)  # autograd.grad returned fresh tensors: no copy
+    wgrads = {n: (wg.rows.get(n), wg.norms.get(n)) for n in {*wg.rows, *wg.norms}}
     return losses.detach(), grads, wgrads
 
 

@@ -178,6 +178,16 @@ def module_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def no_cache(module: nn.Module) -> nn.Module:
+    """A Hugging Face model fitcli built itself (a folder, ``--arch``) runs without its key/value
+    cache: an audit never generates, and blocks called with a cache cannot be recomputed
+    (``fitcli.offload`` checkpoints them only without one). A caller's live module is left alone."""
+    cfg = getattr(module, "config", None)
+    if getattr(cfg, "use_cache", None):
+        cfg.use_cache = False
+    return module
+
+
 def model_task(module: nn.Module) -> str | None:
     """"causal-lm" for a causal language model (its class or config says so), else None."""
     names = [type(module).__name__, *(getattr(getattr(module, "config", None), "architectures", None) or [])]
@@ -215,8 +225,10 @@ def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
 
 
 def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: str, arch: str) -> None:
-    """Fill ``model`` from ``sd``; any mismatch is an InputError naming keys and shapes."""
+    """Fill ``model`` from ``sd``; any mismatch is an InputError naming keys and shapes. A tied
+    weight stored once (``lm_head.weight`` saved as the embedding's) fills every name it has."""
     own = model.state_dict()
+    sd = {**{k: sd[a] for k, a in tied_aliases(model).items() if k not in sd and a in sd}, **sd}
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = [
@@ -240,6 +252,18 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: str, arch: 
         model.load_state_dict(sd, strict=True)
     except Exception as e:  # dtype or other incompatibility
         raise InputError(f"{path} does not load into the architecture {arch}: {str(e).splitlines()[0]}") from e
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Every name of a parameter shared by several modules (tied weights), mapped to its first name."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for n, t in model.named_parameters(remove_duplicate=False):
+        if id(t) in first:
+            out[n] = first[id(t)]
+        else:
+            first[id(t)] = n
+    return {**out, **{f: n for n, f in out.items()}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +337,7 @@ def load_model(
     if not exists:
         raise InputError(f"checkpoint not found: {path}")
     if is_dir:
-        return _load_hf_dir(p, arch)
+        return _load_hf_dir(p, arch, lazy)
     if p.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
     digest = sha256_of(p)
@@ -363,10 +387,10 @@ def load_model(
     label = arch_label or arch_name(arch)
     model = build_arch(arch, arch_kwargs)
     load_strict(model, sd, str(path), label)
-    model.eval()
+    no_cache(model).eval()
     return LoadedModel(
         path=str(path), format=fmt, sha256=digest, state_dict=model.state_dict(), module=model,
-        arch=label, notes=notes,
+        arch=label, notes=notes, task=model_task(model),
     )
 
 
@@ -391,29 +415,53 @@ def _parameters_on_meta() -> Iterator[None]:
 
 def _load_lazy(p: Path, digest: str, arch: Any, arch_kwargs: dict[str, Any] | None, arch_label: str | None
                ) -> LoadedModel:
-    """The architecture with unread parameters (``torch.empty``: no page is touched until the offload
-    maps the file) and its persistent buffers from the file; names and shapes checked against the
-    file's header."""
-    from safetensors import safe_open
-
+    """The architecture with unread parameters (no page is touched until the offload maps the
+    file) and its persistent buffers from the file; names and shapes checked against the file."""
     label = arch_label or arch_name(arch)
     with _parameters_on_meta():
         model = build_arch(arch, arch_kwargs)
+    fill_lazy(model, p, label)
+    no_cache(model)
+    return LoadedModel(path=str(p), format="safetensors", sha256=digest, state_dict=dict(model.state_dict(keep_vars=True)),
+                       module=model, arch=label, lazy=True, task=model_task(model), notes=[LAZY_NOTE])
+
+
+LAZY_NOTE = "weights not read: they are mapped from the file block by block during the audit"
+
+
+def fill_lazy(model: nn.Module, p: Path, label: str) -> None:
+    """Give ``model``'s meta parameters unread storage (``torch.empty`` in the file's dtype) and read
+    its persistent buffers from the safetensors file ``p``. Tied parameters stay one parameter, and
+    a tied weight stored once (under any of its names) is not missing."""
+    from safetensors import safe_open
+
+    from fitcli.offload import read_header
+
+    entries = read_header(p)
+    aliases: dict[int, list[str]] = {}
+    for n, t in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(t), []).append(n)
+    made: dict[int, nn.Parameter] = {}
     with torch.no_grad():
         for m in model.modules():
             for n, t in list(m._parameters.items()):
                 if t is not None and t.device.type == "meta":
-                    m._parameters[n] = type(t)(torch.empty(t.shape, dtype=t.dtype), requires_grad=t.requires_grad)
+                    if id(t) not in made:
+                        e = next((entries[k] for k in aliases[id(t)] if k in entries), None)
+                        dt = e.dtype if e is not None and e.dtype.is_floating_point and t.is_floating_point() else t.dtype
+                        made[id(t)] = type(t)(torch.empty(t.shape, dtype=dt), requires_grad=t.requires_grad)
+                    m._parameters[n] = made[id(t)]
+    stored = set(entries)
+    own = set(model.state_dict())
+    tied = {n for names in aliases.values() if stored & set(names) for n in names}
+    missing, unexpected = sorted(own - stored - tied), sorted(stored - own)
+    if missing or unexpected:
+        raise InputError(f"{p} does not fit {label}: " + "; ".join(
+            x for x in (f"missing keys {missing[:5]}" if missing else "",
+                        f"unexpected keys {unexpected[:5]}" if unexpected else "") if x))
+    persistent = own - {n for n, _ in model.named_parameters(remove_duplicate=False)}
     try:
         with safe_open(str(p), framework="pt") as f:
-            keys = set(f.keys())
-            own = set(model.state_dict())
-            missing, unexpected = sorted(own - keys), sorted(keys - own)
-            if missing or unexpected:
-                raise InputError(f"{p} does not fit {label}: " + "; ".join(
-                    x for x in (f"missing keys {missing[:5]}" if missing else "",
-                                f"unexpected keys {unexpected[:5]}" if unexpected else "") if x))
-            persistent = set(model.state_dict()) - {n for n, _ in model.named_parameters(remove_duplicate=False)}
             for name, buf in model.named_buffers():
                 if name in persistent:
                     t = f.get_tensor(name)
@@ -425,9 +473,19 @@ def _load_lazy(p: Path, digest: str, arch: Any, arch_kwargs: dict[str, Any] | No
     except Exception as e:
         raise InputError(f"{p}: not a readable safetensors file ({_first_line(e)})") from e
     model.eval()
-    return LoadedModel(path=str(p), format="safetensors", sha256=digest, state_dict=dict(model.state_dict(keep_vars=True)),
-                       module=model, arch=label, lazy=True,
-                       notes=["weights not read: they are mapped from the file block by block during the audit"])
+
+
+def offload_source(loaded: LoadedModel) -> Path | None:
+    """The safetensors file a block-by-block audit maps ``loaded``'s weights from: the checkpoint
+    itself, or a Hugging Face folder's ``model.safetensors``; None when there is none."""
+    if not loaded.path:
+        return None
+    p = Path(loaded.path)
+    if loaded.format == "safetensors" and p.is_file():
+        return p
+    if loaded.format == "hf" and (p / "model.safetensors").is_file():
+        return p / "model.safetensors"
+    return None
 
 
 def _load_export(p: Path, digest: str) -> LoadedModel:
@@ -482,7 +540,7 @@ def hf_tokenizer(folder: str | Path) -> Any:
     return tok
 
 
-def _load_hf_dir(p: Path, arch: Any) -> LoadedModel:
+def _load_hf_dir(p: Path, arch: Any, lazy: bool = False) -> LoadedModel:
     if not (p / "config.json").is_file():
         raise InputError(f"{p} is a directory without config.json (expected a Hugging Face model folder)")
     weights = p / "model.safetensors"
@@ -500,9 +558,16 @@ def _load_hf_dir(p: Path, arch: Any) -> LoadedModel:
     try:
         config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
         cls = _hf_class(config)
-        model = cls.from_pretrained(str(p), local_files_only=True)
+        if lazy:  # built without its weights: fitcli.offload maps them from model.safetensors
+            with _parameters_on_meta():
+                model = cls(config) if cls is not transformers.AutoModel else cls.from_config(config)
+        else:
+            model = cls.from_pretrained(str(p), local_files_only=True)
     except Exception as e:
         raise InputError(f"{p}: transformers could not load it ({type(e).__name__}: {first_line(e)})") from e
-    model.eval()
-    return LoadedModel(path=str(p), format="hf", sha256=digest, state_dict=model.state_dict(), module=model,
-                       arch=f"transformers.{cls.__name__}", task=model_task(model))
+    if lazy:
+        fill_lazy(model, weights, f"transformers.{cls.__name__}")
+    no_cache(model).eval()
+    return LoadedModel(path=str(p), format="hf", sha256=digest, state_dict=dict(model.state_dict(keep_vars=lazy)),
+                       module=model, arch=f"transformers.{cls.__name__}", task=model_task(model), lazy=lazy,
+                       notes=[LAZY_NOTE] if lazy else [])

@@ -122,12 +122,14 @@ def lm(outputs: Any, batch: Batch) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor) or logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise InputError(f"the lm loss needs logits [batch, tokens, vocab] and token ids [batch, tokens]; got "
                          f"{tuple(logits.shape)} and {tuple(labels.shape) if isinstance(labels, torch.Tensor) else None}")
-    target = labels[:, 1:].to(logits.device).long().clone()
+    # the targets shifted left (the last position has none), not the logits: no copy of the
+    # per-position logits beyond the cross-entropy's own (a float32 model's are used as they are)
+    target = torch.full(labels.shape, -100, dtype=torch.long, device=logits.device)
+    target[:, :-1] = labels[:, 1:]
     if batch.mask is not None:
-        target[~batch.mask[:, 1:].to(logits.device)] = -100
+        target[:, :-1][~batch.mask[:, 1:].to(logits.device)] = -100
     b, t, v = logits.shape
-    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), target.reshape(-1), ignore_index=-100,
-                         reduction="none").reshape(b, t - 1)
+    ce = F.cross_entropy(logits.float().reshape(-1, v), target.reshape(-1), ignore_index=-100, reduction="none").reshape(b, t)
     real = (target != -100).to(ce.dtype)
     return (ce * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
 

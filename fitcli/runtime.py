@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,3 +74,33 @@ def available_bytes(device: Any = "cpu") -> int | None:
         return None
     return None
 
+
+
+# Hugging Face's own switches; a value the user set in the environment wins
+HF_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def quiet_hf(verbose: bool = False) -> bool:
+    """Silence Hugging Face's progress bars ("Loading weights", "Writing model shards"), its log
+    messages below errors and its Python warnings for the rest of the process, unless
+    ``verbose``. Before ``transformers``/``huggingface_hub`` are imported this sets their
+    environment switches; after, it calls their own ``set_verbosity_error`` and
+    ``disable_progress_bar(s)`` too. Returns True when applied."""
+    if verbose:
+        return False
+    for k, v in HF_QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import logging as hub_logging
+
+        disable_progress_bars()
+        hub_logging.set_verbosity_error()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module=r"(transformers|huggingface_hub|tokenizers)(\.|$)")
+    return True

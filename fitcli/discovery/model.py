@@ -183,6 +183,8 @@ def token_mask(t: torch.Tensor, lay: Layer, mask: torch.Tensor | None) -> torch.
     padding positions are not observations."""
     if mask is None or lay.unit_dim != -1 or t.dim() != 3 or tuple(t.shape[:2]) != tuple(mask.shape):
         return None
+    if bool(mask.all()):  # no padding in this batch: every position is an observation (the fast paths)
+        return None
     if lay.head_dim:  # a head's observations are (position, feature of its slice)
         return mask.to(t.device).repeat_interleave(lay.head_dim, dim=1)
     return mask.to(t.device)

@@ -108,20 +108,32 @@ class UnitBatch:
         return t.masked_fill(~self.mask[:, None, :], fill)
 
     def _masked_moments(self) -> dict[str, torch.Tensor]:
-        """The moments with a padding mask: plain float64 sums over real positions."""
-        a = self._masked(self.act.to(torch.float64))
-        m = self.mask[:, None, :]
-        sum_s = a.sum(dim=2)
-        return {"sum_s": sum_s, "sum": sum_s.sum(0), "abs": a.abs().sum(dim=(0, 2)),
-                "sumsq": a.square().sum(dim=(0, 2)),
-                "zeros": ((self.act == 0) & m).sum(dim=(0, 2)).to(torch.float64)}
+        """The moments with a padding mask: plain float64 sums over real positions, one sample at a
+        time (a float64 copy of one sample's real positions, never of the whole batch: a language
+        model's logits are hundreds of MB)."""
+        b, u = self.act.shape[:2]
+        out = {k: torch.zeros(u, dtype=torch.float64, device=self.act.device) for k in ("abs", "sumsq", "zeros")}
+        sum_s = torch.zeros(b, u, dtype=torch.float64, device=self.act.device)
+        for i in range(b):
+            x = self.act[i][:, self.mask[i]].to(torch.float64)
+            sum_s[i] = x.sum(dim=1)
+            out["zeros"] += (x == 0).sum(dim=1)
+            out["sumsq"] += x.square().sum(dim=1)
+            out["abs"] += x.abs_().sum(dim=1)
+        return {"sum_s": sum_s, "sum": sum_s.sum(0), **out}
 
     def sample_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's min and max over positions, per unit, in the activation's dtype. ``[batch, units]`` each"""
         def fn():
             a = self.act
             if self.mask is not None:  # a sample without real positions gives (inf, -inf): no range
-                return self._masked(a, float("inf")).amin(dim=2), self._masked(a, float("-inf")).amax(dim=2)
+                lo = a.new_full(a.shape[:2], float("inf"))
+                hi = a.new_full(a.shape[:2], float("-inf"))
+                for i in range(a.shape[0]):  # one sample's real positions at a time: no copy of the batch
+                    if self.mask[i].any():
+                        x = a[i][:, self.mask[i]]
+                        lo[i], hi[i] = x.amin(dim=1), x.amax(dim=1)
+                return lo, hi
             if a.shape[2] == 1:
                 return a[:, :, 0], a[:, :, 0]
             return a.amin(dim=2), a.amax(dim=2)  # two plain reductions beat one aminmax on CPU
