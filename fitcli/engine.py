@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import fnmatch
 import inspect
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -588,25 +588,11 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
 # ablation, through the contract
 
 
-def feed_ablation(plan: AuditPlan, data, *, mode: str = "zero", chunk_size: int | None = None,
-                  progress: Progress = NO_PROGRESS, group: Any = None) -> None:
-    """Exact ablation of every chosen layer, handed to the metrics that need it."""
+def ablation_wanted(plan: AuditPlan) -> dict[str, list[Metric]]:
+    """Per audited layer, the metrics of the plan that need exact ablation (none: empty)."""
     wanting = {lay.name: [m for m in plan.state[lay.name].values() if "ablation" in m.needs]
                for lay in plan.layers if not lay.weight_only}
-    names = [n for n, ms in wanting.items() if ms]
-    if not names:
-        return
-    from fitcli.ablation import ablate_layers
-
-    assert data is not None and plan.loss_fn is not None
-    accuracy = any(getattr(m, "ablation_of", "loss") == "accuracy" for ms in wanting.values() for m in ms)
-    ab = ablate_layers(plan.graph, names, data, plan.loss_fn, mode=mode, device=plan.device,
-                       chunk_size=chunk_size, progress=progress, accuracy=accuracy, group=group)
-    plan.notes.extend(x for x in ab.notes if x not in plan.notes)
-    for n in names:
-        for m in wanting[n]:  # each metric takes the sums it declares (loss or accuracy changes)
-            m.update_ablation((ab.acc_sum if getattr(m, "ablation_of", "loss") == "accuracy" else ab.delta_sum)[n],
-                              ab.samples)
+    return {n: ms for n, ms in wanting.items() if ms}
 
 
 # --------------------------------------------------------------------------------------------
@@ -689,10 +675,12 @@ def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer]) -> di
 def audit(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | None = None, loss=None,
           baseline=None, device: str | torch.device = "auto", progress: Progress = NO_PROGRESS,
           ablation_mode: str = "zero", chunk_size: int | None = None, rank_by: str | None = None,
-          group: Any = None) -> AuditResult:
+          group: Any = None, ablate: Callable[..., None] | None = None) -> AuditResult:
     """Plan, stream, collect: every chosen metric over the data in one streamed pass (plus one for
     entropy, plus exact ablation for the metrics that need it). ``group``: a process group; each
-    rank streams its shard and every rank ends with the global result (``fitcli.distributed``)."""
+    rank streams its shard and every rank ends with the global result (``fitcli.distributed``).
+    ``ablate``: the exact-ablation pass for metrics that need it (``fitcli.ablation.feed_plan``,
+    which the API passes in: the engine does not depend on the ablation engine)."""
     d = _dist(group)
     data = half_data(data, model_dtype(getattr(loaded, "module", None)))
     with distributed.phase(d):  # discovery reads batch 0 on every rank (a probe: no statistics)
@@ -704,6 +692,8 @@ def audit(loaded, data, *, metrics: list[str] | None = None, layers: list[str] |
             p.graph.runner.to(p.device)
     if p.streams:
         stream(p, data, result, progress, group=d)
-    if p.have["ablation"] is None:
-        feed_ablation(p, data, mode=ablation_mode, chunk_size=chunk_size, progress=progress, group=d)
+    if p.have["ablation"] is None and ablation_wanted(p):
+        if ablate is None:
+            raise UsageError("metrics that need exact ablation need the ablation pass (ablate=fitcli.ablation.feed_plan)")
+        ablate(p, data, mode=ablation_mode, chunk_size=chunk_size, progress=progress, group=d)
     return collect(p, result, streamed=p.streams)

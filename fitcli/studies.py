@@ -70,11 +70,12 @@ def audit_units(loaded: LoadedModel, ds: Any, baseline: LoadedModel | None, s: S
                 progress: Progress, d: distributed.Dist | None = None) -> AuditReport:
     """Every chosen metric of every chosen layer on ``ds`` (the engine), validated against exact
     ablation with ``s.validate`` -> the report."""
+    from fitcli.ablation import feed_plan
     from fitcli.engine import audit as run_audit
 
     result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=baseline,
                        device=s.device, progress=progress, ablation_mode=s.ablation_mode,
-                       chunk_size=s.chunk_size, rank_by=s.rank_by, group=d)
+                       chunk_size=s.chunk_size, rank_by=s.rank_by, group=d, ablate=feed_plan)
     report = report_build.build(result, loaded, ds, report_settings(s, loaded), rank_by=s.rank_by, top=s.top,
                                 distributed=distributed_field(d))
     if s.validate:

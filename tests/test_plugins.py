@@ -269,4 +269,4 @@ def test_every_builtin_metric_declares_a_direction_and_known_needs():
         assert entry.cls.all_needs() <= set(NEEDS)
     # the spec: APoZ is the one unit metric where lower is fit; attention entropy (heads only, not in
     # the spec's unit table) counts a focused head as the fitter one
-    assert sorted(n for n, e in reg.items() if not e.cls.higher_is_better) == ["apoz", "attn_entropy"]
+    assert sorted(n for n, e in reg.items() if not e.cls.higher_is_better) == ["apoz", "attn_entropy", "redundancy"]

@@ -7,7 +7,7 @@ import torch
 from fitcli.metrics.activations import ActMean
 from fitcli.metrics.base import Metric, UnitBatch
 from fitcli.metrics.gradients import GradNorm
-from fitcli.metrics.weights import WeightNorm, _Idempotent
+from fitcli.metrics.weights import Idempotent, WeightNorm
 
 COMPONENTS: dict[str, tuple[type[Metric], float]] = {
     "weight_norm": (WeightNorm, 0.4),
@@ -46,7 +46,7 @@ class Composite(Metric):
     def update(self, batch: UnitBatch) -> None:
         self._sync_in()
         for part in self.parts.values():
-            if isinstance(part, _Idempotent) and bool((part.value > float("-inf")).all()):
+            if isinstance(part, Idempotent) and bool((part.value > float("-inf")).all()):
                 continue  # weights only: every batch would set the same value again
             part.update(batch)
         self._sync_out()

@@ -7,7 +7,7 @@ import torch
 from fitcli.metrics.base import Metric, UnitBatch, rownorm, safe_div, zeros
 
 
-class _Idempotent(Metric):
+class Idempotent(Metric):
     """State is a per-unit value that every batch sets to the same thing: merged by max."""
 
     higher_is_better = True
@@ -23,7 +23,7 @@ class _Idempotent(Metric):
         return torch.where(torch.isneginf(v), torch.full_like(v, float("nan")), v)
 
 
-class WeightNorm(_Idempotent):
+class WeightNorm(Idempotent):
     name = "weight_norm"
     rank_priority = 10
     needs = frozenset({"weights"})
@@ -34,7 +34,7 @@ class WeightNorm(_Idempotent):
         self._set(rownorm(batch.weight))
 
 
-class WeightNormOut(_Idempotent):
+class WeightNormOut(Idempotent):
     name = "weight_norm_out"
     needs = frozenset({"weights", "graph"})
     cost = "weights only"
@@ -64,7 +64,7 @@ class WeightNormOut(_Idempotent):
         self._set(sq.sqrt())
 
 
-class WeightChange(_Idempotent):
+class WeightChange(Idempotent):
     name = "weight_change"
     needs = frozenset({"weights", "baseline"})
     cost = "weights only"
@@ -77,7 +77,7 @@ class WeightChange(_Idempotent):
         self._set(rownorm(d))
 
 
-class WeightChangeRel(_Idempotent):
+class WeightChangeRel(Idempotent):
     name = "weight_change_rel"
     needs = frozenset({"weights", "baseline"})
     cost = "weights only"
