@@ -8,6 +8,7 @@ heads x head_dim]) to the callback before the output projection; put back after.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -94,3 +95,60 @@ def tap(modules: dict[str, nn.Module], callbacks: dict[str, Callable[[torch.Tens
                 mod.forward = old
             else:
                 del mod.forward
+
+
+# --------------------------------------------------------------------------------------------
+# attention probabilities, read during an audit's forward (the attention metrics)
+
+
+@contextlib.contextmanager
+def attention_probabilities(plan: Any, fed: dict[str, list[Any]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Attention probabilities ``[batch, heads, queries, keys]`` of the head layers whose metrics
+    need them, read from the attention module's output during the forward (forward hooks, always
+    removed). ``nn.MultiheadAttention`` is asked for per-head weights and still returns to its
+    caller what the caller asked for; a Hugging Face module in eager mode returns them anyway."""
+    probs: dict[str, torch.Tensor] = {}
+    wanted = [lay for lay in plan.layers if lay.attention is not None
+              and any("attention" in m.all_needs() for m in fed.get(lay.name, []))]
+    if not wanted:
+        yield probs
+        return
+    mods = dict(plan.graph.runner.named_modules())
+    handles = []
+    try:
+        for lay in wanted:
+            name, how = lay.attention
+            handles.extend(_attention_hooks(mods[name], how, lay.name, probs))
+        yield probs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+_MHA_SIGNATURE = inspect.signature(torch.nn.MultiheadAttention.forward)
+
+
+def _attention_hooks(mod: torch.nn.Module, how: str, layer: str, probs: dict[str, torch.Tensor]) -> list:
+    asked: dict[str, Any] = {}
+
+    def pre(m, args, kwargs):  # ask nn.MultiheadAttention for per-head weights; remember what the caller asked
+        a = _MHA_SIGNATURE.bind(m, *args, **kwargs)
+        a.apply_defaults()
+        asked["need"], asked["average"] = a.arguments["need_weights"], a.arguments["average_attn_weights"]
+        call = {k: v for k, v in a.arguments.items() if k != "self"}
+        return (), {**call, "need_weights": True, "average_attn_weights": False}
+
+    def post(m, args, kwargs, out):
+        w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        if isinstance(w, torch.Tensor) and w.dim() == 4:
+            probs[layer] = w.detach()
+        if how != "mha":
+            return out
+        if not asked["need"]:
+            return out[0], None
+        return out[0], (w.mean(dim=1) if asked["average"] and w is not None else w)
+
+    hs = [mod.register_forward_hook(post, with_kwargs=True, prepend=True)]  # before the user's hooks: they see what was asked
+    if how == "mha":
+        hs.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+    return hs

@@ -16,10 +16,7 @@ fed comes from its declared contract.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import fnmatch
-import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +25,7 @@ from typing import Any
 import torch
 
 from fitcli import distributed
+from fitcli.attention import attention_probabilities
 from fitcli.data import Batch, half_data
 from fitcli.discovery import Layer, ModelGraph, discover
 from fitcli.errors import (
@@ -46,15 +44,14 @@ from fitcli.feeder import (
     norms_suffice,
     weight_grad_readers,
     weights_batch,
-    widen,
 )
 from fitcli.losses import LossFn, OutputChange, primary_output, resolve_loss
 from fitcli.metrics.base import NEEDS, Metric, Scratch, UnitBatch
 from fitcli.metrics.gradients import WeightGradients
 from fitcli.metrics.registry import default_metrics, get_metric
+from fitcli.precision import DTYPES, Float32Loss, cast_model, dtype_name, model_dtype  # noqa: F401  (re-exported)
 from fitcli.progress import NO_PROGRESS, Progress
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUN_NEEDS = ("activations", "gradients", "labels", "ablation", "attention")  # what a forward over data gives
 
 
@@ -377,59 +374,6 @@ def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_P
                                     hint="check the model's weights and the data for NaN/Inf")
 
 
-@contextmanager
-def attention_probabilities(plan: AuditPlan, fed: dict[str, list[Metric]]) -> Iterator[dict[str, torch.Tensor]]:
-    """Attention probabilities ``[batch, heads, queries, keys]`` of the head layers whose metrics
-    need them, read from the attention module's output during the forward (forward hooks, always
-    removed). ``nn.MultiheadAttention`` is asked for per-head weights and still returns to its
-    caller what the caller asked for; a Hugging Face module in eager mode returns them anyway."""
-    probs: dict[str, torch.Tensor] = {}
-    wanted = [lay for lay in plan.layers if lay.attention is not None
-              and any("attention" in m.all_needs() for m in fed.get(lay.name, []))]
-    if not wanted:
-        yield probs
-        return
-    mods = dict(plan.graph.runner.named_modules())
-    handles = []
-    try:
-        for lay in wanted:
-            name, how = lay.attention
-            handles.extend(_attention_hooks(mods[name], how, lay.name, probs))
-        yield probs
-    finally:
-        for h in handles:
-            h.remove()
-
-
-_MHA_SIGNATURE = inspect.signature(torch.nn.MultiheadAttention.forward)
-
-
-def _attention_hooks(mod: torch.nn.Module, how: str, layer: str, probs: dict[str, torch.Tensor]) -> list:
-    asked: dict[str, Any] = {}
-
-    def pre(m, args, kwargs):  # ask nn.MultiheadAttention for per-head weights; remember what the caller asked
-        a = _MHA_SIGNATURE.bind(m, *args, **kwargs)
-        a.apply_defaults()
-        asked["need"], asked["average"] = a.arguments["need_weights"], a.arguments["average_attn_weights"]
-        call = {k: v for k, v in a.arguments.items() if k != "self"}
-        return (), {**call, "need_weights": True, "average_attn_weights": False}
-
-    def post(m, args, kwargs, out):
-        w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-        if isinstance(w, torch.Tensor) and w.dim() == 4:
-            probs[layer] = w.detach()
-        if how != "mha":
-            return out
-        if not asked["need"]:
-            return out[0], None
-        return out[0], (w.mean(dim=1) if asked["average"] and w is not None else w)
-
-    hs = [mod.register_forward_hook(post, with_kwargs=True, prepend=True)]  # before the user's hooks: they see what was asked
-    if how == "mha":
-        hs.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-    return hs
-
-
 def _stream_pass(plan: AuditPlan, data, result: AuditResult, p: int, grads: bool, scratch: Scratch,
                  progress: Progress) -> int:
     """One pass over ``data``; returns how many batches had a finite loss (pass 0)."""
@@ -484,77 +428,6 @@ def _reduce_counts(d: distributed.Dist, plan: AuditPlan, result: AuditResult, fi
 
 def _dist(group: Any) -> distributed.Dist | None:
     return group if group is None or isinstance(group, distributed.Dist) else distributed.of(group)
-
-
-# --------------------------------------------------------------------------------------------
-# half precision: the model computes in its dtype, every statistic accumulates in float32/float64
-
-
-def model_dtype(module: Any) -> torch.dtype | None:
-    """The floating dtype of a model's first floating parameter (or buffer); None without one."""
-    if module is None or not hasattr(module, "parameters"):
-        return None
-    for t in (*module.parameters(), *module.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return None
-
-
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _widen_outputs(outputs: Any) -> Any:
-    if isinstance(outputs, torch.Tensor):
-        return widen(outputs)
-    if isinstance(outputs, (tuple, list)):
-        return type(outputs)(_widen_outputs(v) for v in outputs)
-    if isinstance(outputs, dict) or hasattr(outputs, "keys"):
-        return {k: _widen_outputs(outputs[k]) for k in outputs.keys()}
-    return outputs
-
-
-class Float32Loss:
-    """A loss on a half-precision model's outputs, computed on their float32 copies: the
-    per-sample losses (and the exact-ablation loss changes, differences of nearby losses) are
-    not rounded to 8 or 11 bits. The gradient still flows into the model in its own dtype."""
-
-    def __init__(self, fn: LossFn):
-        self.fn = fn
-
-    def __call__(self, outputs: Any, batch: Batch) -> torch.Tensor:
-        return self.fn(_widen_outputs(outputs), batch)
-
-    def change(self, outputs: Any, reference: Any, batch: Batch) -> torch.Tensor:
-        return self.fn.change(_widen_outputs(outputs), _widen_outputs(reference), batch)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "fn":
-            raise AttributeError(name)
-        return getattr(self.fn, name)
-
-
-def cast_model(loaded: Any, dtype: str | torch.dtype | None) -> Any:
-    """``loaded`` with its floating weights in ``dtype`` for the audit. A live module the caller
-    gave is copied first (the caller's model is never changed); a model loaded from a file is
-    ours and is cast in place."""
-    if dtype is None:
-        return loaded
-    target = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    module = loaded.module
-    if module is None:
-        sd = {k: v.to(target) if v.is_floating_point() else v for k, v in loaded.state_dict.items()}
-        return dataclasses.replace(loaded, state_dict=sd)
-    if model_dtype(module) == target:
-        return loaded
-    if loaded.format == "module":
-        try:
-            module = copy.deepcopy(module)
-        except Exception as e:
-            raise UsageError(f"dtype {dtype_name(target)}: the model cannot be copied to cast it "
-                             f"({type(e).__name__}); give a model already in that dtype") from e
-    module = module.to(target)
-    return dataclasses.replace(loaded, module=module, state_dict=dict(module.state_dict()))
 
 
 def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts: dict[str, torch.Tensor],

@@ -316,6 +316,23 @@ def _load_torch(path: Path, trust: bool) -> tuple[Any, str]:
         raise InputError(f"{path}: trusted unpickling failed: {type(e).__name__}: {str(e)[:200]}") from e
 
 
+def _torchscript_weights(p: Path) -> dict[str, torch.Tensor]:
+    """The weights of a TorchScript archive (its graph cannot be hooked)."""
+    try:
+        scripted = torch.jit.load(str(p), map_location="cpu")
+    except Exception as e:
+        raise InputError(f"{p}: not a readable TorchScript archive ({_first_line(e)})") from e
+    return {k: v.detach().clone() for k, v in scripted.state_dict().items()}
+
+
+def _pickled_module(model: nn.Module, path: str, digest: str) -> LoadedModel:
+    """A whole pickled module (only read when the checkpoint was trusted)."""
+    model.eval()
+    return LoadedModel(path=path, format="pickled_module", sha256=digest, state_dict=model.state_dict(),
+                       module=model, arch=type(model).__name__,
+                       notes=["whole pickled module loaded because the checkpoint was trusted"])
+
+
 def load_model(
     path: str | Path,
     arch: Any = None,
@@ -352,32 +369,16 @@ def load_model(
     elif suffix == ".pt2":
         return _load_export(p, digest)
     elif _is_torchscript(p):
-        try:
-            scripted = torch.jit.load(str(p), map_location="cpu")
-        except Exception as e:
-            raise InputError(f"{path}: not a readable TorchScript archive ({_first_line(e)})") from e
-        sd = {k: v.detach().clone() for k, v in scripted.state_dict().items()}
-        fmt = "torchscript"
+        sd, fmt = _torchscript_weights(p), "torchscript"
         notes.append(
             "TorchScript archive: its weights are read (weight metrics); activations need the architecture "
             "with the Python model, since compiled TorchScript graphs cannot be hooked"
         )
     else:
         obj, kind = _load_torch(p, trust_checkpoint)
-        if kind == "pickled_module":
-            if isinstance(obj, nn.Module):
-                model = obj
-                model.eval()
-                return LoadedModel(
-                    path=str(path), format="pickled_module", sha256=digest,
-                    state_dict=model.state_dict(), module=model, arch=type(model).__name__,
-                    notes=["whole pickled module loaded because the checkpoint was trusted"],
-                )
-            sd = _extract_state_dict(obj, str(path))
-            fmt = "pt"
-        else:
-            sd = _extract_state_dict(obj, str(path))
-            fmt = "pt"
+        if kind == "pickled_module" and isinstance(obj, nn.Module):
+            return _pickled_module(obj, str(path), digest)
+        sd, fmt = _extract_state_dict(obj, str(path)), "pt"
 
     if fmt == "torchscript" and arch is None:
         return LoadedModel(path=str(path), format=fmt, sha256=digest, state_dict=sd, notes=notes)
