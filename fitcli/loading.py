@@ -427,6 +427,7 @@ def _load_lazy(p: Path, digest: str, arch: Any, arch_kwargs: dict[str, Any] | No
                        module=model, arch=label, lazy=True, task=model_task(model), notes=[LAZY_NOTE])
 
 
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 LAZY_NOTE = "weights not read: they are mapped from the file block by block during the audit"
 
 
@@ -436,9 +437,11 @@ def fill_lazy(model: nn.Module, p: Path, label: str) -> None:
     a tied weight stored once (under any of its names) is not missing."""
     from safetensors import safe_open
 
-    from fitcli.offload import read_header
-
-    entries = read_header(p)
+    try:
+        with safe_open(str(p), framework="pt") as f:  # the header only: names and dtypes
+            stored_dtypes = {k: FLOAT_DTYPES.get(f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:
+        raise InputError(f"{p}: not a readable safetensors file ({_first_line(e)})") from e
     aliases: dict[int, list[str]] = {}
     for n, t in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(t), []).append(n)
@@ -448,11 +451,11 @@ def fill_lazy(model: nn.Module, p: Path, label: str) -> None:
             for n, t in list(m._parameters.items()):
                 if t is not None and t.device.type == "meta":
                     if id(t) not in made:
-                        e = next((entries[k] for k in aliases[id(t)] if k in entries), None)
-                        dt = e.dtype if e is not None and e.dtype.is_floating_point and t.is_floating_point() else t.dtype
+                        dt = next((stored_dtypes[k] for k in aliases[id(t)] if k in stored_dtypes), None)
+                        dt = dt if dt is not None and t.is_floating_point() else t.dtype
                         made[id(t)] = type(t)(torch.empty(t.shape, dtype=dt), requires_grad=t.requires_grad)
                     m._parameters[n] = made[id(t)]
-    stored = set(entries)
+    stored = set(stored_dtypes)
     own = set(model.state_dict())
     tied = {n for names in aliases.values() if stored & set(names) for n in names}
     missing, unexpected = sorted(own - stored - tied), sorted(stored - own)
