@@ -54,13 +54,9 @@ class WeightNormOut(Idempotent):
         for w in batch.consumer_weights:
             if w.dim() < 2 or w.shape[1] != self.units:
                 return  # grouped/ reshaped consumer: not unit-aligned
-            w = w.detach()
-            if w.dtype not in (torch.float32, torch.float64):
-                w = w.float()
-            # ‖W_next[:, i, ...]‖ over every axis but the input one, in the weight's own precision
-            # (float32 norms are accurate to ~1e-7; no float64 copy of every consumer weight)
-            norm = torch.linalg.vector_norm(w, 2, dim=[d for d in range(w.dim()) if d != 1])
-            sq = sq + norm.to(torch.float64).square()
+            # float64 sums of squares over every axis but the input one (once per audit: weights only)
+            w = w.detach().to(torch.float64).transpose(0, 1).reshape(w.shape[1], -1)  # [in, out*k]
+            sq = sq + (w**2).sum(dim=1)
         self._set(sq.sqrt())
 
 
