@@ -30,6 +30,7 @@ from fitcli import distributed
 from fitcli.data import Batch
 from fitcli.discovery import Layer, ModelGraph, getattr_path, token_mask
 from fitcli.errors import InputError, RuntimeAuditError, first_line, guarded, is_oom
+from fitcli.feeder import ablation_wanted
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
 from fitcli.runtime import available_bytes
@@ -555,8 +556,6 @@ def feed_plan(plan: Any, data: Any, *, mode: str = "zero", chunk_size: int | Non
     """Exact ablation of every layer of an engine plan (``fitcli.engine.AuditPlan``) whose metrics
     need it, handed to those metrics through ``update_ablation``: each takes the sums its
     ``ablation_of`` declares (loss or accuracy changes)."""
-    from fitcli.engine import ablation_wanted
-
     wanting = ablation_wanted(plan)
     if not wanting:
         return

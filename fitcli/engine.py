@@ -37,6 +37,7 @@ from fitcli.errors import (
 )
 from fitcli.feeder import (
     HALF,
+    ablation_wanted,
     activation_batch,
     add_gradient,
     data_driven,
@@ -459,13 +460,6 @@ def _backward(outputs, batch: Batch, loss_fn: LossFn, chosen: list[Layer], acts:
 
 # --------------------------------------------------------------------------------------------
 # ablation, through the contract
-
-
-def ablation_wanted(plan: AuditPlan) -> dict[str, list[Metric]]:
-    """Per audited layer, the metrics of the plan that need exact ablation (none: empty)."""
-    wanting = {lay.name: [m for m in plan.state[lay.name].values() if "ablation" in m.needs]
-               for lay in plan.layers if not lay.weight_only}
-    return {n: ms for n, ms in wanting.items() if ms}
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ metrics read. The offline audit (``fitcli.engine``) and the training-time tracke
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -107,3 +108,10 @@ def weights_batch(lay: Layer, graph: ModelGraph, device: torch.device | None = N
     w = lay.weight.detach()
     return UnitBatch(weight=w if device is None else w.to(device), baseline_weight=baseline,
                      consumer_weights=cons or None)
+
+
+def ablation_wanted(plan: Any) -> dict[str, list[Metric]]:
+    """Per audited layer, the metrics of the plan that need exact ablation (none: empty)."""
+    wanting = {lay.name: [m for m in plan.state[lay.name].values() if "ablation" in m.needs]
+               for lay in plan.layers if not lay.weight_only}
+    return {n: ms for n, ms in wanting.items() if ms}
