@@ -425,3 +425,8 @@ def kind_of_point(point_kind: str | None) -> UnitKind:
 def entry_kind(entry: dict[str, Any]) -> UnitKind:
     """The kind of a report's layer entry (a dict of the JSON report)."""
     return kind_of_point(entry.get("activation_point_kind"))
+
+
+from fitcli.discovery.hidden import HIDDEN  # noqa: E402  (a built-in kind in a module of its own)
+
+BUILTIN = (*BUILTIN, HIDDEN)

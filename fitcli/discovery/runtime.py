@@ -351,6 +351,7 @@ def runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
         if id(lay) in kept:
             lay.consumers = lay.consumers or consumers_of(end, cg)
     mark_final(layers)
+    layers.extend(kinds.HIDDEN.find_in_model(model, rec.called))  # opt-in: never the output layer
     reason = "never called as a module during the forward pass, so it cannot be hooked"
     g = ModelGraph(layers, "runtime", runner=model, unsupported=unsupported(model, covered(layers), reason))
     g.point_tap = RuntimeTap(model, layers, steps)
