@@ -356,7 +356,7 @@ def ablate_layers(
     zero_only = [n for n in names if getattr(layers[n].kind, "ablation_tap", None) is not None]
     if mode == "mean" and zero_only:
         raise UsageError(f"layer {zero_only[0]}: hidden channels are ablated by zeroing them in the residual "
-                         "stream; mode 'mean' is not defined for them", setting="mode")
+                         "stream; {ablation_mode} 'mean' is not defined for them", setting="ablation_mode")
     means = unit_means(graph, names, layers, data, dev, group=d) if mode == "mean" else {}
     res = AblationResult(names, {n: layers[n].units for n in names}, dev)
     res.accuracy_known = accuracy

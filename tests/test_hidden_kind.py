@@ -221,3 +221,6 @@ def test_cli_ablate_layer_hidden_on_a_hugging_face_folder(tmp_path, run_cli):
     base = _zeroed_losses(m, embeds, writes, data, None)
     want = float((_zeroed_losses(m, embeds, writes, data, 3) - base).mean())
     assert abs(lay["metrics"]["ablation"][3] - want) <= TOL
+    mean = run_cli(["ablate", tmp_path / "hf", "--data", tmp_path / "tokens.safetensors", "--layer", "hidden",
+                    "--device", "cpu", "--quiet", "--mode", "mean"])
+    assert mean.code == 2 and "--mode 'mean'" in mean.stderr and "Traceback" not in mean.stderr, mean.stderr
