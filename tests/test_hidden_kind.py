@@ -224,3 +224,23 @@ def test_cli_ablate_layer_hidden_on_a_hugging_face_folder(tmp_path, run_cli):
     mean = run_cli(["ablate", tmp_path / "hf", "--data", tmp_path / "tokens.safetensors", "--layer", "hidden",
                     "--device", "cpu", "--quiet", "--mode", "mean"])
     assert mean.code == 2 and "--mode 'mean'" in mean.stderr and "Traceback" not in mean.stderr, mean.stderr
+
+
+def test_tracker_reports_hidden_channels_as_the_hand_computation(tmp_path):
+    """A training step tracked with ``layers=["hidden"]`` gives the same Minitron sums (the
+    model's dropout is 0: a training-mode forward is the eval forward)."""
+    m, norms, _, _ = _llama()
+    data = _data()
+    hand = _hand_stats(m, norms, data, 16)
+    before = _weights(m)
+    m.train()
+    hist = tmp_path / "h.jsonl"
+    with fitcli.Tracker(m, hist, layers=["hidden"], metrics=["act_mean", "taylor"], loss_reduction="sum") as tr:
+        for b in data:
+            _lm_loss(m(**b), b).sum().backward()
+        tr.step()
+    m.eval()
+    _unchanged(m, before)
+    got = json.loads(hist.read_text().splitlines()[0])["layers"]["hidden"]["metrics"]
+    for n in ("act_mean", "taylor"):
+        assert torch.allclose(torch.tensor(got[n], dtype=torch.float64), hand[n], rtol=TOL, atol=1e-7), n
