@@ -35,8 +35,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# imported first: the built-in kinds (the hidden channels' module included)
-from fitcli.discovery import kinds as kinds
+# the built-in kinds, the one in a module of its own (hidden channels) registered with them
+from fitcli.discovery import hidden as hidden
 
 _PUBLIC = {
     "Layer": "model", "ModelGraph": "model", "unit_view": "model", "token_mask": "model", "mark_final": "model",

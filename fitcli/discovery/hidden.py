@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fitcli.discovery.kinds import HEADS, UnitKind
+from fitcli.discovery.kinds import HEADS, UnitKind, add_builtin
 from fitcli.discovery.model import Layer, unit_view
 
 NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
@@ -215,6 +215,6 @@ def _capture(modules: dict[str, Any], lay: HiddenLayer, fn: Callable[[Any], Any]
     return handles
 
 
-HIDDEN = HiddenKind()
+HIDDEN = add_builtin(HiddenKind())
 
 __all__ = ["HIDDEN", "HiddenKind", "HiddenLayer", "blocks_of", "is_norm", "norm_width"]

@@ -353,6 +353,14 @@ BUILTIN: tuple[UnitKind, ...] = (RECURRENT, CHANNELS, EMBEDDING, GATED, HEADS, B
 _registered: list[UnitKind] = []
 
 
+def add_builtin(kind: UnitKind) -> UnitKind:
+    """A built-in kind defined in a module of its own (``fitcli.discovery.hidden``, imported with
+    the package): asked after the others."""
+    global BUILTIN
+    BUILTIN = (*BUILTIN, kind)
+    return kind
+
+
 def _missing(obj: Any) -> list[str]:
     """What the registry needs that ``obj`` lacks."""
     out = []
@@ -425,8 +433,3 @@ def kind_of_point(point_kind: str | None) -> UnitKind:
 def entry_kind(entry: dict[str, Any]) -> UnitKind:
     """The kind of a report's layer entry (a dict of the JSON report)."""
     return kind_of_point(entry.get("activation_point_kind"))
-
-
-from fitcli.discovery.hidden import HIDDEN  # noqa: E402  (a built-in kind in a module of its own)
-
-BUILTIN = (*BUILTIN, HIDDEN)
