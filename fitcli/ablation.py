@@ -29,7 +29,7 @@ from torch import fx, nn
 from fitcli import distributed
 from fitcli.data import Batch
 from fitcli.discovery import Layer, ModelGraph, getattr_path, token_mask
-from fitcli.errors import InputError, RuntimeAuditError, first_line, guarded, is_oom
+from fitcli.errors import InputError, RuntimeAuditError, UsageError, first_line, guarded, is_oom
 from fitcli.feeder import ablation_wanted
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
@@ -249,11 +249,20 @@ def _job(graph: ModelGraph, plans: dict[str, _Plan | None], n: str, lay: Layer, 
         res.notes.append(f"ablation of {n}: the model's graph could not be split at the unit, "
                          "so the whole input is expanded per chunk (slower, same result)")
     res.method[n] = "input-expansion"
-    holder: dict[str, torch.Tensor] = {}
-    with graph.tap({n: lambda t: holder.setdefault("h", t.detach())}):
+    held: list[torch.Tensor] = []
+    with ablation_point(graph, lay, lambda t: (held.append(t.detach()), t)[1]):
         base_out = guarded(batch, graph, bi, graph, batch)
-    return _Job(lay, holder["h"], base_out, lambda rb, ru: _input_rows(graph, batch, rb, ru, lay, value),
-                None, None, value)
+    h = held[0] if len(held) == 1 else lay.kind.stack_writes(held)  # hidden channels: every write into the stream
+    return _Job(lay, h, base_out, lambda rb, ru: _input_rows(graph, batch, rb, ru, lay, value), None, None, value)
+
+
+def ablation_point(graph: ModelGraph, lay: Layer, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Where ``lay``'s units are masked: its activation point, or the places its kind names
+    (``ablation_tap``: hidden channels are zeroed at every write into the residual stream)."""
+    own = getattr(lay.kind, "ablation_tap", None)
+    if own is None:
+        return graph.tap({lay.name: fn})
+    return own(dict(graph.runner.named_modules()), lay, fn)
 
 
 def _chunk(job: _Job, batch: Batch, us: list[int], loss_fn: LossFn, accuracy: bool, dev: torch.device):
@@ -345,6 +354,10 @@ def ablate_layers(
     layers = {lay.name: lay for lay in graph.layers}
     units = units or {}
     sel = {n: (units.get(n) if units.get(n) is not None else list(range(layers[n].units))) for n in names}
+    zero_only = [n for n in names if getattr(layers[n].kind, "ablation_tap", None) is not None]
+    if mode == "mean" and zero_only:
+        raise UsageError(f"layer {zero_only[0]}: hidden channels are ablated by zeroing them in the residual "
+                         "stream; {ablation_mode} 'mean' is not defined for them", setting="ablation_mode")
     means = unit_means(graph, names, layers, data, dev, group=d) if mode == "mean" else {}
     res = AblationResult(names, {n: layers[n].units for n in names}, dev)
     res.accuracy_known = accuracy
@@ -479,14 +492,14 @@ def _whole(graph: ModelGraph, plan: _Plan | None, base, batch: Batch, lay: Layer
         # the probe's value is replaced; the suffix (including a rank-1 plan's Linear) recomputes
         rows = torch.arange(batch.size, device=hh.device)
         return _run_suffix(plan, env, rows, batch.size, {plan.probe: _set_all(hh, units, value, lay)})
-    with graph.tap({lay.name: lambda t: _set_all(t, units, value, lay)}):
+    with ablation_point(graph, lay, lambda t: _set_all(t, units, value, lay)):
         return graph(batch)
 
 
 def _input_rows(graph: ModelGraph, batch: Batch, row_b: torch.Tensor, row_unit: torch.Tensor, lay: Layer, value):
     """Fallback: run the whole model on the rows' samples, each row with its unit ablated."""
     big = batch.select(row_b)
-    with graph.tap({lay.name: lambda t: _set_units(t, row_unit, value, lay)}):
+    with ablation_point(graph, lay, lambda t: _set_units(t, row_unit, value, lay)):
         return graph(big)
 
 

@@ -478,7 +478,9 @@ def collect(plan: AuditPlan, result: AuditResult, streamed: bool = False) -> Aud
             if lay.name in off_path and "gradients" in m.needs:
                 result.skipped.append({"metric": n, "layer": lay.name, "reason": OFF_PATH})
                 continue
-            result.values[lay.name][n] = m.compute().detach().cpu()
+            value = m.compute().detach().cpu()
+            agg = getattr(lay.kind, "aggregate", None)  # a kind reporting per-point values summed (hidden channels)
+            result.values[lay.name][n] = agg(lay, n, value) if agg is not None else value
             info = m.info()
             if info:
                 result.metric_info.setdefault(n, {}).setdefault("layers", {})[lay.name] = info

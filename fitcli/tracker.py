@@ -399,7 +399,8 @@ class Tracker:
                     skipped[n] = ("two backward passes through one forward: the weight gradient of the batch "
                                   "was not kept (one backward per forward gives it)")
                     continue
-                computed[n] = m.compute()
+                agg = getattr(lay.kind, "aggregate", None)  # a kind reporting per-point values summed (hidden channels)
+                computed[n] = agg(lay, n, m.compute()) if agg is not None else m.compute()
             values = _floats_of(computed)
             entry: dict[str, Any] = {"units": lay.units, "final": bool(lay.final), "metrics": values}
             marker = dead_marker(w.state[lay.name])

@@ -35,6 +35,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# the built-in kinds, the one in a module of its own (hidden channels) registered with them
+from fitcli.discovery import hidden as hidden
+
 _PUBLIC = {
     "Layer": "model", "ModelGraph": "model", "unit_view": "model", "token_mask": "model", "mark_final": "model",
     "UnitKind": "kinds", "register_unit_kind": "kinds", "unregister_unit_kind": "kinds", "unit_kinds": "kinds",
@@ -44,6 +47,7 @@ _PUBLIC = {
     "Probe": "fx", "getattr_path": "fx",
     "is_hf_conv1d": "hf", "is_layer_module": "hf", "CONV_TYPES": "hf", "LAYER_TYPES": "hf", "PROJ_NAMES": "hf",
     "find_blocks": "blocks", "block_candidates": "blocks",
+    "HiddenKind": "hidden", "HiddenLayer": "hidden",
 }
 _RENAMED = {"block_candidates": "candidates"}
 
@@ -62,6 +66,13 @@ def head_layers(model: Any) -> list[tuple[Any, str]]:
     return HEADS.find_in_model(model)
 
 
+def hidden_layers(model: Any, called: set[str] | None = None) -> list[Any]:
+    """The hidden-channel layer of a pre-norm transformer (``[]`` when it has none)."""
+    from fitcli.discovery.hidden import HIDDEN
+
+    return HIDDEN.find_in_model(model, called)
+
+
 def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
         value = getattr(importlib.import_module(f"fitcli.discovery.{_PUBLIC[name]}"), _RENAMED.get(name, name))
@@ -76,4 +87,5 @@ def __dir__() -> list[str]:
 
 __all__ = ["Layer", "ModelGraph", "discover", "unit_view", "weight_layers", "gated_layer", "is_hf_conv1d",
            "runtime_discover", "token_mask", "getattr_path", "head_layers", "UnitKind", "register_unit_kind",
-           "unregister_unit_kind", "unit_kinds", "kind_of_point", "find_blocks", "block_candidates"]
+           "unregister_unit_kind", "unit_kinds", "kind_of_point", "find_blocks", "block_candidates",
+           "hidden_layers", "HiddenKind", "HiddenLayer"]

@@ -353,6 +353,14 @@ BUILTIN: tuple[UnitKind, ...] = (RECURRENT, CHANNELS, EMBEDDING, GATED, HEADS, B
 _registered: list[UnitKind] = []
 
 
+def add_builtin(kind: UnitKind) -> UnitKind:
+    """A built-in kind defined in a module of its own (``fitcli.discovery.hidden``, imported with
+    the package): asked after the others."""
+    global BUILTIN
+    BUILTIN = (*BUILTIN, kind)
+    return kind
+
+
 def _missing(obj: Any) -> list[str]:
     """What the registry needs that ``obj`` lacks."""
     out = []

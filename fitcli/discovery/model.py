@@ -181,6 +181,9 @@ def covered(layers: list[Layer]) -> set[str]:
 def token_mask(t: torch.Tensor, lay: Layer, mask: torch.Tensor | None) -> torch.Tensor | None:
     """The batch's real-token mask when ``t`` is a per-token activation ([batch, tokens, units]):
     padding positions are not observations."""
+    own = getattr(lay.kind, "token_mask", None)  # a kind laying out its observations itself (hidden channels)
+    if own is not None:
+        return own(lay, t, mask)
     if mask is None or lay.unit_dim != -1 or t.dim() != 3 or tuple(t.shape[:2]) != tuple(mask.shape):
         return None
     if bool(mask.all()):  # no padding in this batch: every position is an observation (the fast paths)

@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from fitcli.discovery import kinds
 from fitcli.discovery.fx import fn_name
 from fitcli.discovery.graph import MUL_NAMES, Use, consumers_of, find_gates, follow, unsupported
+from fitcli.discovery.hidden import HIDDEN
 from fitcli.discovery.model import Layer, ModelGraph, covered, mark_final
 from fitcli.errors import InputError, first_line
 
@@ -351,6 +352,7 @@ def runtime_discover(model: nn.Module, example: Any) -> ModelGraph:
         if id(lay) in kept:
             lay.consumers = lay.consumers or consumers_of(end, cg)
     mark_final(layers)
+    layers.extend(HIDDEN.find_in_model(model, rec.called))  # opt-in: never the output layer
     reason = "never called as a module during the forward pass, so it cannot be hooked"
     g = ModelGraph(layers, "runtime", runner=model, unsupported=unsupported(model, covered(layers), reason))
     g.point_tap = RuntimeTap(model, layers, steps)
