@@ -245,7 +245,7 @@ def _document_settings(fn: Callable[..., Any]) -> None:
 
 
 def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] | None = None,
-          layers: list[str] | None = None, baseline: Any = None, arch: Any = None,
+          layers: list[str] | None = None, kinds: list[str] | None = None, baseline: Any = None, arch: Any = None,
           arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
           settings: Settings | None = None, progress: ProgressArg = None, group: Any = None,
           device: str | None = None, seed: int | None = None, tau: float | None = None, top: int | None = None,
@@ -266,6 +266,8 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
             (docs/api.md says how the form is chosen), or None (chosen from the targets).
         metrics: metric names (None: every default metric whose needs this run meets).
         layers: layer names or globs (None: every auditable layer).
+        kinds: unit kinds, of ``heads``, ``mlp``, ``hidden``, ``blocks``, ``rows`` (None: heads,
+            mlp and blocks for a transformer, every layer for other models).
         baseline: a second model or checkpoint, for the weight-change metrics.
         group: a ``torch.distributed`` process group the caller initialised: every rank calls
             ``audit`` alike, reads its shard of the batches, and gets the same report.

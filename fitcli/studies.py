@@ -75,9 +75,14 @@ def audit_units(loaded: LoadedModel, ds: Any, baseline: LoadedModel | None, s: S
 
     result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=baseline,
                        device=s.device, progress=progress, ablation_mode=s.ablation_mode,
-                       chunk_size=s.chunk_size, rank_by=s.rank_by, group=d, ablate=feed_plan)
+                       chunk_size=s.chunk_size, rank_by=s.rank_by, group=d, ablate=feed_plan, kinds=s.kinds)
+    blocks = None
+    if result.kinds.blocks and result.graph.runner is not None and ds is not None:
+        from fitcli import residual
+
+        blocks = residual.influence(loaded.module, ds, result.kinds.blocks, torch.device(result.device), progress)
     report = report_build.build(result, loaded, ds, report_settings(s, loaded), rank_by=s.rank_by, top=s.top,
-                                distributed=distributed_field(d))
+                                distributed=distributed_field(d), blocks=blocks)
     if s.validate:
         from fitcli.validate import validate_report
 
