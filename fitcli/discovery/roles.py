@@ -98,13 +98,13 @@ def _present(role: dict[str, str], blocks: list[str]) -> list[str]:
 
 
 def _checked(kinds: list[str], present: list[str]) -> tuple[str, ...]:
-    has = f"this model has {', '.join(present)}" if present else "this model has no units of these kinds"
+    has = f"the kinds this model has: {', '.join(present)}" if present else "this model has none of these kinds"
     for k in kinds:
         if k not in KINDS:
-            raise UsageError(f"{{kinds}}: {k!r} is not a unit kind (the kinds: {', '.join(KINDS)}); {has}",
+            raise UsageError(f"{{kinds}}: {k!r} is not a unit kind (one of {', '.join(KINDS)}; {has})",
                              setting="kinds")
         if k not in present:
-            raise UsageError(f"{{kinds}}: this model has no {k} units; {has}", setting="kinds")
+            raise UsageError(f"{{kinds}}: this model has no {k} units ({has})", setting="kinds")
     return tuple(k for k in KINDS if k in kinds)
 
 
