@@ -12,7 +12,7 @@ import torch
 
 from fitcli import __version__
 from fitcli.discovery.kinds import kind_of_point
-from fitcli.discovery.roles import KINDS
+from fitcli.discovery.roles import LAYER_KINDS
 from fitcli.report import (
     SCHEMA_ID,
     AuditReport,
@@ -107,9 +107,9 @@ def _dead_counts(layers: list[LayerReport], info: dict[str, dict]) -> tuple[int,
 
 
 def kinds_of(layers: list[LayerReport]) -> list[str]:
-    """The unit kinds of the layers, in the order of ``KINDS`` (none: not an audit by kinds)."""
+    """The unit kinds of the layers, in the order of ``LAYER_KINDS`` (none: not an audit by kinds)."""
     have = {e.kind for e in layers if e.kind}
-    return [k for k in KINDS if k in have]
+    return [k for k in LAYER_KINDS if k in have]
 
 
 def _summary(layers: list[LayerReport], info: dict[str, dict], nonfinite_loss_batches: int) -> Summary:
@@ -129,7 +129,7 @@ def _summary(layers: list[LayerReport], info: dict[str, dict], nonfinite_loss_ba
 def _ranking(layers: list[LayerReport], rank_by: str, top: int, info: dict[str, dict],
              include_final: bool) -> list[dict]:
     """The least-fit units; in an audit by kinds, one table per kind (each row says its kind, the
-    kinds in the order of ``KINDS``, ``top`` rows each): a head is never ranked against a channel."""
+    kinds in the order of ``LAYER_KINDS``, ``top`` rows each): a head is never ranked against a channel."""
     kinds = kinds_of(layers)
     if not kinds:
         return rank_units([lay.to_dict() for lay in layers], rank_by, top, direction(rank_by, info), include_final)

@@ -1,6 +1,7 @@
 """What each layer is to a transformer, the unit kinds a user picks with ``kinds``:
 
-- ``heads``: attention heads (the layers whose kind ``is_head``);
+- ``heads``: attention heads (the layers whose kind ``is_head``), and with grouped-query
+  attention each key-value group too (its own table: ``kv_groups``);
 - ``mlp``: the MLP channels of a block: the gated channels (the input of the down projection),
   or, for a plain MLP, the channels of its first linear layer read after the activation (GPT-2
   ``mlp.c_fc``, BERT ``intermediate.dense``): a channel layer of a block with heads, outside the
@@ -22,6 +23,9 @@ from typing import Any
 from fitcli.errors import UsageError
 
 KINDS = ("heads", "mlp", "hidden", "blocks", "rows")
+# the kinds of layer entries, in the order of the report's tables ("heads" also picks "kv_groups")
+LAYER_KINDS = ("heads", "kv_groups", "mlp", "hidden", "rows")
+PICKS = {"heads": ("heads", "kv_groups")}
 TRANSFORMER_DEFAULT = ("heads", "mlp", "blocks")
 
 
@@ -58,7 +62,7 @@ def roles(layers: list[Any]) -> dict[str, str]:
     out = {}
     for lay in layers:
         if lay.kind.is_head:
-            out[lay.name] = "heads"
+            out[lay.name] = "kv_groups" if lay.kind.name == "kv_groups" else "heads"
         elif lay.kind.name == "gated" or _plain_mlp(lay, heads):
             out[lay.name] = "mlp"
         elif lay.kind.name == "hidden":
@@ -93,7 +97,7 @@ def transformer_blocks(role: dict[str, str], model: Any) -> list[str]:
 
 
 def _present(role: dict[str, str], blocks: list[str]) -> list[str]:
-    have = set(role.values()) | ({"blocks"} if blocks else set())
+    have = {"heads" if r == "kv_groups" else r for r in role.values()} | ({"blocks"} if blocks else set())
     return [k for k in KINDS if k in have]
 
 
@@ -122,10 +126,11 @@ def choose(layers: list[Any], by_pattern: list[Any], patterns: bool, kinds: list
         blocks = list(find_blocks())
     picked = _checked(list(kinds), _present(role, blocks)) if kinds else TRANSFORMER_DEFAULT
     pool = by_pattern if patterns else layers
-    chosen = [lay for lay in pool if role[lay.name] in picked]
+    roles_picked = {r for k in picked for r in PICKS.get(k, (k,))}
+    chosen = [lay for lay in pool if role[lay.name] in roles_picked]
     return chosen, KindChoice(kinds=picked, roles={lay.name: role[lay.name] for lay in chosen},
                               blocks=blocks if "blocks" in picked else [])
 
 
-__all__ = ["KINDS", "TRANSFORMER_DEFAULT", "KindChoice", "block_of", "choose", "roles", "transformer",
+__all__ = ["KINDS", "LAYER_KINDS", "TRANSFORMER_DEFAULT", "KindChoice", "block_of", "choose", "roles", "transformer",
            "transformer_blocks"]

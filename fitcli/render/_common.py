@@ -146,7 +146,7 @@ def ablation_counts(report: dict) -> tuple[int, int]:
     return rem, tot
 
 
-KIND_TITLES = {"heads": "attention heads", "mlp": "MLP channels", "hidden": "hidden channels",
+KIND_TITLES = {"heads": "attention heads", "kv_groups": "key-value groups", "mlp": "MLP channels", "hidden": "hidden channels",
                "rows": "projection rows and other layers"}
 
 
