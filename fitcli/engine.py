@@ -629,11 +629,15 @@ def collect(plan: AuditPlan, result: AuditResult, streamed: bool = False) -> Aud
         result.layer_extra.setdefault(name, {})["gradient"] = OFF_PATH
     audited = [lay for lay in plan.layers if streamed and not lay.weight_only
                and any(data_driven(m) and "activations" in m.needs for m in plan.state[lay.name].values())]
-    result.coverage = coverage(plan.graph, audited, plan.layers)
+    left_out = None
+    if plan.kinds.kinds is not None:
+        left_out = (f"not among the unit kinds audited ({', '.join(plan.kinds.kinds)}): projection rows and "
+                    "other layers are audited with the kind rows")
+    result.coverage = coverage(plan.graph, audited, plan.layers, left_out)
     return result
 
 
-def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer]) -> dict:
+def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer], left_out: str | None = None) -> dict:
     """How many units were audited from their activations, the share of the model's parameters
     they own (their layers and the per-channel modules of their chains), and every parameterised
     module that was not audited, with the reason."""
@@ -664,7 +668,7 @@ def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer]) -> di
         if lay.weight_only:
             why = "weights only: embedding rows have no activation (weight metrics only)"
         elif lay not in chosen:
-            why = "not among the layers asked for"
+            why = left_out or "not among the layers asked for"
         elif graph.method == "weights":
             why = "weights only: no runnable model, or no data"
         else:

@@ -121,7 +121,7 @@ def plan_units(loaded: LoadedModel, ds: DataSource, s: Settings, loss: Any) -> A
     """The engine's plan for exact ablation of ``s.layers``: ``ablation``, and
     ``ablation_accuracy`` when the data has one class id per sample."""
     metrics = ["ablation", "ablation_accuracy"] if class_targets(peek(ds)) else ["ablation"]
-    p = plan(loaded, ds, metrics=metrics, layers=s.layers, loss=loss, device=s.device)
+    p = plan(loaded, ds, metrics=metrics, layers=s.layers, loss=loss, device=s.device, kinds=s.kinds)
     wonly = [lay.name for lay in p.layers if lay.weight_only]
     if wonly:
         raise UsageError(f"{wonly[0]} has weight-only units (embedding rows): there is no activation to ablate")
