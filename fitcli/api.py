@@ -324,8 +324,7 @@ def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None, kin
     """
     s = _settings(settings, locals())
     if s.kinds and "blocks" in s.kinds:
-        raise UsageError("{kinds} blocks: residual blocks are ablated whole by fitcli.blocks", setting="kinds",
-                         cli_hint="`fitcli ablate MODEL --blocks` ablates each residual block")
+        raise UsageError("{kinds} blocks: residual blocks are ablated whole (fitcli.blocks)", setting="kinds")
     if not s.layers and not s.kinds:
         raise UsageError("ablation needs at least one layer (or unit kinds)", hint="fitcli.inspect(model) lists the layers",
                          cli_hint="`fitcli inspect MODEL` lists the layers")

@@ -77,7 +77,9 @@ def audit_units(loaded: LoadedModel, ds: Any, baseline: LoadedModel | None, s: S
                        device=s.device, progress=progress, ablation_mode=s.ablation_mode,
                        chunk_size=s.chunk_size, rank_by=s.rank_by, group=d, ablate=feed_plan, kinds=s.kinds)
     blocks = None
-    if result.kinds.blocks and result.graph.runner is not None and ds is not None:
+    if result.kinds.blocks and d is not None:  # each rank sees its shard: measured in one process only
+        result.notes.append("blocks: Block Influence is measured in one process (not under torchrun)")
+    elif result.kinds.blocks and result.graph.runner is not None and ds is not None:
         from fitcli import residual
 
         blocks = residual.influence(loaded.module, ds, result.kinds.blocks, torch.device(result.device), progress)

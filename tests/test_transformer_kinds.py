@@ -287,3 +287,39 @@ def test_score_tables_one_per_kind_and_a_per_kind_gate(tmp_path, run_cli):
     assert "heads: 2/8 units dead (25.00%) > max_dead 10%" in res.stdout
     assert "kv_groups: 1/4 units dead (25.00%) > max_dead 10%" in res.stdout
     assert "mlp:" not in res.stdout.split("gate FAILED")[1]
+
+
+def test_ablate_by_kind_ablates_the_heads_exactly():
+    """fitcli.ablate(kinds=["heads"]): every head of the model; the planted head's removal changes
+    nothing (its slice is already 0), a live head's equals a hook that zeroes its slice."""
+    case = _gpt2()
+    m, data = case["model"], case["data"]
+    r = fitcli.ablate(m, data, kinds=["heads"], device="cpu")
+    assert [lay.name for lay in r.layers] == [n for n, _, _ in case["heads"]]
+    layer, heads = case["dead_head"]
+    assert float(r.layer(layer).metrics["ablation"][next(iter(heads))]) == 0.0
+
+    def loss():
+        b = data[0]
+        out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        lp = torch.log_softmax(out.logits[:, :-1].double(), -1)
+        nll = -lp.gather(-1, b["input_ids"][:, 1:, None])[..., 0]
+        return nll.mean(1)
+
+    proj = case["heads"][1][1]
+
+    def zero_head(mod, a):
+        x = a[0].clone()
+        x[..., 0:4] = 0.0
+        return (x, *a[1:])
+
+    with torch.no_grad():
+        base = loss()
+        h = proj.register_forward_pre_hook(zero_head)
+        try:
+            moved = float((loss() - base).mean())
+        finally:
+            h.remove()
+    assert float(r.layer(case["heads"][1][0]).metrics["ablation"][0]) == pytest.approx(moved, rel=1e-4, abs=1e-7)
+    with pytest.raises(UsageError, match="blocks"):
+        fitcli.ablate(m, data, kinds=["blocks"], device="cpu")
