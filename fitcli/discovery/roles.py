@@ -127,8 +127,9 @@ def choose(layers: list[Any], by_pattern: list[Any], patterns: bool, kinds: list
     transformer (one forward: asked only when blocks are asked for)."""
     role = roles(layers)
     is_tf = transformer(layers, role)
-    if not kinds and (patterns or not is_tf or not pretrained(model)):  # as without kinds: a transformer's layers still say their kind
-        return by_pattern, KindChoice(roles={lay.name: role[lay.name] for lay in by_pattern} if is_tf else {})
+    if not kinds and (patterns or not is_tf or not pretrained(model)):  # as without kinds
+        keep = is_tf and pretrained(model)  # a transformer's layers still say their kind
+        return by_pattern, KindChoice(roles={lay.name: role[lay.name] for lay in by_pattern} if keep else {})
     blocks = transformer_blocks(role, model) if is_tf else []
     if kinds and "blocks" in kinds and not is_tf:
         blocks = list(find_blocks())
