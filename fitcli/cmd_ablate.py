@@ -93,7 +93,7 @@ def command(
     if m.get("units") == "heads":  # every attention head of the model (the layers named *.heads)
         m["layers"], m["units"] = [*(m.get("layers") or []), "*.heads"], None
     if not m.get("layers") and not m.get("kinds"):
-        raise UsageError("ablate needs --layer NAME or --kinds KINDS (see `fitcli inspect MODEL` for the names)")
+        raise UsageError("ablate needs --layer NAME (see `fitcli inspect MODEL` for the names)")
     settings = checked_settings(m)
     if auto_max_memory(model, m):  # too big for memory: block by block
         settings = checked_settings(m)
