@@ -245,7 +245,7 @@ def _document_settings(fn: Callable[..., Any]) -> None:
 
 
 def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] | None = None,
-          layers: list[str] | None = None, baseline: Any = None, arch: Any = None,
+          layers: list[str] | None = None, kinds: list[str] | None = None, baseline: Any = None, arch: Any = None,
           arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
           settings: Settings | None = None, progress: ProgressArg = None, group: Any = None,
           device: str | None = None, seed: int | None = None, tau: float | None = None, top: int | None = None,
@@ -266,6 +266,8 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
             (docs/api.md says how the form is chosen), or None (chosen from the targets).
         metrics: metric names (None: every default metric whose needs this run meets).
         layers: layer names or globs (None: every auditable layer).
+        kinds: unit kinds, of ``heads``, ``mlp``, ``hidden``, ``blocks``, ``rows`` (None: heads,
+            mlp and blocks for a transformer, every layer for other models).
         baseline: a second model or checkpoint, for the weight-change metrics.
         group: a ``torch.distributed`` process group the caller initialised: every rank calls
             ``audit`` alike, reads its shard of the batches, and gets the same report.
@@ -293,7 +295,7 @@ def audit(model: Any, data: Any = None, *, loss: Any = None, metrics: list[str] 
     return report
 
 
-def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None,
+def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None, kinds: list[str] | None = None,
            units: list[int] | dict[str, list[int] | None] | None = None, loss: Any = None, arch: Any = None,
            arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
            settings: Settings | None = None, progress: ProgressArg = None, group: Any = None,
@@ -305,7 +307,9 @@ def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None,
 
     Args:
         model, data, loss, arch, arch_kwargs, trust_checkpoint, group: as for ``fitcli.audit``.
-        layers: layer names or globs to ablate (at least one).
+        layers: layer names or globs to ablate (at least one, or ``kinds``).
+        kinds: unit kinds to ablate (``heads``, ``mlp``, ``hidden``, ``rows``); with ``layers``,
+            the layers of these kinds among them.
         units: unit indices (for every layer), or ``{layer: indices}``; None: every unit.
         {settings}
 
@@ -319,8 +323,10 @@ def ablate(model: Any, data: Any = None, *, layers: list[str] | None = None,
         >>> report.removable                  # {"fc1": [3, 17]}
     """
     s = _settings(settings, locals())
-    if not s.layers:
-        raise UsageError("ablation needs at least one layer", hint="fitcli.inspect(model) lists the layers",
+    if s.kinds and "blocks" in s.kinds:
+        raise UsageError("{kinds} blocks: residual blocks are ablated whole (fitcli.blocks)", setting="kinds")
+    if not s.layers and not s.kinds:
+        raise UsageError("ablation needs at least one layer (or unit kinds)", hint="fitcli.inspect(model) lists the layers",
                          cli_hint="`fitcli inspect MODEL` lists the layers")
     bar, d = _progress(progress), distributed.of(group)
     loaded = _prepare(model, s, loss, {"arch": arch, "arch_kwargs": arch_kwargs, "trust_checkpoint": trust_checkpoint})

@@ -52,6 +52,7 @@ LossOpt = Annotated[str | None, typer.Option("--loss", help="cross_entropy, mse,
 TextOpt = Annotated[str | None, typer.Option("--text", help="text file (one sample per line, or .jsonl with 'text') tokenised with the Hugging Face folder's tokenizer")]
 SeqLenOpt = Annotated[int | None, typer.Option("--max-seq-len", min=2, help="truncate --text samples to N tokens [default: 128]")]
 LayerOpt = Annotated[list[str] | None, typer.Option("--layer", help="layer name or glob (repeatable) [default: every layer]")]
+KindsOpt = Annotated[str | None, typer.Option("--kinds", metavar="KINDS", help="unit kinds, comma-separated, of heads, mlp, hidden, blocks, rows [default: heads,mlp,blocks for a transformer, every layer otherwise]")]
 MetricOpt = Annotated[list[str] | None, typer.Option("--metric", help="metric name (repeatable) [default: all whose needs are met]")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto [default: auto]")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="random seed [default: 0]")]
@@ -178,7 +179,17 @@ def checked_settings(merged: dict[str, Any]):
         fields["max_memory"] = parse_size(fields["max_memory"])
     if isinstance(fields.get("ablation_mode"), Mode):
         fields["ablation_mode"] = fields["ablation_mode"].value
+    if isinstance(fields.get("kinds"), str):
+        fields["kinds"] = kinds_list(fields["kinds"])
     return Settings.make(**fields).check()  # an error names its setting; main() words it as the flag
+
+
+def kinds_list(spec: str) -> list[str]:
+    """``heads,mlp`` -> ["heads", "mlp"]; naming none is a usage error."""
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
+    if not kinds:
+        raise UsageError(f"--kinds {spec!r}: name at least one kind (heads, mlp, hidden, blocks, rows)")
+    return kinds
 
 
 _RANGE = re.compile(r"^\s*(\d{1,12})\s*(?:-\s*(\d{1,12})\s*)?$")

@@ -17,6 +17,7 @@ from fitcli.clikit import (
     DeviceOpt,
     DistTimeoutOpt,
     DtypeOpt,
+    KindsOpt,
     LossOpt,
     MaxBatchOpt,
     MaxMemoryOpt,
@@ -54,9 +55,10 @@ EXAMPLES = """Examples:
   fitcli ablate model.pt --arch models.py:Net --data val.pt --layer fc2 --units 0,3,7-9 --mode mean
   fitcli ablate model.pt --arch models.py:Net --data val.pt --layer 'blocks.*' --whole-layer
   fitcli ablate model.pt --arch models.py:Net --data val.pt --blocks --greedy 3
+  fitcli ablate ./llm-folder --text calib.txt --kinds heads   # every attention head of a transformer
 """
 
-AblateLayerOpt = Annotated[list[str] | None, typer.Option("--layer", metavar="NAME", help="layer name or glob to ablate (required unless --blocks or --units heads; repeatable)")]
+AblateLayerOpt = Annotated[list[str] | None, typer.Option("--layer", metavar="NAME", help="layer name or glob to ablate (required unless --blocks, --kinds or --units heads; repeatable)")]
 UnitsOpt = Annotated[str | None, typer.Option("--units", metavar="UNITS", help="units to ablate, e.g. 0,3,7-9, or heads: every attention head [default: all]")]
 WholeLayerOpt = Annotated[bool | None, typer.Option("--whole-layer", help="also ablate each entire layer at once")]
 BlocksOpt = Annotated[bool | None, typer.Option("--blocks", help="residual blocks as units: each replaced by the identity")]
@@ -64,7 +66,7 @@ GreedyOpt = Annotated[int | None, typer.Option("--greedy", min=0, metavar="N", h
 
 
 def command(
-    model: ModelArg, layer: AblateLayerOpt = None, units: UnitsOpt = None, mode: ModeOpt = None,
+    model: ModelArg, layer: AblateLayerOpt = None, kinds: KindsOpt = None, units: UnitsOpt = None, mode: ModeOpt = None,
     whole_layer: WholeLayerOpt = None, blocks: BlocksOpt = None, greedy: GreedyOpt = None,
     chunk_size: ChunkOpt = None, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None,
     trust_checkpoint: TrustOpt = None, data: DataOpt = None, text: TextOpt = None, max_seq_len: SeqLenOpt = None,
@@ -76,7 +78,7 @@ def command(
 ) -> None:
     """Exact ablation of each unit (and optionally whole layers): the loss change when it is masked.
     Under torchrun the batches are sharded over the ranks; rank 0 prints and writes the report."""
-    m = merge(config, dict(layers=layer, units=units, ablation_mode=mode, whole_layer=whole_layer,
+    m = merge(config, dict(layers=layer, kinds=kinds, units=units, ablation_mode=mode, whole_layer=whole_layer,
                            chunk_size=chunk_size, arch=arch, arch_kwargs=arch_kwargs,
                            trust_checkpoint=trust_checkpoint, data=data, text=text, max_seq_len=max_seq_len,
                            batch_size=batch_size, max_batches=max_batches, loss=loss, device=device, seed=seed,
@@ -90,7 +92,7 @@ def command(
         return
     if m.get("units") == "heads":  # every attention head of the model (the layers named *.heads)
         m["layers"], m["units"] = [*(m.get("layers") or []), "*.heads"], None
-    if not m.get("layers"):
+    if not m.get("layers") and not m.get("kinds"):
         raise UsageError("ablate needs --layer NAME (see `fitcli inspect MODEL` for the names)")
     settings = checked_settings(m)
     if auto_max_memory(model, m):  # too big for memory: block by block

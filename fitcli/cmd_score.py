@@ -17,6 +17,7 @@ from fitcli.clikit import (
     DeviceOpt,
     DistTimeoutOpt,
     DtypeOpt,
+    KindsOpt,
     LayerOpt,
     LossOpt,
     MaxBatchOpt,
@@ -57,6 +58,7 @@ EXAMPLES = """Examples:
   fitcli score model.pt --arch models.py:Net --data val.pt --rank-by apoz --top 30
   fitcli score model.pt --arch models.py:Net --data val.pt --max-dead 5   # CI gate: exit 1 above 5 %
   fitcli score model.pt --arch models.py:Net --data val.pt --validate --rank-by auto
+  fitcli score ./llm-folder --text calib.txt --kinds heads,mlp,blocks   # a transformer's own units
 """
 
 RankByOpt = Annotated[str | None, typer.Option("--rank-by", metavar="METRIC", help="metric for the ranked table (least fit first, in the metric's direction), or auto (best validated) [default: taylor, else act_mean, else weight_norm]")]
@@ -69,7 +71,7 @@ def command(
     model: ModelArg, arch: ArchOpt = None, arch_kwargs: ArchKwOpt = None, trust_checkpoint: TrustOpt = None,
     data: DataOpt = None, text: TextOpt = None, max_seq_len: SeqLenOpt = None, batch_size: BatchOpt = None,
     max_batches: MaxBatchOpt = None, loss: LossOpt = None,
-    layer: LayerOpt = None, metric: MetricOpt = None, device: DeviceOpt = None, seed: SeedOpt = None,
+    layer: LayerOpt = None, kinds: KindsOpt = None, metric: MetricOpt = None, device: DeviceOpt = None, seed: SeedOpt = None,
     tau: TauOpt = None, top: TopOpt = None, rank_by: RankByOpt = None,
     fmt: ReportFormatOpt = None, output: OutputOpt = None, baseline: BaselineOpt = None,
     max_dead: MaxDeadOpt = None, max_dead_layer: MaxDeadLayerOpt = None, min_coverage: MinCoverageOpt = None,
@@ -82,7 +84,7 @@ def command(
     Under torchrun the batches are sharded over the ranks; rank 0 prints and writes the report."""
     m = merge(config, dict(arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint, data=data,
                            text=text, max_seq_len=max_seq_len,
-                           batch_size=batch_size, max_batches=max_batches, loss=loss, layers=layer,
+                           batch_size=batch_size, max_batches=max_batches, loss=loss, layers=layer, kinds=kinds,
                            metrics=metric, device=device, seed=seed, tau=tau, top=top, rank_by=rank_by,
                            format=fmt, output=output, baseline=baseline, max_dead=max_dead,
                            max_dead_layer=max_dead_layer, min_coverage=min_coverage, ablation_mode=mode,

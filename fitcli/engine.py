@@ -28,6 +28,8 @@ from fitcli import distributed
 from fitcli.attention import attention_probabilities
 from fitcli.data import Batch, half_data
 from fitcli.discovery import Layer, ModelGraph, discover
+from fitcli.discovery.blocks import find_blocks
+from fitcli.discovery.roles import KindChoice, choose
 from fitcli.errors import (
     InputError,
     RuntimeAuditError,
@@ -73,6 +75,7 @@ class AuditResult:
     loss_fn: LossFn | None = field(default=None, repr=False)  # the loss the audit used (for validation)
     coverage: dict = field(default_factory=dict)  # what was audited, of what the model has
     reached: set[str] = field(default_factory=set)  # layers whose activation got a gradient
+    kinds: KindChoice = field(default_factory=KindChoice)  # the unit kinds audited, each layer's kind
 
 
 @dataclass
@@ -89,6 +92,7 @@ class AuditPlan:
     loss_fn: LossFn | None = None
     loss_name: str | None = None
     notes: list[str] = field(default_factory=list)
+    kinds: KindChoice = field(default_factory=KindChoice)  # the unit kinds audited, each layer's kind
 
     def fed(self, layer: str, pass_index: int) -> list[Metric]:
         """The metrics of ``layer`` that learn from batches in pass ``pass_index``."""
@@ -256,8 +260,10 @@ def _weights_update(plan: AuditPlan, baseline) -> None:
 
 
 def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | None = None, loss=None,
-         baseline=None, device: str | torch.device = "auto", rank_by: str | None = None) -> AuditPlan:
-    """Layers, metrics and their states for an audit of ``loaded`` on ``data``."""
+         baseline=None, device: str | torch.device = "auto", rank_by: str | None = None,
+         kinds: list[str] | None = None) -> AuditPlan:
+    """Layers, metrics and their states for an audit of ``loaded`` on ``data``. ``kinds``: the unit
+    kinds (``discovery.roles``; None: heads, mlp and blocks for a transformer, else by layers)."""
     dev = device if isinstance(device, torch.device) else pick_device(device)
     example = peek(data) if data is not None and loaded.runnable else None
     if data is not None and loaded.runnable and example is None:
@@ -266,7 +272,8 @@ def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | 
     if not graph.layers:  # still a report: its coverage says that nothing was audited, and why
         graph.notes.append("no auditable layer found (nn.Linear, nn.ConvNd, Conv1D, nn.Bilinear, recurrent, "
                            "embedding): nothing was audited")
-    chosen = select_layers(graph, layers)
+    chosen, kind_choice = choose(graph.layers, select_layers(graph, layers), bool(layers), kinds, loaded.module,
+                                 lambda: find_blocks(loaded.module, example) if example is not None else [])
     have, loss_fn, loss_name = _available(loaded, data, example, graph, loss, baseline)
     if loss_fn is not None and model_dtype(loaded.module) in HALF and not isinstance(loss_fn, Float32Loss):
         loss_fn = Float32Loss(loss_fn)  # a half-precision output: the per-sample losses in float32
@@ -290,7 +297,7 @@ def plan(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | 
         notes.append("loss lm: next-token cross-entropy; the targets (labels, else input_ids) are shifted by one "
                      "token, and padding is ignored")
     p = AuditPlan(graph=graph, layers=chosen, classes=classes, state=state, have=have, skipped=skipped,
-                  device=dev, loss_fn=loss_fn, loss_name=loss_name, notes=notes)
+                  device=dev, loss_fn=loss_fn, loss_name=loss_name, notes=notes, kinds=kind_choice)
     _weights_update(p, baseline)
     return p
 
@@ -491,11 +498,15 @@ def collect(plan: AuditPlan, result: AuditResult, streamed: bool = False) -> Aud
         result.layer_extra.setdefault(name, {})["gradient"] = OFF_PATH
     audited = [lay for lay in plan.layers if streamed and not lay.weight_only
                and any(data_driven(m) and "activations" in m.needs for m in plan.state[lay.name].values())]
-    result.coverage = coverage(plan.graph, audited, plan.layers)
+    left_out = None
+    if plan.kinds.kinds is not None:
+        left_out = (f"not among the unit kinds audited ({', '.join(plan.kinds.kinds)}): projection rows and "
+                    "other layers are audited with the kind rows")
+    result.coverage = coverage(plan.graph, audited, plan.layers, left_out)
     return result
 
 
-def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer]) -> dict:
+def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer], left_out: str | None = None) -> dict:
     """How many units were audited from their activations, the share of the model's parameters
     they own (their layers and the per-channel modules of their chains), and every parameterised
     module that was not audited, with the reason."""
@@ -526,7 +537,7 @@ def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer]) -> di
         if lay.weight_only:
             why = "weights only: embedding rows have no activation (weight metrics only)"
         elif lay not in chosen:
-            why = "not among the layers asked for"
+            why = left_out or "not among the layers asked for"
         elif graph.method == "weights":
             why = "weights only: no runnable model, or no data"
         else:
@@ -544,7 +555,7 @@ def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer]) -> di
 def audit(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | None = None, loss=None,
           baseline=None, device: str | torch.device = "auto", progress: Progress = NO_PROGRESS,
           ablation_mode: str = "zero", chunk_size: int | None = None, rank_by: str | None = None,
-          group: Any = None, ablate: Callable[..., None] | None = None) -> AuditResult:
+          group: Any = None, ablate: Callable[..., None] | None = None, kinds: list[str] | None = None) -> AuditResult:
     """Plan, stream, collect: every chosen metric over the data in one streamed pass (plus one for
     entropy, plus exact ablation for the metrics that need it). ``group``: a process group; each
     rank streams its shard and every rank ends with the global result (``fitcli.distributed``).
@@ -554,9 +565,10 @@ def audit(loaded, data, *, metrics: list[str] | None = None, layers: list[str] |
     data = half_data(data, model_dtype(getattr(loaded, "module", None)))
     with distributed.phase(d):  # discovery reads batch 0 on every rank (a probe: no statistics)
         p = plan(loaded, data, metrics=metrics, layers=layers, loss=loss, baseline=baseline, device=device,
-                 rank_by=rank_by)
+                 rank_by=rank_by, kinds=kinds)
         result = AuditResult(graph=p.graph, layers=p.layers, values={}, metric_info={}, skipped=p.skipped,
-                             device=str(p.device), loss_name=p.loss_name, notes=p.notes, loss_fn=p.loss_fn)
+                             device=str(p.device), loss_name=p.loss_name, notes=p.notes, loss_fn=p.loss_fn,
+                             kinds=p.kinds)
         if p.graph.runner is not None and (p.streams or p.have["ablation"] is None):
             p.graph.runner.to(p.device)
     if p.streams:

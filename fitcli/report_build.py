@@ -12,6 +12,7 @@ import torch
 
 from fitcli import __version__
 from fitcli.discovery.kinds import kind_of_point
+from fitcli.discovery.roles import LAYER_KINDS
 from fitcli.report import (
     SCHEMA_ID,
     AuditReport,
@@ -55,9 +56,9 @@ def removable_units(metrics: dict[str, torch.Tensor], metric_info: dict[str, dic
 
 
 def layer_report(lay: Any, vals: dict[str, torch.Tensor], info: dict[str, dict], tau: float,
-                 extra: dict | None = None, asked: list[int] | None = None) -> LayerReport:
+                 extra: dict | None = None, asked: list[int] | None = None, kind: str | None = None) -> LayerReport:
     """One layer's entry. ``asked``: the units ablated (ablate ``units``), the only ones whose
-    non-finite values count."""
+    non-finite values count. ``kind``: its unit kind, in an audit by kinds."""
     nonfinite = nonfinite_units(vals, {m for m in vals if _declares(info, m, "nan_expected")})
     if asked is not None:
         keep = set(asked)
@@ -72,7 +73,7 @@ def layer_report(lay: Any, vals: dict[str, torch.Tensor], info: dict[str, dict],
         aggregate={k: aggregate(v) for k, v in sorted(vals.items())}, dead=dead,
         dead_fraction=len(dead) / lay.units if dead and lay.units else 0.0, nonfinite=nonfinite, final=bool(lay.final),
         activation_point_kind=lay.point_kind, activation_chain=lay.chain_text, removable=removable_units(metrics, info),
-        members=list(lay.members) if lay.members else None, extra=dict(extra or {}))
+        members=list(lay.members) if lay.members else None, extra=dict(extra or {}), kind=kind)
 
 
 def _empty_group_notes(layers: list[LayerReport], info: dict[str, dict]) -> list[str]:
@@ -97,15 +98,47 @@ def envelope(command: str, loaded: Any, data: Any, samples: int, batches: int) -
     }
 
 
-def _summary(layers: list[LayerReport], info: dict[str, dict], nonfinite_loss_batches: int) -> Summary:
-    # the units whose deadness is known: non-final layers with a dead-marking metric (activations)
+def _dead_counts(layers: list[LayerReport], info: dict[str, dict]) -> tuple[int, int]:
+    """(units, dead) over the units whose deadness is known: non-final layers with a dead-marking
+    metric (activations)."""
     counted = [e for e in layers if not e.final and not kind_of_point(e.activation_point_kind).weight_only
                and any(_declares(info, m, "marks_dead") for m in e.metrics)]
-    units = sum(e.units for e in counted)
-    dead = sum(len(e.dead) for e in counted)
+    return sum(e.units for e in counted), sum(len(e.dead) for e in counted)
+
+
+def kinds_of(layers: list[LayerReport]) -> list[str]:
+    """The unit kinds of the layers, in the order of ``LAYER_KINDS`` (none: not an audit by kinds)."""
+    have = {e.kind for e in layers if e.kind}
+    return [k for k in LAYER_KINDS if k in have]
+
+
+def _summary(layers: list[LayerReport], info: dict[str, dict], nonfinite_loss_batches: int) -> Summary:
+    units, dead = _dead_counts(layers, info)
     known = any(_declares(info, m, "marks_dead") for e in layers for m in e.metrics)
+    per_kind = None
+    if len(kinds_of(layers)) > 1:  # a head is never counted with an MLP channel
+        per_kind = {}
+        for k in kinds_of(layers):
+            mine = [e for e in layers if e.kind == k]
+            u, d = _dead_counts(mine, info)
+            per_kind[k] = {"layers": len(mine), "units": u, "dead": d, "dead_fraction": d / u if u else 0.0}
     return Summary(layers=len(layers), units=units, dead=dead, dead_fraction=dead / units if units else 0.0,
-                   dead_known=known, nonfinite_loss_batches=nonfinite_loss_batches)
+                   dead_known=known, nonfinite_loss_batches=nonfinite_loss_batches, kinds=per_kind)
+
+
+def _ranking(layers: list[LayerReport], rank_by: str, top: int, info: dict[str, dict],
+             include_final: bool) -> list[dict]:
+    """The least-fit units; in an audit by kinds, one table per kind (each row says its kind, the
+    kinds in the order of ``LAYER_KINDS``, ``top`` rows each): a head is never ranked against a channel."""
+    kinds = kinds_of(layers)
+    if not kinds:
+        return rank_units([lay.to_dict() for lay in layers], rank_by, top, direction(rank_by, info), include_final)
+    out = []
+    for k in kinds:
+        rows = rank_units([lay.to_dict() for lay in layers if lay.kind == k], rank_by, top,
+                          direction(rank_by, info), include_final)
+        out += [{"kind": k, **r} for r in rows]
+    return out
 
 
 def _accuracy_changes(ranking: list[dict], layers: list[LayerReport]) -> list[dict]:
@@ -121,19 +154,23 @@ def _accuracy_changes(ranking: list[dict], layers: list[LayerReport]) -> list[di
 
 def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by: str | None = None,
           top: int = 20, command: str = "score", include_final: bool = False,
-          ablated: dict[str, list[int] | None] | None = None, distributed: dict[str, Any] | None = None) -> AuditReport:
+          ablated: dict[str, list[int] | None] | None = None, distributed: dict[str, Any] | None = None,
+          blocks: Any = None) -> AuditReport:
     """The report of an ``engine.AuditResult``. ``ablated`` (ablate): the units asked for per layer
-    (None: all); ranked units then carry their accuracy change. ``distributed``: how the ranks ran it."""
+    (None: all); ranked units then carry their accuracy change. ``distributed``: how the ranks ran it.
+    ``blocks``: the residual blocks measured (a ``residual.BlockResult``: Block Influence and
+    angular distance), when blocks are among the kinds audited."""
     tau = float(settings.get("tau", 0.0))
     info = result.metric_info
+    roles = result.kinds.roles if getattr(result, "kinds", None) is not None else {}
     layers = [layer_report(lay, result.values.get(lay.name, {}), info, tau, result.layer_extra.get(lay.name),
-                           (ablated or {}).get(lay.name)) for lay in result.layers]
+                           (ablated or {}).get(lay.name), roles.get(lay.name)) for lay in result.layers]
     available = set().union(*(set(e.metrics) for e in layers)) if layers else set()
     if rank_by in (None, "auto") or rank_by not in available:
         rank_by = default_rank_by(available, info)
     ranking = []
     if rank_by:
-        ranking = rank_units([lay.to_dict() for lay in layers], rank_by, top, direction(rank_by, info), include_final)
+        ranking = _ranking(layers, rank_by, top, info, include_final)
     if ablated is not None:
         ranking = _accuracy_changes(ranking, layers)
     return AuditReport(
@@ -144,7 +181,10 @@ def build(result: Any, loaded: Any, data: Any, settings: dict[str, Any], rank_by
         layers=layers, summary=_summary(layers, info, result.nonfinite_loss_batches), ranking=ranking,
         skipped=result.skipped, unsupported=result.graph.unsupported,
         coverage=Coverage.from_dict(getattr(result, "coverage", None) or {}),
-        metric_info={k: v for k, v in sorted(info.items())}, distributed=distributed)
+        metric_info={k: v for k, v in sorted(info.items())}, distributed=distributed,
+        blocks=None if blocks is None else [BlockRow(name=n, block_influence=blocks.influence.get(n),
+                                                     angular_distance=blocks.angular.get(n), ablation=None)
+                                            for n in blocks.names])
 
 
 def build_blocks(loaded: Any, data: Any, first: Any, names: list[str], curve: list[dict[str, Any]], accuracy: bool,
@@ -180,7 +220,12 @@ def gate(report: AuditReport, max_dead: float | None, max_dead_layer: float | No
             failures.append(f"the audited units cover {100.0 * fraction:.2f}% of the model's parameters "
                             f"< min_coverage {min_coverage:g}%")
     pct = 100.0 * s.dead_fraction
-    if max_dead is not None and pct > max_dead:
+    if max_dead is not None and s.kinds:  # per unit kind: heads are not diluted by MLP channels
+        for k, c in s.kinds.items():
+            kp = 100.0 * c["dead_fraction"]
+            if kp > max_dead:
+                failures.append(f"{k}: {c['dead']}/{c['units']} units dead ({kp:.2f}%) > max_dead {max_dead:g}%")
+    elif max_dead is not None and pct > max_dead:
         failures.append(f"{s.dead}/{s.units} units dead ({pct:.2f}%) > max_dead {max_dead:g}%")
     if max_dead_layer is not None:
         for lay in report.layers:

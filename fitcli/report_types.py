@@ -68,13 +68,15 @@ class Summary(Section):
     dead_known: bool | None = None  # whether any metric marks dead units (absent in old reports)
     nonfinite_loss_batches: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # per unit kind (when more than one is audited): {kind: {layers, units, dead, dead_fraction}}
+    kinds: dict[str, dict[str, Any]] | None = None
 
-    FIELDS = ("layers", "units", "dead", "dead_fraction", "dead_known", "nonfinite_loss_batches")
+    FIELDS = ("layers", "units", "dead", "dead_fraction", "dead_known", "nonfinite_loss_batches", "kinds")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Summary:
         return cls(d["layers"], d["units"], d["dead"], d["dead_fraction"], d.get("dead_known"),
-                   d.get("nonfinite_loss_batches"), unknown(d, cls.FIELDS))
+                   d.get("nonfinite_loss_batches"), unknown(d, cls.FIELDS), d.get("kinds"))
 
     def to_dict(self) -> dict[str, Any]:
         return {**present([(k, getattr(self, k)) for k in self.FIELDS], always=self.FIELDS[:4]), **self.extra}
@@ -258,7 +260,7 @@ class BlockRow(Section):
     name: str
     block_influence: float | None
     angular_distance: float | None
-    ablation: float
+    ablation: float | None  # None in a score report (Block Influence and angular distance only)
     ablation_accuracy: float | None = None  # class targets only
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -266,11 +268,11 @@ class BlockRow(Section):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BlockRow:
-        return cls(d["name"], d.get("block_influence"), d.get("angular_distance"), d["ablation"],
+        return cls(d["name"], d.get("block_influence"), d.get("angular_distance"), d.get("ablation"),
                    d.get("ablation_accuracy"), unknown(d, cls.FIELDS))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**present([(k, getattr(self, k)) for k in self.FIELDS], always=self.FIELDS[:4]), **self.extra}
+        return {**present([(k, getattr(self, k)) for k in self.FIELDS], always=self.FIELDS[:3]), **self.extra}
 
 
 @dataclass
@@ -326,7 +328,7 @@ class BlockValidation(Section):
 
 
 LAYER_FIELDS = ("name", "type", "units", "activation_point", "activation_point_kind", "final", "metrics",
-                "aggregate", "dead", "dead_fraction", "nonfinite", "removable", "activation_chain", "members")
+                "aggregate", "dead", "dead_fraction", "nonfinite", "removable", "activation_chain", "members", "kind")
 
 
 @dataclass(eq=False)
@@ -348,6 +350,7 @@ class LayerReport(Section):
     removable: list[int] | None = None
     members: list[str] | None = None  # the layers a gated unit is made of
     extra: dict[str, Any] = field(default_factory=dict)  # further JSON fields (layer_ablation, ...)
+    kind: str | None = None  # the unit kind (heads, mlp, hidden, rows) when an audit is by kinds
 
     def __repr__(self) -> str:  # one line: the tensors are in .metrics
         return (f"LayerReport({self.name!r}, {self.type}, {self.units} units, {len(self.dead)} dead, "
@@ -360,11 +363,12 @@ class LayerReport(Section):
                    dead=list(d["dead"]), dead_fraction=float(d["dead_fraction"]), nonfinite=list(d["nonfinite"]),
                    final=bool(d.get("final", False)), activation_point_kind=d.get("activation_point_kind"),
                    activation_chain=d.get("activation_chain"), members=d.get("members"),
-                   removable=d.get("removable"), extra=unknown(d, LAYER_FIELDS))
+                   removable=d.get("removable"), extra=unknown(d, LAYER_FIELDS), kind=d.get("kind"))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "type": self.type, "units": self.units,
                              "activation_point": self.activation_point}
+        d.update(present([("kind", self.kind)]))
         d.update(present([("activation_point_kind", self.activation_point_kind),
                           ("activation_chain", self.activation_chain)]))
         d.update({"final": self.final, "metrics": {k: floats(v) for k, v in self.metrics.items()},

@@ -232,6 +232,29 @@ def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: 
     return res
 
 
+def influence(model: nn.Module, data: Iterable[Batch], names: list[str], device: torch.device,
+              progress: Progress = NO_PROGRESS) -> BlockResult:
+    """Block Influence and angular distance of each block alone (no ablation): one forward per
+    batch without gradients, comparing each block's input and output (as ``measure``)."""
+    modules = dict(model.named_modules())
+    res = BlockResult(list(names))
+    inf = _Influence(names)
+    with torch.no_grad(), progress.task("blocks", None) as bar:
+        for bi, cpu_batch in enumerate(data):
+            batch = cpu_batch.to(device)
+            inf.mask = batch.mask
+            with hooks(modules, inf.pre(), inf.post()):
+                guarded(batch, None, bi, lambda b=batch: model(*b.args, **b.kwargs))
+            res.samples += batch.size
+            res.batches += 1
+            bar.advance()
+    for n in names:
+        if inf.sums[n][2]:
+            res.influence[n] = inf.sums[n][0] / inf.sums[n][2]
+            res.angular[n] = inf.sums[n][1] / inf.sums[n][2]
+    return res
+
+
 def greedy(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: LossFn, device: torch.device,
            accuracy: bool, steps: int, first: BlockResult, progress: Progress = NO_PROGRESS) -> list[dict[str, Any]]:
     """Remove the least important block (its removal changes the loss least, |Δloss|), re-measure
@@ -256,4 +279,4 @@ def greedy(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: L
     return curve
 
 
-__all__ = ["BlockResult", "find_blocks", "greedy", "measure"]
+__all__ = ["BlockResult", "find_blocks", "greedy", "influence", "measure"]

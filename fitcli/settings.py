@@ -25,6 +25,8 @@ class Settings:
 
     metrics: list[str] | None = None  # registry names; None = every metric whose needs are met
     layers: list[str] | None = None  # names or globs over qualified layer names; None = every layer
+    kinds: list[str] | None = None  # unit kinds: heads, mlp, hidden, blocks, rows; None = heads, mlp, blocks
+    # for a transformer (a block with attention and an MLP), every layer for other models
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     seed: int = 0  # local generators only: the caller's global RNG is never touched
     tau: float = 0.0  # dead when the dormancy score is ≤ tau
@@ -84,7 +86,7 @@ class Settings:
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
                                                      or self.device.startswith("cuda:")):
             raise UsageError(f"{{device}} {self.device!r}: use cpu, cuda, cuda:N or auto", setting="device")
-        for name in ("metrics", "layers"):
+        for name in ("metrics", "layers", "kinds"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (list, tuple))
                                       or not all(isinstance(v, str) and v for v in value)):
@@ -96,6 +98,7 @@ class Settings:
                                      setting="layers")
         if self.metrics:
             check_names(self.metrics)
+        # a kind the model lacks, or no kind at all, is said with the kinds the model has (discovery.roles)
         if self.rank_by is not None:
             self._check_rank_by()
         return self

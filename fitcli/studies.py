@@ -75,9 +75,16 @@ def audit_units(loaded: LoadedModel, ds: Any, baseline: LoadedModel | None, s: S
 
     result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=baseline,
                        device=s.device, progress=progress, ablation_mode=s.ablation_mode,
-                       chunk_size=s.chunk_size, rank_by=s.rank_by, group=d, ablate=feed_plan)
+                       chunk_size=s.chunk_size, rank_by=s.rank_by, group=d, ablate=feed_plan, kinds=s.kinds)
+    blocks = None
+    if result.kinds.blocks and d is not None:  # each rank sees its shard: measured in one process only
+        result.notes.append("blocks: Block Influence is measured in one process (not under torchrun)")
+    elif result.kinds.blocks and result.graph.runner is not None and ds is not None:
+        from fitcli import residual
+
+        blocks = residual.influence(loaded.module, ds, result.kinds.blocks, torch.device(result.device), progress)
     report = report_build.build(result, loaded, ds, report_settings(s, loaded), rank_by=s.rank_by, top=s.top,
-                                distributed=distributed_field(d))
+                                distributed=distributed_field(d), blocks=blocks)
     if s.validate:
         from fitcli.validate import validate_report
 
@@ -116,7 +123,7 @@ def plan_units(loaded: LoadedModel, ds: DataSource, s: Settings, loss: Any) -> A
     """The engine's plan for exact ablation of ``s.layers``: ``ablation``, and
     ``ablation_accuracy`` when the data has one class id per sample."""
     metrics = ["ablation", "ablation_accuracy"] if class_targets(peek(ds)) else ["ablation"]
-    p = plan(loaded, ds, metrics=metrics, layers=s.layers, loss=loss, device=s.device)
+    p = plan(loaded, ds, metrics=metrics, layers=s.layers, loss=loss, device=s.device, kinds=s.kinds)
     wonly = [lay.name for lay in p.layers if lay.weight_only]
     if wonly:
         raise UsageError(f"{wonly[0]} has weight-only units (embedding rows): there is no activation to ablate")

@@ -40,9 +40,9 @@ def test_token_file_with_inputs_and_attention_mask_uses_the_mask(tmp_path):
     model, ids, mask = _bert()
     path = tmp_path / "tokens.pt"
     torch.save({"inputs": ids, "attention_mask": mask}, path)
-    from_file = fitcli.audit(model, str(path), metrics=["act_mean"], batch_size=3, device="cpu")
+    from_file = fitcli.audit(model, str(path), metrics=["act_mean"], batch_size=3, device="cpu", kinds=["mlp", "rows"])
     as_dicts = [{"input_ids": ids[i : i + 3], "attention_mask": mask[i : i + 3]} for i in (0, 3)]
-    reference = fitcli.audit(model, as_dicts, metrics=["act_mean"], device="cpu")
+    reference = fitcli.audit(model, as_dicts, metrics=["act_mean"], device="cpu", kinds=["mlp", "rows"])
     # by hand: the mean of the first FFN layer's GELU output over the real tokens only
     with torch.no_grad():
         hidden = []

@@ -286,7 +286,7 @@ def _brute_hf(model, batches, module, units, loss, pre=False):
 
 def test_bert_points_dead_unit_and_ablation():
     m, batches = _bert()
-    report = fitcli.audit(m, batches, device="cpu")
+    report = fitcli.audit(m, batches, device="cpu", kinds=["mlp", "rows"])  # every layer but the heads
     assert report.settings["loss"] == "cross_entropy"
     chains = {lay.name: lay.activation_chain for lay in report.layers}
     pre = "bert.encoder.layer.0."
@@ -324,7 +324,7 @@ def test_gpt2_conv1d_units_points_and_lm_ablation():
 
 def test_llama_gated_units_with_grouped_query_attention():
     m, batches = _llama()
-    report = fitcli.audit(m, batches, device="cpu")
+    report = fitcli.audit(m, batches, device="cpu", kinds=["mlp", "rows"])  # every layer but the heads
     names = [lay.name for lay in report.layers]
     gated = "model.layers.1.mlp.down_proj.input"
     assert gated in names

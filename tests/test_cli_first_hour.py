@@ -56,7 +56,8 @@ def reports(tmp_path_factory) -> dict[str, Path]:
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2,
                                                                  n_positions=32, bos_token_id=0, eos_token_id=0))
     gpt2.save_pretrained(out / "gpt2")
-    runs = {"resmlp": ["score", *RESMLP], "gpt2": ["score", str(out / "gpt2"), "--data", "random:tokens=50,len=16,n=8"],
+    runs = {"resmlp": ["score", *RESMLP], "gpt2": ["score", str(out / "gpt2"), "--data", "random:tokens=50,len=16,n=8",
+                                                        "--kinds", "heads,mlp,rows"],
             "ablate": ["ablate", *MLP, "--layer", "fc1", "--layer", "fc2", "--whole-layer", "--top", "8"]}
     paths = {}
     for name, args in runs.items():

@@ -82,7 +82,7 @@ def _cli_args(tiny, kind: str, how: str, cap: int | None) -> list[str]:
         str(root / kind / "model.safetensors"), "--arch", f"{root / 'arch.py'}:build",
         "--arch-kwargs", json.dumps({"folder": str(root / kind)})]
     args = ["score", *model, "--data", str(root / "ids.safetensors"), "--batch-size", "4", "--device", "cpu",
-            "--format", "json", "-q"]
+            "--format", "json", "-q", "--kinds", "mlp,rows"]  # every layer but the heads
     return args + (["--max-memory", str(cap)] if cap else [])
 
 
@@ -168,11 +168,11 @@ def test_weight_gradients_are_consumed_one_at_a_time(tiny, kind, tmp_path):
     data = [{"input_ids": ids[:4]}, {"input_ids": ids[4:]}]
     live = LiveGrads(model)
     try:
-        rep = fitcli.audit(model, data, metrics=["grad_norm"], device="cpu")
+        rep = fitcli.audit(model, data, metrics=["grad_norm"], device="cpu", kinds=["mlp", "rows"])
         in_memory = live.peak
         live.peak, live.refs = 0, []
         with offloaded(model, max_bytes=10**6, source=tiny["root"] / kind / "model.safetensors"):
-            capped = fitcli.audit(model, data, metrics=["grad_norm"], device="cpu")
+            capped = fitcli.audit(model, data, metrics=["grad_norm"], device="cpu", kinds=["mlp", "rows"])
     finally:
         live.close()
     owners = [lay for lay in rep.layers if "grad_norm" in lay.metrics]

@@ -260,6 +260,9 @@ class HeadKind(UnitKind):
             found = self._projected(name, m, mods)
             if found is not None:
                 out.append(found)
+                groups = KV_GROUPS.of(m, found[0])
+                if groups is not None:
+                    out.append((groups, found[1]))
         return out
 
     def _mha(self, name: str, m: Any) -> Layer:
@@ -315,6 +318,35 @@ class HeadKind(UnitKind):
         return attention.tap(modules, {mha[n]: f for n, f in callbacks.items()})
 
 
+class KVGroupKind(HeadKind):
+    """Key-value groups of grouped-query attention (a Hugging Face module with
+    ``num_key_value_groups`` > 1): group g is the query heads that share key-value head g, a
+    contiguous slice of the output projection's input (``num_key_value_groups`` heads wide).
+    Removing a group removes its key and value rows with its query heads."""
+
+    name = "kv_groups"
+
+    def of(self, m: Any, heads: Layer) -> Layer | None:
+        """The key-value groups beside the query heads ``heads`` of attention module ``m``."""
+        from fitcli.discovery import hf
+
+        r = hf.int_attr(m, ("num_key_value_groups",))
+        if not r or r <= 1 or heads.units % r or heads.head_dim is None:
+            return None
+        g = heads.units // r
+        name = heads.name[: -len(".heads")] if heads.name.endswith(".heads") else heads.name
+        return Layer(name=f"{name}.kv_groups", type="KVGroups", units=g, unit_dim=-1, parts=list(heads.parts),
+                     bias=None, point=heads.point, point_kind="heads",
+                     chain=[f"{name}: {g} key-value groups x {r} heads -> {heads.chain[0].rsplit(' -> ', 1)[-1]}"],
+                     head_dim=heads.head_dim * r, consumers=list(heads.consumers or []), kind=self)
+
+    def removal(self, layer: Layer) -> str | None:
+        return "key-value groups: the surgery of in/out projections per group is not supported yet"
+
+
+KV_GROUPS = KVGroupKind()
+
+
 def _mha_supported(m: Any) -> bool:
     from fitcli import attention
 
@@ -349,7 +381,7 @@ EMBEDDING = EmbeddingKind()
 RECURRENT = RecurrentKind()
 HEADS = HeadKind()
 BLOCKS = BlockKind()
-BUILTIN: tuple[UnitKind, ...] = (RECURRENT, CHANNELS, EMBEDDING, GATED, HEADS, BLOCKS)
+BUILTIN: tuple[UnitKind, ...] = (RECURRENT, CHANNELS, EMBEDDING, GATED, HEADS, KV_GROUPS, BLOCKS)
 _registered: list[UnitKind] = []
 
 

@@ -144,3 +144,15 @@ def ablation_counts(report: dict) -> tuple[int, int]:
     rem = sum(len(lay.get("removable") or []) for lay in report["layers"])
     tot = sum(sum(v is not None for v in lay["metrics"].get("ablation") or []) for lay in report["layers"])
     return rem, tot
+
+
+KIND_TITLES = {"heads": "attention heads", "kv_groups": "key-value groups", "mlp": "MLP channels", "hidden": "hidden channels",
+               "rows": "projection rows and other layers"}
+
+
+def by_kind(ranked: list[dict]) -> list[tuple[str | None, list[dict]]]:
+    """The ranked rows as one table per unit kind (rows without a kind: one table)."""
+    out: dict[str | None, list[dict]] = {}
+    for r in ranked:
+        out.setdefault(r.get("kind"), []).append(r)
+    return list(out.items())

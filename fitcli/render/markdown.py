@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fitcli.render._common import (
+    KIND_TITLES,
     ablation_counts,
     ablation_rows,
+    by_kind,
     coverage_line,
     fmt,
     key_metrics,
@@ -91,6 +93,8 @@ def render_markdown(report: dict) -> str:
         "",
         coverage_line(report) + ".",
     ]
+    lines[3:3] = [f"- {KIND_TITLES.get(k, k)}: {c['dead']} of {c['units']} dead ({pct(c['dead_fraction'])})"
+                  for k, c in (s.get("kinds") or {}).items()]  # dead counts per unit kind
     missing = (report.get("coverage") or {}).get("not_audited") or []
     if missing:
         lines += ["", "<details><summary>Not audited</summary>", "", "| module | type | parameters | reason |",
@@ -109,13 +113,19 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {lay['name']} | {lay['type']} | {lay['units']} | {dead} | "
                      f"{'' if lay.get('final') else pct(lay['dead_fraction'])} | {lay['activation_point']} | "
                      + " | ".join(aggs) + " |")
-    ranked = report.get("ranked") or []
-    if ranked:
-        rb = report["settings"].get("rank_by")
-        lines += ["", f"Least-fit units by `{rb}` (per-layer ℓ2-normalised):", "",
+    rb = report["settings"].get("rank_by")
+    for kind, ranked in by_kind(report.get("ranked") or []):
+        what = f"Least-fit {KIND_TITLES.get(kind, kind)}" if kind else "Least-fit units"
+        lines += ["", f"{what} by `{rb}` (per-layer ℓ2-normalised):", "",
                   "| # | layer | unit | value | normalised | dead |", "|---:|---|---:|---:|---:|---|"]
         for i, r in enumerate(ranked, 1):
             lines.append(f"| {i} | {r['layer']} | {r['unit']} | {fmt(r['value'])} | {fmt(r['normalized'])} | {'yes' if r.get('dead') else ''} |")
+    if report.get("blocks") and report.get("command") != "blocks":
+        lines += ["", "Blocks by Block Influence, lowest first:", "", "| block | block influence | angular distance |",
+                  "|---|---:|---:|"]
+        for r in sorted(report["blocks"], key=lambda r: (r.get("block_influence") is None,
+                                                         r.get("block_influence") or 0.0, r["name"])):
+            lines.append(f"| {r['name']} | {fmt(r.get('block_influence'))} | {fmt(r.get('angular_distance'))} |")
     if report.get("validation"):
         lines += _validation_markdown(report["validation"])
     if report.get("skipped"):

@@ -7,8 +7,10 @@ from rich.table import Table
 from rich.text import Text
 
 from fitcli.render._common import (
+    KIND_TITLES,
     ablation_counts,
     ablation_rows,
+    by_kind,
     common_prefix,
     coverage_line,
     fmt,
@@ -61,6 +63,8 @@ def _header(report: dict) -> Text:
         style = "bold red" if s["dead"] else "bold green"
         head.append(f"{s['dead']} of {s['units']} units dead ({pct(s['dead_fraction'])})", style=style)
         head.append(f" across {s['layers']} layers, τ = {report['settings']['tau']:g}, final layer excluded")
+        for k, c in (s.get("kinds") or {}).items():
+            head.append(f"\n  {KIND_TITLES.get(k, k)}: {c['dead']} of {c['units']} dead ({pct(c['dead_fraction'])})")
     else:
         head.append("dead units unknown: needs activations (pass --arch and --data)", style="yellow")
     head.append("\n")
@@ -128,10 +132,11 @@ def _ablation_ranking(report: dict, width: int | None = None) -> list:
     return parts
 
 
-def _metric_ranking(report: dict, ranked: list[dict], width: int | None = None) -> list:
+def _metric_ranking(report: dict, ranked: list[dict], width: int | None = None, kind: str | None = None) -> list:
     rb = report["settings"].get("rank_by")
     hib = (report.get("metric_info") or {}).get(rb, {}).get("higher_is_better", True)
-    parts: list = [Text(f"Least-fit units by {rb} ({'smallest' if hib else 'largest'} first; per-layer "
+    what = f"Least-fit {KIND_TITLES.get(kind, kind)}" if kind else "Least-fit units"
+    parts: list = [Text(f"{what} by {rb} ({'smallest' if hib else 'largest'} first; per-layer "
                         "ℓ2-normalised; final layer excluded)", style="bold")]
     prefix = common_prefix([r["layer"] for r in ranked])
     columns = [(c, "right" if c in ("#", "unit", "value", "normalised") else "left")
@@ -203,6 +208,17 @@ def render_blocks(report: dict) -> Group:
     return Group(*parts)
 
 
+def _blocks_section(blocks: list[dict]) -> list:
+    """Residual blocks in a score report: Block Influence and angular distance, lowest first."""
+    t = Table(show_edge=False)
+    for col in ("block", "block influence", "angular distance"):
+        t.add_column(col, justify="left" if col == "block" else "right")
+    for r in sorted(blocks, key=lambda r: (r.get("block_influence") is None, r.get("block_influence") or 0.0, r["name"])):
+        t.add_row(Text(r["name"]), fmt(r.get("block_influence")), fmt(r.get("angular_distance")))
+    return [Text("Blocks by Block Influence (1 − cos(input, output)), lowest first: the blocks that change the "
+                 "residual stream least (`fitcli ablate --blocks` measures the exact loss change)", style="bold"), t]
+
+
 def render_report(report: dict, width: int | None = None) -> Group:
     """The terminal view; ``width``: the console's, to which long layer names are wrapped (at
     their dots, after dropping the prefix all rows share), never cut."""
@@ -210,9 +226,13 @@ def render_report(report: dict, width: int | None = None) -> Group:
         return render_blocks(report)
     parts: list = [_header(report), Text("Layers", style="bold"), *_layers_table(report, width)]
     ranked = report.get("ranked") or []
-    if ranked:
-        parts += (_ablation_ranking(report, width) if report.get("command") == "ablate"
-                  else _metric_ranking(report, ranked, width))
+    if ranked and report.get("command") == "ablate":
+        parts += _ablation_ranking(report, width)
+    elif ranked:
+        for kind, rows in by_kind(ranked):
+            parts += _metric_ranking(report, rows, width, kind)
+    if report.get("blocks"):
+        parts += _blocks_section(report["blocks"])
     if report.get("validation"):
         parts.append(render_validation(report["validation"]))
     parts += _footer(report)
