@@ -32,9 +32,11 @@ from fitcli.discovery import Layer, ModelGraph, getattr_path, token_mask
 from fitcli.errors import InputError, RuntimeAuditError, first_line, guarded, is_oom
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
+from fitcli.residual import BlockPrefix, find_blocks
 from fitcli.runtime import available_bytes
 
 CPU_CHUNK_BYTES = 192 << 20
+BLOCKS_KEY = "\0blocks"  # the plans' entry holding the residual blocks (a name no layer has)
 
 
 class AblationResult:
@@ -244,6 +246,9 @@ def _job(graph: ModelGraph, plans: dict[str, _Plan | None], n: str, lay: Layer, 
         res.method[n] = "graph-suffix" + ("+rank1" if plan.linear_weight is not None else "")
         return _Job(lay, h, env[_output_node(plan.gm)],
                     lambda rb, ru: _graph_rows(plan, env, h, rb, ru, lay, value), plan, base, value)
+    job = _prefix_job(graph, plans, n, lay, batch, bi, value, res, cache)
+    if job is not None:
+        return job
     if res.method.get(n) != "input-expansion":
         res.notes.append(f"ablation of {n}: the model's graph could not be split at the unit, "
                          "so the whole input is expanded per chunk (slower, same result)")
@@ -253,6 +258,40 @@ def _job(graph: ModelGraph, plans: dict[str, _Plan | None], n: str, lay: Layer, 
         base_out = guarded(batch, graph, bi, graph, batch)
     return _Job(lay, holder["h"], base_out, lambda rb, ru: _input_rows(graph, batch, rb, ru, lay, value),
                 None, None, value)
+
+
+def _prefix_job(graph: ModelGraph, plans: dict[str, _Plan | None], n: str, lay: Layer, batch: Batch, bi: int,
+                value: torch.Tensor | None, res: AblationResult, cache: dict | None) -> _Job | None:
+    """Stage 1 without a graph: the prefix shared at block granularity (``BlockPrefix``). One
+    unablated run per batch records every block's output and the activation of every layer
+    ablated this way; None when the layer is in no block (or blocks cannot be replayed)."""
+    blocks = plans.get(BLOCKS_KEY)
+    if not blocks or cache is None or res.method.get(n) == "input-expansion":
+        return None
+    key = ("block-prefix", id(batch))
+    if key not in cache or n not in cache[key][1]:
+        rec = BlockPrefix(graph.runner, blocks)
+        held: dict[str, torch.Tensor] = {}
+        want = [m for m, p in plans.items() if p is None and m != BLOCKS_KEY]
+
+        def hold(m):
+            return lambda t: held.setdefault(m, t.detach())
+        with rec.recording(), graph.tap({m: hold(m) for m in want}):
+            out = guarded(batch, graph, bi, graph, batch)
+        cache[key] = (rec, held, out)
+    rec, held, out = cache[key]
+    block = rec.block_of(n)
+    if block is None or n not in held:
+        return None
+    if res.method.get(n) != "block-prefix":
+        res.notes.append(f"ablation of {n}: the model's graph could not be split at the unit; the blocks before "
+                         f"{block} run once per batch and the rest per chunk (same result)")
+    res.method[n] = "block-prefix"
+
+    def run(rb: torch.Tensor, ru: torch.Tensor) -> Any:
+        with rec.replay(block, rb, batch.size), graph.tap({n: lambda t: _set_units(t, ru, value, lay)}):
+            return graph(batch.select(rb))
+    return _Job(lay, held[n], out, run, None, None, value)
 
 
 def _chunk(job: _Job, batch: Batch, us: list[int], loss_fn: LossFn, accuracy: bool, dev: torch.device):
@@ -370,13 +409,15 @@ def _ablate_batches(graph: ModelGraph, names: list[str], layers: dict[str, Layer
                     data: Iterable[Batch], loss_fn: LossFn, dev: torch.device, chunk_size: int | None,
                     progress: Progress, whole_layer: bool, accuracy: bool, means: dict, res: AblationResult,
                     whole_units: dict[str, list[int]] | None = None) -> None:
-    plans = {n: make_plan(graph, layers[n]) for n in names}
+    plans: dict = {n: make_plan(graph, layers[n]) for n in names}
     total = getattr(data, "total", None)
     chunks = total * sum(-(-len(sel[n]) // chunk_size) for n in names) if total and chunk_size else None
     with torch.no_grad(), progress.task("ablating", chunks) as bar:
         cache: dict = {}  # the unablated run of the batch, shared by every layer
         for bi, cpu_batch in enumerate(data):
             batch = cpu_batch.to(dev)
+            if BLOCKS_KEY not in plans:
+                plans[BLOCKS_KEY] = _blocks_for_prefix(graph, plans, batch)
             for n in names:
                 job = _job(graph, plans, n, layers[n], batch, bi, means.get(n), res, cache)
                 k = chunk_size or res.chunk_sizes.get(n) or _auto_chunk(job.h, job.plan, job.base, len(sel[n]), dev)
@@ -386,6 +427,18 @@ def _ablate_batches(graph: ModelGraph, names: list[str], layers: dict[str, Layer
             res.samples += batch.size
             res.batches += 1
             cache.clear()
+
+
+def _blocks_for_prefix(graph: ModelGraph, plans: dict, first: Batch) -> list[str]:
+    """The residual blocks of a model whose graph cannot be split at some ablated layer (found on
+    its first batch), for sharing the prefix at block granularity; empty when none is needed."""
+    if all(p is not None for p in plans.values()) or not isinstance(graph.runner, nn.Module):
+        return []
+    try:
+        with torch.no_grad():
+            return find_blocks(graph.runner, first)
+    except (InputError, RuntimeAuditError):
+        return []
 
 
 def changed_rows(h: torch.Tensor, us: list[int], lay: Layer, value: torch.Tensor | None):
