@@ -434,11 +434,8 @@ def _blocks_for_prefix(graph: ModelGraph, plans: dict, first: Batch) -> list[str
     its first batch), for sharing the prefix at block granularity; empty when none is needed."""
     if all(p is not None for p in plans.values()) or not isinstance(graph.runner, nn.Module):
         return []
-    try:
-        with torch.no_grad():
-            return find_blocks(graph.runner, first)
-    except (InputError, RuntimeAuditError):
-        return []
+    with torch.no_grad():  # a forward that fails here is reported as any other (a fitcli error)
+        return find_blocks(graph.runner, first)
 
 
 def changed_rows(h: torch.Tensor, us: list[int], lay: Layer, value: torch.Tensor | None):
