@@ -5,7 +5,7 @@ slice zeroed by a pre-hook on the projection reading it), on the same batch in t
 
 Three ways, each timed over the ablation alone (the layers found beforehand, outside the timing):
 
-- loop: the hook-and-rerun loop (one forward per unit; the unablated forward not counted);
+- loop: the hook-and-rerun loop (the unablated forward, then one forward per unit);
 - expansion: fitcli's former fallback for models torch.fx cannot trace (the whole input expanded
   per chunk of units: every block runs per chunk);
 - block-prefix: the prefix shared at block granularity (the blocks before the unit's block run once
@@ -63,9 +63,9 @@ def suffix_bound(model: nn.Module, layer: int) -> tuple[float, float]:
 def loop(model, batch: Batch, proj: nn.Module, width: int, units: list[int]) -> tuple[torch.Tensor, float]:
     """The hook-and-rerun loop: per unit, a whole forward with its slice of ``proj``'s input zeroed."""
     with torch.no_grad():
+        t0 = time.perf_counter()  # the unablated forward counted, as fitcli's is
         base = lm(model(**batch.kwargs), batch).double()
         out = []
-        t0 = time.perf_counter()
         for u in units:
             def pre(mod, args, u=u):
                 z = args[0].clone()
@@ -82,7 +82,7 @@ def loop(model, batch: Batch, proj: nn.Module, width: int, units: list[int]) -> 
 def engine(graph, name: str, batch: Batch, units: list[int], expansion: bool) -> tuple[torch.Tensor, float, str]:
     saved = ablation._blocks_for_prefix
     if expansion:  # the former fallback: no blocks to share a prefix at
-        ablation._blocks_for_prefix = lambda *a: []
+        ablation._blocks_for_prefix = lambda *a, **k: []
     try:
         t0 = time.perf_counter()
         r = ablation.ablate_layers(graph, [name], [batch], lm, units={name: units})

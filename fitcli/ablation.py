@@ -28,11 +28,12 @@ from torch import fx, nn
 
 from fitcli import distributed
 from fitcli.data import Batch
-from fitcli.discovery import Layer, ModelGraph, getattr_path, token_mask
+from fitcli.discovery import Layer, ModelGraph, block_candidates, getattr_path, token_mask
+from fitcli.discovery.blocks import outermost
 from fitcli.errors import InputError, RuntimeAuditError, first_line, guarded, is_oom
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
-from fitcli.residual import BlockPrefix, find_blocks
+from fitcli.residual import BlockPrefix
 from fitcli.runtime import available_bytes
 
 CPU_CHUNK_BYTES = 192 << 20
@@ -417,7 +418,7 @@ def _ablate_batches(graph: ModelGraph, names: list[str], layers: dict[str, Layer
         for bi, cpu_batch in enumerate(data):
             batch = cpu_batch.to(dev)
             if BLOCKS_KEY not in plans:
-                plans[BLOCKS_KEY] = _blocks_for_prefix(graph, plans, batch)
+                plans[BLOCKS_KEY] = _blocks_for_prefix(graph, plans)
             for n in names:
                 job = _job(graph, plans, n, layers[n], batch, bi, means.get(n), res, cache)
                 k = chunk_size or res.chunk_sizes.get(n) or _auto_chunk(job.h, job.plan, job.base, len(sel[n]), dev)
@@ -429,13 +430,15 @@ def _ablate_batches(graph: ModelGraph, names: list[str], layers: dict[str, Layer
             cache.clear()
 
 
-def _blocks_for_prefix(graph: ModelGraph, plans: dict, first: Batch) -> list[str]:
-    """The residual blocks of a model whose graph cannot be split at some ablated layer (found on
-    its first batch), for sharing the prefix at block granularity; empty when none is needed."""
+def _blocks_for_prefix(graph: ModelGraph, plans: dict) -> list[str]:
+    """The blocks at which a model whose graph cannot be split at some ablated layer shares its
+    prefix: the outermost items of its module stacks (``nn.ModuleList`` / ``nn.Sequential``: the
+    transformer layers), known without a forward; empty when none is needed. Replaying a module
+    that finished before the ablated unit's block is exact whether or not it adds its input back:
+    nothing it read depends on the unit."""
     if all(p is not None for p in plans.values()) or not isinstance(graph.runner, nn.Module):
         return []
-    with torch.no_grad():  # a forward that fails here is reported as any other (a fitcli error)
-        return find_blocks(graph.runner, first)
+    return outermost(block_candidates(graph.runner))
 
 
 def changed_rows(h: torch.Tensor, us: list[int], lay: Layer, value: torch.Tensor | None):
