@@ -80,15 +80,15 @@ def loop(model, batch: Batch, proj: nn.Module, width: int, units: list[int]) -> 
 
 
 def engine(graph, name: str, batch: Batch, units: list[int], expansion: bool) -> tuple[torch.Tensor, float, str]:
-    saved = ablation._blocks_for_prefix
+    saved = ablation.prefix_blocks
     if expansion:  # the former fallback: no blocks to share a prefix at
-        ablation._blocks_for_prefix = lambda *a, **k: []
+        ablation.prefix_blocks = lambda *a, **k: []
     try:
         t0 = time.perf_counter()
         r = ablation.ablate_layers(graph, [name], [batch], lm, units={name: units})
         dt = time.perf_counter() - t0
     finally:
-        ablation._blocks_for_prefix = saved
+        ablation.prefix_blocks = saved
     return r.delta(name)[units], dt, r.method[name]
 
 

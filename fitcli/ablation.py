@@ -12,10 +12,10 @@ Per data batch and layer:
 3. when ``h`` feeds a Linear directly, that Linear's output for copy k is its base output minus
    ``(h_k − v) · W[:, k]``: a rank-1 update instead of a K·B matmul.
 
-Models that do not trace fall back to expanding the *input* K times (the whole forward runs on
-K·B, one hook masks each copy); the report says which method ran. K comes from free memory
-(CUDA free memory or available RAM), halves on out-of-memory, or ``--chunk-size``.
-"""
+Models that do not trace (Hugging Face transformers) share the prefix at block granularity
+(``residual.BlockPrefix``: the blocks before the unit's block run once per batch, the rest per
+chunk); a unit in no block expands the *input* K times. The report says which ran. K comes from
+free memory (CUDA free memory or available RAM), halves on out-of-memory, or ``--chunk-size``."""
 
 from __future__ import annotations
 
@@ -28,12 +28,11 @@ from torch import fx, nn
 
 from fitcli import distributed
 from fitcli.data import Batch
-from fitcli.discovery import Layer, ModelGraph, block_candidates, getattr_path, token_mask
-from fitcli.discovery.blocks import outermost
+from fitcli.discovery import Layer, ModelGraph, getattr_path, token_mask
 from fitcli.errors import InputError, RuntimeAuditError, first_line, guarded, is_oom
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
-from fitcli.residual import BlockPrefix
+from fitcli.residual import BlockPrefix, prefix_blocks
 from fitcli.runtime import available_bytes
 
 CPU_CHUNK_BYTES = 192 << 20
@@ -263,30 +262,18 @@ def _job(graph: ModelGraph, plans: dict[str, _Plan | None], n: str, lay: Layer, 
 
 def _prefix_job(graph: ModelGraph, plans: dict[str, _Plan | None], n: str, lay: Layer, batch: Batch, bi: int,
                 value: torch.Tensor | None, res: AblationResult, cache: dict | None) -> _Job | None:
-    """Stage 1 without a graph: the prefix shared at block granularity (``BlockPrefix``). One
-    unablated run per batch records every block's output and the activation of every layer
-    ablated this way; None when the layer is in no block (or blocks cannot be replayed)."""
-    blocks = plans.get(BLOCKS_KEY)
+    """Stage 1 without a graph: the prefix shared at block granularity (``BlockPrefix``), one
+    unablated run per batch for every layer ablated this way; None for a layer in no block."""
+    blocks, key = plans.get(BLOCKS_KEY), ("block-prefix", id(batch))
     if not blocks or cache is None or res.method.get(n) == "input-expansion":
         return None
-    key = ("block-prefix", id(batch))
     if key not in cache or n not in cache[key][1]:
-        rec = BlockPrefix(graph.runner, blocks)
-        held: dict[str, torch.Tensor] = {}
-        want = [m for m, p in plans.items() if p is None and m != BLOCKS_KEY]
-
-        def hold(m):
-            return lambda t: held.setdefault(m, t.detach())
-        with rec.recording(), graph.tap({m: hold(m) for m in want}):
-            out = guarded(batch, graph, bi, graph, batch)
-        cache[key] = (rec, held, out)
-    rec, held, out = cache[key]
-    block = rec.block_of(n)
+        cache[key] = BlockPrefix.base_run(graph, blocks, [m for m, p in plans.items() if p is None], batch, bi)
+    (rec, held, out), block = cache[key], cache[key][0].block_of(n)
     if block is None or n not in held:
         return None
     if res.method.get(n) != "block-prefix":
-        res.notes.append(f"ablation of {n}: the model's graph could not be split at the unit; the blocks before "
-                         f"{block} run once per batch and the rest per chunk (same result)")
+        res.notes.append(f"ablation of {n}: no graph to split; the blocks before {block} run once per batch")
     res.method[n] = "block-prefix"
 
     def run(rb: torch.Tensor, ru: torch.Tensor) -> Any:
@@ -417,8 +404,8 @@ def _ablate_batches(graph: ModelGraph, names: list[str], layers: dict[str, Layer
         cache: dict = {}  # the unablated run of the batch, shared by every layer
         for bi, cpu_batch in enumerate(data):
             batch = cpu_batch.to(dev)
-            if BLOCKS_KEY not in plans:
-                plans[BLOCKS_KEY] = _blocks_for_prefix(graph, plans)
+            if BLOCKS_KEY not in plans:  # where a graph cannot be split: blocks to share the prefix at
+                plans[BLOCKS_KEY] = prefix_blocks(graph.runner) if None in plans.values() else []
             for n in names:
                 job = _job(graph, plans, n, layers[n], batch, bi, means.get(n), res, cache)
                 k = chunk_size or res.chunk_sizes.get(n) or _auto_chunk(job.h, job.plan, job.base, len(sel[n]), dev)
@@ -428,17 +415,6 @@ def _ablate_batches(graph: ModelGraph, names: list[str], layers: dict[str, Layer
             res.samples += batch.size
             res.batches += 1
             cache.clear()
-
-
-def _blocks_for_prefix(graph: ModelGraph, plans: dict) -> list[str]:
-    """The blocks at which a model whose graph cannot be split at some ablated layer shares its
-    prefix: the outermost items of its module stacks (``nn.ModuleList`` / ``nn.Sequential``: the
-    transformer layers), known without a forward; empty when none is needed. Replaying a module
-    that finished before the ablated unit's block is exact whether or not it adds its input back:
-    nothing it read depends on the unit."""
-    if all(p is not None for p in plans.values()) or not isinstance(graph.runner, nn.Module):
-        return []
-    return outermost(block_candidates(graph.runner))
 
 
 def changed_rows(h: torch.Tensor, us: list[int], lay: Layer, value: torch.Tensor | None):

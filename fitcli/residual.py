@@ -27,7 +27,14 @@ import torch
 from torch import nn
 
 from fitcli.data import Batch
-from fitcli.discovery.blocks import find_blocks, first_tensor, hooks, input_of
+from fitcli.discovery.blocks import (
+    candidates,
+    find_blocks,
+    first_tensor,
+    hooks,
+    input_of,
+    outermost,
+)
 from fitcli.errors import guarded
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
@@ -121,6 +128,14 @@ def take_rows(v: Any, rows: torch.Tensor, bsz: int) -> Any:
     return v
 
 
+def prefix_blocks(model: nn.Module) -> list[str]:
+    """The blocks ``BlockPrefix`` shares a prefix at: the outermost items of the model's module
+    stacks (``nn.ModuleList`` / ``nn.Sequential``: the transformer layers), known without a
+    forward. Replaying a module that finished before the ablated unit's block is exact whether or
+    not it adds its input back: nothing it read depends on the unit. Empty for a non-module."""
+    return outermost(candidates(model)) if isinstance(model, nn.Module) else []
+
+
 class BlockPrefix:
     """Exact ablation of a unit inside a residual block, sharing the prefix at block granularity
     (for models torch.fx cannot trace). The unablated run of a batch records every block's output
@@ -146,6 +161,19 @@ class BlockPrefix:
                 self.order.append(n)
             return fn
         return hooks(self.modules, {}, {n: record(n) for n in self.blocks})
+
+    @classmethod
+    def base_run(cls, graph: Any, blocks: list[str], layers: list[str], batch: Batch,
+                 bi: int) -> tuple[BlockPrefix, dict[str, torch.Tensor], Any]:
+        """The unablated forward of ``batch`` through ``graph`` (a ``ModelGraph``): the record, each
+        of ``layers``' activation, and the outputs."""
+        rec, held = cls(graph.runner, blocks), {}
+
+        def hold(m):
+            return lambda t: held.setdefault(m, t.detach())
+        with rec.recording(), graph.tap({m: hold(m) for m in layers}):
+            out = guarded(batch, graph, bi, graph, batch)
+        return rec, held, out
 
     def block_of(self, layer: str) -> str | None:
         """The recorded block holding ``layer`` (its name is below the block's), if replay is exact."""
@@ -308,4 +336,4 @@ def greedy(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: L
     return curve
 
 
-__all__ = ["BlockPrefix", "replaced_forwards", "take_rows", "BlockResult", "find_blocks", "greedy", "measure"]
+__all__ = ["BlockPrefix", "prefix_blocks", "replaced_forwards", "take_rows", "BlockResult", "find_blocks", "greedy", "measure"]
