@@ -11,7 +11,9 @@ Three ways, each timed over the ablation alone (the layers found beforehand, out
 - block-prefix: the prefix shared at block granularity (the blocks before the unit's block run once
   per batch, the rest per chunk).
 
-Each gives ablations per second and its ratio to the loop; beside it, the bound the suffix sets:
+Times are CPU seconds of this process (``time.process_time``; one torch thread by default): on a
+shared machine, wall time mostly measures the other jobs. Each gives ablations per CPU second and
+its ratio to the loop; beside it, the bound the suffix sets:
 1 / (the fraction of the model's multiply-adds per token in the unit's block, the blocks after it
 and the head), what skipping the prefix alone can gain. Every fitcli value is checked against the
 loop's (max relative difference printed: float32 model).
@@ -63,7 +65,7 @@ def suffix_bound(model: nn.Module, layer: int) -> tuple[float, float]:
 def loop(model, batch: Batch, proj: nn.Module, width: int, units: list[int]) -> tuple[torch.Tensor, float]:
     """The hook-and-rerun loop: per unit, a whole forward with its slice of ``proj``'s input zeroed."""
     with torch.no_grad():
-        t0 = time.perf_counter()  # the unablated forward counted, as fitcli's is
+        t0 = time.process_time()  # the unablated forward counted, as fitcli's is
         base = lm(model(**batch.kwargs), batch).double()
         out = []
         for u in units:
@@ -76,7 +78,7 @@ def loop(model, batch: Batch, proj: nn.Module, width: int, units: list[int]) -> 
                 out.append(float((lm(model(**batch.kwargs), batch).double() - base).mean()))
             finally:
                 h.remove()
-        return torch.tensor(out, dtype=torch.float64), time.perf_counter() - t0
+        return torch.tensor(out, dtype=torch.float64), time.process_time() - t0
 
 
 def engine(graph, name: str, batch: Batch, units: list[int], expansion: bool) -> tuple[torch.Tensor, float, str]:
@@ -84,9 +86,9 @@ def engine(graph, name: str, batch: Batch, units: list[int], expansion: bool) ->
     if expansion:  # the former fallback: no blocks to share a prefix at
         ablation.prefix_blocks = lambda *a, **k: []
     try:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         r = ablation.ablate_layers(graph, [name], [batch], lm, units={name: units})
-        dt = time.perf_counter() - t0
+        dt = time.process_time() - t0
     finally:
         ablation.prefix_blocks = saved
     return r.delta(name)[units], dt, r.method[name]
@@ -132,7 +134,7 @@ def main() -> None:
         scale = float(want.abs().max())
         for label, dt, method, vals in rows:
             err = float((vals - want).abs().max()) / scale
-            print(f"  {what:12s} ({len(units):4d}) {label:12s} {dt:7.1f} s  {len(units) / dt:6.2f} abl/s  "
+            print(f"  {what:12s} ({len(units):4d}) {label:12s} {dt:7.1f} CPU s  {len(units) / dt:6.2f} abl/s  "
                   f"{t_loop / dt:5.2f}x the loop (bound {bound:.2f}x)  max rel diff {err:.1e}  [{method}]")
 
 
