@@ -12,10 +12,10 @@ Per data batch and layer:
 3. when ``h`` feeds a Linear directly, that Linear's output for copy k is its base output minus
    ``(h_k − v) · W[:, k]``: a rank-1 update instead of a K·B matmul.
 
-Models that do not trace fall back to expanding the *input* K times (the whole forward runs on
-K·B, one hook masks each copy); the report says which method ran. K comes from free memory
-(CUDA free memory or available RAM), halves on out-of-memory, or ``--chunk-size``.
-"""
+Models that do not trace (Hugging Face transformers) share the prefix at block granularity
+(``residual.BlockPrefix``: the blocks before the unit's block run once per batch, the rest per
+chunk); a unit in no block expands the *input* K times. The report says which ran. K comes from
+free memory (CUDA free memory or available RAM), halves on out-of-memory, or ``--chunk-size``."""
 
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ from fitcli.errors import InputError, RuntimeAuditError, UsageError, first_line,
 from fitcli.feeder import ablation_wanted
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
+from fitcli.residual import BlockPrefix, prefix_blocks
 from fitcli.runtime import available_bytes
 
 CPU_CHUNK_BYTES = 192 << 20
+BLOCKS_KEY = "\0blocks"  # the plans' entry holding the residual blocks (a name no layer has)
 
 
 class AblationResult:
@@ -245,6 +247,9 @@ def _job(graph: ModelGraph, plans: dict[str, _Plan | None], n: str, lay: Layer, 
         res.method[n] = "graph-suffix" + ("+rank1" if plan.linear_weight is not None else "")
         return _Job(lay, h, env[_output_node(plan.gm)],
                     lambda rb, ru: _graph_rows(plan, env, h, rb, ru, lay, value), plan, base, value)
+    job = _prefix_job(graph, plans, n, lay, batch, bi, value, res, cache)
+    if job is not None:
+        return job
     if res.method.get(n) != "input-expansion":
         res.notes.append(f"ablation of {n}: the model's graph could not be split at the unit, "
                          "so the whole input is expanded per chunk (slower, same result)")
@@ -263,6 +268,28 @@ def ablation_point(graph: ModelGraph, lay: Layer, fn: Callable[[torch.Tensor], t
     if own is None:
         return graph.tap({lay.name: fn})
     return own(dict(graph.runner.named_modules()), lay, fn)
+
+
+def _prefix_job(graph: ModelGraph, plans: dict[str, _Plan | None], n: str, lay: Layer, batch: Batch, bi: int,
+                value: torch.Tensor | None, res: AblationResult, cache: dict | None) -> _Job | None:
+    """Stage 1 without a graph: the prefix shared at block granularity (``BlockPrefix``), one
+    unablated run per batch for every layer ablated this way; None for a layer in no block."""
+    blocks, key = plans.get(BLOCKS_KEY), ("block-prefix", id(batch))
+    if not blocks or cache is None or res.method.get(n) == "input-expansion":
+        return None
+    if key not in cache or n not in cache[key][1]:
+        cache[key] = BlockPrefix.base_run(graph, blocks, [m for m, p in plans.items() if p is None], batch, bi)
+    (rec, held, out), block = cache[key], cache[key][0].block_of(n)
+    if block is None or n not in held:
+        return None
+    if res.method.get(n) != "block-prefix":
+        res.notes.append(f"ablation of {n}: no graph to split; the blocks before {block} run once per batch")
+    res.method[n] = "block-prefix"
+
+    def run(rb: torch.Tensor, ru: torch.Tensor) -> Any:
+        with rec.replay(block, rb, batch.size), graph.tap({n: lambda t: _set_units(t, ru, value, lay)}):
+            return graph(batch.select(rb))
+    return _Job(lay, held[n], out, run, None, None, value)
 
 
 def _chunk(job: _Job, batch: Batch, us: list[int], loss_fn: LossFn, accuracy: bool, dev: torch.device):
@@ -384,13 +411,15 @@ def _ablate_batches(graph: ModelGraph, names: list[str], layers: dict[str, Layer
                     data: Iterable[Batch], loss_fn: LossFn, dev: torch.device, chunk_size: int | None,
                     progress: Progress, whole_layer: bool, accuracy: bool, means: dict, res: AblationResult,
                     whole_units: dict[str, list[int]] | None = None) -> None:
-    plans = {n: make_plan(graph, layers[n]) for n in names}
+    plans: dict = {n: make_plan(graph, layers[n]) for n in names}
     total = getattr(data, "total", None)
     chunks = total * sum(-(-len(sel[n]) // chunk_size) for n in names) if total and chunk_size else None
     with torch.no_grad(), progress.task("ablating", chunks) as bar:
         cache: dict = {}  # the unablated run of the batch, shared by every layer
         for bi, cpu_batch in enumerate(data):
             batch = cpu_batch.to(dev)
+            if BLOCKS_KEY not in plans:  # where a graph cannot be split: blocks to share the prefix at
+                plans[BLOCKS_KEY] = prefix_blocks(graph.runner) if None in plans.values() else []
             for n in names:
                 job = _job(graph, plans, n, layers[n], batch, bi, means.get(n), res, cache)
                 k = chunk_size or res.chunk_sizes.get(n) or _auto_chunk(job.h, job.plan, job.base, len(sel[n]), dev)

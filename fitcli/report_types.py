@@ -218,8 +218,33 @@ class LayerValidation(Section):
 
 
 @dataclass
+class KindValidation(Section):
+    """The validation of one unit kind (heads, MLP channels, ...): each metric's agreement with exact
+    ablation over the kind's layers (values normalised per layer), the best, and a random order's."""
+
+    layers: list[str]
+    metrics: dict[str, Correlation]
+    best: str | None
+    random: RandomStats | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    FIELDS = ("layers", "metrics", "best", "random")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KindValidation:
+        return cls(list(d.get("layers", [])), {k: Correlation.from_dict(v) for k, v in d.get("metrics", {}).items()},
+                   d.get("best"), RandomStats.from_dict(d.get("random")), unknown(d, cls.FIELDS))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
+                "best": self.best, **present([("random", None if self.random is None else self.random.to_dict())]),
+                **self.extra}
+
+
+@dataclass
 class Validation(Section):
-    """``score --validate``: how well each metric ranks units like exact ablation does, for this model."""
+    """``score --validate``: how well each metric ranks units like exact ablation does, for this model.
+    ``kinds``: the same per unit kind (only when a transformer's heads are validated beside another kind)."""
 
     layers: dict[str, LayerValidation]
     across_layers: dict[str, Correlation]
@@ -229,23 +254,28 @@ class Validation(Section):
     seed: int | None = None
     recommendation: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    kinds: dict[str, KindValidation] | None = None
 
-    FIELDS = ("layers", "across_layers", "best", "random", "oracle", "seed", "recommendation")
+    FIELDS = ("layers", "across_layers", "best", "random", "oracle", "seed", "recommendation", "kinds")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Validation | None:
         if d is None:
             return None
+        kinds = d.get("kinds")
         return cls({k: LayerValidation.from_dict(v) for k, v in d.get("layers", {}).items()},
                    {k: Correlation.from_dict(v) for k, v in d.get("across_layers", {}).items()}, d.get("best"),
                    RandomBaseline.from_dict(d.get("random")), d.get("oracle"), d.get("seed"), d.get("recommendation"),
-                   unknown(d, cls.FIELDS))
+                   unknown(d, cls.FIELDS),
+                   None if kinds is None else {k: KindValidation.from_dict(v) for k, v in kinds.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": {k: v.to_dict() for k, v in self.layers.items()},
                 "across_layers": {k: v.to_dict() for k, v in self.across_layers.items()}, "best": self.best,
                 **present([("random", None if self.random is None else self.random.to_dict()), ("oracle", self.oracle),
-                           ("seed", self.seed), ("recommendation", self.recommendation)]), **self.extra}
+                           ("seed", self.seed), ("recommendation", self.recommendation),
+                           ("kinds", None if self.kinds is None else {k: v.to_dict() for k, v in self.kinds.items()})]),
+                **self.extra}
 
 
 # --------------------------------------------------------------------------------------------

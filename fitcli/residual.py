@@ -27,7 +27,14 @@ import torch
 from torch import nn
 
 from fitcli.data import Batch
-from fitcli.discovery.blocks import find_blocks, first_tensor, hooks, input_of
+from fitcli.discovery.blocks import (
+    candidates,
+    find_blocks,
+    first_tensor,
+    hooks,
+    input_of,
+    outermost,
+)
 from fitcli.errors import guarded
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
@@ -90,7 +97,7 @@ def _clone(out: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _replaced(modules: dict[str, nn.Module], forwards: dict[str, Any]) -> Iterator[None]:
+def replaced_forwards(modules: dict[str, nn.Module], forwards: dict[str, Any]) -> Iterator[None]:
     """Give modules another ``forward`` for a while (an instance attribute, removed afterwards;
     the weights are not touched). Used to replay cached block outputs instead of recomputing them."""
     saved: dict[str, Any] = {}
@@ -109,6 +116,79 @@ def _replaced(modules: dict[str, nn.Module], forwards: dict[str, Any]) -> Iterat
 
 
 _MISSING = object()
+
+
+def take_rows(v: Any, rows: torch.Tensor, bsz: int) -> Any:
+    """Rows ``rows`` of every tensor in ``v`` that carries the batch (``bsz``) in dim 0; anything
+    else as it is (a mask shared by the batch, a cache object, None)."""
+    if isinstance(v, torch.Tensor):
+        return v.index_select(0, rows.to(v.device)) if v.dim() and v.shape[0] == bsz else v
+    if isinstance(v, (tuple, list)):
+        return type(v)(take_rows(x, rows, bsz) for x in v)
+    return v
+
+
+def prefix_blocks(model: nn.Module) -> list[str]:
+    """The blocks ``BlockPrefix`` shares a prefix at: the outermost items of the model's module
+    stacks (``nn.ModuleList`` / ``nn.Sequential``: the transformer layers), known without a
+    forward. Replaying a module that finished before the ablated unit's block is exact whether or
+    not it adds its input back: nothing it read depends on the unit. Empty for a non-module."""
+    return outermost(candidates(model)) if isinstance(model, nn.Module) else []
+
+
+class BlockPrefix:
+    """Exact ablation of a unit inside a residual block, sharing the prefix at block granularity
+    (for models torch.fx cannot trace). The unablated run of a batch records every block's output
+    and the order they finished in; an ablated pass on rows of the batch (a sample per row, each
+    row with its unit ablated) replays the blocks that finished before the unit's block from that
+    record (their rows gathered) and runs the unit's block and every later one on the rows. The
+    code between and after blocks (embeddings, masks, rotary tables, the final norm and head) runs
+    on the rows as in a plain forward, so every later block receives the same keyword arguments
+    (attention mask, position embeddings) it would in a hook-and-rerun loop: exact. Unusable
+    (``block_of`` is None) for a layer outside every block, or when a block ran other than once."""
+
+    def __init__(self, model: nn.Module, blocks: list[str]):
+        self.modules = dict(model.named_modules())
+        self.blocks = list(blocks)
+        self.out: dict[str, Any] = {}
+        self.order: list[str] = []
+
+    def recording(self) -> contextlib.AbstractContextManager:
+        """Forward hooks recording each block's output (a copy) during the unablated run."""
+        def record(n):
+            def fn(m, args, kwargs, out):
+                self.out[n] = _clone(out)
+                self.order.append(n)
+            return fn
+        return hooks(self.modules, {}, {n: record(n) for n in self.blocks})
+
+    @classmethod
+    def base_run(cls, graph: Any, blocks: list[str], layers: list[str], batch: Batch,
+                 bi: int) -> tuple[BlockPrefix, dict[str, torch.Tensor], Any]:
+        """The unablated forward of ``batch`` through ``graph`` (a ``ModelGraph``): the record, each
+        of ``layers``' activation, and the outputs."""
+        rec, held = cls(graph.runner, blocks), {}
+
+        def hold(m):
+            return lambda t: held.setdefault(m, t.detach())
+        with rec.recording(), graph.tap({m: hold(m) for m in layers}):
+            out = guarded(batch, graph, bi, graph, batch)
+        return rec, held, out
+
+    def block_of(self, layer: str) -> str | None:
+        """The recorded block holding ``layer`` (its name is below the block's), if replay is exact."""
+        inside = [b for b in self.blocks if layer.startswith(b + ".")]
+        if not inside or len(set(self.order)) != len(self.order):
+            return None
+        b = max(inside, key=len)
+        return b if b in self.order else None
+
+    def replay(self, block: str, rows: torch.Tensor, bsz: int) -> contextlib.AbstractContextManager:
+        """While open, the blocks that finished before ``block`` return their recorded outputs'
+        ``rows`` instead of running."""
+        before = self.order[: self.order.index(block)]
+        return replaced_forwards(self.modules, {
+            n: (lambda *a, _o=self.out[n], **k: take_rows(_o, rows, bsz)) for n in before})
 
 
 class _Replay:
@@ -208,7 +288,7 @@ def measure(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: 
             if base_c is not None:
                 base_acc += float(base_c.sum())
             for n in names:
-                ctx = _replaced(modules, replay.forwards(n, list(removed))) if replay.usable \
+                ctx = replaced_forwards(modules, replay.forwards(n, list(removed))) if replay.usable \
                     else hooks(modules, {}, {**gone, n: _skip})
                 with ctx:
                     losses, correct = guarded(batch, None, bi, _losses, model, batch, loss_fn, accuracy)
@@ -279,4 +359,5 @@ def greedy(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: L
     return curve
 
 
-__all__ = ["BlockResult", "find_blocks", "greedy", "influence", "measure"]
+__all__ = ["BlockPrefix", "BlockResult", "find_blocks", "greedy", "influence", "measure", "prefix_blocks",
+           "replaced_forwards", "take_rows"]

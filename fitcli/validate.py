@@ -23,6 +23,7 @@ from fitcli.report import direction, fitness_values
 from fitcli.report_types import (
     BlockValidation,
     Correlation,
+    KindValidation,
     LayerReport,
     LayerValidation,
     RandomBaseline,
@@ -125,11 +126,19 @@ def correlation(metric: torch.Tensor, oracle: torch.Tensor) -> dict[str, Any]:
 def correlations(layers: dict[str, dict[str, torch.Tensor]], oracle: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Per layer and across layers. ``layers[name][metric]`` and ``oracle[name]`` on the same units."""
     per_layer: dict[str, Any] = {}
-    metrics = sorted({m for d in layers.values() for m in d})
     for name, d in layers.items():
         per_layer[name] = {"metrics": {m: correlation(v, oracle[name]) for m, v in sorted(d.items())}}
         scored = [(c["spearman"], m) for m, c in per_layer[name]["metrics"].items() if c["spearman"] is not None]
         per_layer[name]["best"] = max(scored)[1] if scored else None
+    across, best = across_layers(layers, oracle)
+    return {"layers": per_layer, "across_layers": across, "best": best, "random": random_baseline(oracle)}
+
+
+def across_layers(layers: dict[str, dict[str, torch.Tensor]],
+                  oracle: dict[str, torch.Tensor]) -> tuple[dict[str, Any], str | None]:
+    """Each metric's correlation with the oracle over the units of every layer together (the
+    metric's values ℓ2-normalised per layer), and the metric with the highest Spearman."""
+    metrics = sorted({m for d in layers.values() for m in d})
     across: dict[str, Any] = {}
     for m in metrics:
         xs, os_ = [], []
@@ -144,8 +153,29 @@ def correlations(layers: dict[str, dict[str, torch.Tensor]], oracle: dict[str, t
         if xs:
             across[m] = correlation(torch.cat(xs), torch.cat(os_))
     scored = [(c["spearman"], m) for m, c in across.items() if c["spearman"] is not None]
-    best = max(scored)[1] if scored else None
-    return {"layers": per_layer, "across_layers": across, "best": best, "random": random_baseline(oracle)}
+    return across, (max(scored)[1] if scored else None)
+
+
+def kind_correlations(layers: dict[str, dict[str, torch.Tensor]], oracle: dict[str, torch.Tensor],
+                      kinds: dict[str, str]) -> dict[str, Any]:
+    """Per unit kind (``kinds[layer]``: its kind's name): which metric ranks the kind's units like
+    the oracle across the kind's layers (``across_layers`` on them), beside a random order's score
+    on the same units. A head is never ranked against an MLP channel."""
+    by: dict[str, list[str]] = {}
+    for name in layers:
+        by.setdefault(kinds[name], []).append(name)
+    out: dict[str, Any] = {}
+    for kind, names in sorted(by.items()):
+        across, best = across_layers({n: layers[n] for n in names}, {n: oracle[n] for n in names})
+        rnd = random_baseline({kind: torch.cat([oracle[n] for n in names])})["layers"][kind]
+        out[kind] = {"layers": names, "metrics": across, "best": best, "random": rnd}
+    return out
+
+
+def wants_kinds(kinds: dict[str, str]) -> bool:
+    """The per-kind summary is added when attention heads are validated beside another kind (a
+    transformer's units); other reports keep their validation unchanged."""
+    return "heads" in kinds.values() and len(set(kinds.values())) > 1
 
 
 RANDOM_DRAWS = 200
@@ -235,6 +265,8 @@ def measure_validation(report: AuditReport, *, graph, data, loss_fn, units: int 
         signed[lay.name] = floats(full[idx])
         per_metric[lay.name] = {m: tensor([fit[m][lay.name][i] for i in idx]) for m in lay.metrics if m not in exclude}
     v = correlations(per_metric, oracle)
+    kinds = {lay.name: kind_of_point(lay.activation_point_kind).name for lay in report.layers if lay.name in sel}
+    by_kind = kind_correlations(per_metric, oracle, kinds) if wants_kinds(kinds) else None
     best = v["best"]
     rho = v["across_layers"].get(best, {}).get("spearman") if best else None
     return Validation(
@@ -242,7 +274,8 @@ def measure_validation(report: AuditReport, *, graph, data, loss_fn, units: int 
         across_layers={m: Correlation.from_dict(c) for m, c in v["across_layers"].items()}, best=best,
         random=RandomBaseline.from_dict(v["random"]), oracle=f"|ablation| ({mode} mode, exact)", seed=int(seed),
         recommendation=(f"for this model, rank by {best}: Spearman {rho:.2f} with exact ablation across layers"
-                        if best and rho is not None else "no metric could be validated (too few units?)"))
+                        if best and rho is not None else "no metric could be validated (too few units?)"),
+        kinds=None if by_kind is None else {k: KindValidation.from_dict(d) for k, d in by_kind.items()})
 
 
 def validate_report(report: AuditReport, *, graph, data, loss_fn, units: int | None, seed: int,

@@ -560,3 +560,66 @@ def test_cli_validate_markdown_table(run_cli, in_repo, truth):
             s = v["layers"][name]["metrics"][m]["spearman"]
             assert cell.strip("*") == ("n/a" if s is None else f"{s:+.2f}")
     assert any(ln.startswith("for this model, rank by") for ln in lines)
+
+
+# ---- per unit kind, on a transformer -----------------------------------------------------------
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    m = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                 num_attention_heads=4, intermediate_size=32,
+                                                 max_position_embeddings=32, num_labels=3,
+                                                 initializer_range=0.3)).eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 50, (8, 7), generator=g)
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 3, (8,), generator=g)}]
+    heads = [f"bert.encoder.layer.{i}.attention.self.heads" for i in range(2)]
+    mlp = [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    return m, data, heads, mlp
+
+
+def test_validation_per_kind_on_a_transformer():
+    """Heads and MLP channels validated together: one summary per kind, each metric's correlation
+    over the kind's layers only (values ℓ2-normalised per layer), recomputed here with scipy from
+    the report's metrics and a separate exact ablation, beside a random order on the same units."""
+    pytest.importorskip("transformers")
+    import fitcli
+
+    m, data, heads, mlp = _tiny_bert()
+    report = fitcli.audit(m, data, device="cpu", layers=heads + mlp, validate=True).to_dict()
+    rep.validate(json.loads(rep.dumps(report)))  # the shipped JSON schema, strict JSON
+    ab = fitcli.ablate(m, data, layers=heads + mlp, device="cpu").to_dict()
+    oracle = {lay["name"]: np.abs(_arr(lay["metrics"]["ablation"])) for lay in ab["layers"]}
+    kinds = report["validation"]["kinds"]
+    assert set(kinds) == {"heads", "channels"}
+    by_name = {lay["name"]: lay for lay in report["layers"]}
+    for kind, names in (("heads", heads), ("channels", mlp)):
+        k = kinds[kind]
+        assert k["layers"] == names
+        assert set(k["metrics"]) == set(by_name[names[0]]["metrics"]) - EXCLUDE
+        best = None
+        for metric, got in k["metrics"].items():
+            xs, os_ = [], []
+            for n in names:
+                x = _fit(report, metric, by_name[n]["metrics"][metric])
+                ok = np.isfinite(x) & np.isfinite(oracle[n])
+                norm = float(np.sqrt(np.sum(x[ok] ** 2)))
+                xs.append(np.where(ok, x / norm if norm > 0 else x * 0, np.nan))
+                os_.append(oracle[n])
+            want = _expected(np.concatenate(xs), np.concatenate(os_))
+            _check_corr(got, want, f"{kind}/{metric}")
+            if want["spearman"] is not None and (best is None or want["spearman"] > best):
+                best = want["spearman"]
+        assert abs(k["metrics"][k["best"]]["spearman"] - best) <= TOL
+        units = sum(by_name[n]["units"] for n in names)
+        assert k["random"]["units"] == units and k["random"]["draws"] == fv.RANDOM_DRAWS
+        assert abs(k["random"]["spearman"]) < 0.5  # a random order: near 0 (200 draws over few units)
+    assert kinds["heads"]["random"]["units"] == 8 and kinds["channels"]["random"]["units"] == 64
+
+
+def test_validation_of_one_kind_has_no_per_kind_block(cnn_full):
+    """A CNN's validation is as before: no per-kind block (its JSON keeps its bytes)."""
+    report, _ = cnn_full
+    assert "kinds" not in report["validation"]
