@@ -30,7 +30,6 @@ from fitcli import distributed
 from fitcli.data import Batch
 from fitcli.discovery import Layer, ModelGraph, getattr_path, token_mask
 from fitcli.errors import InputError, RuntimeAuditError, UsageError, first_line, guarded, is_oom
-from fitcli.feeder import ablation_wanted
 from fitcli.losses import LossFn, primary_output
 from fitcli.progress import NO_PROGRESS, Progress
 from fitcli.residual import BlockPrefix, prefix_blocks
@@ -591,22 +590,3 @@ def _auto_chunk(h: torch.Tensor, plan: _Plan | None, base, n_units: int, dev: to
 
 
 __all__ = ["ablate_layers", "AblationResult", "unit_means", "make_plan"]
-
-
-def feed_plan(plan: Any, data: Any, *, mode: str = "zero", chunk_size: int | None = None,
-              progress: Progress = NO_PROGRESS, group: Any = None) -> None:
-    """Exact ablation of every layer of an engine plan (``fitcli.engine.AuditPlan``) whose metrics
-    need it, handed to those metrics through ``update_ablation``: each takes the sums its
-    ``ablation_of`` declares (loss or accuracy changes)."""
-    wanting = ablation_wanted(plan)
-    if not wanting:
-        return
-    assert data is not None and plan.loss_fn is not None
-    accuracy = any(getattr(m, "ablation_of", "loss") == "accuracy" for ms in wanting.values() for m in ms)
-    ab = ablate_layers(plan.graph, list(wanting), data, plan.loss_fn, mode=mode, device=plan.device,
-                       chunk_size=chunk_size, progress=progress, accuracy=accuracy, group=group)
-    plan.notes.extend(x for x in ab.notes if x not in plan.notes)
-    for n, ms in wanting.items():
-        for m in ms:
-            m.update_ablation((ab.acc_sum if getattr(m, "ablation_of", "loss") == "accuracy" else ab.delta_sum)[n],
-                              ab.samples)

@@ -18,11 +18,13 @@ from typing import Any
 import torch
 
 from fitcli import distributed, report_build
+from fitcli.ablation import ablate_layers
 from fitcli.data import HALF, Batch, DataSource
 from fitcli.engine import (
     AuditPlan,
     AuditResult,
     Float32Loss,
+    ablation_wanted,
     coverage,
     dtype_name,
     model_dtype,
@@ -31,7 +33,7 @@ from fitcli.engine import (
 )
 from fitcli.errors import InputError, UsageError
 from fitcli.loading import LoadedModel
-from fitcli.progress import Progress
+from fitcli.progress import NO_PROGRESS, Progress
 from fitcli.report import AuditReport
 from fitcli.settings import Settings
 from fitcli.validate import block_validation
@@ -70,7 +72,6 @@ def audit_units(loaded: LoadedModel, ds: Any, baseline: LoadedModel | None, s: S
                 progress: Progress, d: distributed.Dist | None = None) -> AuditReport:
     """Every chosen metric of every chosen layer on ``ds`` (the engine), validated against exact
     ablation with ``s.validate`` -> the report."""
-    from fitcli.ablation import feed_plan
     from fitcli.engine import audit as run_audit
 
     result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=baseline,
@@ -166,8 +167,6 @@ def _feed(p: AuditPlan, ab, result: AuditResult, sel: dict[str, list[int] | None
 def ablate_units(loaded: LoadedModel, ds: DataSource, p: AuditPlan, s: Settings, units: Any,
                  progress: Progress, d: distributed.Dist | None = None) -> AuditReport:
     """Exact ablation of each selected unit of the plan's layers -> the report."""
-    from fitcli.ablation import ablate_layers
-
     sel = unit_selection(units, p.layers)
     accuracy = "ablation_accuracy" in p.classes
     if p.graph.runner is not None:
@@ -216,3 +215,22 @@ def ablate_blocks(loaded: LoadedModel, ds: DataSource, s: Settings, loss: Any, g
     curve = blk.greedy(module, ds, names, loss_fn, dev, acc, greedy, first, progress) if greedy else []
     settings = {**report_settings(s, loaded), "metrics": [], "loss": loss_name, "device": str(dev), "greedy": greedy}
     return report_build.build_blocks(loaded, ds, first, names, curve, acc, settings, block_validation(first, names))
+
+
+def feed_plan(plan: AuditPlan, data: Any, *, mode: str = "zero", chunk_size: int | None = None,
+              progress: Progress = NO_PROGRESS, group: Any = None) -> None:
+    """Exact ablation of every layer of an engine plan (``fitcli.engine.AuditPlan``) whose metrics
+    need it, handed to those metrics through ``update_ablation``: each takes the sums its
+    ``ablation_of`` declares (loss or accuracy changes)."""
+    wanting = ablation_wanted(plan)
+    if not wanting:
+        return
+    assert data is not None and plan.loss_fn is not None
+    accuracy = any(getattr(m, "ablation_of", "loss") == "accuracy" for ms in wanting.values() for m in ms)
+    ab = ablate_layers(plan.graph, list(wanting), data, plan.loss_fn, mode=mode, device=plan.device,
+                       chunk_size=chunk_size, progress=progress, accuracy=accuracy, group=group)
+    plan.notes.extend(x for x in ab.notes if x not in plan.notes)
+    for n, ms in wanting.items():
+        for m in ms:
+            m.update_ablation((ab.acc_sum if getattr(m, "ablation_of", "loss") == "accuracy" else ab.delta_sum)[n],
+                              ab.samples)
