@@ -260,17 +260,19 @@ def test_a_model_without_attention_is_audited_as_before():
         fitcli.audit(m, data, device="cpu", kinds=["heads"])
 
 
-@pytest.mark.parametrize("kinds, says", [("nope", "'nope' is not a unit kind"), ("hidden", "no hidden units"),
-                                         ("heads,blocks,foo", "'foo' is not a unit kind")])
-def test_kinds_the_model_lacks_exit_2_naming_the_kinds_it_has(tmp_path, run_cli, kinds, says):
-    case = _llama()
-    case["model"].save_pretrained(tmp_path / "llama")
+@pytest.mark.parametrize("build, kinds, says, has", [
+    (_llama, "nope", "'nope' is not a unit kind", "heads, mlp, hidden, blocks, rows"),
+    (_bert, "hidden", "no hidden units", "heads, mlp, blocks, rows"),  # post-norm: no hidden-channel kind
+    (_llama, "heads,blocks,foo", "'foo' is not a unit kind", "heads, mlp, hidden, blocks, rows")])
+def test_kinds_the_model_lacks_exit_2_naming_the_kinds_it_has(tmp_path, run_cli, build, kinds, says, has):
+    case = build()
+    case["model"].save_pretrained(tmp_path / "m")
     torch.save({"input_ids": case["data"][0]["input_ids"]}, tmp_path / "d.pt")
-    res = run_cli(["score", tmp_path / "llama", "--data", tmp_path / "d.pt", "--device", "cpu", "--quiet",
+    res = run_cli(["score", tmp_path / "m", "--data", tmp_path / "d.pt", "--device", "cpu", "--quiet",
                    "--kinds", kinds])
     assert res.code == 2, res.stderr
     assert says in res.stderr and "--kinds" in res.stderr
-    assert "the kinds this model has: heads, mlp, blocks, rows" in res.stderr
+    assert f"the kinds this model has: {has}" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
 
