@@ -121,6 +121,10 @@ def as_inputs(batch: Any) -> dict[str, torch.Tensor]:
 def token_batches(data: Any) -> list[dict[str, torch.Tensor]]:
     if data is None:
         return []
+    if isinstance(data, (str, Path)):
+        from fitcli.data import load_data
+
+        data = load_data(data, batch_size=8)
     out = [as_inputs(b) for b in data]
     for b in out:
         ids = b["input_ids"]
