@@ -35,7 +35,15 @@ from fitcli.surgery import KINDS, Plan, find_family, prune_hf, save_pretrained_f
 from fitcli.surgery.arch import UNSUPPORTED, Family
 from fitcli.surgery.folder import uniform_problem
 from fitcli.surgery.hf import HIDDEN_TYPES
-from fitcli.surgery.rank import DEFAULT_RANK, RANKERS, Calibration, block_scores, calibrate, hidden_scores, unit_scores
+from fitcli.surgery.rank import (
+    DEFAULT_RANK,
+    RANKERS,
+    Calibration,
+    block_scores,
+    calibrate,
+    hidden_scores,
+    unit_scores,
+)
 
 RETRAIN_NOTE = ("quality beyond this needs retraining or distillation (e.g. Minitron: prune, then distil from the "
                 "original); fitcli does not train")

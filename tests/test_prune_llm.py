@@ -11,7 +11,13 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 WORDS = [f"w{i}" for i in range(60)]
 DEAD_MLP = [1, 6, 9, 14, 17, 22, 25, 30]  # 8 of 32 channels per block
