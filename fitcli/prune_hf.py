@@ -407,7 +407,7 @@ def prune_transformer(model: nn.Module, data: Any, *, kinds: Iterable[str] = ("m
                       source_dir: str | None = None, random_baseline: bool = True) -> TransformerPruneResult:
     """Remove ``budget`` percent of the parameters (or down to ``target_params``) from a deep copy
     of a Hugging Face transformer, split evenly over ``kinds`` (``mlp``, ``heads``, ``hidden``,
-    ``blocks``), the least fit units of every block by ``rank_by`` (default ``output_error``),
+    ``blocks``), the least fit units of every block by ``rank_by`` (default ``flap``),
     compensated by ``compensate`` (``ridge``, ``mean`` or ``none``). ``data``: calibration batches
     of token ids; ``eval_data``: held-out batches for the loss and perplexity. See the module
     docstring for the stages; the result says what it cost."""

@@ -121,7 +121,7 @@ def test_llama_planted_units_removed_folder_loads_and_matches(folders, run_cli, 
                  "--kinds", "mlp,heads", "--target-params", str(target), "-o", str(out), "--format", "json", "-q"])
     assert r.code == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["counts"] == {"mlp": 8, "heads": 1} and d["rank_by"] == "output_error" and d["compensate"] == "ridge"
+    assert d["counts"] == {"mlp": 8, "heads": 1} and d["rank_by"] == "flap" and d["compensate"] == "ridge"
     assert snapshot_dir(src) == before  # the input folder untouched
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     cfg = json.loads((out / "config.json").read_text())
@@ -190,7 +190,7 @@ def test_table_output_names_what_it_did(folders, run_cli, tmp_path):
     r = run_cli(["prune", str(root / "llama"), "--text", str(root / "calib.txt"), "--eval-text", str(root / "eval.txt"),
                  "--kinds", "mlp", "--budget", "5", "-o", str(tmp_path / "t")])
     assert r.code == 0, r.stderr
-    for word in ("parameters", "FLOPs per token", "held-out perplexity", "random (same counts)", "ranked by: output_error",
+    for word in ("parameters", "FLOPs per token", "held-out perplexity", "random (same counts)", "ranked by: flap",
                  "compensation: ridge (chosen on held-out calibration tokens"):
         assert word in r.stdout
     assert "retraining or distillation" in r.stderr

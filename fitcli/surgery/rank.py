@@ -4,12 +4,13 @@ energy per channel), and a parameter budget split into uniform counts per kind.
 
 Every score here is "higher = keep". The MLP channels and query heads scores (``RANKERS``):
 
-- ``output_error`` (the default): the consumer's output error E‖W_u (x_u − x̂_u)‖² when the unit
+- ``flap`` (the default: the best ranking with ridge compensation on ``bench/prune_llm.py``):
+  FLAP's weighted fluctuation, Var(x_u) · ‖W_:,u‖²;
+- ``output_error``: the consumer's output error E‖W_u (x_u − x̂_u)‖² when the unit
   alone is removed and compensated as asked — ridge: x̂_u is its least-squares prediction from
   the layer's other units (the conditional covariance, from the inverse of the covariance);
   mean: x̂_u is its mean (this is FLAP's fluctuation); none: x̂_u = 0 (the second moment);
 - ``wanda``: Wanda-sp, Σ |W_iu| · ‖x_u‖ (root mean square over the calibration tokens);
-- ``flap``: FLAP's weighted fluctuation, Var(x_u) · ‖W_:,u‖²;
 - ``magnitude``: the ℓ2 norm of every weight of the unit (producer rows and consumer columns);
 - ``redundancy``: 1 − R² of the unit regressed on the others (R² = 1: rebuilt exactly);
 - ``random``: seeded uniform scores.
@@ -34,8 +35,8 @@ from fitcli.surgery.calib import collect_stats
 from fitcli.surgery.hf import Plan
 
 RANKERS = ("output_error", "wanda", "flap", "magnitude", "redundancy", "random")
-DEFAULT_RANK = "output_error"
-RIDGE = 1e-8  # relative ridge on the covariance before inverting it (dead and duplicate units)
+DEFAULT_RANK = "flap"  # best on bench/prune_llm.py with ridge compensation (bench/README.md)
+RIDGE = 1e-4  # relative ridge on the covariance before inverting it (dead, duplicate units; few tokens)
 
 
 @dataclass
