@@ -138,7 +138,7 @@ def token_batches(data: Any) -> list[dict[str, torch.Tensor]]:
         ids = b["input_ids"]
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() != 2:
             raise UsageError("a Hugging Face transformer is pruned on token ids: integer [batch, length] tensors "
-                             "(--text FILE, or token data)", setting="data")
+                             "(text, or token data)", setting="data")
     if not out:
         raise UsageError("the data yields no batches (empty data)", setting="data")
     return out
@@ -232,8 +232,8 @@ def check_kinds(fam: Family, kinds: list[str], per_layer: bool) -> None:
             raise UsageError(f"hidden: {mt!r} models are not supported (supported: {', '.join(HIDDEN_TYPES)})",
                              setting="kinds")
     if per_layer and kinds != ["mlp"]:
-        raise UsageError("--per-layer applies to MLP channels only (query heads stay uniform: grouped-query "
-                         "attention needs the same heads per group): give --kinds mlp", setting="per_layer")
+        raise UsageError("{per_layer} applies to MLP channels only (query heads stay uniform: grouped-query "
+                         "attention needs the same heads per group): give {kinds} mlp", setting=("per_layer", "kinds"))
 
 
 def split_budget(fam: Family, kinds: list[str], remove: float) -> dict[str, int]:
