@@ -53,7 +53,20 @@ RankOpt = Annotated[str | None, typer.Option("--rank-by", help="metric ranking t
 PRUNE_FORMATS = formats("table", "json", "markdown", "csv")
 PruneFormatOpt = Annotated[PRUNE_FORMATS | None, typer.Option(  # type: ignore[valid-type]
     "--format", help="before/after figures as a table, json, markdown or csv [default: table]")]
-OutOpt = Annotated[str | None, typer.Option("--output", "-o", help="write OUT.pt2 (torch.export: runs without your code) and OUT.safetensors (the pruned weights), atomically")]
+OutOpt = Annotated[str | None, typer.Option("--output", "-o", help="write OUT.pt2 (torch.export: runs without your code) and OUT.safetensors (the pruned weights), atomically; a Hugging Face model: the folder OUT (from_pretrained loads it)")]
+KindsOpt = Annotated[str | None, typer.Option("--kinds", help="Hugging Face transformers: what may go, comma-separated: mlp, heads, hidden, blocks [default: mlp]")]
+TargetOpt = Annotated[int | None, typer.Option("--target-params", min=1, help="Hugging Face transformers: remove units until N parameters remain (instead of --budget)")]
+CompOpt = Annotated[str | None, typer.Option("--compensate", help="Hugging Face transformers: ridge (least squares, strength chosen on held-out calibration tokens), mean (FLAP's bias) or none [default: ridge]")]
+PerLayerOpt = Annotated[bool, typer.Option("--per-layer", help="Hugging Face transformers: MLP channel counts may differ between blocks (written as OUT.pt2 + OUT.safetensors: a stock config holds one count)")]
+EvalDataOpt = Annotated[str | None, typer.Option("--eval-data", help="held-out token data for the loss and perplexity before and after")]
+EvalTextOpt = Annotated[str | None, typer.Option("--eval-text", help="held-out text file for the loss and perplexity before and after")]
+
+
+def is_hf_folder(model: str) -> bool:
+    """A Hugging Face model folder (config.json beside the weights)."""
+    from pathlib import Path
+
+    return Path(model).is_dir() and (Path(model) / "config.json").is_file()
 
 
 def parse_remove(values: list[str] | None):
@@ -148,6 +161,8 @@ def command(
     max_batches: MaxBatchOpt = None, loss: LossOpt = None,
     device: DeviceOpt = None, seed: SeedOpt = None, tau: TauOpt = None, fmt: PruneFormatOpt = None,
     quiet: QuietOpt = None, verbose: VerboseOpt = None, config: ConfigOpt = None,
+    kinds: KindsOpt = None, target_params: TargetOpt = None, compensate: CompOpt = None, per_layer: PerLayerOpt = False,
+    eval_data: EvalDataOpt = None, eval_text: EvalTextOpt = None,
 ) -> None:
     """Physically remove units (dead, removable, named, or a budget of the least fit) and write the
     smaller model as OUT.pt2 (torch.export) and OUT.safetensors; prints parameters, FLOPs, loss and
@@ -164,6 +179,16 @@ def command(
         raise UsageError("give --remove or --budget, not both")
     if budget is not None and not 0 <= budget <= 100:
         raise UsageError(f"--budget {budget:g}: give a percentage between 0 and 100")
+    hf = dict(kinds=kinds, target_params=target_params, compensate=compensate, per_layer=per_layer or None,
+              eval_data=eval_data, eval_text=eval_text)
+    if is_hf_folder(model):
+        if remove:
+            raise UsageError("--remove is for models pruned by the dependency graph; a Hugging Face transformer "
+                             "takes --budget or --target-params with --kinds")
+        return run_hf(model, m, output, budget, hf)
+    given = [f"--{k.replace('_', '-')}" for k, v in hf.items() if v is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: for a Hugging Face transformer folder only")
     how = parse_remove(remove)
     settings = checked_settings(m)
     from fitcli.pruning import check_outputs, prune
@@ -182,3 +207,100 @@ def command(
         for note in d["notes"]:
             clikit.err.print(f"note: {note}", style="dim")
         clikit.err.print(f"written {', '.join(str(p) for p in written)}", style="dim")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face transformers (fitcli.prune_hf)
+
+
+def hf_batches(model: str, m: dict, settings, data: str | None, text: str | None):
+    """Token batches from --data / --text (or --eval-data / --eval-text), or None."""
+    if data is None and text is None:
+        return None
+    from fitcli import api
+
+    src = data_of(model, {**m, "data": data, "text": text}, settings)
+    return api.load_data(src, batch_size=settings.batch_size, max_batches=settings.max_batches, seed=settings.seed)
+
+
+def check_hf_output(output: str, model: str, protect: list[str]) -> None:
+    """-o names a folder: not the model folder, not an input file, not an existing file."""
+    from pathlib import Path
+
+    out = Path(output)
+    for p in [model, *protect]:
+        if p and Path(p).exists() and out.resolve() == Path(p).resolve():
+            raise UsageError(f"{{output}} {output} is one of the inputs; refusing to overwrite it", setting="output")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{{output}} {output} exists and is not a folder (a Hugging Face model is written as a "
+                         "folder)", setting="output")
+
+
+def run_hf(model: str, m: dict, output: str, budget: float | None, hf: dict) -> None:
+    """prune a Hugging Face transformer folder: fitcli.prune_hf.prune_transformer, then the folder."""
+    kinds = [k.strip() for k in (hf["kinds"] or "mlp").split(",") if k.strip()]
+    protect = [p for p in (m.get("data"), m.get("text"), hf["eval_data"], hf["eval_text"], m.get("_config")) if p]
+    if not hf["per_layer"]:
+        check_hf_output(output, model, protect)
+    else:
+        from fitcli.pruning import check_outputs
+
+        check_outputs(output, [model, *protect])
+    settings = checked_settings({**m, "rank_by": None})
+    from fitcli.prune_hf import prune_transformer
+
+    loaded = model_of(model, m)
+    calib = hf_batches(model, m, settings, m.get("data"), m.get("text"))
+    held = hf_batches(model, m, settings, hf["eval_data"], hf["eval_text"])
+    result = prune_transformer(loaded.module, calib, kinds=kinds, budget=budget, target_params=hf["target_params"],
+                               rank_by=m.get("rank_by"), compensate=hf["compensate"] or "ridge",
+                               per_layer=bool(hf["per_layer"]), eval_data=held, seed=settings.seed, source_dir=model)
+    written = result.save(output, protect=protect)
+    d = result.to_dict()
+    if m["format"] is Fmt.json:
+        sys.stdout.write(json.dumps({**d, "written": [str(p) for p in written]}, indent=2) + "\n")
+    else:
+        sys.stdout.write(render_hf(d, m["format"]))
+    if not m.get("quiet"):
+        for note in d["notes"]:
+            clikit.err.print(f"note: {note}", style="dim")
+        clikit.err.print(f"written {', '.join(str(p) for p in written)}", style="dim")
+
+
+def hf_rows(d: dict) -> list[list[str]]:
+    cl, hl, hp = d["calibration_loss"], d["heldout_loss"], d["heldout_perplexity"]
+    pred = cl["predicted_change"]
+
+    def r(name, x, kind, predicted="", rnd=None):
+        return [name, _fmt(x["before"], kind), _fmt(x["after"], kind), _change(x["before"], x["after"], kind),
+                predicted, _fmt(rnd, kind) if rnd is not None else ""]
+
+    return [r("parameters", d["parameters"], "int"), r("FLOPs per token", d["flops_per_token"], "int"),
+            r("calibration loss", cl, "f", "n/a" if pred is None else f"{pred:+.3g}", cl["random_after"]),
+            r("held-out loss", hl, "f", "", hl["random_after"]),
+            r("held-out perplexity", hp, "f", "", hp["random_after"])]
+
+
+def hf_lines(d: dict) -> list[str]:
+    words = {"mlp": "MLP channels per block", "heads": "query heads per key-value group", "hidden": "hidden channels",
+             "blocks": "blocks"}
+    removed = ", ".join(f"{n} {words[k]}" for k, n in d["counts"].items())
+    lam = ", ".join(f"{k} x{n}" for k, n in sorted(d["lambda_choices"].items()))
+    comp = d["compensate"] + (f" (chosen on held-out calibration tokens per layer: {lam})" if lam else "")
+    return [f"removed: {removed}{' (per-layer counts)' if d['per_layer'] else ''}", f"ranked by: {d['rank_by']}",
+            f"compensation: {comp}"]
+
+
+def render_hf(d: dict, fmt: Fmt) -> str:
+    head = ["", "before", "after", "change", "predicted (exact ablation)", "random (same counts)"]
+    body = hf_rows(d)
+    if fmt is Fmt.markdown:
+        lines = ["| " + " | ".join(head) + " |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(lines + [""] + [f"- {t}" for t in hf_lines(d)]) + "\n"
+    if fmt is Fmt.csv:
+        return "\n".join(",".join(x.replace(",", "") for x in r) for r in [head, *body]) + "\n"
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [head, *body]]
+    return "\n".join(lines + hf_lines(d)) + "\n"

@@ -228,13 +228,15 @@ def test_text_on_inspect_prune_and_compare(tiny, run_cli, monkeypatch, tmp_path)
         raise fitcli.errors.InputError("stop here")
 
     monkeypatch.setattr(fitcli.api, "inspect", spy_inspect)
-    monkeypatch.setattr(fitcli.pruning, "prune", spy_prune)
+    import fitcli.prune_hf
+
+    monkeypatch.setattr(fitcli.prune_hf, "prune_transformer", spy_prune)  # a Hugging Face folder's prune
     monkeypatch.setattr(fitcli.comparison, "compare", spy_compare)
     res = run_cli(["inspect", folder, "--text", text, "--max-seq-len", "5", "--format", "json"])
     assert res.code == 0, res.stderr
     assert json.loads(res.stdout)["discovery"]["method"] == "runtime"  # run on the text's tokens
     _same_batches(seen["inspect"], _tokens(5))
-    res = run_cli(["prune", folder, "--text", text, "--max-seq-len", "6", "--batch-size", "2",
+    res = run_cli(["prune", folder, "--text", text, "--max-seq-len", "6", "--batch-size", "2", "--budget", "10",
                    "-o", str(tmp_path / "p"), "-q"])
     assert res.code == 3 and "stop here" in res.stderr
     _same_batches(seen["prune"], _tokens(6, batch=2))
