@@ -27,12 +27,22 @@ import torch
 from torch import nn
 
 from fitcli.data import Batch
-from fitcli.errors import InputError, UsageError, guarded
-from fitcli.losses import primary_output
-from fitcli.report import check_output, replace_atomically
+from fitcli.discovery import discover
+from fitcli.engine import peek, pick_device
+from fitcli.errors import InputError, UsageError
+from fitcli.losses import check_loss, resolve_loss
+from fitcli.prune_export import check_outputs, export_program, output_paths, plain, plain_outputs  # noqa: F401
+from fitcli.prune_measure import (  # noqa: F401
+    CONST_TOL,
+    count_flops,
+    count_params,
+    evaluate,
+    is_constant,
+    unit_ranges,
+)
+from fitcli.report import replace_atomically
 from fitcli.settings import Settings
 
-CONST_TOL = 1e-6  # a unit is constant when max - min <= CONST_TOL * (1 + |mean|) over the data
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -98,153 +108,6 @@ class PruneResult:
         sd = {k: v.detach().contiguous().clone() for k, v in self.module.state_dict().items()}
         replace_atomically(st, lambda f: save_file(sd, f))
         return [pt2, st]
-
-
-# --------------------------------------------------------------------------------------------
-# files
-
-
-def output_paths(out: str | Path) -> tuple[Path, Path]:
-    """``OUT`` (or ``OUT.pt2`` / ``OUT.safetensors``) -> (``OUT.pt2``, ``OUT.safetensors``)."""
-    stem = Path(out)
-    if stem.suffix in (".pt2", ".safetensors"):
-        stem = stem.with_suffix("")
-    return Path(f"{stem}.pt2"), Path(f"{stem}.safetensors")
-
-
-def check_outputs(out: str | Path, protect: list[str | Path]) -> tuple[Path, Path]:
-    """The two output paths, checked: not an input file, not a folder, in a folder that exists."""
-    paths = output_paths(out)
-    for p in paths:
-        check_output(p, protect)
-    return paths
-
-
-def export_program(module: nn.Module, example: Batch | None):
-    """``torch.export`` of ``module`` on ``example``: the batch dimension dynamic when that
-    exports, else fixed at the example's size."""
-    if example is None:
-        raise InputError("exporting the pruned model needs an example batch")
-    module = plain_outputs(module.eval())
-    args, kwargs = tuple(example.args), dict(example.kwargs)
-    try:
-        return torch.export.export(module, args, kwargs or None,
-                                   dynamic_shapes=_dynamic(module, args, kwargs, torch.export.Dim("batch", min=1)))
-    except Exception:
-        pass
-    try:
-        return torch.export.export(module, args, kwargs or None)
-    except Exception as e:
-        raise InputError(f"the pruned model does not export with torch.export ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
-
-
-def plain(out: Any) -> Any:
-    """``out`` with every mapping (a Hugging Face ``ModelOutput`` included) turned into a plain
-    dict and every sequence into a tuple, ``None`` entries of mappings dropped: containers that
-    ``torch.export.load`` rebuilds without the library that defined them."""
-    if isinstance(out, torch.Tensor) or out is None:
-        return out
-    if isinstance(out, dict) or (hasattr(out, "keys") and hasattr(out, "__getitem__")):
-        return {str(k): plain(out[k]) for k in out.keys() if out[k] is not None}
-    if isinstance(out, (tuple, list)):
-        return tuple(plain(v) for v in out)
-    return out
-
-
-def plain_outputs(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` (the same parameters and submodules, so the same state-dict
-    names) whose forward returns ``plain(...)`` of the original forward's output."""
-    import functools
-
-    cls = type(module)
-
-    @functools.wraps(cls.forward)
-    def forward(self, *args, **kwargs):
-        return plain(cls.forward(self, *args, **kwargs))
-
-    flat = copy.copy(module)
-    flat.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
-    return flat
-
-
-def _dynamic(module: nn.Module, args: tuple, kwargs: dict, dyn: Any) -> Any:
-    """A dynamic first dimension for every tensor input, keyed by the forward's parameter names."""
-    import inspect
-
-    def spec(v: Any) -> Any:
-        return {0: dyn} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
-
-    if not kwargs:
-        return tuple(spec(a) for a in args)
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    return {k: spec(v) for k, v in bound.arguments.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# measuring
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def count_flops(module: nn.Module, example: Batch) -> int:
-    """FLOPs of one forward on ``example`` (``torch.utils.flop_counter``: matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as fcm:
-        module(*example.args, **example.kwargs)
-    return int(fcm.get_total_flops())
-
-
-def evaluate(run: Callable[[Batch], Any], data, loss_fn, device: torch.device, graph=None
-             ) -> tuple[float | None, float | None]:
-    """Mean per-sample loss and accuracy (class targets) of ``run(batch)`` over the data."""
-    total = correct = 0.0
-    n = 0
-    acc_known = True
-    with torch.no_grad():
-        for i, b in enumerate(data):
-            b = b.to(device)
-            out = guarded(b, graph, i, run, b) if graph is not None else run(b)
-            if loss_fn is not None:
-                total += float(loss_fn(out, b).detach().to(torch.float64).sum())
-            o = primary_output(out)
-            t = b.targets
-            if t is not None and not t.is_floating_point() and t.dim() == 1 and o.dim() == 2:
-                correct += float((o.argmax(dim=-1) == t.to(o.device)).sum())
-            else:
-                acc_known = False
-            n += b.size
-    if n == 0:
-        raise InputError("the data yields no batches (empty data)")
-    return (total / n if loss_fn is not None else None), (correct / n if acc_known else None)
-
-
-def unit_ranges(graph, names: list[str], data, device: torch.device, loss_fn
-                ) -> tuple[dict[str, tuple[torch.Tensor, ...]], tuple[float | None, float | None]]:
-    """Per unit of each layer, over every observation at its activation point: (min, max, mean);
-    and the model's loss and accuracy on the data (the same pass)."""
-    lays = {lay.name: lay for lay in graph.layers}
-    acc: dict[str, list[Any]] = {}
-
-    def grab(n: str):
-        def fn(t: torch.Tensor) -> torch.Tensor:
-            v = lays[n].view(t.detach()).to(torch.float64)  # [B, U, P]
-            lo, hi, s, k = v.amin(dim=(0, 2)), v.amax(dim=(0, 2)), v.sum(dim=(0, 2)), v.shape[0] * v.shape[2]
-            a = acc.setdefault(n, [lo, hi, s * 0, 0])
-            a[0], a[1], a[2], a[3] = torch.minimum(a[0], lo), torch.maximum(a[1], hi), a[2] + s, a[3] + k
-            return t
-        return fn
-
-    with graph.tap({n: grab(n) for n in names}):
-        base = evaluate(graph, data, loss_fn, device, graph)
-    return {n: (a[0].cpu(), a[1].cpu(), (a[2] / max(a[3], 1)).cpu()) for n, a in acc.items()}, base
-
-
-def is_constant(lo: float, hi: float, mean: float) -> bool:
-    return math.isfinite(lo) and math.isfinite(hi) and hi - lo <= CONST_TOL * (1.0 + abs(mean))
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,6 +422,64 @@ def _decide(plans: dict[str, _Plan], chosen: dict[str, list[int]], consts, mods:
     return removed, folded, refused
 
 
+def _checked_request(remove: Any, budget: float | None) -> str | dict[str, list[int]]:
+    """What to remove (``remove`` parsed), checked against ``budget``."""
+    how = _parse_remove(remove)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0 <= budget <= 100):
+        raise UsageError(f"budget must be a percentage between 0 and 100, got {budget!r}")
+    if budget is not None and isinstance(how, dict):
+        raise UsageError("give units to remove or a budget, not both")
+    return how
+
+
+def _predicted_change(graph, zeroed: dict[str, list[int]], ranges, base, ds, loss_fn, dev) -> float | None:
+    """The loss change with every zeroed unit masked together on the original (hooks)."""
+    if loss_fn is None:
+        return None
+    if all(float(ranges[n][0][u]) == 0 == float(ranges[n][1][u]) for n, us in zeroed.items() for u in us):
+        return 0.0  # every zeroed unit is 0 on the whole data already: masking it changes nothing
+    with graph.tap(_mask_fns(graph, zeroed)):
+        masked = evaluate(graph, ds, loss_fn, dev, graph)
+    return masked[0] - base[0]
+
+
+def _plan_removal(dg, pruned: nn.Module, graph, how: Any, chosen: dict[str, list[int]], ranges, ds, dev):
+    """Which chosen units go (their rows and consumers' columns), which are folded into the
+    consumers' bias first (constant on the data), and which are refused with the reason; units
+    the caller named are removed exactly or the call is refused."""
+    _check_units(chosen, graph)
+    folds = {(n, u) for n, us in chosen.items() if n in ranges for u in us
+             if is_constant(*(float(t[u]) for t in ranges[n])) and float(ranges[n][2][u]) != 0}
+    plans, refused = plan_layers(dg, pruned, graph, chosen, folds)
+    _refuse_named(how, refused)
+    consts = consumer_constants(pruned, plans, ds, dev)
+    removed, folded, refused_fold = _decide(plans, chosen, consts, dict(pruned.named_modules()))
+    refused += refused_fold
+    _refuse_named(how, refused)
+    return plans, consts, removed, folded, refused
+
+
+def _load_inputs(model: Any, data: Any, s: Settings, how: dict[str, Any]):
+    """The model (a module we can edit: not a .pt2 program) and the data, loaded."""
+    from fitcli import api
+
+    loaded = api.load(model, **how)
+    if not loaded.runnable or loaded.format == "export":
+        raise InputError(f"{loaded.path}: pruning needs the model's module (a .pt2 program cannot be edited); "
+                         "give its architecture ({arch})", setting="arch")
+    ds = api.load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed)
+    if ds is None:
+        raise UsageError("pruning needs data")
+    return loaded, ds
+
+
+def _budget_candidates(dg, pruned: nn.Module, graph, candidates: list[str]) -> list[str]:
+    """Only layers whose units can go count towards a budget."""
+    ok, _ = plan_layers(dg, pruned, graph, {n: [0] for n in candidates})
+    return [n for n in candidates if n in ok]
+
+
 def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float | None = None, loss: Any = None,
           arch: Any = None, arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
           settings: Settings | None = None, device: str | None = None, seed: int | None = None,
@@ -575,39 +496,22 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
             ``PruneRefused``; chosen by the audit, they are listed in ``refused`` with the reason.
         budget: remove this percent of the prunable units, least fit first by the audit's
             ranking (``rank_by``, default the audit's).
-        device, seed, tau, rank_by, batch_size, max_batches, chunk_size, ablation_mode: the
-            ``fitcli.Settings`` fields of these names.
+        device, seed, tau, rank_by, batch_size, max_batches, chunk_size, ablation_mode: Settings fields.
 
     Returns:
-        A ``PruneResult``: the pruned copy, what was removed, folded and refused, and the loss
-        and accuracy before and after.
+        A ``PruneResult``: the pruned copy, what was removed, folded and refused, loss and accuracy.
 
     Examples:
-        >>> result = fitcli.prune(model, loader, remove="dead", device="cpu")
-        >>> result.module, result.removed
+        >>> fitcli.prune(model, loader, remove="dead", device="cpu").removed
     """
-    options = {"device": device, "seed": seed, "tau": tau, "rank_by": rank_by, "batch_size": batch_size,
-               "max_batches": max_batches, "chunk_size": chunk_size, "ablation_mode": ablation_mode}
     from fitcli import api
-    from fitcli.discovery import discover
-    from fitcli.engine import peek, pick_device
-    from fitcli.losses import check_loss, resolve_loss
 
-    s = Settings.make(settings, **options).check()
-    how = _parse_remove(remove)
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not 0 <= budget <= 100):
-        raise UsageError(f"budget must be a percentage between 0 and 100, got {budget!r}")
-    if budget is not None and isinstance(how, dict):
-        raise UsageError("give units to remove or a budget, not both")
+    s = Settings.make(settings, device=device, seed=seed, tau=tau, rank_by=rank_by, batch_size=batch_size,
+                      max_batches=max_batches, chunk_size=chunk_size, ablation_mode=ablation_mode).check()
+    how = _checked_request(remove, budget)
     check_loss(loss)
-    loaded = api.load(model, arch=arch, arch_kwargs=arch_kwargs, trust_checkpoint=trust_checkpoint)
-    if not loaded.runnable or loaded.format == "export":
-        raise InputError(f"{loaded.path}: pruning needs the model's module (a .pt2 program cannot be edited); "
-                         "give its architecture ({arch})", setting="arch")
-    ds = api.load_data(data, batch_size=s.batch_size, max_batches=s.max_batches, seed=s.seed)
-    if ds is None:
-        raise UsageError("pruning needs data")
+    loaded, ds = _load_inputs(model, data, s, {"arch": arch, "arch_kwargs": arch_kwargs,
+                                               "trust_checkpoint": trust_checkpoint})
     dev = pick_device(s.device)
     original = loaded.module
     with api.caller_state(original, s.seed):
@@ -622,41 +526,30 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
         ranges, base = unit_ranges(graph, candidates, ds, dev, loss_fn)
         pruned = copy.deepcopy(original).eval()
         dg = dependency_graph(pruned, example)
-        if budget is not None:  # only layers whose units can go count towards the budget
-            ok, _ = plan_layers(dg, pruned, graph, {n: [0] for n in candidates})
-            candidates = [n for n in candidates if n in ok]
+        candidates = _budget_candidates(dg, pruned, graph, candidates) if budget is not None else candidates
         chosen, selection, by = _choose(how, budget, loaded, ds, loss, s, candidates, ranges)
-        _check_units(chosen, graph)
-        folds = {(n, u) for n, us in chosen.items() if n in ranges for u in us
-                 if is_constant(*(float(t[u]) for t in ranges[n])) and float(ranges[n][2][u]) != 0}
-        plans, refused = plan_layers(dg, pruned, graph, chosen, folds)
-        _refuse_named(how, refused)
-        consts = consumer_constants(pruned, plans, ds, dev)
-        removed, folded, refused_fold = _decide(plans, chosen, consts, dict(pruned.named_modules()))
-        refused += refused_fold
-        _refuse_named(how, refused)
+        plans, consts, removed, folded, refused = _plan_removal(dg, pruned, graph, how, chosen, ranges, ds, dev)
         zeroed = {n: [u for u in us if u not in folded.get(n, {})] for n, us in removed.items()}
-        predicted = None
-        if loss_fn is not None and all(float(ranges[n][0][u]) == 0 == float(ranges[n][1][u])
-                                       for n, us in zeroed.items() for u in us):
-            predicted = 0.0  # every zeroed unit is 0 on the whole data already: masking it changes nothing
-        elif loss_fn is not None:
-            with graph.tap(_mask_fns(graph, zeroed)):
-                masked = evaluate(graph, ds, loss_fn, dev, graph)
-            predicted = masked[0] - base[0]
-        params_before, flops_before = count_params(original), count_flops(original, example)
+        predicted = _predicted_change(graph, zeroed, ranges, base, ds, loss_fn, dev)
+        before = (count_params(original), count_flops(original, example))
         _surgery(pruned, dg, plans, removed, folded, consts)
-        after = evaluate(lambda b: pruned(*b.args, **b.kwargs), ds, loss_fn, dev)
-        result = PruneResult(
-            module=pruned, removed=removed, folded=folded, refused=refused, selection=selection,
-            params_before=params_before, params_after=count_params(pruned), flops_before=flops_before,
-            flops_after=count_flops(pruned, example), loss_before=base[0], loss_after=after[0],
-            predicted_loss_change=predicted, accuracy_before=base[1], accuracy_after=after[1], rank_by=by,
-            loss_name=loss_name, example=example,
-            inputs=[p for p in (loaded.path, data if isinstance(data, (str, Path)) else None) if p])
+        result = _result(pruned, example, ds, loss_fn, dev, before, base, predicted,
+                         dict(removed=removed, folded=folded, refused=refused, selection=selection, rank_by=by,
+                              loss_name=loss_name, example=example,
+                              inputs=[p for p in (loaded.path, data if isinstance(data, (str, Path)) else None) if p]))
         if loss_fn is None:
             result.notes.append(f"no loss: {_why}")
     return result
+
+
+def _result(pruned: nn.Module, example, ds, loss_fn, dev, before: tuple[int, int], base, predicted,
+            fields: dict[str, Any]) -> PruneResult:
+    """The pruned copy measured against the original's figures (``before``: params, FLOPs)."""
+    after = evaluate(lambda b: pruned(*b.args, **b.kwargs), ds, loss_fn, dev)
+    return PruneResult(module=pruned, params_before=before[0], params_after=count_params(pruned),
+                       flops_before=before[1], flops_after=count_flops(pruned, example), loss_before=base[0],
+                       loss_after=after[0], predicted_loss_change=predicted, accuracy_before=base[1],
+                       accuracy_after=after[1], **fields)
 
 
 def _refuse_named(how: Any, refused: list[dict[str, Any]]) -> None:
