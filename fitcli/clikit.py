@@ -7,7 +7,6 @@ flags and config, model/data/loss from their strings, progress, and emitting a r
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -295,27 +294,9 @@ def auto_max_memory(model: str, merged: dict[str, Any]) -> bool:
     return False
 
 
-class RichProgress:
-    """A rich progress bar on stderr (only when stderr is a terminal and not --quiet)."""
-
-    @contextlib.contextmanager
-    def task(self, description: str, total: int | None = None):
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-        from rich.progress import Progress as RP
-
-        bar = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                 console=Console(stderr=True), transient=True)
-        tid = bar.add_task(description, total=total)
-
-        class _T:
-            def advance(self, n: int = 1) -> None:
-                bar.advance(tid, n)
-
-        with bar:
-            yield _T()
-
-
 def progress_of(s: dict[str, Any]):
+    from fitcli.progress import RichProgress
+
     return RichProgress() if not s.get("quiet") and sys.stderr.isatty() and is_rank0() else None
 
 
