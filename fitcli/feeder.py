@@ -73,12 +73,14 @@ def feed_metrics(metrics: list[Metric], method: str, ub: UnitBatch, lay: Layer, 
 
 
 def activation_batch(lay: Layer, t: torch.Tensor, metrics: list[Metric], batch_index: int, *, pass_index: int = 0,
-                     scratch: Scratch | None = None, mask: torch.Tensor | None = None) -> UnitBatch:
+                     scratch: Scratch | None = None, mask: torch.Tensor | None = None,
+                     quick_moments: bool = False) -> UnitBatch:
     """The batch of one layer from its tapped activation ``t``, with the metrics' shared
-    statistics computed now, while the activation is in cache (``Metric.prepare``)."""
+    statistics computed now, while the activation is in cache (``Metric.prepare``).
+    ``quick_moments``: see ``UnitBatch.quick_moments`` (the tracker)."""
     w = lay.weight.detach() if reads_weights(metrics) else None
     ub = UnitBatch(weight=w, act=widen(lay.view(t.detach())), pass_index=pass_index, scratch=scratch,
-                   mask=token_mask(t, lay, mask))
+                   mask=token_mask(t, lay, mask), quick_moments=quick_moments)
     with torch.no_grad():
         feed_metrics(metrics, "prepare", ub, lay, batch_index)
     return ub

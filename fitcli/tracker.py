@@ -335,7 +335,8 @@ class Tracker:
         wants_grad = any("gradients" in m.all_needs() for m in metrics)
 
         def tap(t: torch.Tensor) -> torch.Tensor:
-            ub = activation_batch(lay, t, metrics, bi, scratch=self._scratch, mask=mask)
+            ub = activation_batch(lay, t, metrics, bi, scratch=self._scratch, mask=mask,
+                                  quick_moments=True)  # below the 8 digits a record keeps
             w.pending.append((lay, ub))
             if wants_grad and t.requires_grad:
                 def on_grad(g: torch.Tensor) -> None:  # reads only: the caller's gradient is unchanged

@@ -589,3 +589,22 @@ def test_recorded_values_have_eight_significant_digits():
     for v in rec["layers"]["0"]["metrics"]["act_mean"]:
         digits = repr(v).lower().split("e")[0].replace("-", "").replace(".", "").strip("0")
         assert len(digits) <= 8, (v, line)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_quick_moments_keep_the_variance(offset):
+    """The tracker's one-read Σh² (``quick_moments``) against a float64 brute force, also for a unit
+    whose mean dwarfs its spread (there it falls back to centred values): 1e-7 relative."""
+    from fitcli.metrics.base import UnitBatch
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(8, 6, 50, generator=g) * torch.linspace(0.01, 2, 6).view(1, 6, 1) + offset).float()
+    exact = a.double()
+    n = 8 * 50
+    want_sum = exact.sum(dim=(0, 2))
+    want_var = ((exact - want_sum.view(1, 6, 1) / n) ** 2).sum(dim=(0, 2))
+    for quick in (False, True):
+        ub = UnitBatch(weight=None, act=a, quick_moments=quick)
+        s, q = ub.value_sum(), ub.square_sum()
+        var = q - s * s / n
+        assert torch.allclose(s, want_sum, rtol=0, atol=1e-7 * float(exact.abs().sum(dim=(0, 2)).max())), quick
+        assert torch.allclose(var, want_var, rtol=1e-5 if offset else 1e-7, atol=0), (quick, var, want_var)
