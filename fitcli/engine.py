@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -354,8 +354,11 @@ def _correct(outputs, batch: Batch) -> torch.Tensor | None:
     return None
 
 
-def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_PROGRESS, group: Any = None) -> None:
+def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_PROGRESS, group: Any = None,
+           watch: Callable[[Batch], Any] | None = None) -> None:
     """Every batch of ``data`` through the model, once per pass, feeding the planned metrics.
+    ``watch(batch)``: a context manager around each forward of the first pass (observers that
+    read the same forward, such as ``residual.InfluenceWatch``).
 
     ``group``: a process group (or ``distributed.Dist``): this rank streams its shard of the
     batches (batch i on rank i % world), and after each pass the metric states and counts are
@@ -370,7 +373,7 @@ def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_P
     finite_batches = 0
     for p in range(plan.passes):
         with distributed.phase(d):
-            finite = _stream_pass(plan, local, result, p, grads, scratch, progress)
+            finite = _stream_pass(plan, local, result, p, grads, scratch, progress, watch if p == 0 else None)
         if p == 0:
             finite_batches = finite
         if d is not None:
@@ -383,7 +386,7 @@ def stream(plan: AuditPlan, data, result: AuditResult, progress: Progress = NO_P
 
 
 def _stream_pass(plan: AuditPlan, data, result: AuditResult, p: int, grads: bool, scratch: Scratch,
-                 progress: Progress) -> int:
+                 progress: Progress, watch: Callable[[Batch], Any] | None = None) -> int:
     """One pass over ``data``; returns how many batches had a finite loss (pass 0)."""
     fed = {lay.name: plan.fed(lay.name, p) for lay in plan.layers}
     use_grad = p == 0 and grads
@@ -395,7 +398,7 @@ def _stream_pass(plan: AuditPlan, data, result: AuditResult, p: int, grads: bool
             ubs: dict[str, UnitBatch] = {}
             callbacks = {lay.name: _Tap(lay, fed[lay.name], p, bi, grads, scratch, acts, ubs, batch.mask)
                          for lay in plan.layers if not lay.weight_only}
-            with attention_probabilities(plan, fed) as probs:
+            with attention_probabilities(plan, fed) as probs, (watch(batch) if watch else nullcontext()):
                 outputs, losses, g, wg = _forward(plan, batch, callbacks, use_grad, acts, result, bi)
             if p == 0:
                 result.batches += 1
@@ -555,12 +558,15 @@ def coverage(graph: ModelGraph, audited: list[Layer], chosen: list[Layer], left_
 def audit(loaded, data, *, metrics: list[str] | None = None, layers: list[str] | None = None, loss=None,
           baseline=None, device: str | torch.device = "auto", progress: Progress = NO_PROGRESS,
           ablation_mode: str = "zero", chunk_size: int | None = None, rank_by: str | None = None,
-          group: Any = None, ablate: Callable[..., None] | None = None, kinds: list[str] | None = None) -> AuditResult:
+          group: Any = None, ablate: Callable[..., None] | None = None, kinds: list[str] | None = None,
+          watch: Callable[..., Any] | None = None) -> AuditResult:
     """Plan, stream, collect: every chosen metric over the data in one streamed pass (plus one for
     entropy, plus exact ablation for the metrics that need it). ``group``: a process group; each
     rank streams its shard and every rank ends with the global result (``fitcli.distributed``).
     ``ablate``: the exact-ablation pass for metrics that need it (``fitcli.ablation.feed_plan``,
-    which the API passes in: the engine does not depend on the ablation engine)."""
+    which the API passes in: the engine does not depend on the ablation engine). ``watch``: see
+    ``stream``; ``watch(kinds)`` is called once the plan has chosen the kinds and returns the
+    per-batch context manager (or None)."""
     d = _dist(group)
     data = half_data(data, model_dtype(getattr(loaded, "module", None)))
     with distributed.phase(d):  # discovery reads batch 0 on every rank (a probe: no statistics)
@@ -572,7 +578,7 @@ def audit(loaded, data, *, metrics: list[str] | None = None, layers: list[str] |
         if p.graph.runner is not None and (p.streams or p.have["ablation"] is None):
             p.graph.runner.to(p.device)
     if p.streams:
-        stream(p, data, result, progress, group=d)
+        stream(p, data, result, progress, group=d, watch=watch(p.kinds, p.graph) if watch is not None else None)
     if p.have["ablation"] is None and ablation_wanted(p):
         if ablate is None:
             raise UsageError("metrics that need exact ablation need the ablation pass (ablate=fitcli.ablation.feed_plan)")

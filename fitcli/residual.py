@@ -335,6 +335,37 @@ def influence(model: nn.Module, data: Iterable[Batch], names: list[str], device:
     return res
 
 
+class InfluenceWatch:
+    """Block Influence and angular distance taken during another pass over the data (the audit's
+    own forward): ``with watch(batch): model(...)`` hooks the blocks for that forward. ``result()``
+    is None when some block was never seen (a traced model runs its blocks inlined): then
+    ``influence`` takes its own pass."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.modules = dict(model.named_modules())
+        self.names = list(names)
+        self.inf = _Influence(self.names)
+        self.samples = self.batches = 0
+
+    @contextlib.contextmanager
+    def __call__(self, batch: Batch) -> Iterator[None]:
+        self.inf.mask = batch.mask
+        with hooks(self.modules, self.inf.pre(), self.inf.post()):  # the comparisons detach
+            yield
+        self.inf.seen.clear()
+        self.samples += batch.size
+        self.batches += 1
+
+    def result(self) -> BlockResult | None:
+        if not self.batches or any(not self.inf.sums[n][2] for n in self.names):
+            return None
+        res = BlockResult(list(self.names), samples=self.samples, batches=self.batches)
+        for n in self.names:
+            res.influence[n] = self.inf.sums[n][0] / self.inf.sums[n][2]
+            res.angular[n] = self.inf.sums[n][1] / self.inf.sums[n][2]
+        return res
+
+
 def greedy(model: nn.Module, data: Iterable[Batch], names: list[str], loss_fn: LossFn, device: torch.device,
            accuracy: bool, steps: int, first: BlockResult, progress: Progress = NO_PROGRESS) -> list[dict[str, Any]]:
     """Remove the least important block (its removal changes the loss least, |Δloss|), re-measure

@@ -72,17 +72,25 @@ def audit_units(loaded: LoadedModel, ds: Any, baseline: LoadedModel | None, s: S
                 progress: Progress, d: distributed.Dist | None = None) -> AuditReport:
     """Every chosen metric of every chosen layer on ``ds`` (the engine), validated against exact
     ablation with ``s.validate`` -> the report."""
+    from fitcli import residual
     from fitcli.engine import audit as run_audit
+
+    watches: list[residual.InfluenceWatch] = []
+
+    def watch(kinds, graph):  # Block Influence from the audit's own forward, where the blocks run as modules
+        if not kinds.blocks or d is not None or graph.runner is None:
+            return None
+        watches.append(residual.InfluenceWatch(loaded.module, kinds.blocks))
+        return watches[-1]
 
     result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=baseline,
                        device=s.device, progress=progress, ablation_mode=s.ablation_mode,
-                       chunk_size=s.chunk_size, rank_by=s.rank_by, group=d, ablate=feed_plan, kinds=s.kinds)
-    blocks = None
+                       chunk_size=s.chunk_size, rank_by=s.rank_by, group=d, ablate=feed_plan, kinds=s.kinds,
+                       watch=watch)
+    blocks = watches[0].result() if watches else None
     if result.kinds.blocks and d is not None:  # each rank sees its shard: measured in one process only
         result.notes.append("blocks: Block Influence is measured in one process (not under torchrun)")
-    elif result.kinds.blocks and result.graph.runner is not None and ds is not None:
-        from fitcli import residual
-
+    elif blocks is None and result.kinds.blocks and result.graph.runner is not None and ds is not None:
         blocks = residual.influence(loaded.module, ds, result.kinds.blocks, torch.device(result.device), progress)
     report = report_build.build(result, loaded, ds, report_settings(s, loaded), rank_by=s.rank_by, top=s.top,
                                 distributed=distributed_field(d), blocks=blocks)

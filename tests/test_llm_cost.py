@@ -307,3 +307,48 @@ def test_lm_loss_per_sample_with_padding_and_no_logits_copy():
             if mask[i].sum() > 1 else 0.0 for i in range(3)]
     assert torch.allclose(got, torch.tensor(want), atol=1e-6)
     assert Big.made == 1  # log_softmax; no sliced or reshaped copy
+
+
+def test_block_influence_is_read_from_the_audits_own_forward(monkeypatch):
+    """Block Influence and angular distance come from the audit's forward (hooks on the blocks), not
+    from a second pass over the data: with the separate pass disabled the values are still there,
+    equal to a hand computation of 1 - cos(block input, block output) per token, and the model
+    runs as many forwards as an audit without the blocks."""
+    from fitcli import residual
+
+    def no_second_pass(*a, **k):
+        raise AssertionError("a second pass over the data for Block Influence")
+
+    monkeypatch.setattr(residual, "influence", no_second_pass)
+    model = _model("llama").eval()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 64, (4, 8), generator=g)} for _ in range(3)]
+    calls = []
+    h = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        fitcli.audit(model, data, device="cpu", kinds=["heads", "mlp"])
+        without = len(calls)
+        report = fitcli.audit(model, data, device="cpu")  # heads, MLP channels and blocks
+    finally:
+        h.remove()
+    assert len(calls) - without == without  # the blocks add no forward
+    blocks = {b.name: b for b in report.blocks}
+    assert set(blocks) == {"model.layers.0", "model.layers.1"}
+    mods = dict(model.named_modules())
+    for n, row in blocks.items():
+        seen = []
+        hs = [mods[n].register_forward_pre_hook(lambda m, a, kw: seen.append(["in", (a[0] if a else kw["hidden_states"])]),
+                                                with_kwargs=True),
+              mods[n].register_forward_hook(lambda m, a, o: seen[-1].append(o[0] if isinstance(o, tuple) else o))]
+        try:
+            with torch.no_grad():
+                for b in data:
+                    model(**b)
+        finally:
+            for x in hs:
+                x.remove()
+        cos = []
+        for _, x, y in seen:
+            x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+            cos += [float(x[i] @ y[i] / (x[i].norm() * y[i].norm())) for i in range(x.shape[0])]
+        assert row.block_influence == pytest.approx(sum(1 - c for c in cos) / len(cos), rel=1e-6)
