@@ -174,7 +174,7 @@ def module_digest(module: nn.Module) -> str:
         t = v.detach().cpu().contiguous().reshape(-1)
         h.update(f"{k}:{t.dtype}:{tuple(v.shape)};".encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(t.view(torch.uint8).numpy()))  # the tensor's own bytes: no copy
     return h.hexdigest()
 
 
