@@ -80,7 +80,8 @@ def activation_batch(lay: Layer, t: torch.Tensor, metrics: list[Metric], batch_i
     ``quick_moments``: see ``UnitBatch.quick_moments`` (the tracker)."""
     w = lay.weight.detach() if reads_weights(metrics) else None
     ub = UnitBatch(weight=w, act=widen(lay.view(t.detach())), pass_index=pass_index, scratch=scratch,
-                   mask=token_mask(t, lay, mask), quick_moments=quick_moments)
+                   mask=token_mask(t, lay, mask), quick_moments=quick_moments,
+                   relu_output=type(t.grad_fn).__name__ == "ReluBackward0")
     with torch.no_grad():
         feed_metrics(metrics, "prepare", ub, lay, batch_index)
     return ub

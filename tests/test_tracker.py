@@ -608,3 +608,24 @@ def test_quick_moments_keep_the_variance(offset):
         var = q - s * s / n
         assert torch.allclose(s, want_sum, rtol=0, atol=1e-7 * float(exact.abs().sum(dim=(0, 2)).max())), quick
         assert torch.allclose(var, want_var, rtol=1e-5 if offset else 1e-7, atol=0), (quick, var, want_var)
+
+
+def test_relu_outputs_skip_the_minimum_but_keep_every_moment():
+    """A ReLU's output (known from autograd) is taken as non-negative without reading its minimum;
+    Σ|h|, the zero count and the sums equal a brute force, with a NaN in the batch too."""
+    from fitcli.metrics.base import UnitBatch
+    g = torch.Generator().manual_seed(2)
+    for nan in (False, True):
+        a = torch.relu(torch.randn(4, 3, 20, generator=g))
+        if nan:
+            a[1, 2, 5] = float("nan")
+        x = a.double()
+        for flag in (False, True):
+            ub = UnitBatch(weight=None, act=a, relu_output=flag)
+            want_abs = x.abs().sum(dim=(0, 2))
+            want_zeros = (x == 0).sum(dim=(0, 2)).double()
+            assert torch.allclose(ub.abs_sum(), want_abs, rtol=1e-6, equal_nan=True), (nan, flag)
+            got_z = ub.zero_count()
+            assert torch.equal(got_z[:2], want_zeros[:2]), (nan, flag)
+            if not nan:
+                assert torch.equal(got_z, want_zeros)
