@@ -36,7 +36,7 @@ from fitcli.loading import LoadedModel
 from fitcli.progress import NO_PROGRESS, Progress
 from fitcli.report import AuditReport
 from fitcli.settings import Settings
-from fitcli.validate import block_validation
+from fitcli.validate import block_validation, validation_metrics
 
 REMOVABLE_EPS = report_build.REMOVABLE_EPS
 
@@ -74,7 +74,8 @@ def audit_units(loaded: LoadedModel, ds: Any, baseline: LoadedModel | None, s: S
     ablation with ``s.validate`` -> the report."""
     from fitcli.engine import audit as run_audit
 
-    result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=baseline,
+    metrics = validation_metrics(s.metrics) if s.validate else s.metrics  # validation compares redundancy too
+    result = run_audit(loaded, ds, metrics=metrics, layers=s.layers, loss=loss, baseline=baseline,
                        device=s.device, progress=progress, ablation_mode=s.ablation_mode,
                        chunk_size=s.chunk_size, rank_by=s.rank_by, group=d, ablate=feed_plan, kinds=s.kinds)
     blocks = None
@@ -91,7 +92,8 @@ def audit_units(loaded: LoadedModel, ds: Any, baseline: LoadedModel | None, s: S
 
         report = validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn, units=s.validate_units,
                         seed=s.seed, device=result.device, chunk_size=s.chunk_size,
-                        rank_auto=s.rank_by == "auto", top=s.top, progress=progress, group=d)
+                        rank_auto=s.rank_by == "auto", top=s.top, progress=progress, group=d,
+                        model=loaded.module)
     return report
 
 
