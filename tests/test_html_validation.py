@@ -117,3 +117,22 @@ def test_validation_per_kind_table_with_blocks():
     assert rows["block_influence"][list(kinds).index("blocks")] != ""
     assert all(rows["block_influence"][i] == "" for i, k in enumerate(kinds) if k != "blocks")
     assert "redundancy" in rows  # validated beside the other metrics
+
+
+def test_llama_page_draws_in_headless_chromium(tmp_path):
+    """The page with the redundancy section and the per-kind validation: no console error, every
+    chart drawn. Without Chromium: checked by parsing only (as in test_html)."""
+    pytest.importorskip("transformers")
+    from test_validate_blocks import _llama
+
+    m, data, _ = _llama()
+    text = H.render_html(fitcli.audit(m, data, device="cpu", validate=True, validate_units=4).to_dict())
+    page = check_offline_and_sections(text, {"redundancy", "validation"})
+    browser = H.find_chromium()
+    if browser is None:
+        return
+    path = tmp_path / "llama.html"
+    path.write_text(text, encoding="utf-8")
+    r = H.browser_check(str(path), browser, screenshot=str(tmp_path / "llama.png"))
+    assert r["errors"] == [] and r["warnings"] == [], (r["errors"], r["warnings"])
+    assert r["charts"] == len(page.chart_divs) == r["rendered"]
