@@ -317,11 +317,13 @@ def _units_validation(report: AuditReport, sel: dict[str, list[int] | None], ab,
         kinds=None if by_kind is None else {k: KindValidation.from_dict(d) for k, d in by_kind.items()})
 
 
-def _blocks_only(blocks: KindValidation, mode: str) -> dict[str, Any]:
+BLOCK_ORACLE = "|Δloss| with the block replaced by the identity"
+
+
+def _blocks_only(blocks: KindValidation) -> dict[str, Any]:
     """The fields of a validation of residual blocks alone (no unit layer was audited)."""
     rho = blocks.metrics[blocks.best].spearman if blocks.best else None
-    return dict(layers={}, across_layers={}, best=None, random=RandomBaseline({}, None),
-                oracle=f"|ablation| ({mode} mode, exact)",
+    return dict(layers={}, across_layers={}, best=None, random=RandomBaseline({}, None), oracle=BLOCK_ORACLE,
                 recommendation=(f"for this model's blocks, {blocks.best} agrees best with exact removal: Spearman "
                                 f"{rho:.2f}" if rho is not None else "no block score could be validated"),
                 kinds={})
@@ -354,7 +356,7 @@ def measure_validation(report: AuditReport, *, graph, data, loss_fn, units: int 
                            progress=progress or NO_PROGRESS, units=sel, group=group)
         fields = _units_validation(report, sel, ab, mode, blocks is not None)
     else:
-        fields = _blocks_only(blocks, mode)
+        fields = _blocks_only(blocks)
     if blocks is not None:
         fields["kinds"] = {**(fields["kinds"] or {}), "blocks": blocks}
     return Validation(seed=int(seed), **fields)
@@ -374,5 +376,5 @@ def block_validation(first: Any, names: list[str]) -> BlockValidation:
     """How well Block Influence and angular distance rank blocks like exact removal does (``first``:
     ``residual.measure`` with every block in place), beside a random order."""
     k = block_kind(names, {"block_influence": first.influence, "angular_distance": first.angular}, first.delta)
-    return BlockValidation(oracle="|Δloss| with the block replaced by the identity", metrics=k.metrics,
+    return BlockValidation(oracle=BLOCK_ORACLE, metrics=k.metrics,
                            random=k.random)

@@ -158,5 +158,6 @@ def test_blocks_only_validation():
     v = report.validation
     assert v.layers == {} and set(v.kinds) == {"blocks"} and v.best is None
     assert v.kinds["blocks"].layers == blocks
+    assert v.oracle == "|Δloss| with the block replaced by the identity"
     assert v.recommendation.startswith(f"for this model's blocks, {v.kinds['blocks'].best} agrees best")
     rep.validate(json.loads(rep.dumps(report.to_dict())))
