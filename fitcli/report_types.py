@@ -220,24 +220,29 @@ class LayerValidation(Section):
 @dataclass
 class KindValidation(Section):
     """The validation of one unit kind (heads, MLP channels, ...): each metric's agreement with exact
-    ablation over the kind's layers (values normalised per layer), the best, and a random order's."""
+    ablation over the kind's layers (values normalised per layer), the best, and a random order's.
+    For residual blocks (kind ``blocks``): Block Influence and angular distance against each block's
+    exact removal, the blocks in ``layers`` and their loss changes in ``ablation``."""
 
     layers: list[str]
     metrics: dict[str, Correlation]
     best: str | None
     random: RandomStats | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # blocks: each block's exact loss change with it removed ({block: Δloss}; ``layers`` are the blocks)
+    ablation: dict[str, float | None] | None = None
 
-    FIELDS = ("layers", "metrics", "best", "random")
+    FIELDS = ("layers", "metrics", "best", "random", "ablation")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KindValidation:
         return cls(list(d.get("layers", [])), {k: Correlation.from_dict(v) for k, v in d.get("metrics", {}).items()},
-                   d.get("best"), RandomStats.from_dict(d.get("random")), unknown(d, cls.FIELDS))
+                   d.get("best"), RandomStats.from_dict(d.get("random")), unknown(d, cls.FIELDS), d.get("ablation"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": list(self.layers), "metrics": {k: v.to_dict() for k, v in self.metrics.items()},
-                "best": self.best, **present([("random", None if self.random is None else self.random.to_dict())]),
+                "best": self.best, **present([("random", None if self.random is None else self.random.to_dict()),
+                                              ("ablation", self.ablation)]),
                 **self.extra}
 
 

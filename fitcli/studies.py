@@ -36,7 +36,7 @@ from fitcli.loading import LoadedModel
 from fitcli.progress import NO_PROGRESS, Progress
 from fitcli.report import AuditReport
 from fitcli.settings import Settings
-from fitcli.validate import block_validation
+from fitcli.validate import block_validation, validation_metrics
 
 REMOVABLE_EPS = report_build.REMOVABLE_EPS
 
@@ -83,7 +83,8 @@ def audit_units(loaded: LoadedModel, ds: Any, baseline: LoadedModel | None, s: S
         watches.append(residual.InfluenceWatch(loaded.module, kinds.blocks))
         return watches[-1]
 
-    result = run_audit(loaded, ds, metrics=s.metrics, layers=s.layers, loss=loss, baseline=baseline,
+    metrics = validation_metrics(s.metrics) if s.validate else s.metrics  # validation compares redundancy too
+    result = run_audit(loaded, ds, metrics=metrics, layers=s.layers, loss=loss, baseline=baseline,
                        device=s.device, progress=progress, ablation_mode=s.ablation_mode,
                        chunk_size=s.chunk_size, rank_by=s.rank_by, group=d, ablate=feed_plan, kinds=s.kinds,
                        watch=watch)
@@ -99,7 +100,8 @@ def audit_units(loaded: LoadedModel, ds: Any, baseline: LoadedModel | None, s: S
 
         report = validate_report(report, graph=result.graph, data=ds, loss_fn=result.loss_fn, units=s.validate_units,
                         seed=s.seed, device=result.device, chunk_size=s.chunk_size,
-                        rank_auto=s.rank_by == "auto", top=s.top, progress=progress, group=d)
+                        rank_auto=s.rank_by == "auto", top=s.top, progress=progress, group=d,
+                        model=loaded.module)
     return report
 
 

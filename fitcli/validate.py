@@ -9,6 +9,12 @@ Every metric is taken in its fitness orientation (its declared ``higher_is_bette
 where lower is fit (APoZ) is reflected first (``max − m``, as the rankings do), so a positive
 correlation and a high bottom-10% overlap always mean "this metric finds the units whose removal
 costs least".
+
+Residual blocks (a transformer's, or any model audited with the ``blocks`` kind) are validated
+as a kind of their own: Block Influence and angular distance (the block scores of the report)
+against each block's exact removal (``residual.measure``: the block's output replaced by its
+input), beside a random order (``validation.kinds["blocks"]``). With the default metric set an
+audit with validation also computes ``redundancy`` (opt-in otherwise), so it is compared too.
 """
 
 from __future__ import annotations
@@ -229,26 +235,59 @@ def _layer_validations(v: dict[str, Any], chosen: dict[str, list[int]],
             for name, entry in v["layers"].items()}
 
 
-def measure_validation(report: AuditReport, *, graph, data, loss_fn, units: int | None, seed: int, device,
-                       chunk_size: int | None, progress=None, group=None) -> Validation:
-    """Each metric's rank agreement with exact ablation on ``report``'s layers. ``group``: a process
-    group; the exact ablation is sharded over its ranks (every rank gets the same validation)."""
-    from fitcli.ablation import ablate_layers
-    from fitcli.errors import InputError
+# the cheap block scores a score report holds for each residual block (``BlockRow`` fields)
+BLOCK_METRICS = ("block_influence", "angular_distance")
+
+
+def validation_metrics(metrics: list[str] | None) -> list[str] | None:
+    """The metrics an audit with validation computes: the default set plus ``redundancy`` (opt-in
+    otherwise, so that validation compares it too); a list asked for is kept as it is."""
+    from fitcli.metrics.registry import available_metrics, default_metrics
+
+    if metrics:
+        return metrics
+    extra = [m for m in ("redundancy",) if m in available_metrics()]
+    return list(dict.fromkeys([*default_metrics(), *extra]))
+
+
+def block_kind(names: list[str], scores: dict[str, dict[str, float | None]],
+               delta: dict[str, float]) -> KindValidation:
+    """The blocks' validation: each block score (``scores[metric][block]``; higher = the block
+    changes the residual stream more, so is fitter) against ``|delta|`` (each block's exact loss
+    change with it removed), the best, and a random order's, over the same blocks."""
+    oracle = torch.tensor([abs(delta[n]) for n in names], dtype=torch.float64)
+    metrics = {}
+    for key, src in scores.items():
+        vals = torch.tensor([math.nan if src.get(n) is None else float(src[n]) for n in names], dtype=torch.float64)
+        metrics[key] = Correlation.from_dict(correlation(vals, oracle))
+    scored = [(c.spearman, m) for m, c in metrics.items() if c.spearman is not None]
+    return KindValidation(layers=list(names), metrics=metrics, best=max(scored)[1] if scored else None,
+                          random=RandomStats.from_dict(random_baseline({"blocks": oracle})["across_layers"]),
+                          ablation={n: float(delta[n]) for n in names})
+
+
+def measure_blocks(report: AuditReport, model, data, loss_fn, device, progress=None) -> KindValidation | None:
+    """Exact removal of each residual block of ``report`` (its ``blocks``, with their Block
+    Influence and angular distance) -> ``block_kind``; None without blocks (or with fewer than two)."""
+    from fitcli import residual
     from fitcli.progress import NO_PROGRESS
 
-    if data is None or graph.runner is None:
-        raise InputError("validation needs a runnable model and data")
-    if loss_fn is None:
-        raise InputError("validation needs a loss: the data has no targets and no loss was given")
+    rows = [r for r in report.blocks or [] if any(getattr(r, k) is not None for k in BLOCK_METRICS)]
+    if len(rows) < 2 or model is None:
+        return None
+    names = [r.name for r in rows]
+    res = residual.measure(model, data, names, loss_fn, torch.device(device), accuracy=False, influence=False,
+                           progress=progress or NO_PROGRESS)
+    scores = {k: {r.name: getattr(r, k) for r in rows} for k in BLOCK_METRICS}
+    return block_kind(names, scores, res.delta)
+
+
+def _units_validation(report: AuditReport, sel: dict[str, list[int] | None], ab, mode: str,
+                      with_blocks: bool) -> dict[str, Any]:
+    """Each metric against the exact ablation ``ab`` of the units ``sel``: per layer, across layers,
+    per kind (a transformer's, or beside validated blocks), as the fields of ``Validation``."""
     info = report.metric_info or {}
     exclude = {m for m, i in info.items() if "ablation" in i.get("needs", [])} | {"ablation_accuracy"}
-    sel = _selection(report.layers, report.settings.get("rank_by"), units, seed)
-    if not sel:
-        raise InputError("validation: no non-final layer to validate")
-    mode = report.settings.get("ablation_mode", "zero")
-    ab = ablate_layers(graph, list(sel), data, loss_fn, mode=mode, device=device, chunk_size=chunk_size,
-                       progress=progress or NO_PROGRESS, units=sel, group=group)
     dicts = [lay.to_dict() for lay in report.layers]
     seen = {m for lay in report.layers if lay.name in sel for m in lay.metrics} - exclude
     fit = {m: fitness_values(dicts, m, direction(m, info)) for m in seen}  # each metric as fitness
@@ -266,34 +305,76 @@ def measure_validation(report: AuditReport, *, graph, data, loss_fn, units: int 
         per_metric[lay.name] = {m: tensor([fit[m][lay.name][i] for i in idx]) for m in lay.metrics if m not in exclude}
     v = correlations(per_metric, oracle)
     kinds = {lay.name: kind_of_point(lay.activation_point_kind).name for lay in report.layers if lay.name in sel}
-    by_kind = kind_correlations(per_metric, oracle, kinds) if wants_kinds(kinds) else None
+    by_kind = kind_correlations(per_metric, oracle, kinds) if wants_kinds(kinds) or with_blocks else None
     best = v["best"]
     rho = v["across_layers"].get(best, {}).get("spearman") if best else None
-    return Validation(
+    return dict(
         layers=_layer_validations(v, chosen, signed),
         across_layers={m: Correlation.from_dict(c) for m, c in v["across_layers"].items()}, best=best,
-        random=RandomBaseline.from_dict(v["random"]), oracle=f"|ablation| ({mode} mode, exact)", seed=int(seed),
+        random=RandomBaseline.from_dict(v["random"]), oracle=f"|ablation| ({mode} mode, exact)",
         recommendation=(f"for this model, rank by {best}: Spearman {rho:.2f} with exact ablation across layers"
                         if best and rho is not None else "no metric could be validated (too few units?)"),
         kinds=None if by_kind is None else {k: KindValidation.from_dict(d) for k, d in by_kind.items()})
 
 
+BLOCK_ORACLE = "|Δloss| with the block replaced by the identity"
+
+
+def _blocks_only(blocks: KindValidation) -> dict[str, Any]:
+    """The fields of a validation of residual blocks alone (no unit layer was audited)."""
+    rho = blocks.metrics[blocks.best].spearman if blocks.best else None
+    return dict(layers={}, across_layers={}, best=None, random=RandomBaseline({}, None), oracle=BLOCK_ORACLE,
+                recommendation=(f"for this model's blocks, {blocks.best} agrees best with exact removal: Spearman "
+                                f"{rho:.2f}" if rho is not None else "no block score could be validated"),
+                kinds={})
+
+
+def measure_validation(report: AuditReport, *, graph, data, loss_fn, units: int | None, seed: int, device,
+                       chunk_size: int | None, progress=None, group=None, model=None) -> Validation:
+    """Each metric's rank agreement with exact ablation on ``report``'s layers, and, when the report
+    has residual blocks, each block score's with exact block removal (``model``: the module the
+    blocks are in; default the graph's runner). ``group``: a process group; the exact ablation is
+    sharded over its ranks (every rank gets the same validation)."""
+    from fitcli.ablation import ablate_layers
+    from fitcli.errors import InputError
+    from fitcli.progress import NO_PROGRESS
+
+    if data is None or graph.runner is None:
+        raise InputError("validation needs a runnable model and data")
+    if loss_fn is None:
+        raise InputError("validation needs a loss: the data has no targets and no loss was given")
+    sel = _selection(report.layers, report.settings.get("rank_by"), units, seed)
+    if not sel and not report.blocks:
+        raise InputError("validation: no non-final layer to validate")
+    blocks = None if group is not None else measure_blocks(report, graph.runner if model is None else model, data,
+                                                           loss_fn, device, progress)
+    if not sel and blocks is None:
+        raise InputError("validation: no non-final layer or residual block to validate")
+    mode = report.settings.get("ablation_mode", "zero")
+    if sel:
+        ab = ablate_layers(graph, list(sel), data, loss_fn, mode=mode, device=device, chunk_size=chunk_size,
+                           progress=progress or NO_PROGRESS, units=sel, group=group)
+        fields = _units_validation(report, sel, ab, mode, blocks is not None)
+    else:
+        fields = _blocks_only(blocks)
+    if blocks is not None:
+        fields["kinds"] = {**(fields["kinds"] or {}), "blocks": blocks}
+    return Validation(seed=int(seed), **fields)
+
+
 def validate_report(report: AuditReport, *, graph, data, loss_fn, units: int | None, seed: int,
                     device, chunk_size: int | None, rank_auto: bool, top: int, progress=None,
-                    group=None) -> AuditReport:
+                    group=None, model=None) -> AuditReport:
     """``report`` with its validation (``measure_validation``), ranked by the best metric when the
     ranking is ``auto``. ``report`` itself is not changed."""
     v = measure_validation(report, graph=graph, data=data, loss_fn=loss_fn, units=units, seed=seed, device=device,
-                           chunk_size=chunk_size, progress=progress, group=group)
+                           chunk_size=chunk_size, progress=progress, group=group, model=model)
     return report.with_validation(v, rerank=rank_auto, top=top)
 
 
 def block_validation(first: Any, names: list[str]) -> BlockValidation:
     """How well Block Influence and angular distance rank blocks like exact removal does (``first``:
     ``residual.measure`` with every block in place), beside a random order."""
-    oracle = torch.tensor([abs(first.delta[n]) for n in names], dtype=torch.float64)
-    scores = {key: Correlation.from_dict(correlation(torch.tensor([src.get(n, math.nan) for n in names],
-                                                                  dtype=torch.float64), oracle))
-              for key, src in (("block_influence", first.influence), ("angular_distance", first.angular))}
-    return BlockValidation(oracle="|Δloss| with the block replaced by the identity", metrics=scores,
-                           random=RandomStats.from_dict(random_baseline({"blocks": oracle})["across_layers"]))
+    k = block_kind(names, {"block_influence": first.influence, "angular_distance": first.angular}, first.delta)
+    return BlockValidation(oracle=BLOCK_ORACLE, metrics=k.metrics,
+                           random=k.random)

@@ -54,8 +54,9 @@ def _overlap(m: np.ndarray, o: np.ndarray) -> float | None:
     return len(a & b) / k
 
 
-# which way is fit, from the metric spec (not from the code): APoZ is the one "lower is fit" metric
-LOWER_IS_FIT = {"apoz"}
+# which way is fit, from the metric spec (not from the code): APoZ and redundancy (R² of a unit
+# rebuilt from the others: 1 = the least needed) are the "lower is fit" metrics
+LOWER_IS_FIT = {"apoz", "redundancy"}
 
 
 def _expected(metric: np.ndarray, oracle: np.ndarray) -> dict:
@@ -213,6 +214,26 @@ def test_validation_section_schema_and_shape(name, cnn_full, mlp_full, truth):
     assert v["best"] is not None
     # without --rank-by auto the ranking metric is left alone
     assert report["settings"]["rank_by"] == "taylor"
+
+
+def test_redundancy_is_validated_lower_is_fit(mlp_full, repo, truth):
+    """With the default metrics, validation computes the opt-in redundancy too and ranks it in its
+    declared direction: a unit the layer rebuilds (R² near 1) is the least needed, so per layer its
+    Spearman is minus that of the raw R² with |Δloss|. A metric list asked for is kept as it is."""
+    report, oracle = mlp_full
+    assert "redundancy" in report["settings"]["metrics"]
+    v = report["validation"]
+    assert v["across_layers"]["redundancy"]["spearman"] is not None
+    for lay in report["layers"]:
+        if lay["name"] not in v["layers"]:
+            continue
+        r2 = _arr(lay["metrics"]["redundancy"])
+        assert np.all((r2 >= -1e-9) & (r2 <= 1 + 1e-9))
+        got = v["layers"][lay["name"]]["metrics"]["redundancy"]["spearman"]
+        want = stats.spearmanr(r2, oracle[lay["name"]]).statistic
+        assert abs(got + want) <= TOL, lay["name"]
+    asked = api.score(_ckpt(repo, truth, "mlp"), validate=True, metrics=["act_mean"], **_kw(repo, truth, "mlp"))
+    assert set(asked["validation"]["across_layers"]) == {"act_mean"}
 
 
 @pytest.mark.parametrize("name", ["cnn", "mlp"])

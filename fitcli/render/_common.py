@@ -156,3 +156,21 @@ def by_kind(ranked: list[dict]) -> list[tuple[str | None, list[dict]]]:
     for r in ranked:
         out.setdefault(r.get("kind"), []).append(r)
     return list(out.items())
+
+
+def kind_validation_rows(v: dict) -> tuple[list[str], list[dict]]:
+    """A validation's per-kind summary (``v["kinds"]``) as a metric x kind grid: the kinds, and one
+    row per metric (``{"metric", "cells": {kind: (spearman, best)}}``; a kind the metric does not
+    apply to has no cell: block scores are for blocks only), then the random order's row."""
+    kinds = list(v.get("kinds") or {})
+    metrics = list(dict.fromkeys(m for k in kinds for m in sorted(v["kinds"][k]["metrics"])))
+    rows = []
+    for m in metrics:
+        cells = {k: (c["spearman"], v["kinds"][k].get("best") == m) for k in kinds
+                 if (c := v["kinds"][k]["metrics"].get(m)) is not None}
+        rows.append({"metric": m, "cells": cells})
+    rnd = {k: ((v["kinds"][k].get("random") or {}).get("spearman"), False) for k in kinds
+           if v["kinds"][k].get("random")}
+    if rnd:
+        rows.append({"metric": "(random order)", "cells": rnd})
+    return kinds, rows

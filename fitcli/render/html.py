@@ -13,6 +13,10 @@ smooth. Unit-level plots are binned past a threshold (and the page says so):
 - the validation scatter plots show at most ``SCATTER_POINTS`` units per metric (an even sample);
 - each metric's distributions are one heatmap per kind of unit (layers x value bins), however
   many layers the model has.
+
+When ``redundancy`` was computed the page has a redundancy section (its R² per layer and the
+units the rest of their layer rebuilds); with ``--validate``, each metric's Spearman per unit kind
+(residual blocks: Block Influence and angular distance against exact removal).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from fitcli.discovery.kinds import entry_kind
 from fitcli.errors import UsageError
-from fitcli.render._common import coverage_line, key_metrics
+from fitcli.render._common import coverage_line, key_metrics, kind_validation_rows
 from fitcli.render.browser import BROWSERS, browser_check, find_chromium  # noqa: F401  (tests and bench)
 from fitcli.render.charts import (
     MAP_CELLS,
@@ -452,8 +456,38 @@ def _audit_sections(report: dict, charts: _Charts) -> dict[str, Any]:
     map_metric = rank_by if any(rank_by in lay["metrics"] for lay in layers) else (keys[0] if keys else None)
     ctx.update(_maps(report, map_metric, ctx["constant"], charts))
     ctx["rows"], ctx["total_units"] = _ranked_rows(report, rank_by, keys, ctx["constant"])
+    ctx["redundancy"] = redundancy_context(layers, charts)
     ctx["validation"] = _validation_context(report, charts) if report.get("validation") else None
     return ctx
+
+
+REBUILT = 0.99  # R² from which the redundancy section counts a unit as rebuilt by the rest of its layer
+
+
+def redundancy_rows(layers: list[dict]) -> list[dict]:
+    """Per layer with ``redundancy`` values: its units, the mean R², how many units the other units
+    rebuild (R² ≥ REBUILT) and the most redundant unit."""
+    rows = []
+    for lay in layers:
+        vals = lay["metrics"].get("redundancy")
+        if vals is None:
+            continue
+        finite = [(v, u) for u, v in enumerate(vals) if v is not None]
+        top = max(finite) if finite else (None, None)
+        rows.append({"layer": lay["name"], "units": lay["units"], "finite": len(finite),
+                     "mean": sum(v for v, _ in finite) / len(finite) if finite else None,
+                     "rebuilt": sum(1 for v, _ in finite if v >= REBUILT), "top_unit": top[1], "top": top[0]})
+    return rows
+
+
+def redundancy_context(layers: list[dict], charts: _Charts) -> dict[str, Any] | None:
+    """The redundancy section (only when the metric was computed): the distribution of R² per layer
+    and a row per layer."""
+    rows = redundancy_rows(layers)
+    if not rows:
+        return None
+    return {"rows": rows, "threshold": REBUILT,
+            "charts": _distributions([lay for lay in layers if "redundancy" in lay["metrics"]], ["redundancy"], charts)}
 
 
 def _validation_context(report: dict, charts: _Charts) -> dict[str, Any]:
@@ -462,8 +496,10 @@ def _validation_context(report: dict, charts: _Charts) -> dict[str, Any]:
     scatters = [charts.add(scatter_chart(pts, m, v["across_layers"][m]))
                 for m, pts in sorted(points.items(), key=lambda kv: -(v["across_layers"][kv[0]].get("spearman") or -2))
                 if pts]
-    return {"v": v, "scatters": scatters, "source": source, "corr_chart": charts.add(correlation_chart(v)),
-            "capped": sampled}
+    kinds, kind_rows = kind_validation_rows(v)
+    return {"v": v, "scatters": scatters, "source": source,
+            "corr_chart": charts.add(correlation_chart(v)) if v["layers"] else None,
+            "capped": sampled, "kinds": kinds, "kind_rows": kind_rows}
 
 
 COMPARE_SCHEMA = "fitcli.compare/1"

@@ -10,6 +10,7 @@ from fitcli.render._common import (
     coverage_line,
     fmt,
     key_metrics,
+    kind_validation_rows,
     pct,
 )
 
@@ -77,6 +78,25 @@ def _validation_markdown(v: dict) -> list[str]:
     return lines
 
 
+def _kind_validation_markdown(v: dict) -> list[str]:
+    """Per unit kind: metric x kind Spearman with exact ablation (blocks: each block removed)."""
+    kinds, rows = kind_validation_rows(v)
+    if not kinds:
+        return []
+    lines = ["", "Validation per unit kind (Spearman with exact ablation; blocks: each block removed):", "",
+             "| metric | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    for r in rows:
+        cells = []
+        for k in kinds:
+            rho, best = r["cells"].get(k, (None, False))
+            s = ("n/a" if rho is None else f"{rho:+.2f}") if k in r["cells"] else ""
+            cells.append(f"**{s}**" if best else s)
+        lines.append(f"| {r['metric']} | " + " | ".join(cells) + " |")
+    if not v["layers"]:
+        lines += ["", v["recommendation"]]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     if report.get("command") == "blocks":
         return _blocks_markdown(report)
@@ -127,7 +147,8 @@ def render_markdown(report: dict) -> str:
                                                          r.get("block_influence") or 0.0, r["name"])):
             lines.append(f"| {r['name']} | {fmt(r.get('block_influence'))} | {fmt(r.get('angular_distance'))} |")
     if report.get("validation"):
-        lines += _validation_markdown(report["validation"])
+        lines += _validation_markdown(report["validation"]) if report["validation"]["layers"] else []
+        lines += _kind_validation_markdown(report["validation"])
     if report.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"`{x['metric']}` ({x['reason']})" for x in report["skipped"])]
     return "\n".join(lines) + "\n"

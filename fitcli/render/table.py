@@ -15,6 +15,7 @@ from fitcli.render._common import (
     coverage_line,
     fmt,
     key_metrics,
+    kind_validation_rows,
     name_widths,
     not_audited_groups,
     not_audited_text,
@@ -234,7 +235,9 @@ def render_report(report: dict, width: int | None = None) -> Group:
     if report.get("blocks"):
         parts += _blocks_section(report["blocks"])
     if report.get("validation"):
-        parts.append(render_validation(report["validation"]))
+        if report["validation"]["layers"]:
+            parts.append(render_validation(report["validation"]))
+        parts += render_kind_validation(report["validation"])
     parts += _footer(report)
     return Group(*parts)
 
@@ -354,6 +357,33 @@ def _validation_compact(v: dict) -> Group:
         parts.append(Text(f"layer names without their common prefix {prefix!r}", style="dim"))
     parts.append(Text(v["recommendation"], style="bold"))
     return Group(*parts)
+
+
+def render_kind_validation(v: dict) -> list:
+    """Per unit kind (``validation.kinds``): each metric's Spearman with exact ablation across the
+    kind's layers (blocks: with each block's exact removal), the best per kind in bold, and a random
+    order's; nothing when the validation has no per-kind summary."""
+    kinds, rows = kind_validation_rows(v)
+    if not kinds:
+        return []
+    t = Table(show_edge=False)
+    t.add_column("metric")
+    for k in kinds:
+        t.add_column(Text(k), justify="right")
+    for r in rows:
+        dim = r["metric"].startswith("(")
+        cells = []
+        for k in kinds:
+            rho, best = r["cells"].get(k, (None, False))
+            txt = fmt_corr(rho) if k in r["cells"] else ""
+            cells.append(Text(txt, style="bold green" if best else ("dim" if dim else "")))
+        t.add_row(Text(r["metric"], style="dim" if dim else ""), *cells)
+    head = Text("Validation per unit kind: Spearman with exact ablation over each kind's units (blocks: each block "
+                "removed)", style="bold")
+    parts: list = [head, t]
+    if not v["layers"]:
+        parts.append(Text(v["recommendation"], style="bold"))
+    return parts
 
 
 def fmt_corr(x: float | None) -> str:
