@@ -304,7 +304,8 @@ def _units_validation(report: AuditReport, sel: dict[str, list[int] | None], ab,
         signed[lay.name] = floats(full[idx])
         per_metric[lay.name] = {m: tensor([fit[m][lay.name][i] for i in idx]) for m in lay.metrics if m not in exclude}
     v = correlations(per_metric, oracle)
-    kinds = {lay.name: kind_of_point(lay.activation_point_kind).name for lay in report.layers if lay.name in sel}
+    kinds = {lay.name: getattr(lay, "kind", None) or kind_of_point(lay.activation_point_kind).name  # as the tables say
+             for lay in report.layers if lay.name in sel}
     by_kind = kind_correlations(per_metric, oracle, kinds) if wants_kinds(kinds) or with_blocks else None
     best = v["best"]
     rho = v["across_layers"].get(best, {}).get("spearman") if best else None

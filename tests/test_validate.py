@@ -614,9 +614,9 @@ def test_validation_per_kind_on_a_transformer():
     ab = fitcli.ablate(m, data, layers=heads + mlp, device="cpu").to_dict()
     oracle = {lay["name"]: np.abs(_arr(lay["metrics"]["ablation"])) for lay in ab["layers"]}
     kinds = report["validation"]["kinds"]
-    assert set(kinds) == {"heads", "channels"}
+    assert set(kinds) == {"heads", "mlp"}  # the kinds of the tables: heads and MLP channels
     by_name = {lay["name"]: lay for lay in report["layers"]}
-    for kind, names in (("heads", heads), ("channels", mlp)):
+    for kind, names in (("heads", heads), ("mlp", mlp)):
         k = kinds[kind]
         assert k["layers"] == names
         assert set(k["metrics"]) == set(by_name[names[0]]["metrics"]) - EXCLUDE
@@ -637,7 +637,7 @@ def test_validation_per_kind_on_a_transformer():
         units = sum(by_name[n]["units"] for n in names)
         assert k["random"]["units"] == units and k["random"]["draws"] == fv.RANDOM_DRAWS
         assert abs(k["random"]["spearman"]) < 0.5  # a random order: near 0 (200 draws over few units)
-    assert kinds["heads"]["random"]["units"] == 8 and kinds["channels"]["random"]["units"] == 64
+    assert kinds["heads"]["random"]["units"] == 8 and kinds["mlp"]["random"]["units"] == 64
 
 
 def test_validation_of_one_kind_has_no_per_kind_block(cnn_full):

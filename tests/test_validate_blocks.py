@@ -130,7 +130,7 @@ def test_blocks_beside_heads_and_mlp_in_the_json_schema_table_and_markdown(valid
     d = json.loads(rep.dumps(report.to_dict()))
     rep.validate(d)  # the shipped schema covers the blocks kind
     kinds = d["validation"]["kinds"]
-    assert "blocks" in kinds and "heads" in kinds and len(kinds) == 3  # heads, MLP channels, blocks
+    assert set(kinds) == {"heads", "kv_groups", "mlp", "blocks"}  # the kinds of the tables (GQA: key-value groups too)
     assert all("ablation" not in k for name, k in kinds.items() if name != "blocks")  # units: per layer
     again = fitcli.AuditReport.from_dict(d).to_dict()
     assert again["validation"] == d["validation"]  # from_dict(to_dict) round trip
