@@ -86,7 +86,7 @@ def _members(dg, tp, mod, names: dict[nn.Module, str]) -> tuple[list[str], list[
                 touched.append((f"a {type(target).__name__}", target))  # e.g. an unwrapped nn.Parameter
             continue
         touched.append((name, target))
-        if "out_channels" in handler and not isinstance(target, NORMS):
+        if "out_channels" in handler and isinstance(target, (nn.Linear, *_CONVS)):
             writers.append(name)
     return list(dict.fromkeys(writers)), touched
 
@@ -192,9 +192,10 @@ def choose_streams(how: Any, budget: float | None, streams: list[Stream], ranges
 
 
 def check_streams(streams: list[Stream], kinds: tuple[str, ...], budget: float | None,
-                  picked: dict[str, list[int]]) -> None:
-    """With ``hidden`` the only kind: a model without a removable stream, or a budget below one
-    channel of every stream, is refused rather than giving an unchanged model."""
+                  picked: dict[str, list[int]], refused: list[dict[str, Any]]) -> None:
+    """With ``hidden`` the only kind: a model without a removable stream, or a budget that takes
+    no channel (below one channel of every stream, or all of them), is refused rather than
+    giving an unchanged model."""
     if kinds != ("hidden",):
         return
     if not streams:
@@ -204,6 +205,9 @@ def check_streams(streams: list[Stream], kinds: tuple[str, ...], budget: float |
     if not ok:
         raise InputError(f"no residual stream of this model can lose channels: {streams[0].label}: "
                          f"{streams[0].reason}", setting="kinds")
+    if budget is not None and budget > 0 and not picked and refused:
+        raise UsageError(f"{{budget}} {budget:g} takes no channel: {refused[0]['layer']}: {refused[0]['reason']}",
+                         setting="budget")
     if budget is not None and budget > 0 and not picked:
         widths = ", ".join(str(s.width) for s in ok)
         raise UsageError(f"{{budget}} {budget:g} is less than one channel of every residual stream (widths "

@@ -428,7 +428,7 @@ def _select(dg, pruned: nn.Module, graph, how: Any, budget: float | None, kinds:
     chosen, selection, by, rows = _choose(own, budget, loaded, ds, loss, s, cands, ranges)
     picked, refused_streams = choose_streams(how, budget, streams, ranges, rows)
     _refuse_named(how, refused_streams)
-    check_streams(streams, kinds, budget, picked)
+    check_streams(streams, kinds, budget, picked, refused_streams)
     plans, consts, removed, folded, refused = _plan_removal(dg, pruned, graph, own, chosen, ranges, ds, dev)
     if "hidden" in kinds:
         n = sum(len(c) for c in picked.values())
