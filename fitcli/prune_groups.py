@@ -206,7 +206,7 @@ def check_streams(streams: list[Stream], kinds: tuple[str, ...], budget: float |
         raise InputError(f"no residual stream of this model can lose channels: {streams[0].label}: "
                          f"{streams[0].reason}", setting="kinds")
     if budget is not None and budget > 0 and not picked and refused:
-        raise UsageError(f"{{budget}} {budget:g} takes no channel: {refused[0]['layer']}: {refused[0]['reason']}",
+        raise UsageError(f"{{budget}} {budget:g} cannot be met: {refused[0]['layer']}: {refused[0]['reason']}",
                          setting="budget")
     if budget is not None and budget > 0 and not picked:
         widths = ", ".join(str(s.width) for s in ok)

@@ -434,7 +434,7 @@ def _select(dg, pruned: nn.Module, graph, how: Any, budget: float | None, kinds:
         n = sum(len(c) for c in picked.values())
         selection = (selection + "; " if "channels" in kinds else "") + (
             f"residual streams: {n} channel(s) of {len(streams)} stream(s)"
-            + (" (least fit by the sum of the writers' scores)" if budget is not None else ""))
+            + (f" (least fit by {by} summed over each stream's writers)" if budget is not None else ""))
     return _Selection(plans, consts, removed, folded, refused + refused_streams, streams, picked, selection, by)
 
 
@@ -471,12 +471,10 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
     Examples:
         >>> fitcli.prune(model, loader, remove="dead", device="cpu").removed
     """
-    from fitcli import api
     from fitcli.prune_hf import hf_module, prune_from_api
 
     hf = hf_module(model, {"arch": arch, "arch_kwargs": arch_kwargs, "trust_checkpoint": trust_checkpoint})
     if hf is not None and (budget is not None or transformer):  # named, dead, removable: the graph, exactly
-
         return prune_from_api(hf[0], data, remove=remove, budget=budget, kinds=kinds, rank_by=rank_by,
                               seed=seed, source_dir=hf[1], **transformer)
     if transformer:
@@ -487,6 +485,14 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
     check_loss(loss)
     loaded, ds = _load_inputs(model, data, s, {"arch": arch, "arch_kwargs": arch_kwargs,
                                                "trust_checkpoint": trust_checkpoint})
+    return _prune_loaded(loaded, ds, data, how, budget, kinds_t, loss, s)
+
+
+def _prune_loaded(loaded, ds, data: Any, how: Any, budget: float | None, kinds: tuple[str, ...], loss: Any,
+                  s: Settings) -> PruneResult:
+    """``prune`` once the model and the data are loaded and the request checked."""
+    from fitcli import api
+
     dev = pick_device(s.device)
     original = loaded.module
     with api.caller_state(original, s.seed):
@@ -503,7 +509,7 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
         ranges, base = unit_ranges(graph, candidates, ds, dev, loss_fn)
         pruned = copy.deepcopy(original).eval()
         dg = dependency_graph(pruned, example)
-        sel = _select(dg, pruned, graph, how, budget, kinds_t, loaded, ds, loss, s, candidates, ranges, dev)
+        sel = _select(dg, pruned, graph, how, budget, kinds, loaded, ds, loss, s, candidates, ranges, dev)
         predicted = _predicted_change(graph, sel.zeroed, ranges, base, ds, loss_fn, dev)
         before = (count_params(original), count_flops(original, example))
         _surgery(pruned, dg, sel.plans, sel.removed, sel.folded, sel.consts)
@@ -531,7 +537,7 @@ def _refuse_named(how: Any, refused: list[dict[str, Any]]) -> None:
     """Units the caller named are removed exactly or not at all."""
     if refused and isinstance(how, dict):
         r = refused[0]
-        hint = ("; {kinds} hidden removes a residual-stream channel from all of them at once"
+        hint = ("; with {kinds} hidden it goes from all of them, as one residual-stream channel"
                 if "coupled to" in r["reason"] else "")
         raise PruneRefused(f"cannot remove unit(s) {_short_units(r['units'])} of {r['layer']}: {r['reason']}{hint}",
                            setting="kinds" if hint else None)
