@@ -94,7 +94,7 @@ class TransformerPruneResult:
         if not self.per_layer:
             return [save_pretrained_folder(self.module, out, source_dir=self.source_dir)]
         from fitcli.data import Batch
-        from fitcli.pruning import check_outputs, export_program
+        from fitcli.prune_export import check_outputs, export_program
         from fitcli.report import replace_atomically
 
         pt2, st = check_outputs(out, [*protect, *([self.source_dir] if self.source_dir else [])])
