@@ -443,7 +443,8 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
           trust_checkpoint: bool = False, settings: Settings | None = None, device: str | None = None,
           seed: int | None = None, tau: float | None = None, rank_by: str | None = None,
           batch_size: int | None = None, max_batches: int | None = None, chunk_size: int | None = None,
-          ablation_mode: str | None = None, **transformer: Any) -> Any:
+          ablation_mode: str | None = None, target_params: int | None = None, compensate: str | None = None,
+          per_layer: bool = False, eval_data: Any = None) -> Any:
     """Physically remove units from a deep copy of ``model``; see the module docstring.
 
     Args:
@@ -458,8 +459,8 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
             channels, cut from every coupled layer at once, scored by the sum of the writers'
             scores), or both. A Hugging Face transformer: ``mlp``, ``heads``, ``hidden``, ``blocks``.
         device, seed, tau, rank_by, batch_size, max_batches, chunk_size, ablation_mode: Settings fields.
-        **transformer: a Hugging Face transformer only (``target_params``, ``compensate``,
-            ``per_layer``, ``eval_data``): see ``fitcli.prune_hf.prune_transformer``.
+        target_params, compensate, per_layer, eval_data: a Hugging Face transformer only, see
+            ``fitcli.prune_hf.prune_transformer``.
 
     Returns:
         A ``PruneResult``: the pruned copy, what was removed, folded and refused, loss and accuracy.
@@ -473,6 +474,8 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
     """
     from fitcli.prune_hf import hf_module, prune_from_api
 
+    transformer = {k: v for k, v in dict(target_params=target_params, compensate=compensate,
+                                         per_layer=per_layer or None, eval_data=eval_data).items() if v is not None}
     hf = hf_module(model, {"arch": arch, "arch_kwargs": arch_kwargs, "trust_checkpoint": trust_checkpoint})
     if hf is not None and (budget is not None or transformer):  # named, dead, removable: the graph, exactly
         return prune_from_api(hf[0], data, remove=remove, budget=budget, kinds=kinds, rank_by=rank_by,
