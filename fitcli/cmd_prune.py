@@ -45,6 +45,7 @@ EXAMPLES = """Examples:
   fitcli prune model.pt --arch models.py:Net --data val.pt --remove removable -o pruned --format json
   fitcli prune model.pt --arch models.py:Net --data val.pt --remove fc1:3,17 --remove fc2:5-7 -o pruned
   fitcli prune model.pt --arch models.py:Net --data val.pt --budget 10 --rank-by apoz -o pruned
+  fitcli prune resnet.pt --arch models.py:resnet --data val.pt --kinds channels,hidden --budget 20 -o pruned
 """
 
 RemoveOpt = Annotated[list[str] | None, typer.Option("--remove", help="dead (dead and constant units), removable (exact ablation |Δloss| ≤ 1e-6, and constant units), or LAYER:UNITS such as fc1:3,7-9 (repeatable) [default: dead]")]
@@ -54,7 +55,7 @@ PRUNE_FORMATS = formats("table", "json", "markdown", "csv")
 PruneFormatOpt = Annotated[PRUNE_FORMATS | None, typer.Option(  # type: ignore[valid-type]
     "--format", help="before/after figures as a table, json, markdown or csv [default: table]")]
 OutOpt = Annotated[str | None, typer.Option("--output", "-o", help="write OUT.pt2 (torch.export: runs without your code) and OUT.safetensors (the pruned weights), atomically; a Hugging Face model: the folder OUT (from_pretrained loads it)")]
-KindsOpt = Annotated[str | None, typer.Option("--kinds", help="Hugging Face transformers: what may go, comma-separated: mlp, heads, hidden, blocks [default: mlp]")]
+KindsOpt = Annotated[str | None, typer.Option("--kinds", help="what may go, comma-separated: channels (each layer's own units), hidden (residual-stream channels, e.g. a ResNet's: cut from every coupled layer at once, ranked by the sum of the writers' scores) [default: channels]; a Hugging Face transformer: mlp, heads, hidden, blocks [default: mlp]")]
 TargetOpt = Annotated[int | None, typer.Option("--target-params", min=1, help="Hugging Face transformers: remove units until N parameters remain (instead of --budget)")]
 CompOpt = Annotated[str | None, typer.Option("--compensate", help="Hugging Face transformers: ridge (least squares, strength chosen on held-out calibration tokens), mean (FLAP's bias) or none [default: ridge]")]
 PerLayerOpt = Annotated[bool, typer.Option("--per-layer", help="Hugging Face transformers: MLP channel counts may differ between blocks (written as OUT.pt2 + OUT.safetensors: a stock config holds one count)")]
@@ -130,7 +131,9 @@ def units_text(d: dict) -> list[str]:
         folded = d["folded"].get(layer, {})
         shown = [f"{u} (folded: {folded[str(u)]:.4g})" if str(u) in folded else str(u) for u in units]
         out.append(f"removed from {layer}: {', '.join(shown)}")
-    if not d["removed"]:
+    for label, chans in d.get("streams", {}).items():
+        out.append(f"removed from the residual stream {label}: {', '.join(map(str, chans))}")
+    if not d["removed"] and not d.get("streams"):
         out.append("removed: nothing")
     for r in d["refused"]:
         out.append(f"refused {r['layer']} unit(s) {','.join(map(str, r['units']))}: {r['reason']}")
@@ -186,17 +189,21 @@ def command(
             raise UsageError("--remove is for models pruned by the dependency graph; a Hugging Face transformer "
                              "takes --budget or --target-params with --kinds")
         return run_hf(model, m, output, budget, hf)
-    given = [f"--{k.replace('_', '-')}" for k, v in hf.items() if v is not None]
+    given = [f"--{k.replace('_', '-')}" for k, v in hf.items() if v is not None and k != "kinds"]
     if given:
         raise UsageError(f"{', '.join(given)}: for a Hugging Face transformer folder only")
     how = parse_remove(remove)
     settings = checked_settings(m)
+    from fitcli.prune_groups import check_kinds
     from fitcli.pruning import check_outputs, prune
+
+    check_kinds(kinds)  # before anything is loaded
 
     protect = [p for p in (model, m.get("data"), m.get("text"), m.get("_config")) if p]
     check_outputs(output, protect)  # before anything is loaded; a refusal names its setting: output
     loaded = model_of(model, m)
-    result = prune(loaded, data_of(model, m, settings), remove=how, budget=budget, loss=loss_of(m.get("loss")), settings=settings)
+    result = prune(loaded, data_of(model, m, settings), remove=how, budget=budget, kinds=kinds,
+                   loss=loss_of(m.get("loss")), settings=settings)
     written = result.save(output, protect=protect)
     d = result.to_dict()
     if m["format"] is Fmt.json:

@@ -94,7 +94,7 @@ class TransformerPruneResult:
         if not self.per_layer:
             return [save_pretrained_folder(self.module, out, source_dir=self.source_dir)]
         from fitcli.data import Batch
-        from fitcli.pruning import check_outputs, export_program
+        from fitcli.prune_export import check_outputs, export_program
         from fitcli.report import replace_atomically
 
         pt2, st = check_outputs(out, [*protect, *([self.source_dir] if self.source_dir else [])])
@@ -453,5 +453,45 @@ def prune_transformer(model: nn.Module, data: Any, *, kinds: Iterable[str] = ("m
         source_dir=source_dir)
 
 
+def prune_from_api(model: nn.Module, data: Any, *, remove: Any = "dead", budget: float | None = None,
+                   kinds: Any = None, rank_by: str | None = None, seed: int | None = None,
+                   source_dir: str | None = None, target_params: int | None = None, compensate: str | None = None,
+                   per_layer: bool = False, eval_data: Any = None) -> TransformerPruneResult:
+    """``fitcli.prune`` on a Hugging Face transformer: ``prune_transformer`` with the API's words
+    (``kinds`` a list or a comma-separated string, default ``mlp``)."""
+    if not (isinstance(remove, str) and remove == "dead"):
+        raise UsageError("{remove} is for models pruned through the dependency graph; a Hugging Face transformer "
+                         "takes {budget} or {target_params} with {kinds}",
+                         setting=("remove", "budget", "target_params", "kinds"))
+    if budget is None and target_params is None:
+        raise UsageError("a Hugging Face transformer is pruned to a {budget} (percent of the parameters) or "
+                         "{target_params}", setting=("budget", "target_params"))
+    names = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else list(kinds or ["mlp"])
+    return prune_transformer(model, data, kinds=[k for k in names if k], budget=budget, target_params=target_params,
+                             rank_by=rank_by, compensate=compensate or "ridge", per_layer=per_layer,
+                             eval_data=eval_data, seed=0 if seed is None else seed, source_dir=source_dir)
+
+
+def hf_module(model: Any, how: dict[str, Any]) -> tuple[nn.Module, str | None] | None:
+    """(the module, its folder) when ``model`` is a Hugging Face transformer fitcli's own surgery
+    prunes (a ``PreTrainedModel`` or a model folder), else None (Torch-Pruning's graph then)."""
+    import sys
+
+    folder = None
+    if isinstance(model, (str, Path)) and Path(model).is_dir() and (Path(model) / "config.json").is_file():
+        from fitcli import api
+
+        folder, model = str(model), api.load(model, **how).module
+    tf = sys.modules.get("transformers")
+    if tf is None or not isinstance(model, tf.PreTrainedModel):
+        return None
+    try:
+        find_family(model)
+    except UsageError:
+        return None
+    return model, folder
+
+
 __all__ = ["RANKERS", "DEFAULT_RANK", "MODES", "TransformerPruneResult", "as_inputs", "choose", "count_params",
+           "hf_module", "prune_from_api",
            "flops_per_token", "lm_loss", "predicted_change", "prune_transformer", "random_plan", "split_budget", "step_costs", "token_batches"]

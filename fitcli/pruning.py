@@ -32,18 +32,31 @@ from fitcli.engine import peek, pick_device
 from fitcli.errors import InputError, UsageError
 from fitcli.losses import check_loss, resolve_loss
 from fitcli.prune_export import check_outputs, export_program, output_paths, plain, plain_outputs  # noqa: F401
+from fitcli.prune_groups import (
+    NORMS,
+    check_kinds,
+    check_streams,
+    choose_streams,
+    cut_streams,
+    find_streams,
+    out_fn,
+    stream_units,
+    torch_pruning,
+    writer_streams,
+)
 from fitcli.prune_measure import (  # noqa: F401
     CONST_TOL,
+    consumer_constants,
     count_flops,
     count_params,
     evaluate,
+    fold,
+    fold_reason,
     is_constant,
     unit_ranges,
 )
 from fitcli.report import replace_atomically
 from fitcli.settings import Settings
-
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class PruneRefused(InputError):
@@ -54,7 +67,9 @@ class PruneRefused(InputError):
 class PruneResult:
     """What ``prune`` did. ``module``: the pruned deep copy; ``removed``: units taken out of
     each layer (original indices), ``folded``: those among them whose constant value went
-    into the consumers' bias ({layer: {unit: value}}); ``refused``: {layer, units, reason}."""
+    into the consumers' bias ({layer: {unit: value}}); ``refused``: {layer, units, reason};
+    ``streams``: residual-stream channels removed from every coupled layer at once
+    ({"conv1+layer1.0.conv2": [channels]}, the writers joined by ``+``)."""
 
     module: nn.Module
     removed: dict[str, list[int]]
@@ -75,6 +90,7 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
     example: Batch | None = field(default=None, repr=False)
     inputs: list[str] = field(default_factory=list, repr=False)  # files never to overwrite
+    streams: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def loss_change(self) -> float | None:
@@ -85,7 +101,7 @@ class PruneResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "selection": self.selection, "rank_by": self.rank_by, "loss_name": self.loss_name,
-            "removed": self.removed,
+            "removed": self.removed, "streams": self.streams,
             "folded": {k: {str(u): c for u, c in v.items()} for k, v in self.folded.items()},
             "refused": self.refused,
             "parameters": {"before": self.params_before, "after": self.params_after},
@@ -114,23 +130,6 @@ class PruneResult:
 # the dependency graph (Torch-Pruning) and what may be removed
 
 
-def _tp():
-    try:
-        import torch_pruning as tp
-    except ImportError as e:
-        raise InputError("pruning needs the 'prune' extra (pip install 'fitcli[prune]': torch-pruning, "
-                         "for the dependency graph)") from e
-    return tp
-
-
-def _out_fn(tp, mod: nn.Module):
-    if isinstance(mod, nn.Linear):
-        return tp.prune_linear_out_channels
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups == 1:
-        return tp.prune_conv_out_channels
-    return None
-
-
 @dataclass
 class _Plan:
     """One layer's surgery: its module, and per unit the consumers' input columns."""
@@ -145,7 +144,7 @@ def _layer_reason(lay, mod: nn.Module | None, tp) -> str | None:
         return "it is the final layer: its units are the model's outputs"
     if (why := lay.kind.removal(lay)) is not None:
         return why
-    if mod is None or _out_fn(tp, mod) is None:
+    if mod is None or out_fn(tp, mod) is None:
         return f"{lay.type} layers are not supported (Linear and ungrouped ConvNd are)"
     return None
 
@@ -163,7 +162,7 @@ def _group_of(dg, tp, mod: nn.Module, fn, idxs: list[int], names: dict[nn.Module
         name = names.get(target)
         if name is None:  # Torch-Pruning's own nodes for functions (elementwise, reshape, concat)
             continue
-        if "out_channels" in handler and name != layer and not isinstance(target, _NORMS):
+        if "out_channels" in handler and name != layer and not isinstance(target, NORMS):
             coupled.append(name)
         elif "in_channels" in handler:
             consumers.append((name, [int(i) for i in didx]))
@@ -179,7 +178,7 @@ def _group_of(dg, tp, mod: nn.Module, fn, idxs: list[int], names: dict[nn.Module
 
 def dependency_graph(module: nn.Module, example: Batch):
     """Torch-Pruning's dependency graph of ``module``, from one forward on ``example``."""
-    return _tp().DependencyGraph().build_dependency(module, example_inputs=example,
+    return torch_pruning().DependencyGraph().build_dependency(module, example_inputs=example,
                                                     forward_fn=lambda m, b: m(*b.args, **b.kwargs), verbose=False)
 
 
@@ -188,7 +187,7 @@ def plan_layers(dg, module: nn.Module, graph, chosen: dict[str, list[int]],
     """Per chosen layer of ``module``: its plan, or its refusal with the reason. The coupling is
     checked on the group of all the layer's chosen units at once; each unit in ``folds`` (a
     nonzero constant at its point) gets its own consumers' columns, to fold it."""
-    tp = _tp()
+    tp = torch_pruning()
     mods = dict(module.named_modules())
     names = {m: n for n, m in mods.items()}
     lays = {lay.name: lay for lay in graph.layers}
@@ -204,7 +203,7 @@ def plan_layers(dg, module: nn.Module, graph, chosen: dict[str, list[int]],
         if reason is None and len(units) >= lay.units:
             reason = "it would remove every unit of the layer (the layer itself would go)"
         if reason is None:
-            fn = _out_fn(tp, mod)
+            fn = out_fn(tp, mod)
             _, reason = _group_of(dg, tp, mod, fn, list(units), names, lname)
             for u in units:
                 if reason is None and (lname, u) in folds:
@@ -214,93 +213,6 @@ def plan_layers(dg, module: nn.Module, graph, chosen: dict[str, list[int]],
             continue
         plans[lname] = _Plan(lname, mod, per_unit)
     return plans, refused
-
-
-def consumer_constants(module: nn.Module, plans: dict[str, _Plan], data, device: torch.device
-                       ) -> dict[tuple[str, int], list[torch.Tensor] | None]:
-    """Per (layer, unit): the constant value of each of its consumers' input columns over the
-    data (one tensor per consumer), or None where some column varies."""
-    mods = dict(module.named_modules())
-    cols: dict[str, set[int]] = {}
-    for p in plans.values():
-        for lst in p.consumers.values():
-            for cname, idxs in lst:
-                cols.setdefault(cname, set()).update(idxs)
-    index = {c: sorted(s) for c, s in cols.items()}
-    if not index:  # no unit to fold: no pass over the data
-        return {}
-    stats: dict[str, list[torch.Tensor]] = {}
-
-    def pre(cname: str):
-        conv = not isinstance(mods[cname], nn.Linear)
-
-        def hook(m, args):
-            x = args[0].detach().to(torch.float64)
-            idx = torch.tensor(index[cname], device=x.device)
-            v = x.index_select(1 if conv else x.dim() - 1, idx)
-            v = v.movedim(1, -1) if conv else v
-            v = v.reshape(-1, len(index[cname]))
-            lo, hi, s = v.amin(0), v.amax(0), v.sum(0)
-            if cname not in stats:
-                stats[cname] = [lo, hi, s, torch.tensor(float(v.shape[0]), dtype=torch.float64)]
-            else:
-                a = stats[cname]
-                stats[cname] = [torch.minimum(a[0], lo), torch.maximum(a[1], hi), a[2] + s, a[3] + v.shape[0]]
-        return hook
-
-    handles = [mods[c].register_forward_pre_hook(pre(c)) for c in index]
-    try:
-        with torch.no_grad():
-            for b in data:
-                b = b.to(device)
-                module(*b.args, **b.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    out: dict[tuple[str, int], list[torch.Tensor] | None] = {}
-    for p in plans.values():
-        for u, lst in p.consumers.items():
-            vals: list[torch.Tensor] | None = []  # (a unit's consumers: listed only for fold candidates)
-            for cname, idxs in lst:
-                lo, hi, s, n = stats[cname]
-                pos = torch.tensor([index[cname].index(i) for i in idxs])
-                mean = (s / n)[pos]
-                if not all(is_constant(float(a), float(b), float(c)) for a, b, c in zip(lo[pos], hi[pos], mean, strict=True)):
-                    vals = None
-                    break
-                assert vals is not None
-                vals.append(mean.cpu())
-            out[(p.layer, u)] = vals
-    return out
-
-
-def _fold_reason(mod: nn.Module, c: torch.Tensor) -> str | None:
-    if isinstance(mod, nn.Linear):
-        return None
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if mod.groups != 1:
-            return "its consumer is a grouped convolution"
-        pad = mod.padding if isinstance(mod.padding, tuple) else (mod.padding,)
-        if isinstance(mod.padding, str) and mod.padding != "valid":
-            pad = (1,)
-        if all(p == 0 for p in pad) or bool((c == 0).all()):
-            return None
-        return (f"its constant value feeds the padded convolution {type(mod).__name__}: the padding makes its "
-                "contribution vary at the borders, so it cannot be folded into the bias exactly")
-    return f"its consumer {type(mod).__name__} has no bias to fold a constant into"
-
-
-def fold(mod: nn.Module, idxs: list[int], c: torch.Tensor) -> None:
-    """``bias += W[:, idxs] · c`` (a ConvNd without padding: summed over the kernel too)."""
-    if bool((c == 0).all()):
-        return
-    w = mod.weight.detach().to(torch.float64)[:, idxs]
-    cc = c.to(torch.float64).to(w.device)
-    add = (w * cc.reshape(1, -1, *([1] * (w.dim() - 2)))).sum(dim=tuple(range(1, w.dim())))
-    with torch.no_grad():
-        if mod.bias is None:
-            mod.bias = nn.Parameter(torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype, device=mod.weight.device))
-        mod.bias.add_(add.to(mod.bias.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,35 +266,37 @@ def _union(*dicts: dict[str, list[int]]) -> dict[str, list[int]]:
 
 
 def _choose(how: str | dict, budget: float | None, loaded, ds, loss, s: Settings, candidates: list[str],
-            ranges) -> tuple[dict[str, list[int]], str, str | None]:
-    """-> ({layer: units}, a description of the choice, the ranking metric for a budget)."""
+            ranges) -> tuple[dict[str, list[int]], str, str | None, list[dict] | None]:
+    """-> ({layer: units}, a description of the choice, the ranking metric for a budget, the
+    ranked rows of every layer for a budget)."""
     from fitcli import api
 
     if budget is not None:
         report = api.audit(loaded, ds, loss=loss, metrics=[s.rank_by] if s.rank_by else None, settings=s)
         by = report.settings.get("rank_by")
-        rows = [r for r in report.ranked(by=by, top=None) if r["layer"] in candidates]
+        every = report.ranked(by=by, top=None)
+        rows = [r for r in every if r["layer"] in candidates]
         total = sum(len(ranges[n][0]) for n in candidates)
         k = int(math.floor(budget / 100.0 * total + 1e-9))
         picked: dict[str, list[int]] = {}
         for r in rows[:k]:
             picked.setdefault(r["layer"], []).append(int(r["unit"]))
-        return _union(picked), f"budget {budget:g}% ({k} of {total} units, least fit by {by})", by
+        return _union(picked), f"budget {budget:g}% ({k} of {total} units, least fit by {by})", by, every
     consts = {n: v for n, v in _constant_units(ranges).items() if n in candidates}
     if how == "dead" and s.tau == 0:  # dormancy 0 = exactly zero on every observation: constant 0
-        return consts, "dead (zero on all the data) and constant units", None
+        return consts, "dead (zero on all the data) and constant units", None, None
     if how == "dead":
         from fitcli.metrics.registry import dead_metrics
 
         report = api.audit(loaded, ds, loss=loss, metrics=dead_metrics()[:1], settings=s)
         dead = {n: v for n, v in report.dead.items() if n in candidates}
-        return _union(dead, consts), f"dead (dormancy ≤ τ = {s.tau:g}) and constant units", None
+        return _union(dead, consts), f"dead (dormancy ≤ τ = {s.tau:g}) and constant units", None, None
     if how == "removable":
         report = api.audit(loaded, ds, loss=loss, metrics=["ablation"], settings=s)
         rem = {n: v for n, v in report.removable.items() if n in candidates}
-        return _union(rem, consts), "removable (exact ablation |Δloss| ≤ 1e-6) and constant units", None
+        return _union(rem, consts), "removable (exact ablation |Δloss| ≤ 1e-6) and constant units", None, None
     assert isinstance(how, dict)
-    return {k: v for k, v in how.items() if v}, "units given", None
+    return {k: v for k, v in how.items() if v}, "units given", None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +327,7 @@ def _decide(plans: dict[str, _Plan], chosen: dict[str, list[int]], consts, mods:
             vals = consts.get((lname, u))
             if vals is not None and any(bool((v != 0).any()) for v in vals):
                 why = next((r for (cname, _), v in zip(p.consumers[u], vals, strict=True)
-                            if (r := _fold_reason(mods[cname], v)) is not None), None)
+                            if (r := fold_reason(mods[cname], v)) is not None), None)
                 if why is not None:
                     refused.append({"layer": lname, "units": [u], "reason": why})
                     continue
@@ -480,12 +394,57 @@ def _budget_candidates(dg, pruned: nn.Module, graph, candidates: list[str]) -> l
     return [n for n in candidates if n in ok]
 
 
-def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float | None = None, loss: Any = None,
-          arch: Any = None, arch_kwargs: dict[str, Any] | None = None, trust_checkpoint: bool = False,
-          settings: Settings | None = None, device: str | None = None, seed: int | None = None,
-          tau: float | None = None, rank_by: str | None = None, batch_size: int | None = None,
-          max_batches: int | None = None, chunk_size: int | None = None,
-          ablation_mode: str | None = None) -> PruneResult:
+@dataclass
+class _Selection:
+    """What goes: per-layer units (plans, removed, folded, refused) and residual-stream channels."""
+
+    plans: dict[str, _Plan]
+    consts: dict
+    removed: dict[str, list[int]]
+    folded: dict[str, dict[int, float]]
+    refused: list[dict[str, Any]]
+    streams: list  # every prune_groups.Stream found (with kinds hidden)
+    picked: dict[str, list[int]]  # stream label -> channels removed
+    selection: str
+    rank_by: str | None
+
+    @property
+    def zeroed(self) -> dict[str, list[int]]:
+        """Per layer, the units zeroed by the removal: the removed (not folded) ones, and every
+        writer's channels of the streams that lose channels."""
+        own = {n: [u for u in us if u not in self.folded.get(n, {})] for n, us in self.removed.items()}
+        return _union(own, stream_units(self.streams, self.picked))
+
+
+def _select(dg, pruned: nn.Module, graph, how: Any, budget: float | None, kinds: tuple[str, ...], loaded, ds,
+            loss, s: Settings, candidates: list[str], ranges, dev) -> _Selection:
+    """The units and stream channels to remove. With ``hidden``, a residual stream's channels
+    go as one coupled group (named units of a writer are its stream's channels)."""
+    streams = find_streams(dg, pruned, graph, candidates) if "hidden" in kinds else []
+    writers = writer_streams(streams)
+    own = {k: v for k, v in how.items() if k not in writers} if isinstance(how, dict) else how
+    cands = [n for n in candidates if n not in writers] if "channels" in kinds else []
+    cands = _budget_candidates(dg, pruned, graph, cands) if budget is not None else cands
+    chosen, selection, by, rows = _choose(own, budget, loaded, ds, loss, s, cands, ranges)
+    picked, refused_streams = choose_streams(how, budget, streams, ranges, rows)
+    _refuse_named(how, refused_streams)
+    check_streams(streams, kinds, budget, picked, refused_streams)
+    plans, consts, removed, folded, refused = _plan_removal(dg, pruned, graph, own, chosen, ranges, ds, dev)
+    if "hidden" in kinds:
+        n = sum(len(c) for c in picked.values())
+        selection = (selection + "; " if "channels" in kinds else "") + (
+            f"residual streams: {n} channel(s) of {len(streams)} stream(s)"
+            + (f" (least fit by {by} summed over each stream's writers)" if budget is not None else ""))
+    return _Selection(plans, consts, removed, folded, refused + refused_streams, streams, picked, selection, by)
+
+
+def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float | None = None, kinds: Any = None,
+          loss: Any = None, arch: Any = None, arch_kwargs: dict[str, Any] | None = None,
+          trust_checkpoint: bool = False, settings: Settings | None = None, device: str | None = None,
+          seed: int | None = None, tau: float | None = None, rank_by: str | None = None,
+          batch_size: int | None = None, max_batches: int | None = None, chunk_size: int | None = None,
+          ablation_mode: str | None = None, target_params: int | None = None, compensate: str | None = None,
+          per_layer: bool = False, eval_data: Any = None) -> Any:
     """Physically remove units from a deep copy of ``model``; see the module docstring.
 
     Args:
@@ -496,22 +455,47 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
             ``PruneRefused``; chosen by the audit, they are listed in ``refused`` with the reason.
         budget: remove this percent of the prunable units, least fit first by the audit's
             ranking (``rank_by``, default the audit's).
+        kinds: ``"channels"`` (default: each layer's own units), ``"hidden"`` (residual-stream
+            channels, cut from every coupled layer at once, scored by the sum of the writers'
+            scores), or both. A Hugging Face transformer: ``mlp``, ``heads``, ``hidden``, ``blocks``.
         device, seed, tau, rank_by, batch_size, max_batches, chunk_size, ablation_mode: Settings fields.
+        target_params, compensate, per_layer, eval_data: a Hugging Face transformer only, see
+            ``fitcli.prune_hf.prune_transformer``.
 
     Returns:
         A ``PruneResult``: the pruned copy, what was removed, folded and refused, loss and accuracy.
+        A Hugging Face transformer (LLaMA-style, GPT-2, BERT) with a ``budget`` or
+        ``target_params`` goes through fitcli's own transformer surgery (no Torch-Pruning
+        tracer) and gives a ``TransformerPruneResult``; its named, dead or removable units go
+        through the dependency graph like any model's.
 
     Examples:
         >>> fitcli.prune(model, loader, remove="dead", device="cpu").removed
     """
-    from fitcli import api
+    from fitcli.prune_hf import hf_module, prune_from_api
 
+    transformer = {k: v for k, v in dict(target_params=target_params, compensate=compensate,
+                                         per_layer=per_layer or None, eval_data=eval_data).items() if v is not None}
+    hf = hf_module(model, {"arch": arch, "arch_kwargs": arch_kwargs, "trust_checkpoint": trust_checkpoint})
+    if hf is not None and (budget is not None or transformer):  # named, dead, removable: the graph, exactly
+        return prune_from_api(hf[0], data, remove=remove, budget=budget, kinds=kinds, rank_by=rank_by,
+                              seed=seed, source_dir=hf[1], **transformer)
+    if transformer:
+        raise UsageError(f"{', '.join(sorted(transformer))}: for a Hugging Face transformer only")
     s = Settings.make(settings, device=device, seed=seed, tau=tau, rank_by=rank_by, batch_size=batch_size,
                       max_batches=max_batches, chunk_size=chunk_size, ablation_mode=ablation_mode).check()
-    how = _checked_request(remove, budget)
+    how, kinds_t = _checked_request(remove, budget), check_kinds(kinds)
     check_loss(loss)
     loaded, ds = _load_inputs(model, data, s, {"arch": arch, "arch_kwargs": arch_kwargs,
                                                "trust_checkpoint": trust_checkpoint})
+    return _prune_loaded(loaded, ds, data, how, budget, kinds_t, loss, s)
+
+
+def _prune_loaded(loaded, ds, data: Any, how: Any, budget: float | None, kinds: tuple[str, ...], loss: Any,
+                  s: Settings) -> PruneResult:
+    """``prune`` once the model and the data are loaded and the request checked."""
+    from fitcli import api
+
     dev = pick_device(s.device)
     original = loaded.module
     with api.caller_state(original, s.seed):
@@ -522,20 +506,20 @@ def prune(model: Any, data: Any = None, *, remove: Any = "dead", budget: float |
         example = example.to(dev)
         loss_fn, loss_name, _why = resolve_loss(loss, example.targets, loaded.task)
         graph = discover(original, loaded.state_dict, example=example)
+        if isinstance(how, dict):
+            _check_units(how, graph)
         candidates = [lay.name for lay in graph.active if not lay.final and not lay.kind.opt_in and lay.kind.tappable(lay)]
         ranges, base = unit_ranges(graph, candidates, ds, dev, loss_fn)
         pruned = copy.deepcopy(original).eval()
         dg = dependency_graph(pruned, example)
-        candidates = _budget_candidates(dg, pruned, graph, candidates) if budget is not None else candidates
-        chosen, selection, by = _choose(how, budget, loaded, ds, loss, s, candidates, ranges)
-        plans, consts, removed, folded, refused = _plan_removal(dg, pruned, graph, how, chosen, ranges, ds, dev)
-        zeroed = {n: [u for u in us if u not in folded.get(n, {})] for n, us in removed.items()}
-        predicted = _predicted_change(graph, zeroed, ranges, base, ds, loss_fn, dev)
+        sel = _select(dg, pruned, graph, how, budget, kinds, loaded, ds, loss, s, candidates, ranges, dev)
+        predicted = _predicted_change(graph, sel.zeroed, ranges, base, ds, loss_fn, dev)
         before = (count_params(original), count_flops(original, example))
-        _surgery(pruned, dg, plans, removed, folded, consts)
+        _surgery(pruned, dg, sel.plans, sel.removed, sel.folded, sel.consts)
+        cut_streams(dg, pruned, sel.streams, sel.picked)
         result = _result(pruned, example, ds, loss_fn, dev, before, base, predicted,
-                         dict(removed=removed, folded=folded, refused=refused, selection=selection, rank_by=by,
-                              loss_name=loss_name, example=example,
+                         dict(removed=sel.removed, folded=sel.folded, refused=sel.refused, selection=sel.selection,
+                              rank_by=sel.rank_by, loss_name=loss_name, example=example, streams=sel.picked,
                               inputs=[p for p in (loaded.path, data if isinstance(data, (str, Path)) else None) if p]))
         if loss_fn is None:
             result.notes.append(f"no loss: {_why}")
@@ -556,7 +540,10 @@ def _refuse_named(how: Any, refused: list[dict[str, Any]]) -> None:
     """Units the caller named are removed exactly or not at all."""
     if refused and isinstance(how, dict):
         r = refused[0]
-        raise PruneRefused(f"cannot remove unit(s) {_short_units(r['units'])} of {r['layer']}: {r['reason']}")
+        hint = ("; with {kinds} hidden it goes from all of them, as one residual-stream channel"
+                if "coupled to" in r["reason"] else "")
+        raise PruneRefused(f"cannot remove unit(s) {_short_units(r['units'])} of {r['layer']}: {r['reason']}{hint}",
+                           setting="kinds" if hint else None)
 
 
 def _short_units(units: list[int]) -> str:
@@ -567,7 +554,7 @@ def _surgery(pruned: nn.Module, dg, plans: dict[str, _Plan], removed: dict[str, 
              folded: dict[str, dict[int, float]], consts) -> None:
     """Fold every constant first (indices are the original ones), then remove layer by layer
     with Torch-Pruning, which takes each unit's rows, BatchNorm entries and consumer columns."""
-    tp = _tp()
+    tp = torch_pruning()
     mods = dict(pruned.named_modules())
     for lname, units in folded.items():
         for u in units:
@@ -575,7 +562,7 @@ def _surgery(pruned: nn.Module, dg, plans: dict[str, _Plan], removed: dict[str, 
                 fold(mods[cname], idxs, c)
     for lname, units in removed.items():
         mod = mods[lname]
-        dg.get_pruning_group(mod, _out_fn(tp, mod), idxs=sorted(units)).prune()
+        dg.get_pruning_group(mod, out_fn(tp, mod), idxs=sorted(units)).prune()
 
 
 __all__ = ["prune", "PruneResult", "PruneRefused", "export_program", "count_flops", "count_params"]
