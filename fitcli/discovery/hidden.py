@@ -11,8 +11,12 @@ residual add and every normalisation layer (channel i of the residual stream is 
   sublayer's output, by forward hooks (``ablation_tap``); the weights are never edited.
 
 Found from the whole model (``find_in_model``): the blocks are the parents of the attention
-modules (``HeadKind``) that also hold an MLP child (``mlp``, ``feed_forward``, ``ffn``): a pre-norm
-decoder (LLaMA, GPT-2 and their kin). Opt-in: asked for by name (``model.hidden``) or glob.
+modules (``HeadKind``) that also hold an MLP: a child named ``mlp``, ``feed_forward`` or ``ffn``
+(a pre-norm decoder: LLaMA, GPT-2 and their kin), else the block's down projection, a linear child
+outside the attention module from a width other than the model's to the model's (``linear2`` of
+``nn.TransformerEncoderLayer``, ``fc_out`` of a block of one's own). A post-norm block (one saying
+``norm_first=False``: ``nn.TransformerEncoderLayer`` by default) writes the stream with its norms
+too: they are ablated with the other writes. Opt-in: asked for by name (``model.hidden``) or glob.
 This module imports no torch at import time.
 """
 
@@ -57,6 +61,20 @@ def norm_width(module: Any) -> int | None:
     return None
 
 
+def down_projection(block: str, attn: str, width: int | None, mods: dict[str, Any]) -> str | None:
+    """A block's MLP write without an MLP child: its last linear child outside the attention module
+    from another width to the model's (``width``: the attention's output)."""
+    found = None
+    for n, m in mods.items():
+        if n.rsplit(".", 1)[0] != block or n == attn or n.startswith(attn + "."):
+            continue
+        w = getattr(m, "weight", None)
+        if type(m).__name__ == "Linear" and w is not None and w.dim() == 2 and width is not None \
+                and int(w.shape[0]) == width and int(w.shape[1]) != width:
+            found = n
+    return found
+
+
 def blocks_of(model: Any, mods: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(block, attention module, MLP module) of every block holding both, in model order."""
     found = []
@@ -64,9 +82,17 @@ def blocks_of(model: Any, mods: dict[str, Any]) -> list[tuple[str, str, str]]:
         attn = lay.name[: -len(".heads")]
         block = attn.rsplit(".", 1)[0] if "." in attn else ""
         mlp = next((f"{block}.{c}" if block else c for c in MLP_NAMES if (f"{block}.{c}" if block else c) in mods), None)
+        if block and mlp is None:
+            mlp = down_projection(block, attn, lay.units * lay.head_dim if lay.head_dim else None, mods)
         if block and mlp is not None:
             found.append((block, attn, mlp))
     return found
+
+
+def post_norms(blocks: list[tuple[str, str, str]], mods: dict[str, Any], width: int) -> list[str]:
+    """The norms of the post-norm blocks (``norm_first=False``): they write the stream."""
+    post = {b for b, _a, _m in blocks if getattr(mods[b], "norm_first", None) is False}
+    return [n for n, m in mods.items() if n.rsplit(".", 1)[0] in post and is_norm(m) and norm_width(m) == width]
 
 
 class HiddenKind(UnitKind):
@@ -99,11 +125,12 @@ class HiddenKind(UnitKind):
         prefix = container.rsplit(".", 1)[0] if "." in container else ""
         name = f"{prefix}.hidden" if prefix and "hidden" in mods else "hidden"  # a module's name is never taken
         parts = [(f"{n}.weight", mods[n].weight, 0) for n in norms if getattr(mods[n], "weight", None) is not None]
-        writes = [w for _b, attn, mlp in blocks for w in (attn, mlp)]
+        writes = list(dict.fromkeys([w for _b, attn, mlp in blocks for w in (attn, mlp)]
+                                    + post_norms(blocks, mods, int(width))))
         return [HiddenLayer(name=name, type="Hidden", units=int(width), unit_dim=-1, parts=parts, bias=None,
                             point=f"the outputs of {len(norms)} normalisation layers", point_kind="hidden",
-                            chain=[f"residual stream of {len(blocks)} blocks: {len(norms)} norms read, "
-                                   f"{len(writes) + 1} writes"],
+                            chain=[f"residual stream of {len({b for b, _a, _m in blocks})} blocks: {len(norms)} "
+                                   f"norms read, {len(writes) + 1} writes"],
                             norms=norms, entry=first, writes=writes, kind=self)]
 
     def aggregate(self, layer: Layer, metric: str, value: Any) -> Any:

@@ -11,9 +11,11 @@
 - ``rows``: every other layer (projection rows, the output head, embeddings).
 
 A model is a transformer here when one of its blocks (the path up to the first numeric name
-component, an item of a layer stack) has both heads and an MLP: a Hugging Face transformer's
-default kinds are heads, mlp and blocks. Any other model keeps every layer but the opt-in ones by
-default (its kinds are there when asked for).
+component, an item of a layer stack) has both heads and an MLP: a Hugging Face transformer, a
+stack of ``nn.TransformerEncoderLayer`` or blocks of one's own with ``nn.MultiheadAttention`` and
+an MLP. A transformer's default kinds are heads, mlp and blocks (projection rows only when asked
+for); any other model keeps every layer but the opt-in ones by default (its kinds are there when
+asked for). Name patterns (``--layer fc2``) select layers as without kinds.
 """
 
 from __future__ import annotations
@@ -113,13 +115,6 @@ def _checked(kinds: list[str], present: list[str]) -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in kinds)
 
 
-def pretrained(model: Any) -> bool:
-    """A Hugging Face model (it has a ``config`` with a ``model_type``): the kinds are its default.
-    Other models with attention (``nn.MultiheadAttention`` stacks) keep every layer unless kinds
-    are asked for."""
-    return getattr(getattr(model, "config", None), "model_type", None) is not None
-
-
 def choose(layers: list[Any], by_pattern: list[Any], patterns: bool, kinds: list[str] | None, model: Any,
            find_blocks: Any) -> tuple[list[Any], KindChoice]:
     """The layers an audit covers and its kinds. ``by_pattern``: the layers the name patterns (or
@@ -127,9 +122,8 @@ def choose(layers: list[Any], by_pattern: list[Any], patterns: bool, kinds: list
     transformer (one forward: asked only when blocks are asked for)."""
     role = roles(layers)
     is_tf = transformer(layers, role)
-    if not kinds and (patterns or not is_tf or not pretrained(model)):  # as without kinds
-        keep = is_tf and pretrained(model)  # a transformer's layers still say their kind
-        return by_pattern, KindChoice(roles={lay.name: role[lay.name] for lay in by_pattern} if keep else {})
+    if not kinds and (patterns or not is_tf):  # as without kinds: a transformer's layers still say their kind
+        return by_pattern, KindChoice(roles={lay.name: role[lay.name] for lay in by_pattern} if is_tf else {})
     blocks = transformer_blocks(role, model) if is_tf else []
     if kinds and "blocks" in kinds and not is_tf:
         blocks = list(find_blocks())
