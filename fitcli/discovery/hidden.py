@@ -215,9 +215,14 @@ def _capture(modules: dict[str, Any], lay: HiddenLayer, fn: Callable[[Any], Any]
     import torch
 
     index = {n: i for i, n in enumerate(lay.norms)}
-    state: dict[str, Any] = {"ys": {}, "leaf": None}
+    state: dict[str, Any] = {"ys": {}, "leaf": None, "on": False}
+
+    def start(_m: Any, _a: Any) -> None:
+        state["ys"], state["leaf"], state["on"] = {}, None, True
 
     def norm_hook(name: str, out: Any) -> Any:
+        if not state["on"]:  # outside a forward of the model (a checkpointed block recomputed in the backward)
+            return out
         if state["leaf"] is None and torch.is_grad_enabled() and out.is_floating_point():
             state["leaf"] = torch.zeros((len(lay.norms), *out.shape), dtype=out.dtype, device=out.device,
                                         requires_grad=True)
@@ -227,7 +232,7 @@ def _capture(modules: dict[str, Any], lay: HiddenLayer, fn: Callable[[Any], Any]
 
     def done(_m: Any, _a: Any, _out: Any) -> None:
         ys, leaf = state["ys"], state["leaf"]
-        state["ys"], state["leaf"] = {}, None
+        state["ys"], state["leaf"], state["on"] = {}, None, False
         if len(ys) != len(lay.norms):
             return  # a forward that did not reach every norm (none: a sub-call): nothing to hand on
         stacked = torch.stack([ys[n] for n in lay.norms])
@@ -238,6 +243,7 @@ def _capture(modules: dict[str, Any], lay: HiddenLayer, fn: Callable[[Any], Any]
         fn(leaf)
 
     handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: norm_hook(n, out)) for n in lay.norms]
+    handles.append(modules[""].register_forward_pre_hook(start))
     handles.append(modules[""].register_forward_hook(done))
     return handles
 
