@@ -366,8 +366,9 @@ def test_score_through_runtime_hooks_equals_score_through_fx():
 
 
 def test_runtime_discovery_marks_the_output_layer_final_when_heads_are_found():
-    """Run-time discovery lists attention-head layers after the others; the output layer is still
-    the final one (its units are the outputs: never dead weight)."""
+    """Run-time discovery lists attention-head layers after the others (then the opt-in hidden
+    channels of the residual stream); the output layer is still the final one (its units are the
+    outputs: never dead weight)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
@@ -376,5 +377,5 @@ def test_runtime_discovery_marks_the_output_layer_final_when_heads_are_found():
     from fitcli.discovery import runtime_discover
 
     g = runtime_discover(resmlp().eval(), Batch((torch.randn(4, 6, 8),)))
-    assert [lay.name for lay in g.layers][-2:] == ["blocks.0.attn.heads", "blocks.1.attn.heads"]
+    assert [lay.name for lay in g.layers][-3:] == ["blocks.0.attn.heads", "blocks.1.attn.heads", "hidden"]
     assert [lay.name for lay in g.layers if lay.final] == ["head"]
