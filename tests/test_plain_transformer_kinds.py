@@ -2,10 +2,10 @@
 own units by default, like any transformer: attention heads, MLP channels and blocks, projection
 rows only when asked for. A head planted dead (its value rows and its slice of ``out_proj`` zeroed)
 is first in the heads table; the heads' statistics are computed here from the attention weights by
-hand. Hidden channels (``kinds=["hidden"]``) are found for both ``norm_first`` settings: their
-statistics against the norm outputs read by hooks, their exact ablation against a forward with the
-channel zeroed in the input and every write into the stream, in memory and block by block
-(``max_memory``). A residual MLP without attention keeps every layer, as before."""
+hand. Hidden channels (``kinds=["hidden"]``) are found for both ``norm_first`` settings and for
+blocks of one's own that torch.fx traces: their statistics against the norm outputs read by hooks,
+their exact ablation against a forward with the channel zeroed where the stream enters and at every
+write into it; in memory and block by block (``max_memory``). A residual MLP without attention keeps every layer, as before."""
 
 from __future__ import annotations
 
@@ -216,26 +216,68 @@ def _hand_hidden(m, data):
     return act, tay
 
 
-def _writes(m):
-    """The modules writing the residual stream: every attention and second linear layer, and in a
-    post-norm layer its norms too."""
-    out = []
-    for lay in m.enc.layers:
-        out += [lay.self_attn, lay.linear2] + ([] if lay.norm_first else [lay.norm1, lay.norm2])
-    return out
+class Block(nn.Module):
+    """A pre-norm block of one's own: self-attention and a GELU MLP, both residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(D), nn.MultiheadAttention(D, HEADS, batch_first=True)
+        self.ln2, self.fc_in, self.fc_out = nn.LayerNorm(D), nn.Linear(D, FF), nn.Linear(FF, D)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc_out(F.gelu(self.fc_in(self.ln2(x))))
 
 
-def _zeroed_losses(m, data, c):
-    """Per-sample losses with channel c zeroed in the input (the stream entering the first layer)
-    and at every write into the stream (None: untouched)."""
+class Blocks(nn.Module):
+    """Embedding, two blocks, a final norm, a head: torch.fx traces it (the blocks are inlined)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(D, D)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x).mean(dim=1))
+
+
+def _case(arch):
+    """(model, the module whose output enters the stream (None: the input does), the modules
+    writing the stream: every attention and MLP output, and in a post-norm layer its norms too,
+    the discovery method)."""
+    if arch == "blocks":
+        torch.manual_seed(0)
+        m = Blocks()
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, nn.LayerNorm):
+                    mod.weight.uniform_(0.2, 2.0)
+                    mod.bias.uniform_(-0.5, 0.5)
+        return m.eval(), m.embed, [w for b in m.blocks for w in (b.attn, b.fc_out)], "fx"
+    m = _encoder(norm_first=arch == "pre-norm")
+    writes = [w for lay in m.enc.layers for w in (lay.self_attn, lay.linear2)
+              + (() if lay.norm_first else (lay.norm1, lay.norm2))]
+    return m, None, writes, "runtime"
+
+
+def _zeroed_losses(m, entry, writes, data, c):
+    """Per-sample losses with channel c zeroed where the stream enters (the input, or ``entry``'s
+    output) and at every write into it (None: untouched)."""
     def zero(t):
         return t if c is None else t.index_fill(-1, torch.tensor([c]), 0.0)
 
     hs = [mod.register_forward_hook(lambda _m, _a, o: (zero(o[0]), *o[1:]) if isinstance(o, tuple) else zero(o))
-          for mod in _writes(m)]
+          for mod in writes + ([entry] if entry is not None else [])]
     try:
         with torch.no_grad():
-            return torch.cat([F.cross_entropy(m(zero(x)), y, reduction="none") for x, y in data]).double()
+            return torch.cat([F.cross_entropy(m(x if entry is not None else zero(x)), y, reduction="none")
+                              for x, y in data]).double()
     finally:
         for h in hs:
             h.remove()
@@ -245,11 +287,13 @@ def _hidden_layer(report):
     return next(lay for lay in report.layers if lay.kind == "hidden")
 
 
-@pytest.mark.parametrize("norm_first", [True, False])
-def test_hidden_channels_of_an_encoder_equal_hand_statistics_and_exact_ablation(norm_first, hook_free):
-    m, data = _encoder(norm_first), _data()
+@pytest.mark.parametrize("arch", ["pre-norm", "post-norm", "blocks"])
+def test_hidden_channels_equal_hand_statistics_and_exact_ablation(arch, hook_free):
+    m, entry, writes, method = _case(arch)
+    data = _data()
     before = _weights(m)
     r = fitcli.audit(m, data, kinds=["hidden"], metrics=["act_mean", "taylor"], device="cpu")
+    assert r.to_dict()["discovery"]["method"] == method
     lay = _hidden_layer(r)
     assert lay.units == D and [x.kind for x in r.layers] == ["hidden"]
     act, tay = _hand_hidden(m, data)
@@ -257,8 +301,9 @@ def test_hidden_channels_of_an_encoder_equal_hand_statistics_and_exact_ablation(
     assert torch.allclose(torch.as_tensor(lay.metrics["taylor"], dtype=torch.float64), tay, rtol=1e-4, atol=1e-7)
     ab = fitcli.ablate(m, data, layers=[lay.name], device="cpu", chunk_size=5)
     got = torch.as_tensor(ab.layer(lay.name).metrics["ablation"], dtype=torch.float64)
-    base = _zeroed_losses(m, data, None)
-    want = torch.tensor([float((_zeroed_losses(m, data, c) - base).mean()) for c in range(D)], dtype=torch.float64)
+    base = _zeroed_losses(m, entry, writes, data, None)
+    want = torch.tensor([float((_zeroed_losses(m, entry, writes, data, c) - base).mean()) for c in range(D)],
+                        dtype=torch.float64)
     assert torch.allclose(got, want, atol=TOL), (got, want)
     assert float(want.abs().max()) > 1e-3  # the channels matter: not a comparison of zeros
     _unchanged(m, before)

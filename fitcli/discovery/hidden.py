@@ -128,9 +128,9 @@ class HiddenKind(UnitKind):
         writes = list(dict.fromkeys([w for _b, attn, mlp in blocks for w in (attn, mlp)]
                                     + post_norms(blocks, mods, int(width))))
         return [HiddenLayer(name=name, type="Hidden", units=int(width), unit_dim=-1, parts=parts, bias=None,
-                            point=f"the outputs of {len(norms)} normalisation layers", point_kind="hidden",
-                            chain=[f"residual stream of {len({b for b, _a, _m in blocks})} blocks: {len(norms)} "
-                                   f"norms read, {len(writes) + 1} writes"],
+                            point=f"{len(norms)} norm outputs", point_kind="hidden",
+                            chain=[f"{len({b for b, _a, _m in blocks})} blocks: {len(norms)} norms read, "
+                                   f"{len(writes) + 1} writes"],
                             norms=norms, entry=first, writes=writes, kind=self)]
 
     def aggregate(self, layer: Layer, metric: str, value: Any) -> Any:
@@ -197,6 +197,36 @@ class HiddenKind(UnitKind):
                 h.remove()
 
 
+ENTRY = "_fitcli_hidden_entry"  # the identity module a traced graph gets where the stream enters the first block
+
+
+def traced_layers(gm: Any, model: Any) -> list[Layer]:
+    """The hidden-channel layer of a model traced by torch.fx into ``gm`` (its submodules named as
+    in ``model``). The first block is inlined in the graph, never called: the layer's entry is an
+    identity module inserted into ``gm`` on the value entering it (the first input of its first
+    node made outside it). ``[]`` when there is none."""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    found = HIDDEN.find_in_model(model, called)
+    if not found:
+        return []
+    lay = found[0]
+    inside = [n for n in gm.graph.nodes if lay.entry in (n.meta.get("nn_module_stack") or {})]
+    outside = [a for a in (inside[0].all_input_nodes if inside else [])
+               if lay.entry not in (a.meta.get("nn_module_stack") or {}) and a.op != "get_attr"]
+    if not outside or any(w not in called for w in lay.writes):
+        return []
+    from torch import nn
+
+    gm.add_submodule(ENTRY, nn.Identity())
+    anchor = outside[0] if outside[0].op != "placeholder" else [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(anchor):
+        entry = gm.graph.call_module(ENTRY, (outside[0],))
+    outside[0].replace_all_uses_with(entry, delete_user_cb=lambda u: u is not entry)
+    gm.recompile()
+    lay.entry = ENTRY
+    return [lay]
+
+
 def _entry(fn: Callable[[Any], Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     if args:
         return (fn(args[0]), *args[1:]), kwargs
@@ -215,7 +245,7 @@ def _capture(modules: dict[str, Any], lay: HiddenLayer, fn: Callable[[Any], Any]
     import torch
 
     index = {n: i for i, n in enumerate(lay.norms)}
-    state: dict[str, Any] = {"ys": {}, "leaf": None, "on": False}
+    state: dict[str, Any] = {"ys": {}, "leaf": None, "on": True}  # on: the tap may open inside a forward
 
     def start(_m: Any, _a: Any) -> None:
         state["ys"], state["leaf"], state["on"] = {}, None, True
@@ -250,4 +280,4 @@ def _capture(modules: dict[str, Any], lay: HiddenLayer, fn: Callable[[Any], Any]
 
 HIDDEN = add_builtin(HiddenKind())
 
-__all__ = ["HIDDEN", "HiddenKind", "HiddenLayer", "blocks_of", "is_norm", "norm_width"]
+__all__ = ["HIDDEN", "HiddenKind", "HiddenLayer", "blocks_of", "is_norm", "norm_width", "traced_layers"]
