@@ -9,6 +9,7 @@ write into it; in memory and block by block (``max_memory``). A residual MLP wit
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -329,13 +330,35 @@ def test_hidden_channels_block_by_block_equal_the_in_memory_audit(norm_first, tm
         got = fitcli.audit(m, data, kinds=["hidden"], metrics=metrics, device="cpu")
         got_ab = fitcli.ablate(m, data, layers=[name], device="cpu")
         recomputed = off.recomputed
-    assert recomputed == 3 * len(data)  # the blocks were checkpointed and run again in the backward
+    # as the command line does it: the checkpoint's path, the weights mapped, never read up front
+    lazy = fitcli.audit(str(src), data, arch=functools.partial(Encoder, norm_first, 3), kinds=["hidden"],
+                        metrics=metrics, device="cpu", max_memory=int(1.5 * block))
+    assert recomputed == lazy.to_dict()["offload"]["recomputed"] == 3 * len(data)  # checkpointed, rerun backward
     for k in metrics:
         a = torch.as_tensor(ref.layer(name).metrics[k], dtype=torch.float64)
-        b = torch.as_tensor(got.layer(name).metrics[k], dtype=torch.float64)
-        assert torch.allclose(a, b, rtol=TOL, atol=1e-8), k
+        for other in (got, lazy):
+            b = torch.as_tensor(other.layer(name).metrics[k], dtype=torch.float64)
+            assert torch.allclose(a, b, rtol=TOL, atol=1e-8), k
     a = torch.as_tensor(ref_ab.layer(name).metrics["ablation"], dtype=torch.float64)
     b = torch.as_tensor(got_ab.layer(name).metrics["ablation"], dtype=torch.float64)
     assert torch.allclose(a, b, atol=TOL)
     _unchanged(m, before)
     hook_free(m)
+
+
+def test_the_docs_example_runs_and_names_the_blocks_of_a_wrapped_encoder():
+    """docs/unit_kinds.md's example (an encoder inside nn.Sequential: its blocks are the encoder's
+    layers, not the Sequential's item), run as a user would: it prints what it says."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "docs" / "unit_kinds.md").read_text()
+    section = text[text.index("## The kinds an audit covers"):text.index("## Register a kind")]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=repo)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines() == ["['heads', 'mlp'] ['0.layers.0', '0.layers.1']",
+                                       "['0.layers.0.linear2', '0.layers.1.linear2', '2']"]

@@ -10,8 +10,9 @@
 - ``blocks``: the residual blocks themselves (measured whole, not a layer);
 - ``rows``: every other layer (projection rows, the output head, embeddings).
 
-A model is a transformer here when one of its blocks (the path up to the first numeric name
-component, an item of a layer stack) has both heads and an MLP: a Hugging Face transformer, a
+A model is a transformer here when one of its blocks (the item of a layer stack holding an
+attention module: the path up to the last numeric name component of its heads) has both heads and
+an MLP: a Hugging Face transformer, a
 stack of ``nn.TransformerEncoderLayer`` or blocks of one's own with ``nn.MultiheadAttention`` and
 an MLP. A transformer's default kinds are heads, mlp and blocks (projection rows only when asked
 for); any other model keeps every layer but the opt-in ones by default (its kinds are there when
@@ -32,13 +33,17 @@ PICKS = {"heads": ("heads", "kv_groups")}
 TRANSFORMER_DEFAULT = ("heads", "mlp", "blocks")
 
 
-def block_of(name: str) -> str | None:
-    """The block a layer belongs to: its name up to the first numeric component (``model.layers.3``)."""
+def block_of(name: str, blocks: Any = None) -> str | None:
+    """The block a layer belongs to. Without ``blocks``: its name up to the last numeric component
+    (``model.layers.3`` for an attention module's heads, ``0.layers.1`` for those of an encoder
+    wrapped in ``nn.Sequential``); with ``blocks`` (the blocks of the heads): the innermost of them
+    holding it (``model.layers.3`` for ``model.layers.3.mlp.experts.5.down_proj``)."""
     parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    return None
+    prefixes = [".".join(parts[: i + 1]) for i, p in enumerate(parts) if p.isdigit()]
+    if blocks is None:
+        return prefixes[-1] if prefixes else None
+    inside = [b for b in prefixes if b in blocks]
+    return inside[-1] if inside else None
 
 
 def _attention_module(head_name: str) -> str:
@@ -48,7 +53,7 @@ def _attention_module(head_name: str) -> str:
 def _plain_mlp(lay: Any, heads: dict[str, list[Any]]) -> bool:
     """A channel layer of a block with heads, outside its attention modules, wider or narrower than
     the model (heads x head width) and followed by an operation (the activation)."""
-    block = block_of(lay.name)
+    block = block_of(lay.name, heads)
     if block is None or block not in heads or not lay.kind.chained or lay.final or len(lay.chain) < 2:
         return False
     widths = {h.units * (h.head_dim or 0) for h in heads[block]}
@@ -78,7 +83,7 @@ def roles(layers: list[Any]) -> dict[str, str]:
 def transformer(layers: list[Any], role: dict[str, str]) -> bool:
     """Has a block both heads and MLP channels?"""
     with_heads = {block_of(n) for n, r in role.items() if r == "heads"} - {None}
-    return any(block_of(n) in with_heads for n, r in role.items() if r == "mlp")
+    return any(block_of(n, with_heads) is not None for n, r in role.items() if r == "mlp")
 
 
 @dataclass
@@ -94,8 +99,8 @@ class KindChoice:
 
 def transformer_blocks(role: dict[str, str], model: Any) -> list[str]:
     """The blocks (modules of ``model``) with both heads and MLP channels, in the model's order."""
-    with_heads = {block_of(n) for n, r in role.items() if r == "heads"}
-    both = {block_of(n) for n, r in role.items() if r == "mlp" and block_of(n) in with_heads}
+    with_heads = {block_of(n) for n, r in role.items() if r == "heads"} - {None}
+    both = {block_of(n, with_heads) for n, r in role.items() if r == "mlp"} - {None}
     return [n for n, _ in model.named_modules() if n in both] if model is not None else []
 
 
