@@ -12,11 +12,11 @@
 
 A model is a transformer here when one of its blocks (the item of a layer stack holding an
 attention module: the path up to the last numeric name component of its heads) has both heads and
-an MLP: a Hugging Face transformer, a
-stack of ``nn.TransformerEncoderLayer`` or blocks of one's own with ``nn.MultiheadAttention`` and
-an MLP. A transformer's default kinds are heads, mlp and blocks (projection rows only when asked
-for); any other model keeps every layer but the opt-in ones by default (its kinds are there when
-asked for). Name patterns (``--layer fc2``) select layers as without kinds.
+an MLP: a Hugging Face transformer, a stack of ``nn.TransformerEncoderLayer`` or blocks of one's
+own with ``nn.MultiheadAttention`` and an MLP. A transformer's default kinds are heads, mlp and
+blocks (projection rows only when asked for); any other model keeps every layer but the opt-in
+ones by default (its kinds are there when asked for). Name patterns (``--layer fc2``) select
+layers as without kinds.
 """
 
 from __future__ import annotations
