@@ -58,7 +58,9 @@ def test_inspect_json(name, truth, in_repo, run_cli):
     assert info["discovery"]["method"] == "fx"
     heads = [x for x in info["layers"] if x["activation_point_kind"] == "heads"]
     assert all(x["type"] == "Heads" and x["units"] == 2 for x in heads) and len(heads) == (2 if name == "resmlp" else 0)
-    layers = [x for x in info["layers"] if x["activation_point_kind"] != "heads"]
+    hidden = [x["name"] for x in info["layers"] if x["activation_point_kind"] == "hidden"]  # opt-in too
+    assert hidden == (["hidden"] if name == "resmlp" else [])
+    layers = [x for x in info["layers"] if x["activation_point_kind"] not in ("heads", "hidden")]
     assert [x["name"] for x in layers] == list(t["layers"])
     assert {x["name"]: x["units"] for x in layers} == t["layers"]
     assert {x["name"]: x["activation_point"] for x in layers} == t["activation_points"]

@@ -62,7 +62,8 @@ def test_transformer_encoder_layers_are_audited_at_their_activation(activation):
     data = _enc_data()
     for fast in (True, False):
         torch.backends.mha.set_fastpath_enabled(fast)
-        r = fitcli.audit(m, data, device="cpu", metrics=["act_mean", "apoz", "dormant"])
+        # every Linear layer: a transformer's MLP channels and its projection rows (the default: heads, mlp, blocks)
+        r = fitcli.audit(m, data, device="cpu", metrics=["act_mean", "apoz", "dormant"], kinds=["mlp", "rows"])
         assert torch.backends.mha.get_fastpath_enabled() is fast
     torch.backends.mha.set_fastpath_enabled(True)
     names = [lay.name for lay in r.layers]

@@ -29,7 +29,9 @@ def test_discover_matches_truth(name, load_sample, truth):
     assert g.method == "fx"
     heads = [lay for lay in g.layers if lay.point_kind == "heads"]  # MultiheadAttention heads: opt-in units
     assert [lay.name for lay in heads] == (["blocks.0.attn.heads", "blocks.1.attn.heads"] if name == "resmlp" else [])
-    g.layers = [lay for lay in g.layers if lay.point_kind != "heads"]
+    hidden = [lay.name for lay in g.layers if lay.point_kind == "hidden"]  # residual-stream channels: opt-in
+    assert hidden == (["hidden"] if name == "resmlp" else [])
+    g.layers = [lay for lay in g.layers if lay.point_kind not in ("heads", "hidden")]
     assert [lay.name for lay in g.layers] == list(t["layers"])  # names and forward order
     assert {lay.name: lay.units for lay in g.layers} == t["layers"]
     assert {lay.name: lay.point for lay in g.layers} == t["activation_points"]
@@ -62,7 +64,7 @@ def test_discover_with_example_still_uses_fx(name, load_sample, truth, example_i
     lm = load_sample(name)
     g = discover(lm.module, lm.state_dict, example=Batch((example_input(t),)))
     assert g.method == "fx"
-    assert {lay.name: lay.point for lay in g.layers if lay.point_kind != "heads"} == t["activation_points"]
+    assert {lay.name: lay.point for lay in g.layers if lay.point_kind not in ("heads", "hidden")} == t["activation_points"]
 
 
 @pytest.mark.parametrize("name", SAMPLES)
@@ -366,8 +368,9 @@ def test_score_through_runtime_hooks_equals_score_through_fx():
 
 
 def test_runtime_discovery_marks_the_output_layer_final_when_heads_are_found():
-    """Run-time discovery lists attention-head layers after the others; the output layer is still
-    the final one (its units are the outputs: never dead weight)."""
+    """Run-time discovery lists attention-head layers after the others (then the opt-in hidden
+    channels of the residual stream); the output layer is still the final one (its units are the
+    outputs: never dead weight)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
@@ -376,5 +379,5 @@ def test_runtime_discovery_marks_the_output_layer_final_when_heads_are_found():
     from fitcli.discovery import runtime_discover
 
     g = runtime_discover(resmlp().eval(), Batch((torch.randn(4, 6, 8),)))
-    assert [lay.name for lay in g.layers][-2:] == ["blocks.0.attn.heads", "blocks.1.attn.heads"]
+    assert [lay.name for lay in g.layers][-3:] == ["blocks.0.attn.heads", "blocks.1.attn.heads", "hidden"]
     assert [lay.name for lay in g.layers if lay.final] == ["head"]

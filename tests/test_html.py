@@ -183,8 +183,9 @@ def reports(truth) -> dict[str, dict]:
     for name in SAMPLES:  # validated against exact ablation (the ablation metric too) but the resmlp
         ckpt, arch, data = _sample(name, truth)
         v = name != "resmlp"
+        kinds = ["mlp", "rows"] if name == "resmlp" else None  # a transformer: every layer is its MLP channels and rows
         out[name] = fitcli.audit(ckpt, data, arch=arch, metrics=METRICS if v else METRICS[:-1], validate=v,
-                                 device="cpu", max_batches=2).to_dict()
+                                 device="cpu", max_batches=2, kinds=kinds).to_dict()
     ckpt, arch, data = _sample("mlp", truth)
     out["ablate"] = fitcli.ablate(ckpt, data, arch=arch, layers=["fc2"], device="cpu", max_batches=2).to_dict()
     out["ablate_units"] = fitcli.ablate(ckpt, data, arch=arch, layers=["fc2"], units=[0, 5, 9], device="cpu",

@@ -259,9 +259,10 @@ def _scored(_truth):
     out = {}
     for name in MODELS:
         info = _truth[name]
+        # every Linear/Conv layer of truth.json: for the resmlp (a transformer), its MLP channels and rows
         report = api.score(str(REPO / info["checkpoint"]), arch=str(REPO / info["arch"]),
                            data=str(REPO / info["data"]), baseline=str(REPO / info["baseline"]),
-                           device="cpu")
+                           device="cpu", kinds=["mlp", "rows"] if name == "resmlp" else None)
         out[name] = (report, _reference(name, _truth))
     return out
 

@@ -60,14 +60,20 @@ def test_cli_rank_by_apoz_lists_the_dead_first(truth, in_repo):
     for name in ("mlp", "cnn", "resmlp"):
         t = truth[name]
         dead = _dead(t)
+        # the resmlp, a transformer, ranks each kind in its own table: its every layer is its MLP
+        # channels (the dead units) and its rows (none dead, none never active)
+        kinds = ["--kinds", "mlp,rows"] if name == "resmlp" else []
         res = subprocess.run([sys.executable, "-m", "fitcli", "score", t["checkpoint"], "--arch", t["arch"],
                               "--data", t["data"], "--rank-by", "apoz", "--top", str(len(dead)), "--format", "json",
-                              "--device", "cpu", "--metric", "apoz", "--metric", "dormant", "--quiet"],
+                              "--device", "cpu", "--metric", "apoz", "--metric", "dormant", "--quiet", *kinds],
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
         ranked = json.loads(res.stdout)["ranked"]
+        rows = [r for r in ranked if r.get("kind") == "rows"]
+        ranked = [r for r in ranked if r.get("kind") != "rows"]
         assert {(r["layer"], r["unit"]) for r in ranked} == dead
         assert all(r["value"] == 1.0 and r["dead"] for r in ranked)
+        assert all(r["value"] < 1.0 and not r["dead"] for r in rows) and (name != "resmlp" or rows)
 
 
 def test_validate_uses_the_fitness_orientation(truth):

@@ -122,12 +122,14 @@ def test_resmlp_report_lists_what_it_did_not_audit(_cli, _truth):
     info = _truth["resmlp"]
     code, out, err = _cli(["score", REPO / info["checkpoint"], "--arch", f"{SM / 'models.py'}:resmlp",
                            "--data", REPO / info["data"], "--device", "cpu", "--format", "json",
-                           "--metric", "act_mean", "--metric", "dormant"])
+                           "--metric", "act_mean", "--metric", "dormant",
+                           "--layer", "embed", "--layer", "blocks.*.fc_*", "--layer", "head"])
     assert code == 0, err
     report = json.loads(out)
     rep.validate(report)
     assert all(u["reason"] for u in report["unsupported"])
-    assert [lay["name"] for lay in report["layers"]] == list(info["layers"])  # heads are opt-in
+    # every Linear layer, asked for by name (a transformer's default is its heads, MLP channels and blocks)
+    assert [lay["name"] for lay in report["layers"]] == list(info["layers"])
     # MultiheadAttention's out_proj is never called as a module: it is audited through the heads
     # (opt-in layers blocks.N.attn.heads), listed here as not among the layers asked for
     not_audited = {x["name"]: x["reason"] for x in report["coverage"]["not_audited"]}

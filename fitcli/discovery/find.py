@@ -11,6 +11,7 @@ from torch import nn
 from fitcli.discovery import kinds
 from fitcli.discovery.fx import ProbeTap, Shapes, Tracer, instrument
 from fitcli.discovery.graph import unsupported
+from fitcli.discovery.hidden import traced_layers
 from fitcli.discovery.model import Layer, ModelGraph, covered
 from fitcli.discovery.runtime import runtime_discover
 from fitcli.errors import InputError, first_line
@@ -63,8 +64,9 @@ def _traced(model: nn.Module, example: Any) -> tuple[ModelGraph | None, str | No
     layers, probes = instrument(gm, exported=False, model=model)
     reason = ("never called as a module in the traced graph (e.g. used by nn.MultiheadAttention through "
               "functional calls), so it cannot be hooked")
-    return ModelGraph(layers, "fx", runner=gm, unsupported=unsupported(model, covered(layers), reason),
-                      point_tap=probes), None
+    missed = unsupported(model, covered(layers), reason)
+    layers += traced_layers(gm, model)  # opt-in hidden channels: never the output layer
+    return ModelGraph(layers, "fx", runner=gm, unsupported=missed, point_tap=probes), None
 
 
 def discover(model: nn.Module | None, state_dict: dict[str, torch.Tensor] | None = None,

@@ -11,8 +11,12 @@ residual add and every normalisation layer (channel i of the residual stream is 
   sublayer's output, by forward hooks (``ablation_tap``); the weights are never edited.
 
 Found from the whole model (``find_in_model``): the blocks are the parents of the attention
-modules (``HeadKind``) that also hold an MLP child (``mlp``, ``feed_forward``, ``ffn``): a pre-norm
-decoder (LLaMA, GPT-2 and their kin). Opt-in: asked for by name (``model.hidden``) or glob.
+modules (``HeadKind``) that also hold an MLP: a child named ``mlp``, ``feed_forward`` or ``ffn``
+(a pre-norm decoder: LLaMA, GPT-2 and their kin), else the block's down projection, a linear child
+outside the attention module from a width other than the model's to the model's (``linear2`` of
+``nn.TransformerEncoderLayer``, ``fc_out`` of a block of one's own). A post-norm block (one saying
+``norm_first=False``: ``nn.TransformerEncoderLayer`` by default) writes the stream with its norms
+too: they are ablated with the other writes. Opt-in: asked for by name (``model.hidden``) or glob.
 This module imports no torch at import time.
 """
 
@@ -57,6 +61,20 @@ def norm_width(module: Any) -> int | None:
     return None
 
 
+def down_projection(block: str, attn: str, width: int | None, mods: dict[str, Any]) -> str | None:
+    """A block's MLP write without an MLP child: its last linear child outside the attention module
+    from another width to the model's (``width``: the attention's output)."""
+    found = None
+    for n, m in mods.items():
+        if n.rsplit(".", 1)[0] != block or n == attn or n.startswith(attn + "."):
+            continue
+        w = getattr(m, "weight", None)
+        if type(m).__name__ == "Linear" and w is not None and w.dim() == 2 and width is not None \
+                and int(w.shape[0]) == width and int(w.shape[1]) != width:
+            found = n
+    return found
+
+
 def blocks_of(model: Any, mods: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(block, attention module, MLP module) of every block holding both, in model order."""
     found = []
@@ -64,9 +82,17 @@ def blocks_of(model: Any, mods: dict[str, Any]) -> list[tuple[str, str, str]]:
         attn = lay.name[: -len(".heads")]
         block = attn.rsplit(".", 1)[0] if "." in attn else ""
         mlp = next((f"{block}.{c}" if block else c for c in MLP_NAMES if (f"{block}.{c}" if block else c) in mods), None)
+        if block and mlp is None:
+            mlp = down_projection(block, attn, lay.units * lay.head_dim if lay.head_dim else None, mods)
         if block and mlp is not None:
             found.append((block, attn, mlp))
     return found
+
+
+def post_norms(blocks: list[tuple[str, str, str]], mods: dict[str, Any], width: int) -> list[str]:
+    """The norms of the post-norm blocks (``norm_first=False``): they write the stream."""
+    post = {b for b, _a, _m in blocks if getattr(mods[b], "norm_first", None) is False}
+    return [n for n, m in mods.items() if n.rsplit(".", 1)[0] in post and is_norm(m) and norm_width(m) == width]
 
 
 class HiddenKind(UnitKind):
@@ -99,10 +125,11 @@ class HiddenKind(UnitKind):
         prefix = container.rsplit(".", 1)[0] if "." in container else ""
         name = f"{prefix}.hidden" if prefix and "hidden" in mods else "hidden"  # a module's name is never taken
         parts = [(f"{n}.weight", mods[n].weight, 0) for n in norms if getattr(mods[n], "weight", None) is not None]
-        writes = [w for _b, attn, mlp in blocks for w in (attn, mlp)]
+        writes = list(dict.fromkeys([w for _b, attn, mlp in blocks for w in (attn, mlp)]
+                                    + post_norms(blocks, mods, int(width))))
         return [HiddenLayer(name=name, type="Hidden", units=int(width), unit_dim=-1, parts=parts, bias=None,
-                            point=f"the outputs of {len(norms)} normalisation layers", point_kind="hidden",
-                            chain=[f"residual stream of {len(blocks)} blocks: {len(norms)} norms read, "
+                            point=f"{len(norms)} norm outputs", point_kind="hidden",
+                            chain=[f"{len({b for b, _a, _m in blocks})} blocks: {len(norms)} norms read, "
                                    f"{len(writes) + 1} writes"],
                             norms=norms, entry=first, writes=writes, kind=self)]
 
@@ -170,6 +197,36 @@ class HiddenKind(UnitKind):
                 h.remove()
 
 
+ENTRY = "_fitcli_hidden_entry"  # the identity module a traced graph gets where the stream enters the first block
+
+
+def traced_layers(gm: Any, model: Any) -> list[Layer]:
+    """The hidden-channel layer of a model traced by torch.fx into ``gm`` (its submodules named as
+    in ``model``). The first block is inlined in the graph, never called: the layer's entry is an
+    identity module inserted into ``gm`` on the value entering it (the first input of its first
+    node made outside it). ``[]`` when there is none."""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    found = HIDDEN.find_in_model(model, called)
+    if not found:
+        return []
+    lay = found[0]
+    inside = [n for n in gm.graph.nodes if lay.entry in (n.meta.get("nn_module_stack") or {})]
+    outside = [a for a in (inside[0].all_input_nodes if inside else [])
+               if lay.entry not in (a.meta.get("nn_module_stack") or {}) and a.op != "get_attr"]
+    if not outside or any(w not in called for w in lay.writes):
+        return []
+    from torch import nn
+
+    gm.add_submodule(ENTRY, nn.Identity())
+    anchor = outside[0] if outside[0].op != "placeholder" else [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(anchor):
+        entry = gm.graph.call_module(ENTRY, (outside[0],))
+    outside[0].replace_all_uses_with(entry, delete_user_cb=lambda u: u is not entry)
+    gm.recompile()
+    lay.entry = ENTRY
+    return [lay]
+
+
 def _entry(fn: Callable[[Any], Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     if args:
         return (fn(args[0]), *args[1:]), kwargs
@@ -188,9 +245,14 @@ def _capture(modules: dict[str, Any], lay: HiddenLayer, fn: Callable[[Any], Any]
     import torch
 
     index = {n: i for i, n in enumerate(lay.norms)}
-    state: dict[str, Any] = {"ys": {}, "leaf": None}
+    state: dict[str, Any] = {"ys": {}, "leaf": None, "on": True}  # on: the tap may open inside a forward
+
+    def start(_m: Any, _a: Any) -> None:
+        state["ys"], state["leaf"], state["on"] = {}, None, True
 
     def norm_hook(name: str, out: Any) -> Any:
+        if not state["on"]:  # outside a forward of the model (a checkpointed block recomputed in the backward)
+            return out
         if state["leaf"] is None and torch.is_grad_enabled() and out.is_floating_point():
             state["leaf"] = torch.zeros((len(lay.norms), *out.shape), dtype=out.dtype, device=out.device,
                                         requires_grad=True)
@@ -200,7 +262,7 @@ def _capture(modules: dict[str, Any], lay: HiddenLayer, fn: Callable[[Any], Any]
 
     def done(_m: Any, _a: Any, _out: Any) -> None:
         ys, leaf = state["ys"], state["leaf"]
-        state["ys"], state["leaf"] = {}, None
+        state["ys"], state["leaf"], state["on"] = {}, None, False
         if len(ys) != len(lay.norms):
             return  # a forward that did not reach every norm (none: a sub-call): nothing to hand on
         stacked = torch.stack([ys[n] for n in lay.norms])
@@ -211,10 +273,11 @@ def _capture(modules: dict[str, Any], lay: HiddenLayer, fn: Callable[[Any], Any]
         fn(leaf)
 
     handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: norm_hook(n, out)) for n in lay.norms]
+    handles.append(modules[""].register_forward_pre_hook(start))
     handles.append(modules[""].register_forward_hook(done))
     return handles
 
 
 HIDDEN = add_builtin(HiddenKind())
 
-__all__ = ["HIDDEN", "HiddenKind", "HiddenLayer", "blocks_of", "is_norm", "norm_width"]
+__all__ = ["HIDDEN", "HiddenKind", "HiddenLayer", "blocks_of", "is_norm", "norm_width", "traced_layers"]

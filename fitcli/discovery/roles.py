@@ -10,10 +10,13 @@
 - ``blocks``: the residual blocks themselves (measured whole, not a layer);
 - ``rows``: every other layer (projection rows, the output head, embeddings).
 
-A model is a transformer here when one of its blocks (the path up to the first numeric name
-component, an item of a layer stack) has both heads and an MLP: a Hugging Face transformer's
-default kinds are heads, mlp and blocks. Any other model keeps every layer but the opt-in ones by
-default (its kinds are there when asked for).
+A model is a transformer here when one of its blocks (the item of a layer stack holding an
+attention module: the path up to the last numeric name component of its heads) has both heads and
+an MLP: a Hugging Face transformer, a stack of ``nn.TransformerEncoderLayer`` or blocks of one's
+own with ``nn.MultiheadAttention`` and an MLP. A transformer's default kinds are heads, mlp and
+blocks (projection rows only when asked for); any other model keeps every layer but the opt-in
+ones by default (its kinds are there when asked for). Name patterns (``--layer fc2``) select
+layers as without kinds.
 """
 
 from __future__ import annotations
@@ -30,13 +33,17 @@ PICKS = {"heads": ("heads", "kv_groups")}
 TRANSFORMER_DEFAULT = ("heads", "mlp", "blocks")
 
 
-def block_of(name: str) -> str | None:
-    """The block a layer belongs to: its name up to the first numeric component (``model.layers.3``)."""
+def block_of(name: str, blocks: Any = None) -> str | None:
+    """The block a layer belongs to. Without ``blocks``: its name up to the last numeric component
+    (``model.layers.3`` for an attention module's heads, ``0.layers.1`` for those of an encoder
+    wrapped in ``nn.Sequential``); with ``blocks`` (the blocks of the heads): the innermost of them
+    holding it (``model.layers.3`` for ``model.layers.3.mlp.experts.5.down_proj``)."""
     parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    return None
+    prefixes = [".".join(parts[: i + 1]) for i, p in enumerate(parts) if p.isdigit()]
+    if blocks is None:
+        return prefixes[-1] if prefixes else None
+    inside = [b for b in prefixes if b in blocks]
+    return inside[-1] if inside else None
 
 
 def _attention_module(head_name: str) -> str:
@@ -46,7 +53,7 @@ def _attention_module(head_name: str) -> str:
 def _plain_mlp(lay: Any, heads: dict[str, list[Any]]) -> bool:
     """A channel layer of a block with heads, outside its attention modules, wider or narrower than
     the model (heads x head width) and followed by an operation (the activation)."""
-    block = block_of(lay.name)
+    block = block_of(lay.name, heads)
     if block is None or block not in heads or not lay.kind.chained or lay.final or len(lay.chain) < 2:
         return False
     widths = {h.units * (h.head_dim or 0) for h in heads[block]}
@@ -76,7 +83,7 @@ def roles(layers: list[Any]) -> dict[str, str]:
 def transformer(layers: list[Any], role: dict[str, str]) -> bool:
     """Has a block both heads and MLP channels?"""
     with_heads = {block_of(n) for n, r in role.items() if r == "heads"} - {None}
-    return any(block_of(n) in with_heads for n, r in role.items() if r == "mlp")
+    return any(block_of(n, with_heads) is not None for n, r in role.items() if r == "mlp")
 
 
 @dataclass
@@ -92,8 +99,8 @@ class KindChoice:
 
 def transformer_blocks(role: dict[str, str], model: Any) -> list[str]:
     """The blocks (modules of ``model``) with both heads and MLP channels, in the model's order."""
-    with_heads = {block_of(n) for n, r in role.items() if r == "heads"}
-    both = {block_of(n) for n, r in role.items() if r == "mlp" and block_of(n) in with_heads}
+    with_heads = {block_of(n) for n, r in role.items() if r == "heads"} - {None}
+    both = {block_of(n, with_heads) for n, r in role.items() if r == "mlp"} - {None}
     return [n for n, _ in model.named_modules() if n in both] if model is not None else []
 
 
@@ -113,13 +120,6 @@ def _checked(kinds: list[str], present: list[str]) -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in kinds)
 
 
-def pretrained(model: Any) -> bool:
-    """A Hugging Face model (it has a ``config`` with a ``model_type``): the kinds are its default.
-    Other models with attention (``nn.MultiheadAttention`` stacks) keep every layer unless kinds
-    are asked for."""
-    return getattr(getattr(model, "config", None), "model_type", None) is not None
-
-
 def choose(layers: list[Any], by_pattern: list[Any], patterns: bool, kinds: list[str] | None, model: Any,
            find_blocks: Any) -> tuple[list[Any], KindChoice]:
     """The layers an audit covers and its kinds. ``by_pattern``: the layers the name patterns (or
@@ -127,9 +127,8 @@ def choose(layers: list[Any], by_pattern: list[Any], patterns: bool, kinds: list
     transformer (one forward: asked only when blocks are asked for)."""
     role = roles(layers)
     is_tf = transformer(layers, role)
-    if not kinds and (patterns or not is_tf or not pretrained(model)):  # as without kinds
-        keep = is_tf and pretrained(model)  # a transformer's layers still say their kind
-        return by_pattern, KindChoice(roles={lay.name: role[lay.name] for lay in by_pattern} if keep else {})
+    if not kinds and (patterns or not is_tf):  # as without kinds: a transformer's layers still say their kind
+        return by_pattern, KindChoice(roles={lay.name: role[lay.name] for lay in by_pattern} if is_tf else {})
     blocks = transformer_blocks(role, model) if is_tf else []
     if kinds and "blocks" in kinds and not is_tf:
         blocks = list(find_blocks())
