@@ -257,3 +257,28 @@ def test_per_layer_counts_write_pt2(folders, run_cli, tmp_path):
     n = d["counts"]["mlp"] * 3
     if n <= 3 * len(DEAD_MLP):  # only dead channels removed: the function is unchanged
         assert (got - want).abs().max() < 1e-5
+
+
+def test_folder_keeps_the_source_cache_setting_and_table_words(folders, run_cli, tmp_path):
+    """The pruned folder generates with its key/value cache as the source did (fitcli audits without it),
+    the FLOPs change is a whole number, and one unit per block is worded in the singular."""
+    root = folders["root"]
+    assert json.loads((root / "llama" / "config.json").read_text())["use_cache"] is True
+    r = run_cli(["prune", str(root / "llama"), "--text", str(root / "calib.txt"), "--kinds", "mlp,heads",
+                 "--budget", "20", "-o", str(tmp_path / "t")])
+    assert r.code == 0, r.stderr
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["use_cache"] is True
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "t").config.use_cache is True
+    row = next(line for line in r.stdout.splitlines() if line.startswith("FLOPs per token"))
+    before, after, change = row.split()[3:6]
+    assert change == f"{int(after.replace(',', '')) - int(before.replace(',', '')):+,}"
+    assert "removed: " in r.stdout and "1 query head per key-value group" in r.stdout
+    src = tmp_path / "nocache"  # a source that says use_cache false keeps it
+    folders["llama"].save_pretrained(src)
+    tokenizer().save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "use_cache": False}))
+    r = run_cli(["prune", str(src), "--text", str(root / "calib.txt"), "--kinds", "mlp", "--budget", "20",
+                 "-o", str(tmp_path / "u")])
+    assert r.code == 0, r.stderr
+    assert json.loads((tmp_path / "u" / "config.json").read_text())["use_cache"] is False
