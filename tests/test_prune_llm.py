@@ -282,3 +282,16 @@ def test_folder_keeps_the_source_cache_setting_and_table_words(folders, run_cli,
                  "-o", str(tmp_path / "u")])
     assert r.code == 0, r.stderr
     assert json.loads((tmp_path / "u" / "config.json").read_text())["use_cache"] is False
+
+
+def test_text_batches_of_16_unless_batch_size_says(folders, run_cli, tmp_path):
+    """--text reads 16 samples per batch by default (64 x 128 tokens of a 135M causal LM in one
+    batch take over 20 GB); --batch-size still sets it."""
+    root = folders["root"]
+    (tmp_path / "t.txt").write_text(lines(4, n=40))
+    for extra, batches in (([], 3), (["--batch-size", "40"], 1), (["--batch-size", "7"], 6)):
+        r = run_cli(["score", str(root / "llama"), "--text", str(tmp_path / "t.txt"), "--max-seq-len", "8",
+                     "--kinds", "mlp", "--metric", "act_mean", "-o", str(tmp_path / "r.json"), "-q", *extra])
+        assert r.code == 0, r.stderr
+        assert json.loads((tmp_path / "r.json").read_text())["data"] == {
+            "spec": str(tmp_path / "t.txt"), "samples": 40, "batches": batches}
