@@ -295,3 +295,12 @@ def test_text_batches_of_16_unless_batch_size_says(folders, run_cli, tmp_path):
         assert r.code == 0, r.stderr
         assert json.loads((tmp_path / "r.json").read_text())["data"] == {
             "spec": str(tmp_path / "t.txt"), "samples": 40, "batches": batches}
+
+
+@pytest.mark.parametrize("fmt, first", [("table", "fitcli ablate --blocks "), ("markdown", "## fitcli ablate --blocks: `")])
+def test_block_table_names_the_command_that_made_it(folders, run_cli, fmt, first):
+    """There is no `fitcli blocks` command: the block table's title names `fitcli ablate --blocks`."""
+    root = folders["root"]
+    r = run_cli(["ablate", str(root / "llama"), "--text", str(root / "calib.txt"), "--blocks", "--format", fmt, "-q"])
+    assert r.code == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith(first + str(root / "llama"))
