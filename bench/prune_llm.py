@@ -98,12 +98,17 @@ def run(model, calib_b, held_b, label: str) -> dict:
     calib = calibrate(model, calib_b)
     counts = {"mlp": fam.mlp(0).consumer.weight.shape[1] // 4, "heads": 1}
     base = lm_loss(model, held_b)
+    print(f"  calibrated, perplexity before {math.exp(base):.3f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+          flush=True)
     table = {}
     for by in RANKS:
         for mode in MODES:
             plan = choose(fam, calib, counts, by, mode, False, seed=0)
             pruned = prune_hf(model, plan, stats=None if mode == "none" else calib.stats, compensate=mode)
             table[(by, mode)] = math.exp(lm_loss(pruned, held_b))
+            # the real model takes tens of minutes on a busy CPU: each figure as it comes, on stderr
+            print(f"  {by} / {mode}: {table[(by, mode)]:.3f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+                  flush=True)
     return {"weights": label, "params": sum(p.numel() for p in model.parameters()), "counts": counts,
             "calib_tokens": calib.tokens, "heldout_tokens": sum(int(b["attention_mask"].sum()) for b in held_b),
             "ppl_before": math.exp(base), "table": {f"{b}|{m}": v for (b, m), v in table.items()},

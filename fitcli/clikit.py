@@ -45,7 +45,9 @@ ArchOpt = Annotated[str | None, typer.Option("--arch", help="model factory: pack
 ArchKwOpt = Annotated[str | None, typer.Option("--arch-kwargs", help="JSON object of keyword arguments for --arch")]
 TrustOpt = Annotated[bool | None, typer.Option("--trust-checkpoint", help="allow unpickling a whole module (runs code from the file!)")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="tensor file, module:callable, random:SHAPE[,n=N][,seed=S], or random:tokens=VOCAB[,len=L][,n=N][,seed=S]")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="samples per batch for tensor files [default: 64]")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="samples per batch [default: 64 for tensor "
+                                                                            "files, 16 for --text]")]
+TEXT_BATCH = 16  # --text samples per batch unless --batch-size says
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batches", min=1, help="stop after N batches")]
 LossOpt = Annotated[str | None, typer.Option("--loss", help="cross_entropy, mse, lm (next token; the default for causal LMs), or module:callable(outputs, targets) -> per-sample loss")]
 TextOpt = Annotated[str | None, typer.Option("--text", help="text file (one sample per line, or .jsonl with 'text') tokenised with the Hugging Face folder's tokenizer")]
@@ -261,8 +263,10 @@ def data_of(model: str, merged: dict[str, Any], settings) -> Any:
 
     if not Path(model).is_dir():
         raise UsageError("--text needs a Hugging Face model folder (its tokenizer turns the text into tokens)")
+    # --batch-size, else text_data's 16 (not the 64 of tensor files: a causal LM's activations, their
+    # gradients and the vocabulary-wide logits of 64 x 128 tokens take over 20 GB at 135M parameters)
     return text_data(merged["text"], hf_tokenizer(model), max_seq_len=merged.get("max_seq_len") or 128,
-                     batch_size=settings.batch_size, max_batches=settings.max_batches)
+                     batch_size=merged.get("batch_size") or TEXT_BATCH, max_batches=settings.max_batches)
 
 
 def model_of(model: str, merged: dict[str, Any]):

@@ -104,6 +104,7 @@ def _change(before, after, kind: str) -> str:
         return "n/a"
     d = after - before
     if kind == "int":
+        d = int(d)  # FLOPs arrive as floats
         return f"{d:+,}" + (f" ({100 * d / before:+.1f}%)" if before else "")
     if kind == "pct":
         return f"{100 * d:+.2f} pts"
@@ -288,10 +289,15 @@ def hf_rows(d: dict) -> list[list[str]]:
             r("held-out perplexity", hp, "f", "", hp["random_after"])]
 
 
+def one(words: str) -> str:
+    """"MLP channels per block" for one unit: "MLP channel per block"."""
+    return words.replace("channels", "channel").replace("heads", "head").replace("blocks", "block")
+
+
 def hf_lines(d: dict) -> list[str]:
     words = {"mlp": "MLP channels per block", "heads": "query heads per key-value group", "hidden": "hidden channels",
              "blocks": "blocks"}
-    removed = ", ".join(f"{n} {words[k]}" for k, n in d["counts"].items())
+    removed = ", ".join(f"{n} {words[k] if n != 1 else one(words[k])}" for k, n in d["counts"].items())
     lam = ", ".join(f"{k} x{n}" for k, n in sorted(d["lambda_choices"].items()))
     comp = d["compensate"] + (f" (chosen on held-out calibration tokens per layer: {lam})" if lam else "")
     return [f"removed: {removed}{' (per-layer counts)' if d['per_layer'] else ''}", f"ranked by: {d['rank_by']}",

@@ -257,3 +257,50 @@ def test_per_layer_counts_write_pt2(folders, run_cli, tmp_path):
     n = d["counts"]["mlp"] * 3
     if n <= 3 * len(DEAD_MLP):  # only dead channels removed: the function is unchanged
         assert (got - want).abs().max() < 1e-5
+
+
+def test_folder_keeps_the_source_cache_setting_and_table_words(folders, run_cli, tmp_path):
+    """The pruned folder generates with its key/value cache as the source did (fitcli audits without it),
+    the FLOPs change is a whole number, and one unit per block is worded in the singular."""
+    root = folders["root"]
+    assert json.loads((root / "llama" / "config.json").read_text())["use_cache"] is True
+    r = run_cli(["prune", str(root / "llama"), "--text", str(root / "calib.txt"), "--kinds", "mlp,heads",
+                 "--budget", "20", "-o", str(tmp_path / "t")])
+    assert r.code == 0, r.stderr
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["use_cache"] is True
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "t").config.use_cache is True
+    row = next(line for line in r.stdout.splitlines() if line.startswith("FLOPs per token"))
+    before, after, change = row.split()[3:6]
+    assert change == f"{int(after.replace(',', '')) - int(before.replace(',', '')):+,}"
+    assert "removed: " in r.stdout and "1 query head per key-value group" in r.stdout
+    src = tmp_path / "nocache"  # a source that says use_cache false keeps it
+    folders["llama"].save_pretrained(src)
+    tokenizer().save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "use_cache": False}))
+    r = run_cli(["prune", str(src), "--text", str(root / "calib.txt"), "--kinds", "mlp", "--budget", "20",
+                 "-o", str(tmp_path / "u")])
+    assert r.code == 0, r.stderr
+    assert json.loads((tmp_path / "u" / "config.json").read_text())["use_cache"] is False
+
+
+def test_text_batches_of_16_unless_batch_size_says(folders, run_cli, tmp_path):
+    """--text reads 16 samples per batch by default (64 x 128 tokens of a 135M causal LM in one
+    batch take over 20 GB); --batch-size still sets it."""
+    root = folders["root"]
+    (tmp_path / "t.txt").write_text(lines(4, n=40))
+    for extra, batches in (([], 3), (["--batch-size", "40"], 1), (["--batch-size", "7"], 6)):
+        r = run_cli(["score", str(root / "llama"), "--text", str(tmp_path / "t.txt"), "--max-seq-len", "8",
+                     "--kinds", "mlp", "--metric", "act_mean", "-o", str(tmp_path / "r.json"), "-q", *extra])
+        assert r.code == 0, r.stderr
+        assert json.loads((tmp_path / "r.json").read_text())["data"] == {
+            "spec": str(tmp_path / "t.txt"), "samples": 40, "batches": batches}
+
+
+@pytest.mark.parametrize("fmt, first", [("table", "fitcli ablate --blocks "), ("markdown", "## fitcli ablate --blocks: `")])
+def test_block_table_names_the_command_that_made_it(folders, run_cli, fmt, first):
+    """There is no `fitcli blocks` command: the block table's title names `fitcli ablate --blocks`."""
+    root = folders["root"]
+    r = run_cli(["ablate", str(root / "llama"), "--text", str(root / "calib.txt"), "--blocks", "--format", fmt, "-q"])
+    assert r.code == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith(first + str(root / "llama"))

@@ -45,7 +45,7 @@ def _ablate_markdown(report: dict) -> str:
 
 
 def _blocks_markdown(report: dict) -> str:
-    lines = [f"## fitcli blocks: `{report['model']['path']}`", "", "Blocks by |Δloss| when removed, smallest first:", "",
+    lines = [f"## fitcli ablate --blocks: `{report['model']['path']}`", "", "Blocks by |Δloss| when removed, smallest first:", "",
              "| block | block influence | angular distance | Δloss removed |",
              "|---|---:|---:|---:|"]
     for r in sorted(report["blocks"], key=lambda r: (r["ablation"] is None, abs(r["ablation"] or 0.0), r["name"])):

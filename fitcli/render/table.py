@@ -184,7 +184,7 @@ def render_blocks(report: dict) -> Group:
     greedy layer-removal curve."""
     base = report.get("base") or {}
     head = Text()
-    head.append(f"fitcli blocks {report['model']['path']}", style="bold")
+    head.append(f"fitcli ablate --blocks {report['model']['path']}", style="bold")  # the command that made it
     head.append(f"\ndata {report['data']['spec']}: {report['data']['samples']} samples; loss {fmt(base.get('loss'))}"
                 + (f", accuracy {fmt(base.get('accuracy'))}" if base.get("accuracy") is not None else ""))
     t = Table(show_edge=False)

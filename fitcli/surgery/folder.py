@@ -7,6 +7,7 @@ with the reason (nothing is written)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -67,6 +68,19 @@ def pruned_config(model: nn.Module):
     return cfg
 
 
+def source_cache_setting(cfg, source_dir: str | os.PathLike | None) -> None:
+    """Put back the source folder's ``use_cache`` (fitcli loads a folder without its key/value cache,
+    ``loading.no_cache``; the pruned folder generates as the source did;
+    True where the source's config.json does not say, transformers' default)."""
+    if source_dir is None or not hasattr(cfg, "use_cache"):
+        return
+    try:
+        saved = json.loads((Path(source_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        saved = {}
+    cfg.use_cache = bool(saved.get("use_cache", True))
+
+
 def save_pretrained_folder(model: nn.Module, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None) -> Path:
     """Write ``model`` to ``out_dir`` (created; files of the same names replaced). UsageError,
     nothing written, when a stock config cannot hold it or ``out_dir`` is the source folder."""
@@ -80,6 +94,7 @@ def save_pretrained_folder(model: nn.Module, out_dir: str | os.PathLike, source_
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
     cfg = pruned_config(model)
+    source_cache_setting(cfg, source_dir)
     try:  # what from_pretrained will do with it: stock configs validate their fields
         type(cfg).from_dict(cfg.to_dict())
     except Exception as e:
@@ -104,4 +119,4 @@ def save_pretrained_folder(model: nn.Module, out_dir: str | os.PathLike, source_
     return out
 
 
-__all__ = ["SIDE_FILES", "pruned_config", "save_pretrained_folder", "uniform_problem"]
+__all__ = ["SIDE_FILES", "pruned_config", "save_pretrained_folder", "source_cache_setting", "uniform_problem"]
