@@ -89,7 +89,10 @@ def discover(model: nn.Module | None, state_dict: dict[str, torch.Tensor] | None
         g.notes = [f"torch.fx could not trace the model ({trace_error}); give data to find activation points"]
         return g
     g = runtime_discover(model, example)
-    g.notes.append(f"torch.fx could not trace the model ({trace_error}); activation points found at run time")
+    if getattr(getattr(model, "config", None), "model_type", None) is not None:  # the usual case, said plainly
+        g.notes.append("activation points found at run time (torch.fx does not trace this Hugging Face model)")
+    else:
+        g.notes.append(f"torch.fx could not trace the model ({trace_error}); activation points found at run time")
     return g
 
 
