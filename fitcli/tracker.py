@@ -57,7 +57,6 @@ from fitcli.feeder import (
 )
 from fitcli.metrics.base import Metric, Scratch, UnitBatch, rownorm
 from fitcli.metrics.registry import default_metrics, get_metric
-from fitcli.records import RecordWriter
 
 FORMAT = "fitcli.history/1"
 TRACKABLE_NEEDS = frozenset({"weights", "graph", "activations", "gradients"})
@@ -188,7 +187,11 @@ class Tracker:
         self._handles: list[Any] = []
         try:
             if self.history is not None:
-                self._file = RecordWriter(self.history)  # appends from a thread of its own
+                try:
+                    self._file = open(self.history, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+                except OSError as e:
+                    raise UsageError(f"history file {history}: cannot be opened for appending "
+                                     f"({e.strerror or type(e).__name__})") from e
             if example is not None:
                 self._discover(_as_batch(example))
             self._handles.append(model.register_forward_pre_hook(self._pre, with_kwargs=True))
@@ -431,7 +434,8 @@ class Tracker:
         rec = {"format": FORMAT, "step": w.step, "time": round(time.time(), 3), "batches": w.batches,
                "samples": w.samples, "tau": self.tau, "layers": layers}
         if self._file is not None:
-            self._file.write(rec)  # encoded and flushed by the writer's thread; close() waits for it
+            self._file.write(json.dumps(rec, allow_nan=False, separators=(",", ":")) + "\n")
+            self._file.flush()
         else:
             self.records.append(rec)
         self.last = rec
