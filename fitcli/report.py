@@ -145,8 +145,45 @@ def rank_units(layers: list[dict], metric: str, top: int | None, higher_is_bette
 
 
 
+def scalar_text(x: Any) -> str:
+    """One number (or null, true, false) as ``json.dumps`` writes it; a non-finite float is refused."""
+    if x is None:
+        return "null"
+    if x is True or x is False:
+        return "true" if x else "false"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            raise ValueError(f"Out of range float values are not JSON compliant: {x!r}")
+        return float.__repr__(x)
+    return int.__repr__(x)
+
+
+def is_scalar_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(x is None or isinstance(x, (int, float)) for x in value)
+
+
+def layout(value: Any, level: int) -> str:
+    """``value`` as ``json.dumps(indent=2)`` lays it out, except that a list of numbers (a
+    per-unit list, a list of unit indices) stays on one line."""
+    pad = "  " * (level + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        rows = [pad + json.dumps(k if isinstance(k, str) else scalar_text(k), ensure_ascii=False) + ": "
+                + layout(v, level + 1) for k, v in value.items()]
+        return "{\n" + ",\n".join(rows) + "\n" + "  " * level + "}"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "[]"
+        if is_scalar_list(value):
+            return "[" + ", ".join(map(scalar_text, value)) + "]"
+        return "[\n" + ",\n".join(pad + layout(v, level + 1) for v in value) + "\n" + "  " * level + "]"
+    return json.dumps(value, allow_nan=False, ensure_ascii=False)
+
+
 def dumps(report: dict) -> str:
-    return json.dumps(report, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    """The report's JSON text: indented by two, each list of numbers on one line."""
+    return layout(report, 0) + "\n"
 
 
 def read(path: str | Path) -> dict:
@@ -411,7 +448,7 @@ class AuditReport:
 
             raise UsageError(f"metric {by!r} is not in this report" + close_matches(str(by), self.metrics)
                              + f" (computed: {', '.join(self.metrics) or 'none'})")
-        layers = [lay.to_dict() for lay in self.layers]
+        layers = [lay.to_dict(exact=True) for lay in self.layers]
         return rank_units(layers, by, top, self.higher_is_better(by), include_final)
 
     def with_validation(self, validation: Validation, rerank: bool = False, top: int | None = 20) -> AuditReport:
@@ -419,7 +456,7 @@ class AuditReport:
         best = validation.best if rerank else None
         if not best:
             return dataclasses.replace(self, validation=validation)
-        layers = [lay.to_dict() for lay in self.layers]
+        layers = [lay.to_dict(exact=True) for lay in self.layers]
         return dataclasses.replace(self, validation=validation, settings={**self.settings, "rank_by": best},
                                    ranking=rank_units(layers, best, top, self.higher_is_better(best)))
 
