@@ -31,6 +31,7 @@ from fitcli.report_types import (
     Section,
     Summary,
     Validation,
+    unit_floats,
 )
 
 SCHEMA_ID = "fitcli.report/1"
@@ -179,6 +180,14 @@ def layout(value: Any, level: int) -> str:
             return "[" + ", ".join(map(scalar_text, value)) + "]"
         return "[\n" + ",\n".join(pad + layout(v, level + 1) for v in value) + "\n" + "  " * level + "]"
     return json.dumps(value, allow_nan=False, ensure_ascii=False)
+
+
+def ranking_layers(layers: list[LayerReport], metric: str) -> list[dict]:
+    """What ``rank_units`` reads of each layer, ``metric`` as the report writes it: a ranking made
+    in memory is the one a reader recomputes from the file, each row's ``value`` the unit's value there."""
+    return [{"name": lay.name, "final": lay.final, "dead": lay.dead,
+             "metrics": {metric: unit_floats(lay.metrics[metric])} if metric in lay.metrics else {}}
+            for lay in layers]
 
 
 def dumps(report: dict) -> str:
@@ -448,17 +457,15 @@ class AuditReport:
 
             raise UsageError(f"metric {by!r} is not in this report" + close_matches(str(by), self.metrics)
                              + f" (computed: {', '.join(self.metrics) or 'none'})")
-        layers = [lay.to_dict(exact=True) for lay in self.layers]
-        return rank_units(layers, by, top, self.higher_is_better(by), include_final)
+        return rank_units(ranking_layers(self.layers, by), by, top, self.higher_is_better(by), include_final)
 
     def with_validation(self, validation: Validation, rerank: bool = False, top: int | None = 20) -> AuditReport:
         """This report with ``validation``; with ``rerank``, ranked by the metric it found best."""
         best = validation.best if rerank else None
         if not best:
             return dataclasses.replace(self, validation=validation)
-        layers = [lay.to_dict(exact=True) for lay in self.layers]
         return dataclasses.replace(self, validation=validation, settings={**self.settings, "rank_by": best},
-                                   ranking=rank_units(layers, best, top, self.higher_is_better(best)))
+                                   ranking=rank_units(ranking_layers(self.layers, best), best, top, self.higher_is_better(best)))
 
     def to_pandas(self):
         """One row per (layer, unit): layer, unit, dead, then one column per metric. Needs pandas."""
@@ -478,5 +485,5 @@ class AuditReport:
 
 
 __all__ = ["AuditReport", "LayerReport", "GateResult", "SCHEMA_ID", "AGGREGATES", "schema", "validate", "aggregate",
-           "direction", "marks_dead", "nonfinite_units", "default_rank_by", "fitness_values", "rank_units", "dumps", "read",
+           "direction", "marks_dead", "nonfinite_units", "default_rank_by", "fitness_values", "rank_units", "ranking_layers", "dumps", "read",
            "check_output", "replace_atomically", "write_atomic", "new_file_mode"]

@@ -427,16 +427,14 @@ class LayerReport(Section):
                    activation_chain=d.get("activation_chain"), members=d.get("members"),
                    removable=d.get("removable"), extra=unknown(d, LAYER_FIELDS), kind=d.get("kind"))
 
-    def to_dict(self, exact: bool = False) -> dict[str, Any]:
-        """The layer's JSON; per-unit values as written (``unit_floats``), or with ``exact`` at the
-        full precision of the tensors (what rankings and validation compute from)."""
-        values = floats if exact else unit_floats
+    def to_dict(self) -> dict[str, Any]:
+        """The layer's JSON: the per-unit values as written (``unit_floats``); ``metrics`` holds them exactly."""
         d: dict[str, Any] = {"name": self.name, "type": self.type, "units": self.units,
                              "activation_point": self.activation_point}
         d.update(present([("kind", self.kind)]))
         d.update(present([("activation_point_kind", self.activation_point_kind),
                           ("activation_chain", self.activation_chain)]))
-        d.update({"final": self.final, "metrics": {k: values(v) for k, v in self.metrics.items()},
+        d.update({"final": self.final, "metrics": {k: unit_floats(v) for k, v in self.metrics.items()},
                   "aggregate": self.aggregate, "nonfinite": self.nonfinite, "dead": self.dead,
                   "dead_fraction": self.dead_fraction})
         d.update(present([("removable", self.removable), ("members", self.members)]))

@@ -249,7 +249,7 @@ def measure_validation(report: AuditReport, *, graph, data, loss_fn, units: int 
     mode = report.settings.get("ablation_mode", "zero")
     ab = ablate_layers(graph, list(sel), data, loss_fn, mode=mode, device=device, chunk_size=chunk_size,
                        progress=progress or NO_PROGRESS, units=sel, group=group)
-    dicts = [lay.to_dict(exact=True) for lay in report.layers]
+    dicts = [lay.to_dict() for lay in report.layers]
     seen = {m for lay in report.layers if lay.name in sel for m in lay.metrics} - exclude
     fit = {m: fitness_values(dicts, m, direction(m, info)) for m in seen}  # each metric as fitness
     per_metric: dict[str, dict[str, torch.Tensor]] = {}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import fitcli
-from fitcli.report import AuditReport, dumps, schema
+from fitcli.report import AuditReport, dumps, rank_units, ranking_layers, schema
 from fitcli.report_types import LayerReport, unit_floats
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -152,12 +152,30 @@ def test_a_written_report_reads_back_within_the_documented_precision(tmp_path):
     assert fitcli.gate(back, max_dead=1).failures == fitcli.gate(report, max_dead=1).failures
 
 
-def test_rankings_use_the_exact_values():
-    """Two units 1e-9 apart (the same float32) are still told apart by the in-memory ranking."""
+def test_rankings_are_made_from_the_written_values():
+    """Two units 1e-9 apart are the same float32: written as 1.0 and 1.0, they tie, and the tie
+    goes to the lower unit index (with the exact values unit 1 would come first); each row's
+    value is the one in the file."""
     lay = LayerReport(name="fc", type="Linear", units=2, activation_point="fc", aggregate={}, dead=[], dead_fraction=0.0,
                       nonfinite=[], metrics={"m": torch.tensor([1.0 + 1e-9, 1.0], dtype=torch.float64)})
     assert lay.to_dict()["metrics"]["m"] == [1.0, 1.0]
-    assert lay.to_dict(exact=True)["metrics"]["m"] == [1.0 + 1e-9, 1.0]
+    rows = rank_units(ranking_layers([lay], "m"), "m", None, higher_is_better=True, include_final=True)
+    assert [(r["unit"], r["value"]) for r in rows] == [(0, 1.0), (1, 1.0)]
+    assert rows[0]["normalized"] == rows[1]["normalized"] == 1.0 / math.sqrt(2.0)
+
+
+def test_a_reports_ranking_is_recomputed_from_its_file(tmp_path):
+    _, report = _audit()
+    d = json.loads(report.save(tmp_path / "r.json").read_text())
+    by = d["settings"]["rank_by"]
+    assert d["ranked"]
+    for row in d["ranked"]:
+        lay = next(x for x in d["layers"] if x["name"] == row["layer"])
+        vals = lay["metrics"][by]
+        assert row["value"] == vals[row["unit"]]
+        norm = math.sqrt(sum(v * v for v in vals if v is not None))
+        if report.higher_is_better(by):
+            assert row["normalized"] == pytest.approx(vals[row["unit"]] / norm, rel=1e-12)
 
 
 def test_an_old_layout_report_still_loads_renders_and_gates(run_cli, tmp_path):
