@@ -51,16 +51,21 @@ def floats(t: torch.Tensor) -> list[float | None]:
 F32_TINY, F32_MAX = 2.0 ** -126, (2 - 2.0 ** -23) * 2.0 ** 127  # float32's normal range
 
 
+def significant_digits(x: float) -> int:
+    """Significant digits of ``repr(x)``, the shortest decimal that reads back as ``x``."""
+    return len(repr(x).lstrip("-").split("e")[0].replace(".", "").strip("0"))
+
+
 def unit_floats(t: torch.Tensor) -> list[float | None]:
-    """Per-unit values as a report writes them: null where not finite; a value within float32's
-    normal range as the shortest decimal (at most 9 significant digits) that reads back as the
-    same float32 as the value rounded to float32, so within 2**-23 (1.2e-7) of it, relatively;
-    any other value (0, 0 < |v| < 2**-126, |v| > 3.4e38) exactly. A value read back is written
-    the same again."""
+    """Per-unit values as a report writes them: null where not finite; a value of at most 9
+    significant digits (0.5, -0.166015625), 0 or one outside float32's normal range
+    (0 < |v| < 2**-126, |v| > 3.4e38) exactly; any other value as the shortest decimal that reads
+    back as the same float32 as the value rounded to float32, so within 2**-23 (1.2e-7) of it,
+    relatively. A value read back is written the same again."""
     exact = t.detach().to("cpu", torch.float64).flatten()
     xs = exact.tolist()
     out: list[float | None] = [x if math.isfinite(x) else None for x in xs]
-    todo = [i for i, x in enumerate(xs) if F32_TINY <= abs(x) <= F32_MAX]
+    todo = [i for i, x in enumerate(xs) if F32_TINY <= abs(x) <= F32_MAX and significant_digits(x) > 9]
     if not todo:
         return out
     f32 = exact[todo].to(torch.float32)
