@@ -31,6 +31,7 @@ from fitcli.report_types import (
     Section,
     Summary,
     Validation,
+    unit_floats,
 )
 
 SCHEMA_ID = "fitcli.report/1"
@@ -145,8 +146,53 @@ def rank_units(layers: list[dict], metric: str, top: int | None, higher_is_bette
 
 
 
+def scalar_text(x: Any) -> str:
+    """One number (or null, true, false) as ``json.dumps`` writes it; a non-finite float is refused."""
+    if x is None:
+        return "null"
+    if x is True or x is False:
+        return "true" if x else "false"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            raise ValueError(f"Out of range float values are not JSON compliant: {x!r}")
+        return float.__repr__(x)
+    return int.__repr__(x)
+
+
+def is_scalar_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(x is None or isinstance(x, (int, float)) for x in value)
+
+
+def layout(value: Any, level: int) -> str:
+    """``value`` as ``json.dumps(indent=2)`` lays it out, except that a list of numbers (a
+    per-unit list, a list of unit indices) stays on one line."""
+    pad = "  " * (level + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        rows = [pad + json.dumps(k if isinstance(k, str) else scalar_text(k), ensure_ascii=False) + ": "
+                + layout(v, level + 1) for k, v in value.items()]
+        return "{\n" + ",\n".join(rows) + "\n" + "  " * level + "}"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "[]"
+        if is_scalar_list(value):
+            return "[" + ", ".join(map(scalar_text, value)) + "]"
+        return "[\n" + ",\n".join(pad + layout(v, level + 1) for v in value) + "\n" + "  " * level + "]"
+    return json.dumps(value, allow_nan=False, ensure_ascii=False)
+
+
+def ranking_layers(layers: list[LayerReport], metric: str) -> list[dict]:
+    """What ``rank_units`` reads of each layer, ``metric`` as the report writes it: a ranking made
+    in memory is the one a reader recomputes from the file, each row's ``value`` the unit's value there."""
+    return [{"name": lay.name, "final": lay.final, "dead": lay.dead,
+             "metrics": {metric: unit_floats(lay.metrics[metric])} if metric in lay.metrics else {}}
+            for lay in layers]
+
+
 def dumps(report: dict) -> str:
-    return json.dumps(report, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    """The report's JSON text: indented by two, each list of numbers on one line."""
+    return layout(report, 0) + "\n"
 
 
 def read(path: str | Path) -> dict:
@@ -411,17 +457,15 @@ class AuditReport:
 
             raise UsageError(f"metric {by!r} is not in this report" + close_matches(str(by), self.metrics)
                              + f" (computed: {', '.join(self.metrics) or 'none'})")
-        layers = [lay.to_dict() for lay in self.layers]
-        return rank_units(layers, by, top, self.higher_is_better(by), include_final)
+        return rank_units(ranking_layers(self.layers, by), by, top, self.higher_is_better(by), include_final)
 
     def with_validation(self, validation: Validation, rerank: bool = False, top: int | None = 20) -> AuditReport:
         """This report with ``validation``; with ``rerank``, ranked by the metric it found best."""
         best = validation.best if rerank else None
         if not best:
             return dataclasses.replace(self, validation=validation)
-        layers = [lay.to_dict() for lay in self.layers]
         return dataclasses.replace(self, validation=validation, settings={**self.settings, "rank_by": best},
-                                   ranking=rank_units(layers, best, top, self.higher_is_better(best)))
+                                   ranking=rank_units(ranking_layers(self.layers, best), best, top, self.higher_is_better(best)))
 
     def to_pandas(self):
         """One row per (layer, unit): layer, unit, dead, then one column per metric. Needs pandas."""
@@ -441,5 +485,5 @@ class AuditReport:
 
 
 __all__ = ["AuditReport", "LayerReport", "GateResult", "SCHEMA_ID", "AGGREGATES", "schema", "validate", "aggregate",
-           "direction", "marks_dead", "nonfinite_units", "default_rank_by", "fitness_values", "rank_units", "dumps", "read",
+           "direction", "marks_dead", "nonfinite_units", "default_rank_by", "fitness_values", "rank_units", "ranking_layers", "dumps", "read",
            "check_output", "replace_atomically", "write_atomic", "new_file_mode"]

@@ -21,6 +21,7 @@ from fitcli.report import (
     direction,
     nonfinite_units,
     rank_units,
+    ranking_layers,
 )
 from fitcli.report_types import (
     BlockRow,
@@ -132,10 +133,10 @@ def _ranking(layers: list[LayerReport], rank_by: str, top: int, info: dict[str, 
     kinds in the order of ``LAYER_KINDS``, ``top`` rows each): a head is never ranked against a channel."""
     kinds = kinds_of(layers)
     if not kinds:
-        return rank_units([lay.to_dict() for lay in layers], rank_by, top, direction(rank_by, info), include_final)
+        return rank_units(ranking_layers(layers, rank_by), rank_by, top, direction(rank_by, info), include_final)
     out = []
     for k in kinds:
-        rows = rank_units([lay.to_dict() for lay in layers if lay.kind == k], rank_by, top,
+        rows = rank_units(ranking_layers([lay for lay in layers if lay.kind == k], rank_by), rank_by, top,
                           direction(rank_by, info), include_final)
         out += [{"kind": k, **r} for r in rows]
     return out

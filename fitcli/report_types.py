@@ -48,6 +48,43 @@ def floats(t: torch.Tensor) -> list[float | None]:
     return [float(v) if math.isfinite(v) else None for v in t.tolist()]
 
 
+F32_TINY, F32_MAX = 2.0 ** -126, (2 - 2.0 ** -23) * 2.0 ** 127  # float32's normal range
+
+
+def significant_digits(x: float) -> int:
+    """Significant digits of ``repr(x)``, the shortest decimal that reads back as ``x``."""
+    return len(repr(x).lstrip("-").split("e")[0].replace(".", "").strip("0"))
+
+
+def unit_floats(t: torch.Tensor) -> list[float | None]:
+    """Per-unit values as a report writes them: null where not finite; a value of at most 9
+    significant digits (0.5, -0.166015625), 0 or one outside float32's normal range
+    (0 < |v| < 2**-126, |v| > 3.4e38) exactly; any other value as the shortest decimal that reads
+    back as the same float32 as the value rounded to float32, so within 2**-23 (1.2e-7) of it,
+    relatively. A value read back is written the same again."""
+    exact = t.detach().to("cpu", torch.float64).flatten()
+    xs = exact.tolist()
+    out: list[float | None] = [x if math.isfinite(x) else None for x in xs]
+    todo = [i for i, x in enumerate(xs) if F32_TINY <= abs(x) <= F32_MAX and significant_digits(x) > 9]
+    if not todo:
+        return out
+    f32 = exact[todo].to(torch.float32)
+    near = f32.to(torch.float64).tolist()  # the float32 values, exactly
+    for i, v in zip(todo, near, strict=True):
+        out[i] = v  # when no decimal of at most 9 digits reads back (never seen): the float32 itself
+    left = list(range(len(todo)))
+    for digits in (6, 7, 8, 9):  # when a shorter decimal reads back, the 6-digit one is it
+        tried = [float(f"{near[j]:.{digits}g}") for j in left]
+        same = (torch.tensor(tried, dtype=torch.float64).to(torch.float32) == f32[left]).tolist()
+        for j, y, ok in zip(left, tried, same, strict=True):
+            if ok:
+                out[todo[j]] = y
+        left = [j for j, ok in zip(left, same, strict=True) if not ok]
+        if not left:
+            break
+    return out
+
+
 def tensor(values: list[float | None]) -> torch.Tensor:
     """JSON numbers as a float64 tensor: NaN where null."""
     return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
@@ -401,12 +438,13 @@ class LayerReport(Section):
                    removable=d.get("removable"), extra=unknown(d, LAYER_FIELDS), kind=d.get("kind"))
 
     def to_dict(self) -> dict[str, Any]:
+        """The layer's JSON: the per-unit values as written (``unit_floats``); ``metrics`` holds them exactly."""
         d: dict[str, Any] = {"name": self.name, "type": self.type, "units": self.units,
                              "activation_point": self.activation_point}
         d.update(present([("kind", self.kind)]))
         d.update(present([("activation_point_kind", self.activation_point_kind),
                           ("activation_chain", self.activation_chain)]))
-        d.update({"final": self.final, "metrics": {k: floats(v) for k, v in self.metrics.items()},
+        d.update({"final": self.final, "metrics": {k: unit_floats(v) for k, v in self.metrics.items()},
                   "aggregate": self.aggregate, "nonfinite": self.nonfinite, "dead": self.dead,
                   "dead_fraction": self.dead_fraction})
         d.update(present([("removable", self.removable), ("members", self.members)]))
@@ -444,4 +482,4 @@ class GateResult(Section):
 
 __all__ = ["Section", "Summary", "NotAudited", "Coverage", "Correlation", "RandomStats", "RandomBaseline",
            "LayerValidation", "Validation", "BlockRow", "GreedyStep", "BlockValidation", "LayerReport", "GateResult",
-           "LAYER_FIELDS", "floats", "tensor"]
+           "LAYER_FIELDS", "floats", "unit_floats", "tensor"]

@@ -354,8 +354,8 @@ def test_constant_unit_has_no_variance_and_no_entropy(_scored, _truth, model):
 def test_dormant_layer_mean_is_one(_scored, model):
     report, _ = _scored[model]
     for lay in report["layers"]:
-        d = lay["metrics"]["dormant"]
-        assert sum(d) / len(d) == pytest.approx(1.0, rel=1e-12)
+        d = lay["metrics"]["dormant"]  # as written: each within 2**-23 of the exact value (docs/report.md)
+        assert sum(d) / len(d) == pytest.approx(1.0, rel=1.2e-7)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -41,8 +42,12 @@ def _section_schema(name: str, item: bool = False) -> dict:
 
 
 def _json_text(d: dict) -> str:
-    """The text fitcli writes for ``d``, written here independently of ``fitcli.report.dumps``."""
-    return json.dumps(d, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    """The text fitcli writes for ``d``, written here independently of ``fitcli.report.dumps``:
+    indented by two, each list of numbers (or nulls) on one line."""
+    text = json.dumps(d, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    item = r"(?:-?[0-9][0-9.eE+-]*|null|true|false)"
+    return re.sub(rf"\[\n\s*{item}(?:,\n\s*{item})*\n\s*\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(0)[1:-1].split(",")) + "]", text)
 
 
 # --------------------------------------------------------------------------------------------
