@@ -337,9 +337,10 @@ def test_block_influence_is_read_from_the_audits_own_forward(monkeypatch):
     mods = dict(model.named_modules())
     for n, row in blocks.items():
         seen = []
-        hs = [mods[n].register_forward_pre_hook(lambda m, a, kw: seen.append(["in", (a[0] if a else kw["hidden_states"])]),
-                                                with_kwargs=True),
-              mods[n].register_forward_hook(lambda m, a, o: seen[-1].append(o[0] if isinstance(o, tuple) else o))]
+        hs = [mods[n].register_forward_pre_hook(
+                  lambda m, a, kw, seen=seen: seen.append(["in", (a[0] if a else kw["hidden_states"])]), with_kwargs=True),
+              mods[n].register_forward_hook(
+                  lambda m, a, o, seen=seen: seen[-1].append(o[0] if isinstance(o, tuple) else o))]
         try:
             with torch.no_grad():
                 for b in data:
