@@ -30,7 +30,7 @@ from fitcli.data import Batch
 from fitcli.discovery import discover
 from fitcli.engine import peek, pick_device
 from fitcli.errors import InputError, UsageError
-from fitcli.losses import check_loss, resolve_loss
+from fitcli.losses import check_loss, primary_output, resolve_loss
 from fitcli.prune_export import check_outputs, export_program, output_paths, plain, plain_outputs  # noqa: F401
 from fitcli.prune_groups import (
     NORMS,
@@ -179,7 +179,8 @@ def _group_of(dg, tp, mod: nn.Module, fn, idxs: list[int], names: dict[nn.Module
 def dependency_graph(module: nn.Module, example: Batch):
     """Torch-Pruning's dependency graph of ``module``, from one forward on ``example``."""
     return torch_pruning().DependencyGraph().build_dependency(module, example_inputs=example,
-                                                    forward_fn=lambda m, b: m(*b.args, **b.kwargs), verbose=False)
+                                                    forward_fn=lambda m, b: m(*b.args, **b.kwargs),
+                                                    output_transform=primary_output, verbose=False)
 
 
 def plan_layers(dg, module: nn.Module, graph, chosen: dict[str, list[int]],

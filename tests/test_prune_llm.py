@@ -304,3 +304,28 @@ def test_block_table_names_the_command_that_made_it(folders, run_cli, fmt, first
     r = run_cli(["ablate", str(root / "llama"), "--text", str(root / "calib.txt"), "--blocks", "--format", fmt, "-q"])
     assert r.code == 0, r.stderr
     assert r.stdout.splitlines()[0].startswith(first + str(root / "llama"))
+
+
+def test_api_prune_of_a_llama_without_a_budget_runs_the_graph_on_its_logits():
+    """``fitcli.prune(llama, data)`` (dead units, the graph's path) on a LLaMA that keeps its KV
+    cache: Torch-Pruning's graph is built on the logits (before: "'tuple' object has no attribute
+    'grad_fn'"); a dead gated MLP channel is refused with the reason, the model is unchanged."""
+    import copy
+
+    import transformers
+
+    import fitcli
+
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, use_cache=True)).eval()
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight[:, 3] = 0
+        m.model.layers[0].mlp.up_proj.weight[3] = 0
+    before = copy.deepcopy(m.state_dict())
+    data = [{"input_ids": torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    r = fitcli.prune(m, data, device="cpu")
+    assert r.removed == {}
+    assert any("not supported" in x["reason"] for x in r.refused)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
