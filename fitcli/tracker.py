@@ -116,15 +116,25 @@ def significant(t: torch.Tensor, digits: int = DIGITS) -> torch.Tensor:
     return torch.where(ok, torch.where(k >= 0, up, down), t)
 
 
-def _floats_of(values: dict[str, torch.Tensor]) -> dict[str, list[float | None]]:
-    """Each metric's values as a JSON list (None where not finite), in one transfer, to ``DIGITS``
-    significant digits."""
-    if not values:
-        return {}
-    table = significant(torch.stack([v.detach().to("cpu", torch.float64).reshape(-1) for v in values.values()]))
-    finite = torch.isfinite(table).all(dim=1).tolist()  # a per-value check only on rows that need it
-    return {n: row if ok else [v if math.isfinite(v) else None for v in row]
-            for n, row, ok in zip(values, table.tolist(), finite, strict=True)}
+def _floats_of(values: list[dict[str, torch.Tensor]]) -> list[dict[str, list[float | None]]]:
+    """Each layer's metric values as JSON lists (None where not finite), to ``DIGITS`` significant
+    digits: every layer's values in one tensor, rounded and transferred at once (a record holds
+    tens of thousands of values; a few operations per layer would cost more than the values)."""
+    flat = [v.detach().reshape(-1).to("cpu", torch.float64) for d in values for v in d.values()]
+    if not flat:
+        return [{} for _ in values]
+    table = significant(torch.cat(flat))
+    sizes = [t.numel() for t in flat]
+    finite = [bool(f) for f in torch.stack([torch.isfinite(t).all() for t in table.split(sizes)]).tolist()]
+    rows, out, at, k = table.tolist(), [], 0, 0
+    for d in values:
+        got = {}
+        for n in d:
+            row = rows[at: at + sizes[k]]
+            got[n] = row if finite[k] else [v if math.isfinite(v) else None for v in row]
+            at, k = at + sizes[k], k + 1
+        out.append(got)
+    return out
 
 
 class _Window:
@@ -404,32 +414,39 @@ class Tracker:
         w.wgrads.clear()
         w.wnorms.clear()
 
+    def _computed(self, w: _Window) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, str]]]:
+        """Per layer: each metric's values of this step, and the metrics skipped with the reason."""
+        computed: dict[str, dict[str, torch.Tensor]] = {}
+        skipped: dict[str, dict[str, str]] = {}
+        for lay in self.layers:
+            computed[lay.name], skipped[lay.name] = {}, {}
+            readers = weight_grad_readers(w.state[lay.name])
+            for n, m in w.state[lay.name].items():
+                if "gradients" in m.needs and lay.name not in w.reached:
+                    skipped[lay.name][n] = "no gradient: no backward reached this layer during the step"
+                    continue
+                if lay.name in w.twice and m in readers:
+                    skipped[lay.name][n] = ("two backward passes through one forward: the weight gradient of the "
+                                            "batch was not kept (one backward per forward gives it)")
+                    continue
+                agg = getattr(lay.kind, "aggregate", None)  # a kind reporting per-point values summed (hidden channels)
+                computed[lay.name][n] = agg(lay, n, m.compute()) if agg is not None else m.compute()
+        return computed, skipped
+
     def _finish(self) -> dict:
         w = self._window
         assert w is not None
         self._flush(w)
         self._window = None
+        computed, skipped = self._computed(w)
         layers: dict[str, dict] = {}
-        for lay in self.layers:
-            computed, skipped = {}, {}
-            readers = weight_grad_readers(w.state[lay.name])
-            for n, m in w.state[lay.name].items():
-                if "gradients" in m.needs and lay.name not in w.reached:
-                    skipped[n] = "no gradient: no backward reached this layer during the step"
-                    continue
-                if lay.name in w.twice and m in readers:
-                    skipped[n] = ("two backward passes through one forward: the weight gradient of the batch "
-                                  "was not kept (one backward per forward gives it)")
-                    continue
-                agg = getattr(lay.kind, "aggregate", None)  # a kind reporting per-point values summed (hidden channels)
-                computed[n] = agg(lay, n, m.compute()) if agg is not None else m.compute()
-            values = _floats_of(computed)
+        for lay, values in zip(self.layers, _floats_of([computed[lay.name] for lay in self.layers]), strict=True):
             entry: dict[str, Any] = {"units": lay.units, "final": bool(lay.final), "metrics": values}
             marker = dead_marker(w.state[lay.name])
             if marker in values and not lay.final:
                 entry["dead"] = [i for i, v in enumerate(values[marker]) if v is not None and v <= self.tau]
-            if skipped:
-                entry["skipped"] = skipped
+            if skipped[lay.name]:
+                entry["skipped"] = skipped[lay.name]
             layers[lay.name] = entry
         rec = {"format": FORMAT, "step": w.step, "time": round(time.time(), 3), "batches": w.batches,
                "samples": w.samples, "tau": self.tau, "layers": layers}
