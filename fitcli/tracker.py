@@ -96,34 +96,17 @@ def _check_loss(loss_reduction: str, loss_scale: float) -> None:
         raise UsageError(f"loss_scale must be a positive number, not {loss_scale!r}")
 
 
-DIGITS = 8  # significant digits of a recorded value: beyond float32's ~7.2, as short as that allows
-_POW10 = torch.tensor([float(f"1e{k}") for k in range(-22, 23)], dtype=torch.float64)  # each exact or correctly rounded
-
-
-def significant(t: torch.Tensor, digits: int = DIGITS) -> torch.Tensor:
-    """``t`` (float64) rounded to ``digits`` significant digits, each value the double nearest its
-    decimal, so that JSON writes it in at most ``digits`` digits: half the bytes and half the
-    encoding time of 17-digit values (the record is a large part of an observed step's cost).
-    Values below 1e-15 or above 1e22 in magnitude (and 0, inf, NaN) are kept as they are."""
-    a = t.abs()
-    e = torch.floor(torch.log10(torch.where(a > 0, a, torch.ones_like(a))))
-    j = (digits - 1) - e  # t·10^j has ``digits`` digits before the point
-    ok = (j.abs() <= 22) & (a > 0) & torch.isfinite(t)
-    k = torch.where(ok, j, torch.zeros_like(j)).long()
-    s = _POW10[k.abs() + 22]  # 10^|j|, exact
-    up = torch.round(t * s) / s  # j >= 0: n / 10^j, correctly rounded
-    down = torch.round(t / s) * s  # j < 0: n · 10^|j|
-    return torch.where(ok, torch.where(k >= 0, up, down), t)
+DIGITS = 8  # significant digits of a value in the history file: beyond float32's ~7.2, as short as that allows
 
 
 def _floats_of(values: list[dict[str, torch.Tensor]]) -> list[dict[str, list[float | None]]]:
-    """Each layer's metric values as JSON lists (None where not finite), to ``DIGITS`` significant
-    digits: every layer's values in one tensor, rounded and transferred at once (a record holds
-    tens of thousands of values; a few operations per layer would cost more than the values)."""
+    """Each layer's metric values as lists (None where not finite): every layer's values in one
+    tensor, transferred at once (a record holds tens of thousands of values; a few operations per
+    layer would cost more than the values). The history file keeps ``DIGITS`` significant digits."""
     flat = [v.detach().reshape(-1).to("cpu", torch.float64) for d in values for v in d.values()]
     if not flat:
         return [{} for _ in values]
-    table = significant(torch.cat(flat))
+    table = torch.cat(flat)
     sizes = [t.numel() for t in flat]
     finite = [bool(f) for f in torch.stack([torch.isfinite(t).all() for t in table.split(sizes)]).tolist()]
     rows, out, at, k = table.tolist(), [], 0, 0
@@ -135,6 +118,28 @@ def _floats_of(values: list[dict[str, torch.Tensor]]) -> list[dict[str, list[flo
             at, k = at + sizes[k], k + 1
         out.append(got)
     return out
+
+
+_SEP = (",", ":")
+_G = ("%." + str(DIGITS) + "g").__mod__  # a float's text at DIGITS significant digits
+
+
+def _numbers(row: list[float | None]) -> str:
+    return "[" + ",".join(map(_G, row) if None not in row else ("null" if v is None else _G(v) for v in row)) + "]"
+
+
+def record_line(rec: dict[str, Any]) -> str:
+    """A record's JSON line: what ``json.dumps`` writes, but each metric's list of values formatted
+    with ``%.8g`` in one join (the encoder's float ``repr`` per value was most of the record's
+    cost). A value that is a whole number reads back as an int."""
+    head = json.dumps({k: v for k, v in rec.items() if k != "layers"}, allow_nan=False, separators=_SEP)
+    parts = []
+    for name, entry in rec["layers"].items():
+        fields = [json.dumps(k) + ":" + ("{" + ",".join(json.dumps(m) + ":" + _numbers(row) for m, row in v.items()) + "}"
+                                         if k == "metrics" else json.dumps(v, allow_nan=False, separators=_SEP))
+                  for k, v in entry.items()]
+        parts.append(json.dumps(name) + ":{" + ",".join(fields) + "}")
+    return head[:-1] + ',"layers":{' + ",".join(parts) + "}}"
 
 
 class _Window:
@@ -451,7 +456,7 @@ class Tracker:
         rec = {"format": FORMAT, "step": w.step, "time": round(time.time(), 3), "batches": w.batches,
                "samples": w.samples, "tau": self.tau, "layers": layers}
         if self._file is not None:
-            self._file.write(json.dumps(rec, allow_nan=False, separators=(",", ":")) + "\n")
+            self._file.write(record_line(rec) + "\n")
             self._file.flush()
         else:
             self.records.append(rec)
