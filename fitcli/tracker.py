@@ -108,7 +108,10 @@ def _floats_of(values: list[dict[str, torch.Tensor]]) -> list[dict[str, list[flo
         return [{} for _ in values]
     table = torch.cat(flat)
     sizes = [t.numel() for t in flat]
-    finite = [bool(f) for f in torch.stack([torch.isfinite(t).all() for t in table.split(sizes)]).tolist()]
+    if bool(torch.isfinite(table).all()):  # the usual case: one check for the whole record
+        finite = [True] * len(flat)
+    else:
+        finite = [bool(torch.isfinite(t).all()) for t in table.split(sizes)]
     rows, out, at, k = table.tolist(), [], 0, 0
     for d in values:
         got = {}
