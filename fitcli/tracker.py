@@ -300,7 +300,10 @@ class Tracker:
         else:
             for ms in self._made.values():
                 for m in ms.values():
-                    m.reset()
+                    if type(m).reset is Metric.reset:  # the last record holds lists, nothing of these tensors
+                        m.reset(reuse=True)
+                    else:  # a plugin's own reset
+                        m.reset()
         return self._made
 
     def _weights_update(self, w: _Window) -> None:

@@ -631,3 +631,23 @@ def test_relu_outputs_skip_the_minimum_but_keep_every_moment():
             assert torch.equal(got_z[:2], want_zeros[:2]), (nan, flag)
             if not nan:
                 assert torch.equal(got_z, want_zeros)
+
+
+def test_reset_reusing_the_state_tensors():
+    """``reset(reuse=True)`` (the tracker, between steps) gives the defaults again in the state's
+    own tensors; a plain ``reset()`` gives fresh ones. Both equal a new metric's state."""
+    from fitcli.metrics.base import UnitBatch
+    from fitcli.metrics.registry import get_metric
+    cls = get_metric("act_var")
+    fresh = cls(3).state_dict()
+    m = cls(3)
+    m.update(UnitBatch(weight=None, act=torch.randn(5, 3, 4)))
+    before = {k: v for k, v in m.state_dict().items()}
+    m.reset(reuse=True)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, fresh[k]), k
+        if before[k].shape == v.shape:
+            assert v is before[k], k
+    m.update(UnitBatch(weight=None, act=torch.randn(5, 3, 4)))
+    m.reset()
+    assert all(torch.equal(v, fresh[k]) for k, v in m.state_dict().items())

@@ -326,9 +326,17 @@ class Metric:
         self._states[name] = (default.detach().clone(), reduce)
         setattr(self, name, default.detach().clone())
 
-    def reset(self) -> None:
+    def reset(self, reuse: bool = False) -> None:
+        """Every state back to its default. ``reuse``: copied into the state's own tensor where it
+        has the default's shape, dtype and device (no allocation; for a caller that keeps nothing
+        of the previous values, as the tracker after its record)."""
         for name, (default, _) in self._states.items():
-            setattr(self, name, default.clone())
+            t = getattr(self, name) if reuse else None
+            if isinstance(t, torch.Tensor) and t is not default and t.shape == default.shape \
+                    and t.dtype == default.dtype and t.device == default.device:
+                t.copy_(default)
+            else:
+                setattr(self, name, default.clone())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._states}
