@@ -316,23 +316,14 @@ def influence(model: nn.Module, data: Iterable[Batch], names: list[str], device:
               progress: Progress = NO_PROGRESS) -> BlockResult:
     """Block Influence and angular distance of each block alone (no ablation): one forward per
     batch without gradients, comparing each block's input and output (as ``measure``)."""
-    modules = dict(model.named_modules())
-    res = BlockResult(list(names))
-    inf = _Influence(names)
+    watch = InfluenceWatch(model, names)
     with torch.no_grad(), progress.task("blocks", None) as bar:
         for bi, cpu_batch in enumerate(data):
             batch = cpu_batch.to(device)
-            inf.mask = batch.mask
-            with hooks(modules, inf.pre(), inf.post()):
+            with watch(batch):
                 guarded(batch, None, bi, lambda b=batch: model(*b.args, **b.kwargs))
-            res.samples += batch.size
-            res.batches += 1
             bar.advance()
-    for n in names:
-        if inf.sums[n][2]:
-            res.influence[n] = inf.sums[n][0] / inf.sums[n][2]
-            res.angular[n] = inf.sums[n][1] / inf.sums[n][2]
-    return res
+    return watch.result(complete=False)
 
 
 class InfluenceWatch:
@@ -356,11 +347,13 @@ class InfluenceWatch:
         self.samples += batch.size
         self.batches += 1
 
-    def result(self) -> BlockResult | None:
-        if not self.batches or any(not self.inf.sums[n][2] for n in self.names):
+    def result(self, complete: bool = True) -> BlockResult | None:
+        """The blocks' scores; ``complete``: None unless every block was seen (else the blocks
+        seen, as a pass of its own gives them)."""
+        if complete and (not self.batches or any(not self.inf.sums[n][2] for n in self.names)):
             return None
         res = BlockResult(list(self.names), samples=self.samples, batches=self.batches)
-        for n in self.names:
+        for n in (n for n in self.names if self.inf.sums[n][2]):
             res.influence[n] = self.inf.sums[n][0] / self.inf.sums[n][2]
             res.angular[n] = self.inf.sums[n][1] / self.inf.sums[n][2]
         return res
