@@ -124,11 +124,20 @@ def _floats_of(values: list[dict[str, torch.Tensor]]) -> list[dict[str, list[flo
 
 
 _SEP = (",", ":")
-_G = ("%." + str(DIGITS) + "g").__mod__  # a float's text at DIGITS significant digits
+_G = "%." + str(DIGITS) + "g"  # a float's text at DIGITS significant digits
+_ROW_FORMATS: dict[int, str] = {}
 
 
 def _numbers(row: list[float | None]) -> str:
-    return "[" + ",".join(map(_G, row) if None not in row else ("null" if v is None else _G(v) for v in row)) + "]"
+    """A list of values as JSON, each at ``DIGITS`` significant digits: one ``%`` over a format
+    string of the row's length (made once per length) formats them all in one C call, where a
+    join calls into Python per value."""
+    if None in row:
+        return "[" + ",".join("null" if v is None else _G % v for v in row) + "]"
+    fmt = _ROW_FORMATS.get(len(row))
+    if fmt is None:
+        fmt = _ROW_FORMATS[len(row)] = "[" + ",".join([_G] * len(row)) + "]"
+    return fmt % tuple(row)
 
 
 def record_line(rec: dict[str, Any]) -> str:

@@ -60,9 +60,12 @@ def dormancy(mean_abs: torch.Tensor) -> torch.Tensor:
     """s_i = m_i / mean(m); all zeros (a fully dead layer) -> all zeros. The layer mean is taken
     over finite units, so one non-finite unit is flagged on its own instead of hiding the layer."""
     finite = torch.isfinite(mean_abs)
-    if not bool(finite.any()):
+    if bool(finite.all()):  # the usual case: no mask to apply
+        layer_mean = mean_abs.mean()
+    elif not bool(finite.any()):
         return mean_abs.clone()
-    layer_mean = mean_abs[finite].mean()
+    else:
+        layer_mean = mean_abs[finite].mean()
     if layer_mean == 0:
         return torch.where(finite, torch.zeros_like(mean_abs), mean_abs)
     return mean_abs / layer_mean

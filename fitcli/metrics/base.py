@@ -159,7 +159,8 @@ class UnitBatch:
             a = self.act
             out = _flat_moments(a, self.scratch, self._low) if a.shape[2] == 1 else \
                 _position_moments(a, self.scratch, self._low, self.quick_moments)
-            out["sum"] = out["sum_s"].sum(0) if "sum_s" in out else out["sum"]
+            if "sum" not in out:
+                out["sum"] = out["sum_s"].sum(0)
             return out
         return self._get("moments", fn)
 
@@ -169,10 +170,10 @@ class UnitBatch:
         rng = self._cache.get("range")
         if rng is not None and rng[0].numel():
             return float(rng[0].min())
-        if hint is not None and hint.numel() and bool((hint < 0).any()):
-            return -1.0
         if self.relu_output and hint is not None and bool(torch.isfinite(hint).all()):
             return 0.0  # a ReLU's output with no NaN (a NaN would make its sample's sum NaN): no read needed
+        if hint is not None and hint.numel() and bool((hint < 0).any()):
+            return -1.0
         return float(self.act.amin()) if self.act.numel() else 0.0
 
     def abs_sum(self) -> torch.Tensor:
@@ -490,29 +491,29 @@ def _position_moments(a: torch.Tensor, scratch: Scratch | None, low_of, quick: b
     low = low_of(s)
     nonneg, positive = low >= 0, low > 0
     absolute = None
-    if nonneg:
-        ab = s.to(torch.float64)  # the same sum, bit for bit
+    if nonneg:  # Σ|h| = Σh: the quick totals have it, else the same per-sample sums bit for bit
+        ab = out["sum"] if "sum" in out else s.to(torch.float64).sum(0)
     else:
         absolute = torch.abs(a, out=c) if c.dtype == a.dtype else a.abs()
-        ab = absolute.sum(dim=2).to(torch.float64)
+        ab = absolute.sum(dim=2).to(torch.float64).sum(0)
     if positive or (absolute is not None and _none_zero(absolute)):
         z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
     else:
         z = _zero_count(a, c if c.dtype == a.dtype else None, nonneg=nonneg)
-    out.update({"abs": ab.sum(0), "zeros": z})
+    out.update({"abs": ab, "zeros": z})
     return out
 
 
 def _quick(a: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """Σh per sample and Σh² per unit, Σh² in one read of ``a`` (no temporary); None where a unit's
-    mean dominates its spread (see ``_position_moments``)."""
-    q = torch.linalg.vector_norm(a, 2, dim=2).square()
-    s64, q64 = torch.stack([s, q]).to(torch.float64).unbind(0)
+    """Σh per sample, Σh and Σh² per unit, Σh² in one read of ``a`` (no temporary); None where a
+    unit's mean dominates its spread, mean² > 4·variance, i.e. 5·(Σh)² > 4·n·Σh² (see
+    ``_position_moments``). Few operations: the tracker calls it for every layer at every step."""
+    per = torch.stack([s, torch.linalg.vector_norm(a, 2, dim=2).square_()]).to(torch.float64)
+    tot = per.sum(dim=1)  # [2, units]: Σh, Σh²
     n = a.shape[0] * a.shape[2]
-    mean2 = (s64.sum(0) / n).square()
-    if not bool((mean2 <= 4 * (q64.sum(0) / n - mean2)).all()):
+    if not bool((tot[0].square().mul_(5) <= tot[1] * (4 * n)).all()):
         return None
-    return {"sum_s": s64, "sumsq": q64.sum(0)}
+    return {"sum_s": per[0], "sum": tot[0], "sumsq": tot[1]}
 
 
 def _centred(a: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -544,14 +545,10 @@ def _zero_count(a: torch.Tensor, out: torch.Tensor | None = None, nonneg: bool =
         sign = torch.sign(a, out=out) if out is not None else torch.sign(a)
         if not nonneg:  # known ≥ 0: sign is already 0 or 1
             sign.abs_()
-        if p == 1:
-            nonzero = sign[:, :, 0].sum(0).to(torch.float64)
-            if bool(torch.isfinite(nonzero).all()):
-                return b - nonzero
-        else:
-            nonzero = sign.sum(dim=2)
-            if bool(torch.isfinite(nonzero).all()):
-                return (p - nonzero.to(torch.float64)).sum(0)
+        per = sign[:, :, 0] if p == 1 else sign.sum(dim=2)  # exact: whole numbers below 2^24
+        nonzero = per.sum(0, dtype=torch.float64)  # exact too (whole numbers); NaN where a NaN was
+        if bool(torch.isfinite(nonzero).all()):
+            return b * p - nonzero
     return (a == 0).sum(dim=2).sum(0).to(torch.float64)
 
 
@@ -571,4 +568,4 @@ def rownorm(w: torch.Tensor) -> torch.Tensor:
 
 def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a / b, NaN where b == 0 (flagged as non-finite by the report)."""
-    return torch.where(b != 0, a / torch.where(b != 0, b, torch.ones_like(b)), torch.full_like(a, float("nan")))
+    return torch.where(b != 0, a / b, float("nan"))  # a / 0 is replaced, so it may be inf or NaN
