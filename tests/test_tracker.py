@@ -633,6 +633,38 @@ def test_relu_outputs_skip_the_minimum_but_keep_every_moment():
                 assert torch.equal(got_z, want_zeros)
 
 
+@pytest.mark.parametrize("positions", [4, 16, 50])
+@pytest.mark.parametrize("kind", ["signed", "relu", "relu_nan", "offset"])
+def test_quick_moments_of_short_and_long_maps_equal_a_brute_force(positions, kind):
+    """The tracker's moments (``quick_moments``; maps of ≤ 16 positions take the batch-first
+    reduction) against float64 sums over every observation: Σh, Σh², Σ|h|, the zero count
+    (exact), and each sample's mean over positions (``hbar``), for signed values, a ReLU's output
+    with exact zeros, one with a NaN, and a unit whose mean dwarfs its spread."""
+    from fitcli.metrics.base import Scratch, UnitBatch
+    g = torch.Generator().manual_seed(positions)
+    a = torch.randn(8, 5, positions, generator=g)
+    if kind.startswith("relu"):
+        a = torch.relu(a)
+    if kind == "offset":
+        a[:, 1] += 1000.0
+    if kind == "relu_nan":
+        a[3, 4, 1] = float("nan")
+    x = a.double()
+    for relu in (False, True) if kind.startswith("relu") else (False,):
+        ub = UnitBatch(weight=None, act=a, quick_moments=True, relu_output=relu, scratch=Scratch())
+        sums = {"sum": x.sum(dim=(0, 2)), "sumsq": x.square().sum(dim=(0, 2)), "abs": x.abs().sum(dim=(0, 2))}
+        got = {"sum": ub.value_sum(), "sumsq": ub.square_sum(), "abs": ub.abs_sum()}
+        for k, want in sums.items():
+            assert torch.allclose(got[k], want, rtol=1e-6, atol=0, equal_nan=True), (k, got[k], want)
+        zeros = (x == 0).sum(dim=(0, 2)).double()
+        assert torch.equal(ub.zero_count()[:4], zeros[:4]), (ub.zero_count(), zeros)
+        assert torch.allclose(ub.hbar(), x.mean(dim=2), rtol=1e-6, atol=1e-6, equal_nan=True)  # float32 sums
+        if kind != "relu_nan":
+            assert torch.equal(ub.zero_count(), zeros)
+        if kind == "relu":
+            assert float(zeros.sum()) > 0  # the zero count was exercised
+
+
 def test_reset_reusing_the_state_tensors():
     """``reset(reuse=True)`` (the tracker, between steps) gives the defaults again in the state's
     own tensors; a plain ``reset()`` gives fresh ones. Both equal a new metric's state."""

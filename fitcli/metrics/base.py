@@ -157,8 +157,13 @@ class UnitBatch:
             if self.mask is not None:
                 return self._masked_moments()
             a = self.act
-            out = _flat_moments(a, self.scratch, self._low) if a.shape[2] == 1 else \
-                _position_moments(a, self.scratch, self._low, self.quick_moments)
+            if a.shape[2] == 1:
+                out = _flat_moments(a, self.scratch, self._low)
+            elif self.quick_moments and a.shape[2] <= SHORT:
+                out = _short_moments(a, self.scratch, self._low) or \
+                    _position_moments(a, self.scratch, self._low)
+            else:
+                out = _position_moments(a, self.scratch, self._low, self.quick_moments)
             if "sum" not in out:
                 out["sum"] = out["sum_s"].sum(0)
             return out
@@ -166,7 +171,7 @@ class UnitBatch:
 
     def _low(self, hint: torch.Tensor | None = None) -> float:
         """The activation's smallest value (NaN with a NaN): from the sample ranges when a metric
-        already asked for them, else one read. ``hint``: per-sample sums; one below 0 settles it."""
+        already asked for them, else one read. ``hint``: sums of its values (per sample or per unit); one below 0 settles it."""
         rng = self._cache.get("range")
         if rng is not None and rng[0].numel():
             return float(rng[0].min())
@@ -234,7 +239,10 @@ class UnitBatch:
             p = self.act.shape[2]
             if self.mask is not None:
                 return self._moments()["sum_s"] / self.mask.sum(dim=1, keepdim=True).clamp_min(1).to(torch.float64)
-            return self._moments()["sum_s"] / p if p > 1 else self.act[:, :, 0].to(torch.float64)
+            if p == 1:
+                return self.act[:, :, 0].to(torch.float64)
+            sums = self._moments().get("sum_s")  # the short-position moments take none
+            return (sums if sums is not None else self.act.sum(dim=2).to(torch.float64)) / p
         return self._get("hbar", fn)
 
     def hbar_sums(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -504,6 +512,35 @@ def _position_moments(a: torch.Tensor, scratch: Scratch | None, low_of, quick: b
     return out
 
 
+SHORT = 16  # at most this many positions per sample: the tracker reduces over the batch first
+
+
+def _short_moments(a: torch.Tensor, scratch: Scratch | None, low_of) -> dict[str, torch.Tensor] | None:
+    """The quick moments (see ``_position_moments``) of an activation with few positions per
+    sample (a late conv stage's 4x4 or 2x2 maps): a reduction over 4 or 16 values per sample is
+    mostly overhead, so the batch is reduced first (contiguous rows, vectorised) and the positions
+    after; no per-sample sums are kept (``hbar`` takes them from the activation). None where the
+    mean dominates the spread, as ``_quick``."""
+    c = scratch_like(scratch, "f", a)
+    tot = torch.stack([a.sum(dim=0), torch.mul(a, a, out=c).sum(dim=0)]).sum(dim=2, dtype=torch.float64)
+    n = a.shape[0] * a.shape[2]
+    if not bool((tot[0].square().mul_(5) <= tot[1] * (4 * n)).all()):
+        return None
+    low = low_of(tot[0])  # a negative total settles a signed activation, a finite one a ReLU's
+    nonneg, positive = low >= 0, low > 0
+    absolute = None
+    if nonneg:
+        ab = tot[0]
+    else:
+        absolute = torch.abs(a, out=c)
+        ab = absolute.sum(dim=0).sum(dim=1, dtype=torch.float64)
+    if positive or (absolute is not None and _none_zero(absolute)):
+        z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
+    else:
+        z = _zero_count(a, c, nonneg=nonneg)
+    return {"sum": tot[0], "sumsq": tot[1], "abs": ab, "zeros": z}
+
+
 def _quick(a: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor] | None:
     """Σh per sample, Σh and Σh² per unit, Σh² in one read of ``a`` (no temporary); None where a
     unit's mean dominates its spread, mean² > 4·variance, i.e. 5·(Σh)² > 4·n·Σh² (see
@@ -545,8 +582,8 @@ def _zero_count(a: torch.Tensor, out: torch.Tensor | None = None, nonneg: bool =
         sign = torch.sign(a, out=out) if out is not None else torch.sign(a)
         if not nonneg:  # known ≥ 0: sign is already 0 or 1
             sign.abs_()
-        per = sign[:, :, 0] if p == 1 else sign.sum(dim=2)  # exact: whole numbers below 2^24
-        nonzero = per.sum(0, dtype=torch.float64)  # exact too (whole numbers); NaN where a NaN was
+        # over the batch first (contiguous rows): whole numbers below 2^24, exact in any order
+        nonzero = sign.sum(dim=0).sum(dim=1, dtype=torch.float64)  # NaN where a NaN was
         if bool(torch.isfinite(nonzero).all()):
             return b * p - nonzero
     return (a == 0).sum(dim=2).sum(0).to(torch.float64)
