@@ -35,8 +35,8 @@ def command(
     """Dead fraction per layer over training steps, and the step each unit died at, from a
     fitcli.Tracker history file."""
     clikit.expect_file(file, ("history", "json", "text"), PURPOSE + (" (`fitcli gate` and `fitcli render` read reports)"))
+    from fitcli.history import history_summary, read_history
     from fitcli.render.history import render_history, render_history_csv, render_history_markdown
-    from fitcli.tracker import history_summary, read_history
 
     summary = history_summary(read_history(file), layer)
     summary["file"] = file

@@ -39,12 +39,15 @@ from fitcli.errors import (
 )
 from fitcli.feeder import (
     HALF,
+    OVERWRITTEN,
     ablation_wanted,
     activation_batch,
     add_gradient,
     data_driven,
     feed_metrics,
     norms_suffice,
+    overwritten,
+    reads_late,
     weight_grad_readers,
     weights_batch,
 )
@@ -75,6 +78,7 @@ class AuditResult:
     loss_fn: LossFn | None = field(default=None, repr=False)  # the loss the audit used (for validation)
     coverage: dict = field(default_factory=dict)  # what was audited, of what the model has
     reached: set[str] = field(default_factory=set)  # layers whose activation got a gradient
+    overwritten: set[str] = field(default_factory=set)  # layers whose activation the model wrote into later
     kinds: KindChoice = field(default_factory=KindChoice)  # the unit kinds audited, each layer's kind
 
 
@@ -417,7 +421,11 @@ def _stream_pass(plan: AuditPlan, data, result: AuditResult, p: int, grads: bool
                 ub.correct = correct
                 ub.attention = probs.get(lay.name)
                 ub.query_mask = batch.mask if ub.attention is not None else None
-                feed_metrics(fed[lay.name], "update", ub, lay, bi)
+                ms = fed[lay.name]
+                if overwritten(ub):  # Σh·g would read values the model wrote over: left out, with the reason
+                    result.overwritten.add(lay.name)
+                    ms = [m for m in ms if not reads_late(m)]
+                feed_metrics(ms, "update", ub, lay, bi)
             # nothing of this batch outlives it: its gradients would sit beside the next batch's backward
             del acts, ubs, outputs, g, wg, losses, callbacks, correct, batch, cpu_batch, probs
             bar.advance()
@@ -487,6 +495,9 @@ def collect(plan: AuditPlan, result: AuditResult, streamed: bool = False) -> Aud
         for n, m in plan.state[lay.name].items():
             if lay.name in off_path and "gradients" in m.needs:
                 result.skipped.append({"metric": n, "layer": lay.name, "reason": OFF_PATH})
+                continue
+            if lay.name in result.overwritten and reads_late(m):
+                result.skipped.append({"metric": n, "layer": lay.name, "reason": OVERWRITTEN})
                 continue
             value = m.compute().detach().cpu()
             agg = getattr(lay.kind, "aggregate", None)  # a kind reporting per-point values summed (hidden channels)

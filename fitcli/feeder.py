@@ -74,17 +74,37 @@ def feed_metrics(metrics: list[Metric], method: str, ub: UnitBatch, lay: Layer, 
 
 def activation_batch(lay: Layer, t: torch.Tensor, metrics: list[Metric], batch_index: int, *, pass_index: int = 0,
                      scratch: Scratch | None = None, mask: torch.Tensor | None = None,
-                     quick_moments: bool = False) -> UnitBatch:
+                     quick_moments: bool = False, keep: bool = False) -> UnitBatch:
     """The batch of one layer from its tapped activation ``t``, with the metrics' shared
     statistics computed now, while the activation is in cache (``Metric.prepare``).
-    ``quick_moments``: see ``UnitBatch.quick_moments`` (the tracker)."""
+    ``quick_moments``: see ``UnitBatch.quick_moments`` (the tracker). ``keep``: the model writes
+    into ``t`` after the point (``out += identity``): the batch reads a copy taken now."""
     w = lay.weight.detach() if reads_weights(metrics) else None
-    ub = UnitBatch(weight=w, act=widen(lay.view(t.detach())), pass_index=pass_index, scratch=scratch,
-                   mask=token_mask(t, lay, mask), quick_moments=quick_moments,
-                   relu_output=type(t.grad_fn).__name__ == "ReluBackward0")
+    src = t.detach()
+    ub = UnitBatch(weight=w, act=widen(lay.view(src.clone() if keep else src)), pass_index=pass_index,
+                   scratch=scratch, mask=token_mask(t, lay, mask), quick_moments=quick_moments,
+                   relu_output=type(t.grad_fn).__name__ == "ReluBackward0",
+                   source=None if keep else (t, t._version))
     with torch.no_grad():
         feed_metrics(metrics, "prepare", ub, lay, batch_index)
     return ub
+
+
+def overwritten(ub: UnitBatch) -> bool:
+    """Did the model write into the tensor ``ub.act`` views after the tap (an in-place op after the
+    activation point, as ``out += identity``)? Then ``act`` no longer holds the activation: what
+    was taken during the forward (``prepare``) stands, what reads it later (Σh·g) would be wrong."""
+    src = ub.source
+    return src is not None and src[0]._version != src[1]
+
+
+def reads_late(m: Metric | type[Metric]) -> bool:
+    """Does this metric read the activation after the forward (with the gradient: Σh·g)?"""
+    return {"activations", "gradients"} <= m.needs
+
+
+OVERWRITTEN = ("the model writes into this activation in place after its point (as `out += identity`), so "
+               "its values are gone by the backward")
 
 
 def add_gradient(ub: UnitBatch, lay: Layer, g: torch.Tensor, scale: float = 1.0) -> None:

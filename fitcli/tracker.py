@@ -22,9 +22,11 @@ step's batches gives with the weights of that step and the per-sample loss whose
 caller's loss is (``loss_reduction``): gradients are rescaled to per-sample-loss gradients.
 
 Activation points are found by run-time discovery (``fitcli.discovery``) on the first observed
-forward's inputs, with one extra forward of that batch in eval mode under ``torch.no_grad`` and a
+forward's inputs, with two extra forwards of that batch in eval mode under ``torch.no_grad`` and a
 forked RNG (so the caller's random stream and BatchNorm statistics are untouched), or on
-``example`` when one is given. Nothing of the model is changed; ``close()`` (or leaving the
+``example`` when one is given: one finds the points, one notes which points the model writes
+into in place later (``out += identity``), whose activation is then copied at the tap (Σh·g
+reads it at the backward). Nothing of the model is changed; ``close()`` (or leaving the
 ``with`` block) removes every hook.
 """
 
@@ -46,19 +48,22 @@ from fitcli.discovery import Layer, ModelGraph, runtime_discover
 from fitcli.engine import select_layers
 from fitcli.errors import InputError, UsageError
 from fitcli.feeder import (
+    OVERWRITTEN,
     activation_batch,
     add_gradient,
     data_driven,
     dead_marker,
     feed_metrics,
     norms_suffice,
+    overwritten,
+    reads_late,
     weight_grad_readers,
     weights_batch,
 )
+from fitcli.history import FORMAT, died_at, history_summary, read_history
 from fitcli.metrics.base import Metric, Scratch, UnitBatch, rownorm
 from fitcli.metrics.registry import default_metrics, get_metric
 
-FORMAT = "fitcli.history/1"
 TRACKABLE_NEEDS = frozenset({"weights", "graph", "activations", "gradients"})
 STREAMING_NEEDS = frozenset({"activations", "gradients"})
 
@@ -166,6 +171,7 @@ class _Window:
         self.wnorms: dict[str, torch.Tensor] = {}  # layer -> row norms of its weight gradient (this batch)
         self.twice: set[str] = set()  # layers whose weight got two gradients from one forward
         self.reached: set[str] = set()  # layers whose activation got a gradient
+        self.stale: set[str] = set()  # layers whose activation the model wrote into after the tap
         self.handles: list[Any] = []  # parameter gradient hooks of the current batch
 
 
@@ -208,6 +214,7 @@ class Tracker:
         self._window: _Window | None = None
         self._made: dict[str, dict[str, Metric]] | None = None  # the metric states, reset per window
         self._scratch = Scratch()
+        self._keep: set[str] = set()  # layers whose activation the model overwrites later: copied at the tap
         self._busy = False  # inside discovery's own forward
         self._tap: contextlib.ExitStack | None = None
         self._file = None
@@ -291,14 +298,14 @@ class Tracker:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 model.eval()
                 graph = runtime_discover(model, batch)
+                chosen = [lay for lay in select_layers(graph, self.layer_patterns) if lay.kind.tappable(lay)]
+                if not chosen:
+                    raise InputError("no auditable layer with an activation point was found in the model")
+                self._keep = _written_after(graph, chosen, batch)
         finally:
             for m, flag in modes:
                 m.training = flag
             self._busy = False
-        chosen = [lay for lay in select_layers(graph, self.layer_patterns)
-                  if lay.kind.tappable(lay)]
-        if not chosen:
-            raise InputError("no auditable layer with an activation point was found in the model")
         self.graph, self.layers = graph, chosen
 
     def _states(self) -> dict[str, dict[str, Metric]]:
@@ -353,6 +360,11 @@ class Tracker:
         if self._tap is not None and not self._busy:
             tap, self._tap = self._tap, None
             tap.close()
+            w = self._window
+            for lay, ub in w.pending if w is not None else ():
+                if overwritten(ub):  # not seen at discovery (another path through the model): copied from now on
+                    w.stale.add(lay.name)
+                    self._keep.add(lay.name)
 
     def _grad_scale(self, size: int) -> float:
         """Factor turning the gradient of the caller's loss into that of Σ_x L_x."""
@@ -366,7 +378,8 @@ class Tracker:
 
         def tap(t: torch.Tensor) -> torch.Tensor:
             ub = activation_batch(lay, t, metrics, bi, scratch=self._scratch, mask=mask,
-                                  quick_moments=True)  # below the 8 digits a record keeps
+                                  quick_moments=True,  # below the 8 digits a record keeps
+                                  keep=lay.name in self._keep)
             w.pending.append((lay, ub))
             if wants_grad and t.requires_grad:
                 def on_grad(g: torch.Tensor) -> None:  # reads only: the caller's gradient is unchanged
@@ -445,6 +458,9 @@ class Tracker:
                 if "gradients" in m.needs and lay.name not in w.reached:
                     skipped[lay.name][n] = "no gradient: no backward reached this layer during the step"
                     continue
+                if lay.name in w.stale and reads_late(m):
+                    skipped[lay.name][n] = OVERWRITTEN + "; it is copied at the tap from the next step on"
+                    continue
                 if lay.name in w.twice and m in readers:
                     skipped[lay.name][n] = ("two backward passes through one forward: the weight gradient of the "
                                             "batch was not kept (one backward per forward gives it)")
@@ -479,6 +495,23 @@ class Tracker:
         return rec
 
 
+def _written_after(graph: ModelGraph, layers: list[Layer], batch: Batch) -> set[str]:
+    """The layers whose activation the model writes into in place after the point (``out +=
+    identity``), from one forward of ``batch`` with taps that note each point's version counter:
+    their activation is copied at the tap (the tracker reads it again at the backward)."""
+    seen: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def note(name: str):
+        def tap(t: torch.Tensor) -> torch.Tensor:
+            seen[name] = (t, t._version)
+            return t
+        return tap
+
+    with graph.tap({lay.name: note(lay.name) for lay in layers}):
+        graph(batch)
+    return {name for name, (t, v) in seen.items() if t._version != v}
+
+
 def _as_batch(example: Any) -> Batch:
     if isinstance(example, Batch):
         return example
@@ -491,108 +524,5 @@ def _as_batch(example: Any) -> Batch:
     raise UsageError(f"example must be a tensor, a tuple of inputs or a dict of keyword inputs, "
                      f"not {type(example).__name__}")
 
-
-
-
-
-# --------------------------------------------------------------------------------------------
-# reading a history file back
-
-
-def read_history(path: str | os.PathLike) -> list[dict]:
-    """The records of a history file, in file order. A missing or unreadable file, or a line that
-    is not a record, is an ``InputError`` naming the line."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise InputError(f"history file not found: {path}") from e
-    except IsADirectoryError as e:
-        raise InputError(f"history file {path} is a directory") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"history file {path} cannot be read ({type(e).__name__})") from e
-    records = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise InputError(f"history file {path}, line {n}: not JSON ({e.args[0] if e.args else e})") from e
-        why = _record_problem(rec)
-        if why:
-            raise InputError(f"history file {path}, line {n}: not a {FORMAT} record ({why})")
-        records.append(rec)
-    if not records:
-        raise InputError(f"history file {path} holds no records")
-    return records
-
-
-def _record_problem(rec: Any) -> str | None:
-    if not isinstance(rec, dict):
-        return "not an object"
-    if rec.get("format") != FORMAT:
-        return f"format {rec.get('format')!r}"
-    if not isinstance(rec.get("step"), int) or isinstance(rec.get("step"), bool):
-        return "no integer step"
-    layers = rec.get("layers")
-    if not isinstance(layers, dict):
-        return "no layers"
-    for name, lay in layers.items():
-        if not isinstance(lay, dict) or not isinstance(lay.get("units"), int) or not isinstance(lay.get("metrics"), dict):
-            return f"layer {name!r} has no units or metrics"
-        dead = lay.get("dead")
-        if dead is not None and (not isinstance(dead, list) or
-                                 not all(isinstance(i, int) and 0 <= i < lay["units"] for i in dead)):
-            return f"layer {name!r}: dead units out of range"
-    return None
-
-
-def died_at(dead_sets: list[set[int] | None], steps: list[int]) -> dict[int, int]:
-    """Unit -> the step it died at: the first record from which the unit is dead in that record
-    and in every later one (so a unit dead in the last record only). Records without dead units
-    (no dormancy score) interrupt nothing; they are skipped."""
-    out: dict[int, int] = {}
-    known = [(s, d) for s, d in zip(steps, dead_sets, strict=True) if d is not None]
-    if not known:
-        return out
-    for unit in sorted(known[-1][1]):
-        first = known[-1][0]
-        for s, d in reversed(known):
-            if unit not in d:
-                break
-            first = s
-        out[unit] = first
-    return out
-
-
-def history_summary(records: list[dict], layers: list[str] | None = None) -> dict:
-    """Dead fraction per layer over the records' steps, and the step each unit died at
-    (``died_at``). ``layers``: names or globs (None: every layer)."""
-    import fnmatch
-
-    names: list[str] = []
-    for rec in records:
-        names.extend(n for n in rec["layers"] if n not in names)
-    if layers:
-        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in layers)]
-        if not chosen:
-            raise UsageError(f"layer {layers[0]!r} matches no layer of the history",
-                             hint="the history's layers: " + ", ".join(names[:20]))
-        names = chosen
-    steps = [rec["step"] for rec in records]
-    out_layers = []
-    for name in names:
-        entries = [rec["layers"].get(name) for rec in records]
-        first = next(e for e in entries if e is not None)
-        dead_sets = [set(e["dead"]) if e is not None and e.get("dead") is not None else None for e in entries]
-        fractions = [len(d) / e["units"] if d is not None and e is not None and e["units"] else None
-                     for d, e in zip(dead_sets, entries, strict=True)]
-        died = died_at(dead_sets, steps)
-        out_layers.append({"name": name, "units": first["units"], "final": bool(first.get("final")),
-                           "dead_fraction": fractions, "dead": [sorted(d) if d is not None else None for d in dead_sets],
-                           "died_at": {str(u): s for u, s in sorted(died.items())}})
-    return {"format": "fitcli.history-summary/1", "records": len(records), "steps": steps,
-            "tau": records[-1].get("tau"), "layers": out_layers}
 
 __all__ = ["Tracker", "FORMAT", "trackable", "read_history", "history_summary", "died_at"]

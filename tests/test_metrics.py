@@ -737,7 +737,7 @@ def test_scratch_pool_reuses_one_buffer_per_slot_and_grows_only_when_asked():
 def test_zero_count_is_exact_in_low_precision_dtypes(dtype):
     """Counting zeros as p − Σ|sign h| is only exact where the float sum of ones is: a bfloat16
     sum stops counting at 256, so low-precision activations must take the == path."""
-    from fitcli.metrics.base import _zero_count
+    from fitcli.metrics.moments import zero_count as _zero_count
 
     act = torch.ones(3, 2, 1000, dtype=dtype)
     act[:, 0, :700] = 0
