@@ -108,11 +108,14 @@ def _floats_of(values: list[dict[str, torch.Tensor]]) -> list[dict[str, list[flo
     """Each layer's metric values as lists (None where not finite): every layer's values in one
     tensor, transferred at once (a record holds tens of thousands of values; a few operations per
     layer would cost more than the values). The history file keeps ``DIGITS`` significant digits."""
-    flat = [v.detach().reshape(-1).to("cpu", torch.float64) for d in values for v in d.values()]
+    flat = [v if v.dim() == 1 else v.reshape(-1) for d in values for v in d.values()]
     if not flat:
         return [{} for _ in values]
-    table = torch.cat(flat)
-    sizes = [t.numel() for t in flat]
+    try:
+        table = torch.cat(flat).detach().to("cpu", torch.float64)  # one transfer (cat promotes mixed dtypes)
+    except RuntimeError:  # layers on several devices (a model split across GPUs)
+        table = torch.cat([v.detach().to("cpu", torch.float64) for v in flat])
+    sizes = [len(t) for t in flat]
     if bool(torch.isfinite(table).all()):  # the usual case: one check for the whole record
         finite = [True] * len(flat)
     else:
@@ -157,6 +160,18 @@ def record_line(rec: dict[str, Any]) -> str:
                   for k, v in entry.items()]
         parts.append(json.dumps(name) + ":{" + ",".join(fields) + "}")
     return head[:-1] + ',"layers":{' + ",".join(parts) + "}}"
+
+
+class _Roles:
+    """What each metric of one layer takes from a step, decided once (the metric objects are
+    reused for every window)."""
+
+    def __init__(self, ms: dict[str, Metric]):
+        self.fed = [m for m in ms.values() if data_driven(m)]  # fed from batches
+        self.weights = [m for m in ms.values() if "weights" in m.all_needs()]  # fed the weights at the window's start
+        self.readers = weight_grad_readers(ms)  # read the weight gradient
+        self.wants_grad = any("gradients" in m.all_needs() for m in self.fed)
+        self.marker = dead_marker(ms)
 
 
 class _Window:
@@ -213,6 +228,7 @@ class Tracker:
         self.layers: list[Layer] = []
         self._window: _Window | None = None
         self._made: dict[str, dict[str, Metric]] | None = None  # the metric states, reset per window
+        self._roles: dict[str, _Roles] = {}
         self._scratch = Scratch()
         self._keep: set[str] = set()  # layers whose activation the model overwrites later: copied at the tap
         self._busy = False  # inside discovery's own forward
@@ -313,21 +329,17 @@ class Tracker:
         if self._made is None:
             self._made = {lay.name: {n: cls(lay.units).to(lay.weight.device) for n, cls in self.classes.items()
                                      if cls.unavailable(lay) is None} for lay in self.layers}
-        else:
-            for ms in self._made.values():
-                for m in ms.values():
-                    if type(m).reset is Metric.reset:  # the last record holds lists, nothing of these tensors
-                        m.reset(reuse=True)
-                    else:  # a plugin's own reset
-                        m.reset()
+            self._roles = {name: _Roles(ms) for name, ms in self._made.items()}  # the same objects every window
+        else:  # in place: the last record holds lists, nothing of these tensors
+            Metric.reset_many([m for ms in self._made.values() for m in ms.values()])
         return self._made
 
     def _weights_update(self, w: _Window) -> None:
         """The weights-only metrics, from the weights as they are at the step's first forward."""
         assert self.graph is not None
         for lay in self.layers:
-            ub = weights_batch(lay, self.graph)
-            feed_metrics([m for m in w.state[lay.name].values() if "weights" in m.all_needs()], "update", ub, lay, -1)
+            if self._roles[lay.name].weights:
+                feed_metrics(self._roles[lay.name].weights, "update", weights_batch(lay, self.graph), lay, -1)
 
     # ---- hooks ---------------------------------------------------------------------------------
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -372,9 +384,8 @@ class Tracker:
         return per_sample / self.loss_scale
 
     def _callback(self, w: _Window, lay: Layer, scale: float, mask: torch.Tensor | None):
-        metrics = [m for m in w.state[lay.name].values() if data_driven(m)]
-        bi = w.batches - 1
-        wants_grad = any("gradients" in m.all_needs() for m in metrics)
+        roles = self._roles[lay.name]
+        metrics, wants_grad, bi = roles.fed, roles.wants_grad, w.batches - 1
 
         def tap(t: torch.Tensor) -> torch.Tensor:
             ub = activation_batch(lay, t, metrics, bi, scratch=self._scratch, mask=mask,
@@ -396,7 +407,7 @@ class Tracker:
         norms are taken in the hook, while the gradient is in cache, and nothing is kept: holding
         the gradient would make autograd copy it into ``.grad`` instead of handing it over."""
         for lay in self.layers:
-            readers = weight_grad_readers(w.state[lay.name])
+            readers = self._roles[lay.name].readers
             if not readers:
                 continue
             if len(lay.parts) == 1 and norms_suffice(readers):
@@ -443,7 +454,7 @@ class Tracker:
                 rows = lay.rows(full)
                 ub.weight_grad = rows if factor == 1.0 else rows * factor
             with torch.no_grad():
-                feed_metrics([m for m in w.state[lay.name].values() if data_driven(m)], "update", ub, lay, w.batches - 1)
+                feed_metrics(self._roles[lay.name].fed, "update", ub, lay, w.batches - 1)
         w.wgrads.clear()
         w.wnorms.clear()
 
@@ -453,7 +464,7 @@ class Tracker:
         skipped: dict[str, dict[str, str]] = {}
         for lay in self.layers:
             computed[lay.name], skipped[lay.name] = {}, {}
-            readers = weight_grad_readers(w.state[lay.name])
+            readers = self._roles[lay.name].readers
             for n, m in w.state[lay.name].items():
                 if "gradients" in m.needs and lay.name not in w.reached:
                     skipped[lay.name][n] = "no gradient: no backward reached this layer during the step"
@@ -478,7 +489,7 @@ class Tracker:
         layers: dict[str, dict] = {}
         for lay, values in zip(self.layers, _floats_of([computed[lay.name] for lay in self.layers]), strict=True):
             entry: dict[str, Any] = {"units": lay.units, "final": bool(lay.final), "metrics": values}
-            marker = dead_marker(w.state[lay.name])
+            marker = self._roles[lay.name].marker
             if marker in values and not lay.final:
                 entry["dead"] = [i for i, v in enumerate(values[marker]) if v is not None and v <= self.tau]
             if skipped[lay.name]:

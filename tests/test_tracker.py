@@ -683,3 +683,29 @@ def test_reset_reusing_the_state_tensors():
     m.update(UnitBatch(weight=None, act=torch.randn(5, 3, 4)))
     m.reset()
     assert all(torch.equal(v, fresh[k]) for k, v in m.state_dict().items())
+
+
+def test_reset_many_resets_every_metric_as_its_own_reset_would():
+    """``Metric.reset_many`` (the tracker's reset of all its states at once): every state back to
+    its default, in place where it can be; a state rebound to another shape gets a fresh default;
+    a metric with its own ``reset`` has it called."""
+    from fitcli.metrics.base import Metric, UnitBatch
+    from fitcli.metrics.registry import get_metric
+
+    class Own(get_metric("act_mean")):
+        calls = 0
+
+        def reset(self, reuse: bool = False) -> None:
+            type(self).calls += 1
+            super().reset()
+
+    ms = [get_metric("act_var")(3), get_metric("apoz")(3), Own(3)]
+    fresh = [type(m)(3).state_dict() for m in ms]
+    for m in ms:
+        m.update(UnitBatch(weight=None, act=torch.randn(5, 3, 4)))
+    ms[0].s1 = torch.ones(7, dtype=torch.float64)  # rebound to another shape: cannot be reused
+    kept = ms[1].zeros
+    Metric.reset_many(ms)
+    for m, want in zip(ms, fresh, strict=True):
+        assert all(torch.equal(v, want[k]) for k, v in m.state_dict().items()), type(m).__name__
+    assert ms[1].zeros is kept and Own.calls == 1

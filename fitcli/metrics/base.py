@@ -320,13 +320,47 @@ class Metric:
         """Every state back to its default. ``reuse``: copied into the state's own tensor where it
         has the default's shape, dtype and device (no allocation; for a caller that keeps nothing
         of the previous values, as the tracker after its record)."""
+        if not reuse:
+            for name, (default, _) in self._states.items():
+                setattr(self, name, default.clone())
+            return
+        dst, src = self._reusable()
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
+
+    def _reusable(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The state tensors that can take their default in place, with those defaults; the
+        others are given a fresh copy of their default now."""
+        dst, src = [], []
         for name, (default, _) in self._states.items():
-            t = getattr(self, name) if reuse else None
+            t = getattr(self, name)
             if isinstance(t, torch.Tensor) and t is not default and t.shape == default.shape \
                     and t.dtype == default.dtype and t.device == default.device:
-                t.copy_(default)
+                dst.append(t)
+                src.append(default)
             else:
                 setattr(self, name, default.clone())
+        return dst, src
+
+    @staticmethod
+    def reset_many(metrics: list[Metric]) -> None:
+        """``reset(reuse=True)`` of many metrics (the tracker, between its windows), their states
+        copied in one call where torch has ``_foreach_copy_``; a metric with its own ``reset`` runs it."""
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        for m in metrics:
+            if type(m).reset is not Metric.reset:
+                m.reset()
+                continue
+            d, s = m._reusable()
+            dst += d
+            src += s
+        copy = getattr(torch, "_foreach_copy_", None)
+        if copy is not None and dst:
+            copy(dst, src)
+        else:
+            for d, s in zip(dst, src, strict=True):
+                d.copy_(s)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._states}
