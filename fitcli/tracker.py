@@ -229,6 +229,8 @@ class Tracker:
         self._window: _Window | None = None
         self._made: dict[str, dict[str, Metric]] | None = None  # the metric states, reset per window
         self._roles: dict[str, _Roles] = {}
+        self._norm_hooked: set[str] = set()  # layers whose weight carries the (lasting) row-norm hook
+        self._norm_target: _Window | None = None  # the window those hooks feed, while a batch is open
         self._scratch = Scratch()
         self._keep: set[str] = set()  # layers whose activation the model overwrites later: copied at the tap
         self._busy = False  # inside discovery's own forward
@@ -273,6 +275,7 @@ class Tracker:
             self._window = None
 
     def _remove(self) -> None:
+        self._norm_target = None
         if self._tap is not None:
             self._tap.close()
             self._tap = None
@@ -412,14 +415,16 @@ class Tracker:
                 continue
             if len(lay.parts) == 1 and norms_suffice(readers):
                 t = lay.tensors[0]
-                if t.requires_grad:
-                    w.handles.append(t.register_hook(self._grad_norms(w, lay)))
+                if t.requires_grad and lay.name not in self._norm_hooked:  # once: it reads the batch's window
+                    self._handles.append(t.register_hook(self._grad_norms(lay)))
+                    self._norm_hooked.add(lay.name)
                 continue
             parts: list[torch.Tensor | None] = [None] * len(lay.parts)
             w.wgrads[lay.name] = parts
             for i, t in enumerate(lay.tensors):
                 if t.requires_grad:
                     w.handles.append(t.register_hook(self._param_grad(parts, i)))
+        self._norm_target = w
 
     @staticmethod
     def _param_grad(parts: list[torch.Tensor | None], i: int):
@@ -428,9 +433,13 @@ class Tracker:
             parts[i] = g.clone() if parts[i] is None else parts[i] + g
         return hook
 
-    @staticmethod
-    def _grad_norms(w: _Window, lay: Layer):
+    def _grad_norms(self, lay: Layer):
+        """The hook taking a weight gradient's row norms, registered once: it feeds the window of
+        the observed batch whose backward runs (``_norm_target``), and nothing otherwise."""
         def hook(g: torch.Tensor) -> None:
+            w = self._norm_target
+            if w is None:
+                return
             if lay.name in w.wnorms:  # a second backward through one forward: the norms of the
                 w.twice.add(lay.name)  # sum are not those of the parts, and the parts are gone
             w.wnorms[lay.name] = rownorm(lay.rows([g.detach()]))
@@ -439,6 +448,7 @@ class Tracker:
     # ---- feeding and records -------------------------------------------------------------------
     def _flush(self, w: _Window) -> None:
         """Feed the metrics the batch of the previous forward (its backward has run, if any)."""
+        self._norm_target = None
         for h in w.handles:
             h.remove()
         w.handles.clear()

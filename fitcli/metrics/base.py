@@ -484,7 +484,7 @@ def rownorm(w: torch.Tensor) -> torch.Tensor:
     w = w.detach()
     if not w.is_floating_point() or w.dtype in (torch.float16, torch.bfloat16):
         w = w.to(torch.float32)
-    return w.reshape(w.shape[0], -1).norm(dim=1).to(torch.float64)
+    return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1).to(torch.float64)
 
 
 def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
