@@ -107,11 +107,20 @@ OVERWRITTEN = ("the model writes into this activation in place after its point (
                "its values are gone by the backward")
 
 
-def add_gradient(ub: UnitBatch, lay: Layer, g: torch.Tensor, scale: float = 1.0) -> None:
+def folds_gradient(metrics: list[Metric]) -> bool:
+    """Do the metrics that read the activation's gradient read it only through Σh·g (``hg``)?"""
+    return all("hg" in m.shares for m in metrics if "gradients" in m.all_needs() and "weights" not in m.all_needs())
+
+
+def add_gradient(ub: UnitBatch, lay: Layer, g: torch.Tensor, scale: float = 1.0, fold: bool = False) -> None:
     """Give ``ub`` the gradient ``g * scale`` at the activation point (``g`` as the model's
     output has it; ``scale`` turns it into the per-sample-loss gradient). A second one (two
-    backward passes through one forward) adds to the first."""
+    backward passes through one forward) adds to the first. ``fold``: kept only as Σ_p h·g
+    (``UnitBatch.fold_grad``; see ``folds_gradient``)."""
     g = lay.view(g.detach())
+    if fold:
+        ub.fold_grad(g.float() if g.dtype in HALF else g, scale)
+        return
     if g.dtype in HALF:  # widened before scaling: no rounding to 8 bits of the scaled values
         g = g.float()
         if scale != 1.0:

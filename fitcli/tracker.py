@@ -54,6 +54,7 @@ from fitcli.feeder import (
     data_driven,
     dead_marker,
     feed_metrics,
+    folds_gradient,
     norms_suffice,
     overwritten,
     reads_late,
@@ -171,6 +172,7 @@ class _Roles:
         self.weights = [m for m in ms.values() if "weights" in m.all_needs()]  # fed the weights at the window's start
         self.readers = weight_grad_readers(ms)  # read the weight gradient
         self.wants_grad = any("gradients" in m.all_needs() for m in self.fed)
+        self.fold = folds_gradient(self.fed)  # Σh·g taken in the gradient hook, the gradient let go
         self.marker = dead_marker(ms)
 
 
@@ -397,7 +399,7 @@ class Tracker:
             w.pending.append((lay, ub))
             if wants_grad and t.requires_grad:
                 def on_grad(g: torch.Tensor) -> None:  # reads only: the caller's gradient is unchanged
-                    add_gradient(ub, lay, g, scale)  # scaled where a metric reads it, not here
+                    add_gradient(ub, lay, g, scale, fold=roles.fold)  # scaled where a metric reads it, not here
                     w.reached.add(lay.name)
                 t.register_hook(on_grad)
             return t  # the very tensor: the model computes exactly what it would without the tracker

@@ -709,3 +709,65 @@ def test_reset_many_resets_every_metric_as_its_own_reset_would():
     for m, want in zip(ms, fresh, strict=True):
         assert all(torch.equal(v, want[k]) for k, v in m.state_dict().items()), type(m).__name__
     assert ms[1].zeros is kept and Own.calls == 1
+
+
+def test_fold_grad_keeps_only_the_per_sample_products():
+    """``UnitBatch.fold_grad`` (the tracker's gradient hook, for metrics reading the gradient only
+    through Σh·g): two gradients folded in give the Σ_p h·g of their sum per sample, and Σ_x and
+    Σ_x |·| of it, against a float64 brute force; no gradient tensor is kept."""
+    from fitcli.metrics.base import Scratch, UnitBatch
+    g = torch.Generator().manual_seed(4)
+    a, g1, g2 = (torch.randn(5, 3, 7, generator=g) for _ in range(3))
+    ub = UnitBatch(weight=None, act=a, scratch=Scratch())
+    ub.fold_grad(g1, 2.0)
+    ub.fold_grad(g2, 0.5)
+    per = (a.double() * (2.0 * g1.double() + 0.5 * g2.double())).sum(dim=2)
+    assert ub.has_grad() and ub.grad_parts()[0] is None
+    assert torch.allclose(ub.hg(), per, rtol=1e-6, atol=1e-6)
+    sums = ub.hg_sums()
+    assert torch.allclose(sums["sum"], per.sum(0), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(sums["abs"], per.abs().sum(0), rtol=1e-6, atol=1e-6)
+
+
+def test_a_metric_reading_the_gradient_itself_keeps_it():
+    """Taylor alone lets the tracker fold each gradient into Σh·g; a metric that reads
+    ``batch.grad`` itself (no ``"hg"`` in its shares) on the same layer keeps the gradient, and
+    both are right: the plugin's Σ_x Σ_p |g| against autograd's per-sample gradients."""
+    from fitcli.feeder import folds_gradient
+    from fitcli.metrics import registry as R
+    from fitcli.metrics.base import Metric, zeros
+    from fitcli.metrics.registry import get_metric
+
+    class GradAbs(Metric):
+        name = "grad_abs_test"
+        needs = frozenset({"activations", "gradients"})
+        higher_is_better = True
+
+        def setup(self):
+            self.add_state("total", zeros(self.units), "sum")
+
+        def update(self, batch):
+            if batch.has_grad():
+                self.total = self.total + batch.grad.abs().sum(dim=(0, 2)).double()
+
+        def compute(self):
+            return self.total
+
+    taylor = get_metric("taylor")
+    assert folds_gradient([taylor(3)]) and not folds_gradient([taylor(3), GradAbs(3)])
+    reg = R.load_registry()
+    reg["grad_abs_test"] = R.Entry("grad_abs_test", "tests", GradAbs)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        with Tracker(model, metrics=["taylor", "grad_abs_test"]) as tr:
+            F.cross_entropy(model(x), y).backward()
+            rec = tr.step()
+    finally:
+        del reg["grad_abs_test"]
+    h = torch.relu(model[0](x)).detach().requires_grad_(True)
+    grads = torch.autograd.grad(F.cross_entropy(model[2](h), y, reduction="sum"), h)[0].double()
+    got = rec["layers"]["0"]["metrics"]
+    assert got["grad_abs_test"] == pytest.approx(grads.abs().sum(0).tolist(), rel=1e-6)
+    assert got["taylor"] == pytest.approx((h.detach().double() * grads).abs().mean(0).tolist(), rel=1e-5, abs=1e-9)

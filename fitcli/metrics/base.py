@@ -180,11 +180,24 @@ class UnitBatch:
         assert self.has_grad()
         return self._get("hg", lambda: self._hg_per_sample().to(torch.float64, copy=True))
 
-    def _hg_per_sample(self) -> torch.Tensor:
+    def fold_grad(self, g: torch.Tensor, scale: float = 1.0) -> None:
+        """Take the gradient ``g * scale`` only as Σ_p h·g per sample (``hg``), added to what an
+        earlier backward through the same forward gave, and let ``g`` go: the tracker, for a layer
+        whose metrics read the gradient only through ``hg`` (``"hg" in shares``), while ``g`` is
+        in cache and before the next layer's gradient exists."""
+        per = self._hg_per_sample(g, scale).to(torch.float64, copy=True)
+        old = self._cache.get("hg")
+        self._cache["hg"] = per if old is None else old + per
+        self._cache.pop("hg_sums", None)
+
+    def _hg_per_sample(self, g: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
         """Σ_p h·g per sample and unit in the activations' dtype; may be a view of the scratch
         pool (copy it before keeping it). A gradient given with a scale is multiplied in after
-        the sum over positions (one multiply per sample and unit, not per observation)."""
-        a, (g, scale) = self.act, self.grad_parts()
+        the sum over positions (one multiply per sample and unit, not per observation).
+        ``g``: this gradient instead of the batch's own."""
+        a = self.act
+        if g is None:
+            g, scale = self.grad_parts()
         if self.mask is not None:
             per = self._masked(a * g).sum(dim=2)
         elif a.shape != g.shape or a.dtype != g.dtype:
@@ -212,7 +225,7 @@ class UnitBatch:
         return self.__dict__.get("_grad_raw") or (None, 1.0)
 
     def has_grad(self) -> bool:
-        return self.grad_parts()[0] is not None
+        return self.grad_parts()[0] is not None or "hg" in self._cache
 
     def hbar(self) -> torch.Tensor:
         """Each sample's mean activation over positions. ``[batch, units]``"""
@@ -298,7 +311,9 @@ class Metric:
     # shared per-batch statistics this metric reads ("moments", "range" of the activation: the
     # feeder computes them once per layer and batch during the forward, while the activation is
     # still in cache; "weight_grad_norm": the weight gradient is read only through
-    # ``UnitBatch.weight_grad_norm()``, so a feeder may give the norms without the gradient)
+    # ``UnitBatch.weight_grad_norm()``, so a feeder may give the norms without the gradient;
+    # "hg": the activation's gradient is read only through ``hg()``/``hg_sums()``, so a feeder may
+    # fold each gradient into Σ_p h·g as it arrives, ``UnitBatch.fold_grad``, and not keep it)
     shares: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, units: int):

@@ -14,6 +14,7 @@ class Taylor(Metric):
     rank_priority = 30
     cost = "1 forward + backward"
     description = "mean_x |Σ_p h·∂L_x/∂h|: first-order Taylor importance (per-sample loss)"
+    shares = frozenset({"hg"})  # the gradient only through hg_sums(): a feeder may fold it in at once
 
     def setup(self) -> None:
         self.add_state("n", torch.zeros((), dtype=torch.float64), "sum")
