@@ -64,7 +64,9 @@ bench: setup
 	$(BIN)/python bench/heads.py
 	$(BIN)/python bench/blocks.py
 	$(BIN)/python bench/html_size.py
-	$(BIN)/python bench/tracker.py
+	$(BIN)/python bench/tracker.py --threads 1 --rounds 9 --steps 3
+	$(BIN)/python bench/tracker.py --threads 1 --rounds 9 --steps 3 --metric taylor
+	$(BIN)/python bench/tracker.py --rounds 9 --steps 3
 	$(BIN)/python bench/distributed.py --threads 1 --repeat 2
 	$(BIN)/python bench/offload.py --arch opt
 	$(BIN)/python bench/offload.py
