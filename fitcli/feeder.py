@@ -108,8 +108,9 @@ OVERWRITTEN = ("the model writes into this activation in place after its point (
 
 
 def folds_gradient(metrics: list[Metric]) -> bool:
-    """Do the metrics that read the activation's gradient read it only through Σh·g (``hg``)?"""
-    return all("hg" in m.shares for m in metrics if "gradients" in m.all_needs() and "weights" not in m.all_needs())
+    """May the activation's gradient be folded into Σh·g as it arrives? Yes when every metric that
+    reads gradients declares how: through ``hg`` (Σh·g), or the weight gradient's row norms only."""
+    return all(m.shares & {"hg", "weight_grad_norm"} for m in metrics if "gradients" in m.all_needs())
 
 
 def add_gradient(ub: UnitBatch, lay: Layer, g: torch.Tensor, scale: float = 1.0, fold: bool = False) -> None:

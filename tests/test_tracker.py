@@ -754,7 +754,11 @@ def test_a_metric_reading_the_gradient_itself_keeps_it():
             return self.total
 
     taylor = get_metric("taylor")
-    assert folds_gradient([taylor(3)]) and not folds_gradient([taylor(3), GradAbs(3)])
+    class GradAbsWeights(GradAbs):  # needing the weights too does not make it read the gradient less
+        needs = frozenset({"weights", "activations", "gradients"})
+
+    assert folds_gradient([taylor(3), get_metric("grad_norm")(3)])
+    assert not folds_gradient([taylor(3), GradAbs(3)]) and not folds_gradient([taylor(3), GradAbsWeights(3)])
     reg = R.load_registry()
     reg["grad_abs_test"] = R.Entry("grad_abs_test", "tests", GradAbs)
     try:
