@@ -84,18 +84,26 @@ def activation_batch(lay: Layer, t: torch.Tensor, metrics: list[Metric], batch_i
     ub = UnitBatch(weight=w, act=widen(lay.view(src.clone() if keep else src)), pass_index=pass_index,
                    scratch=scratch, mask=token_mask(t, lay, mask), quick_moments=quick_moments,
                    relu_output=type(t.grad_fn).__name__ == "ReluBackward0",
-                   source=None if keep else (t, t._version))
+                   source=None if keep else mark(t))
     with torch.no_grad():
         feed_metrics(metrics, "prepare", ub, lay, batch_index)
     return ub
+
+
+def mark(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A tensor and its version counter now: ``written_since`` tells whether it was written into."""
+    return t, t._version
+
+
+def written_since(marked: tuple[torch.Tensor, int] | None) -> bool:
+    return marked is not None and marked[0]._version != marked[1]
 
 
 def overwritten(ub: UnitBatch) -> bool:
     """Did the model write into the tensor ``ub.act`` views after the tap (an in-place op after the
     activation point, as ``out += identity``)? Then ``act`` no longer holds the activation: what
     was taken during the forward (``prepare``) stands, what reads it later (Σh·g) would be wrong."""
-    src = ub.source
-    return src is not None and src[0]._version != src[1]
+    return written_since(ub.source)
 
 
 def reads_late(m: Metric | type[Metric]) -> bool:

@@ -55,11 +55,13 @@ from fitcli.feeder import (
     dead_marker,
     feed_metrics,
     folds_gradient,
+    mark,
     norms_suffice,
     overwritten,
     reads_late,
     weight_grad_readers,
     weights_batch,
+    written_since,
 )
 from fitcli.history import FORMAT, died_at, history_summary, read_history
 from fitcli.metrics.base import Metric, Scratch, UnitBatch, rownorm
@@ -526,13 +528,13 @@ def _written_after(graph: ModelGraph, layers: list[Layer], batch: Batch) -> set[
 
     def note(name: str):
         def tap(t: torch.Tensor) -> torch.Tensor:
-            seen[name] = (t, t._version)
+            seen[name] = mark(t)
             return t
         return tap
 
     with graph.tap({lay.name: note(lay.name) for lay in layers}):
         graph(batch)
-    return {name for name, (t, v) in seen.items() if t._version != v}
+    return {name for name, marked in seen.items() if written_since(marked)}
 
 
 def _as_batch(example: Any) -> Batch:

@@ -77,19 +77,10 @@ def position_moments(a: torch.Tensor, scratch: Scratch | None, low_of, quick: bo
     out = quick_sums(a, s) if quick else None
     if out is None:
         out = centred_sums(a, s, c)
-    low = low_of(s)
-    nonneg, positive = low >= 0, low > 0
-    absolute = None
-    if nonneg:  # Σ|h| = Σh: the quick totals have it, else the same per-sample sums bit for bit
-        ab = out["sum"] if "sum" in out else s.to(torch.float64).sum(0)
-    else:
-        absolute = torch.abs(a, out=c) if c.dtype == a.dtype else a.abs()
-        ab = absolute.sum(dim=2).to(torch.float64).sum(0)
-    if positive or (absolute is not None and none_zero(absolute)):
-        z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
-    else:
-        z = zero_count(a, c if c.dtype == a.dtype else None, nonneg=nonneg)
-    out.update({"abs": ab, "zeros": z})
+    # Σ|h| = Σh when non-negative: the quick totals have it, else the same per-sample sums bit for bit
+    out.update(abs_and_zeros(a, c if c.dtype == a.dtype else None, low_of(s),
+                             lambda: out["sum"] if "sum" in out else s.to(torch.float64).sum(0),
+                             lambda absolute: absolute.sum(dim=2).to(torch.float64).sum(0)))
     return out
 
 
@@ -104,22 +95,36 @@ def short_moments(a: torch.Tensor, scratch: Scratch | None, low_of) -> dict[str,
     mean dominates the spread, as ``quick_sums``."""
     c = scratch_like(scratch, "f", a)
     tot = torch.stack([a.sum(dim=0), torch.mul(a, a, out=c).sum(dim=0)]).sum(dim=2, dtype=torch.float64)
-    n = a.shape[0] * a.shape[2]
-    if not bool((tot[0].square().mul_(5) <= tot[1] * (4 * n)).all()):
+    if not spread_holds(tot[0], tot[1], a.shape[0] * a.shape[2]):
         return None
-    low = low_of(tot[0])  # a negative total settles a signed activation, a finite one a ReLU's
-    nonneg, positive = low >= 0, low > 0
+    # a negative total settles a signed activation, a finite one a ReLU's
+    return {"sum": tot[0], "sumsq": tot[1],
+            **abs_and_zeros(a, c, low_of(tot[0]), lambda: tot[0],
+                            lambda absolute: absolute.sum(dim=0).sum(dim=1, dtype=torch.float64))}
+
+
+def spread_holds(total: torch.Tensor, sumsq: torch.Tensor, n: int) -> bool:
+    """Does every unit's variance survive Σh² taken in one float32 read? Not where its mean
+    dominates its spread: mean² > 4·variance, i.e. 5·(Σh)² > 4·n·Σh² (NaN: no)."""
+    return bool((total.square().mul_(5) <= sumsq * (4 * n)).all())
+
+
+def abs_and_zeros(a: torch.Tensor, c: torch.Tensor | None, low: float, total, abs_total) -> dict[str, torch.Tensor]:
+    """Σ|h| and the zero count per unit, float64, given the activation's smallest value ``low``:
+    a non-negative activation's Σ|h| is its Σh (``total()``); a signed one's is ``abs_total(|h|)``,
+    with |h| written into ``c`` when given, and counted for zeros only when some |h| is 0."""
+    nonneg, positive = low >= 0, low > 0  # NaN: neither
     absolute = None
     if nonneg:
-        ab = tot[0]
+        ab = total()
     else:
-        absolute = torch.abs(a, out=c)
-        ab = absolute.sum(dim=0).sum(dim=1, dtype=torch.float64)
+        absolute = torch.abs(a, out=c) if c is not None else a.abs()
+        ab = abs_total(absolute)
     if positive or (absolute is not None and none_zero(absolute)):
         z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
     else:
         z = zero_count(a, c, nonneg=nonneg)
-    return {"sum": tot[0], "sumsq": tot[1], "abs": ab, "zeros": z}
+    return {"abs": ab, "zeros": z}
 
 
 def quick_sums(a: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -128,8 +133,7 @@ def quick_sums(a: torch.Tensor, s: torch.Tensor) -> dict[str, torch.Tensor] | No
     ``position_moments``). Few operations: the tracker calls it for every layer at every step."""
     per = torch.stack([s, torch.linalg.vector_norm(a, 2, dim=2).square_()]).to(torch.float64)
     tot = per.sum(dim=1)  # [2, units]: Σh, Σh²
-    n = a.shape[0] * a.shape[2]
-    if not bool((tot[0].square().mul_(5) <= tot[1] * (4 * n)).all()):
+    if not spread_holds(tot[0], tot[1], a.shape[0] * a.shape[2]):
         return None
     return {"sum_s": per[0], "sum": tot[0], "sumsq": tot[1]}
 
